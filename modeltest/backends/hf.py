@@ -1,0 +1,117 @@
+"""Backend `hf`: transformers' Qwen2VLForConditionalGeneration, greedy, left-padded batches."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from ..errors import UserError
+from ..media import build_messages, load_vision
+from ..tasks.base import Sample
+from .base import Backend, GenerationOutput, Prepared
+
+VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+
+
+def device_for(device: str) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    import os
+    return torch.device(device, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def __init__(self, model_cfg, device: str, data_type: str):
+        super().__init__(model_cfg, device, data_type)
+        from transformers import AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
+
+        path = Path(model_cfg.model_path)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path)
+        except Exception as e:
+            raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{path}' "
+                            f"({str(e).splitlines()[0][:200]}); the folder needs the tokenizer and "
+                            "preprocessor_config.json of a Qwen2-VL checkpoint") from None
+        # Left padding keeps every row's last prompt token at the end, so batching cannot change
+        # what a row generates.
+        self.processor.tokenizer.padding_side = "left"
+        self.torch_device = device_for(device)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, torch_dtype=self.dtype)
+        self.model.to(self.torch_device).eval()
+        tok = self.processor.tokenizer
+        self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
+                                     tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[-1]
+        # prepare() runs in background threads while generate() pads with the processor's own
+        # tokenizer; a fast tokenizer used from two threads can fail ("Already borrowed"), so
+        # counting uses a private copy behind a lock.
+        self._count_tokenizer = copy.deepcopy(tok)
+        self._count_lock = threading.Lock()
+        self.generation_config = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=self.stop_ids,
+                                                  pad_token_id=self.pad_id)
+
+    def prompt_text(self, sample: Sample) -> str:
+        if self.model_cfg.use_chat_template:
+            return self.processor.apply_chat_template(build_messages(sample), tokenize=False,
+                                                      add_generation_prompt=True)
+        return (VISION_PLACEHOLDER["image"] * len(sample.images)
+                + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
+
+    def prepare(self, sample: Sample) -> Prepared:
+        start = time.perf_counter()
+        images, videos = load_vision(sample)
+        text = self.prompt_text(sample)
+        return Prepared(sample=sample, text=text, images=images, videos=videos,
+                        preprocess_time=time.perf_counter() - start,
+                        input_length=self.count_input_tokens(text, images, videos))
+
+    def count_input_tokens(self, text: str, images, videos) -> int:
+        """Prompt length once each placeholder becomes (t/2)*(h/14)*(w/14)/4 vision tokens."""
+        with self._count_lock:
+            n = len(self._count_tokenizer(text)["input_ids"])
+        patch, merge = 14, 2
+        for im in images or []:
+            w, h = im.size
+            n += (h // patch) * (w // patch) // (merge * merge) - 1
+        for v in videos or []:
+            t, _, h, w = v.shape
+            n += max(1, t // 2) * (h // patch) * (w // patch) // (merge * merge) - 1
+        return n
+
+    @torch.inference_mode()
+    def generate(self, batch: List[Prepared], max_new_tokens: int) -> List[GenerationOutput]:
+        start = time.perf_counter()
+        images = [im for p in batch for im in (p.images or [])] or None
+        videos = [v for p in batch for v in (p.videos or [])] or None
+        # transformers 4.46 expands placeholders in the list it is given: pass a fresh list.
+        inputs = self.processor(text=[p.text for p in batch], images=images, videos=videos,
+                                padding=True, return_tensors="pt").to(self.torch_device)
+        out = self.model.generate(**inputs, generation_config=self.generation_config,
+                                  max_new_tokens=max_new_tokens)
+        if self.torch_device.type != "cpu":
+            getattr(torch, self.torch_device.type).synchronize()
+        elapsed = time.perf_counter() - start
+        prompt_len = inputs["input_ids"].shape[1]
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row, n_in in zip(out[:, prompt_len:].tolist(), lengths):
+            ids = []
+            for t in row:
+                if t in self.stop_ids:
+                    break
+                ids.append(t)
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=False)
+            results.append(GenerationOutput(text=text, token_ids=ids, input_length=int(n_in), e2e_time=elapsed))
+        return results
+
+    def describe(self):
+        d = super().describe()
+        d["attn_implementation"] = getattr(self.model.config, "_attn_implementation", None)
+        return d

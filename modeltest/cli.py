@@ -1,0 +1,68 @@
+"""Command line: `modeltest run TASK MODEL [key=value ...]`, `modeltest demo`, `modeltest list`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .errors import UserError
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .runner import Evaluator
+
+    cfg = load_config(args.task, args.model, args.overrides)
+    Evaluator(cfg).run()
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .config.loader import available, default_config_dir
+    d = default_config_dir()
+    print("tasks :", ", ".join(available(d, "task")))
+    print("models:", ", ".join(available(d, "model")))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo.build import build_demo, run_demo
+    paths = build_demo(args.dir, force=args.force)
+    if args.build_only:
+        print(f"demo built in {paths.root}")
+        return 0
+    return run_demo(paths, extra=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modeltest", description="Accuracy and speed evaluation of Qwen2-VL.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="evaluate MODEL on TASK (configs/task/TASK.yaml, configs/model/MODEL.yaml)")
+    r.add_argument("task")
+    r.add_argument("model")
+    r.add_argument("overrides", nargs="*", help="key=value, e.g. model.model_path=/w batch_size=8 limit=50")
+    r.set_defaults(func=_cmd_run)
+    sub.add_parser("list", help="list the available tasks and models").set_defaults(func=_cmd_list)
+    d = sub.add_parser("demo", help="build a tiny random Qwen2-VL and small datasets offline, then run both tasks")
+    d.add_argument("--dir", default="demo_data", help="where to build (default: ./demo_data)")
+    d.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
+    d.add_argument("--build-only", action="store_true", help="build, do not run")
+    d.add_argument("overrides", nargs="*", help="extra key=value passed to both runs")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"modeltest: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modeltest: interrupted; finished samples are in the debug file", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Config dataclasses, one per concern, and a strict dict -> dataclass validator.
+
+Every YAML file and every command-line override goes through `build_dataclass`, which rejects
+unknown keys (naming the closest valid one) and wrong types (naming the expected one), so a typo
+never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from ..errors import UserError
+
+DATA_TYPES = ("bf16", "fp16", "fp32")
+BACKENDS = ("hf",)
+
+
+@dataclass
+class InferParams:
+    max_output_length: int = 100
+
+
+@dataclass
+class MMModelConfig:
+    prompt_prefix: str = ""
+    prompt_suffix: str = " Answer the question using a single word or phrase."
+    infer_params: InferParams = field(default_factory=InferParams)
+
+
+@dataclass
+class ModelConfig:
+    model_name: str = "qwen2_vl"
+    model_path: Optional[str] = None
+    model_type: str = "pa"
+    # Inference backend: "hf" (transformers Qwen2VLForConditionalGeneration).
+    backend: str = "hf"
+    # bf16 / fp16 / fp32; null means the weights' config.json `torch_dtype`, as the reference does.
+    data_type: Optional[str] = None
+    block_size: int = 128
+    use_chat_template: bool = True
+    mm_model: MMModelConfig = field(default_factory=MMModelConfig)
+
+
+@dataclass
+class MetricConfig:
+    metric_type: str = "acc"
+
+
+@dataclass
+class TaskConfig:
+    task_name: str = ""
+    local_dataset_path: Optional[str] = None
+    requested_max_input_length: int = 4096
+    requested_max_output_length: int = 4096
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    # Per-image pixel bounds handed to qwen-vl-utils (multiples of 28*28).
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 16384 * 28 * 28
+
+
+@dataclass
+class TextVQATaskConfig(TaskConfig):
+    task_name: str = "textvqa"
+
+
+@dataclass
+class VideoBenchTaskConfig(TaskConfig):
+    task_name: str = "videobench"
+    requested_max_input_length: int = 30000
+    requested_max_output_length: int = 512
+    # {Subject: {name: Subject}}; null (every entry commented out) means every subject on disk.
+    subject_mapping: Optional[Dict[str, Any]] = None
+    # Folder that relative `vid_path` values resolve against; null: the dataset folder, then its parent.
+    video_root: Optional[str] = None
+    answer_file: str = "answer/ANSWER.json"
+    fps: float = 0.5
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    total_pixels: int = 24576 * 28 * 28
+
+
+@dataclass
+class RunConfig:
+    """Settings of one run, not of the model or the dataset."""
+    # Default: output/<YYYY-MM-DD>/modeltest/<model_name>/precision_result/
+    output_dir: Optional[str] = None
+    batch_size: int = 1
+    # First N samples per subject (all when null).
+    limit: Optional[int] = None
+    device: str = "auto"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or null)"
+    if origin in (dict, Dict):
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _check_scalar(value: Any, tp: Any) -> Any:
+    """Return the value coerced to `tp`, or raise TypeError."""
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a numeric-looking prompt prefix
+        raise TypeError
+    if typing.get_origin(tp) in (dict, Dict):
+        if isinstance(value, dict):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def build_dataclass(cls: type, data: Optional[dict], source: str, prefix: str = "") -> Any:
+    """Build `cls` from `data`, raising a one-line UserError on unknown keys or wrong types.
+
+    `source` names where the data came from (a file path or "command line"); `prefix` is the
+    dotted path of this mapping, so messages show `model.mm_model.prompt_suffix`.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise UserError(f"{source}: unknown key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        kwargs[key] = _coerce(value, tp, source, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, source: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    optional = origin is typing.Union and type(None) in typing.get_args(tp)
+    if optional:
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, source, path + ".")
+    try:
+        return _check_scalar(value, tp)
+    except TypeError:
+        raise UserError(f"{source}: '{path}' must be {_type_name(tp)}, got {value!r}") from None
+
+
+def field_paths(cls: type, prefix: str = "") -> list:
+    """Every dotted key path a dataclass accepts (for 'did you mean' on overrides)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if dataclasses.is_dataclass(tp):
+            out += field_paths(tp, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out

@@ -1,0 +1,61 @@
+"""A tiny random-weight Qwen2-VL checkpoint in the Hugging Face layout, from a fixed seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import torch
+
+from .tokenizer import QWEN2VL_CHAT_TEMPLATE, write_qwen2vl_tokenizer
+
+QWEN2VL_VOCAB = 151936
+
+
+@dataclass
+class TinyShape:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    mrope_section: List[int] = field(default_factory=lambda: [2, 3, 3])  # sums to head_dim / 2
+    vision_depth: int = 2
+    vision_embed_dim: int = 32
+    vision_num_heads: int = 2
+    tie_word_embeddings: bool = True
+    torch_dtype: str = "float32"
+
+
+def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, AutoTokenizer)
+
+    out_dir = Path(out_dir)
+    head_dim = shape.hidden_size // shape.num_attention_heads
+    assert sum(shape.mrope_section) * 2 == head_dim, "mrope_section must sum to head_dim / 2"
+    config = Qwen2VLConfig(
+        vocab_size=QWEN2VL_VOCAB, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=32768, rope_theta=1000000.0,
+        rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)},
+        tie_word_embeddings=shape.tie_word_embeddings, rms_norm_eps=1e-6,
+        vision_config={"depth": shape.vision_depth, "embed_dim": shape.vision_embed_dim,
+                       "hidden_size": shape.hidden_size, "num_heads": shape.vision_num_heads, "mlp_ratio": 4,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+        bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,
+        vision_token_id=151654, image_token_id=151655, video_token_id=151656, torch_dtype=shape.torch_dtype,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.to(getattr(torch, shape.torch_dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    write_qwen2vl_tokenizer(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    image_processor = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=QWEN2VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,73 @@
+"""Image and video loading through qwen-vl-utils (decord for video), with per-sample errors.
+
+Everything here raises `SampleError` with a message naming the file, so one bad image or video
+is recorded against its sample and the run goes on.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import SampleError
+from .tasks.base import Sample
+
+# qwen-vl-utils picks its video reader once, from this variable, at import. Its torchvision
+# reader does not work with torchvision >= 0.29 (io.read_video was removed), so prefer decord.
+os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
+
+
+def build_messages(sample: Sample) -> List[Dict[str, Any]]:
+    """One user turn: images, then videos, then the text (the reference's order)."""
+    content: List[Dict[str, Any]] = []
+    for path in sample.images:
+        content.append({"type": "image", "image": path, **sample.image_options})
+    for path in sample.videos:
+        content.append({"type": "video", "video": path, **sample.video_options})
+    content.append({"type": "text", "text": sample.prompt})
+    return [{"role": "user", "content": content}]
+
+
+def _check_file(path: str, kind: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise SampleError(f"{kind} not found: {path}")
+    if not p.is_file():
+        raise SampleError(f"{kind} is not a file: {path}")
+    if p.stat().st_size == 0:
+        raise SampleError(f"{kind} is empty (0 bytes): {path}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _probe_video(path: str) -> Optional[str]:
+    """Why decord cannot read a video, or None if it can."""
+    try:
+        import decord
+        if len(decord.VideoReader(path)) == 0:
+            return f"video has no frames: {path}"
+    except Exception as e:  # decord's errors are long C++ traces: keep the first line
+        return f"corrupt or unreadable video: {path} ({_first_line(e)})"
+    return None
+
+
+def load_vision(sample: Sample) -> Tuple[Optional[list], Optional[list]]:
+    """(images, videos) as qwen-vl-utils returns them: resized PIL images and float frame tensors."""
+    from qwen_vl_utils import process_vision_info
+
+    for path in sample.images:
+        _check_file(path, "image")
+    for path in sample.videos:
+        _check_file(path, "video")
+    try:
+        return process_vision_info(build_messages(sample))
+    except Exception as e:
+        for path in sample.videos:
+            problem = _probe_video(path)
+            if problem:
+                raise SampleError(problem) from None
+        media = ", ".join(sample.images + sample.videos)
+        raise SampleError(f"could not preprocess {media}: {_first_line(e)}") from None

@@ -1,0 +1,123 @@
+"""Where a run writes, and the writers: result CSV, saved configuration, summary, debug records.
+
+Layout (names are stable; other tools read them):
+    <output_dir>/results/<task>/<model_name>/<data_type>/<task>_<model_name>_<data_type>_batch<bs>_tp<tp>_result.csv
+    .../<same stem>_config.json     the run's configuration and library versions
+    .../<same stem>_summary.json    the CSV's rows plus counts and timings, as JSON
+    <output_dir>/debug/<task>/<model_name>/<data_type>/output_<timestamp>.txt   one JSON object per sample
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .config.loader import EvalConfig, default_config_dir
+from .errors import UserError
+from .tasks.base import ResultRow
+
+CSV_COLUMNS = ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value", "Errors", "Unparsed"]
+
+
+def default_output_dir(model_name: str, today: Optional[dt.date] = None) -> Path:
+    today = today or dt.date.today()
+    return default_config_dir().parent / "output" / today.isoformat() / "modeltest" / model_name / "precision_result"
+
+
+@dataclasses.dataclass
+class RunPaths:
+    root: Path
+    result_csv: Path
+    config_json: Path
+    summary_json: Path
+    debug_file: Path
+
+    @classmethod
+    def for_run(cls, cfg: EvalConfig, tp: int = 1, timestamp: Optional[str] = None) -> "RunPaths":
+        root = Path(cfg.run.output_dir) if cfg.run.output_dir else default_output_dir(cfg.model.model_name)
+        task, model, dtype = cfg.task.task_name, cfg.model.model_name, cfg.model.data_type
+        sub = Path(task) / model / str(dtype)
+        stem = f"{task}_{model}_{dtype}_batch{cfg.run.batch_size}_tp{tp}"
+        results = root / "results" / sub
+        timestamp = timestamp or dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+        return cls(root=root, result_csv=results / f"{stem}_result.csv",
+                   config_json=results / f"{stem}_config.json", summary_json=results / f"{stem}_summary.json",
+                   debug_file=root / "debug" / sub / f"output_{timestamp}.txt")
+
+    def create(self) -> None:
+        """Make the folders and prove they are writable before any model loads."""
+        for folder in (self.result_csv.parent, self.debug_file.parent):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / ".write_test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"output_dir: cannot write to '{folder}' ({e.strerror}); pass output_dir=/a/writable/folder") from None
+
+
+def library_versions() -> Dict[str, str]:
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for name in ("modeltest", "torch", "transformers", "qwen-vl-utils", "decord", "torchvision"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _fmt_number(x: Optional[float], digits: int) -> str:
+    if x is None:
+        return ""
+    if float(x).is_integer():
+        return str(int(x))
+    return f"{x:.{digits}f}"
+
+
+def write_result_csv(path: Path, rows: List[ResultRow]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            w.writerow([r.tasks, r.n_shot, r.total if r.metric == "acc" else "",
+                        _fmt_number(r.passed, 4) if r.metric == "acc" else "", r.metric,
+                        _fmt_number(r.value, 6), r.errors if r.metric == "acc" else "",
+                        r.unparsed if r.metric == "acc" else ""])
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def config_record(cfg: EvalConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task),
+        "run": dataclasses.asdict(cfg.run), "model_file": cfg.model_file, "task_file": cfg.task_file,
+        "overrides": list(cfg.overrides), "command": " ".join(sys.argv), "versions": library_versions(), **extra,
+    }
+
+
+class DebugWriter:
+    """Appends one JSON object per finished sample and flushes it at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

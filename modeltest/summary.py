@@ -1,0 +1,32 @@
+"""The coloured end-of-run table."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from tabulate import tabulate
+from termcolor import colored
+
+from .tasks.base import ResultRow
+
+
+def print_summary(cfg, rows: List[ResultRow], records: List[Dict[str, Any]], paths, elapsed: float) -> None:
+    table = []
+    for r in rows:
+        value = "" if r.value is None else f"{100 * r.value:.2f}"
+        is_acc = r.metric == "acc"
+        table.append([r.tasks, r.total if is_acc else "", f"{r.passed:g}" if is_acc else "", r.metric, value,
+                      r.errors if is_acc else "", r.unparsed if is_acc else ""])
+    head = ["Tasks", "Total", "Pass", "Metric", "Value (%)", "Errors", "Unparsed"]
+    print()
+    print(colored(f"{cfg.task.task_name} | {cfg.model.model_name} | {cfg.model.backend} | {cfg.model.data_type} | "
+                  f"batch {cfg.run.batch_size} | {len(records)} samples in {elapsed:.1f}s", "cyan", attrs=["bold"]))
+    text = tabulate(table, headers=head, tablefmt="github")
+    lines = text.splitlines()
+    if len(lines) > 2:
+        lines[2] = colored(lines[2], "green", attrs=["bold"])  # the overall row
+    print("\n".join(lines))
+    errors = sum(1 for r in records if r["error"])
+    if errors:
+        print(colored(f"{errors} sample(s) recorded with errors (see 'error' in the debug file)", "yellow"))
+    print(f"result csv : {paths.result_csv}")
+    print(f"debug file : {paths.debug_file}")

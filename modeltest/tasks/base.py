@@ -1,0 +1,99 @@
+"""What every dataset task provides: samples, per-sample scoring, aggregation into result rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..config.schema import ModelConfig, TaskConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
+
+
+@dataclass
+class Sample:
+    """One question, ready for inference."""
+    id: str                      # question_id (TextVQA) / qid (VideoBench), as a string
+    subject: str                 # VideoBench subject; the task name for TextVQA
+    prompt: str                  # the user text, after the task's prompt template
+    images: List[str] = field(default_factory=list)   # absolute paths, in prompt order
+    videos: List[str] = field(default_factory=list)
+    gold: Any = None             # the human answers (TextVQA) / the letter (VideoBench)
+    choices: Optional[Dict[str, str]] = None
+    # Media options handed to qwen-vl-utils for this sample (pixels, fps, frames).
+    image_options: Dict[str, Any] = field(default_factory=dict)
+    video_options: Dict[str, Any] = field(default_factory=dict)
+    # A problem found while loading (e.g. no choices): the sample is recorded as an error.
+    load_error: Optional[str] = None
+
+
+@dataclass
+class Scored:
+    score: float                 # 0..1
+    prediction: Optional[str]    # the cleaned answer / the extracted letter (None: unparseable)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ResultRow:
+    """One row of the result CSV."""
+    tasks: str
+    total: int
+    passed: float
+    value: Optional[float]
+    metric: str = "acc"
+    n_shot: int = 0
+    errors: int = 0
+    unparsed: int = 0
+
+
+class Task:
+    name: str = ""
+    config_class: type = TaskConfig
+
+    def __init__(self, task_cfg: TaskConfig, model_cfg: ModelConfig):
+        self.cfg = task_cfg
+        self.model_cfg = model_cfg
+
+    def load_samples(self, limit: Optional[int] = None) -> List[Sample]:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, output: str) -> Scored:
+        raise NotImplementedError
+
+    def aggregate(self, records: List[Dict[str, Any]]) -> List[ResultRow]:
+        """Result rows: the overall row first, then one per subject (and task-specific extras)."""
+        raise NotImplementedError
+
+    def summary(self, rows: List[ResultRow]) -> Dict[str, Any]:
+        """Extra machine-readable figures for the summary JSON."""
+        return {}
+
+
+def limit_per_subject(samples: List[Sample], limit: Optional[int]) -> List[Sample]:
+    if limit is None:
+        return samples
+    seen: Dict[str, int] = {}
+    out = []
+    for s in samples:
+        n = seen.get(s.subject, 0)
+        if n < limit:
+            out.append(s)
+            seen[s.subject] = n + 1
+    return out
+
+
+def subject_rows(records: List[Dict[str, Any]], subjects: List[str], overall_name: str) -> List[ResultRow]:
+    """Overall (micro) row and one row per subject, from per-sample records."""
+    def row(name, recs):
+        total = len(recs)
+        passed = sum(r["score"] for r in recs)
+        return ResultRow(tasks=name, total=total, passed=passed,
+                         value=(passed / total) if total else None,
+                         errors=sum(1 for r in recs if r.get("error")),
+                         unparsed=sum(1 for r in recs if not r.get("error") and r.get("prediction") is None))
+    rows = [row(overall_name, records)]
+    if len(subjects) > 1 or (subjects and subjects[0] != overall_name):
+        for s in subjects:
+            rows.append(row(s, [r for r in records if r["subject"] == s]))
+    return rows
