@@ -1,0 +1,52 @@
+"""Shared fixtures: the demo model and datasets, built once per test session from a fixed seed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    from modeltest.demo.build import build_demo
+    return build_demo(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+@pytest.fixture
+def data_copy(demo, tmp_path):
+    """A writable copy of the demo datasets (the model is shared read-only)."""
+    shutil.copytree(demo.textvqa_jsonl.parent, tmp_path / "textvqa")
+    shutil.copytree(demo.videobench_qa.parent, tmp_path / "videobench")
+    return tmp_path
+
+
+def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `bash scripts/mm_run.sh TASK qwen2_vl ...` as a user would."""
+    env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), task, "qwen2_vl", *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mm_run.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_debug(out_dir: Path, task: str):
+    files = sorted((out_dir / "debug").rglob("output_*.txt"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text(encoding="utf-8").splitlines()]
+
+
+def read_csv(out_dir: Path, task: str):
+    import csv
+    files = sorted((out_dir / "results").rglob(f"{task}_*_result.csv"))
+    assert len(files) == 1, files
+    with open(files[0], newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f)), files[0]

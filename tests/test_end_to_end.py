@@ -1,0 +1,129 @@
+"""Both tasks end to end on the tiny demo model, through scripts/mm_run.sh as a user runs them."""
+import json
+
+import pytest
+
+from modeltest.metrics import extract_choice, vqa_accuracy
+
+from conftest import read_csv, read_debug, run_mm
+
+DEBUG_KEYS = {"id", "output", "input", "e2e_time", "gold", "score", "error"}
+
+
+def test_textvqa_end_to_end(demo, tmp_path):
+    out = tmp_path / "out"
+    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
+                              f"output_dir={out}", "batch_size=3", "max_output_length=6"])
+    assert "textvqa" in proc.stdout and "result csv" in proc.stdout
+    rows, csv_path = read_csv(out, "textvqa")
+    assert csv_path.name == "textvqa_qwen2_vl_fp32_batch3_tp1_result.csv"
+    assert list(rows[0])[:6] == ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value"]
+    records = read_debug(out, "textvqa")
+    assert len(records) == 8 and all(DEBUG_KEYS <= set(r) for r in records)
+    for r in records:
+        assert r["error"] is None and r["input"]["images"][0].endswith(".jpg") and r["e2e_time"] > 0
+        assert len(r["gold"]) == 10 and r["output_tokens"] <= 6
+        assert r["score"] == pytest.approx(vqa_accuracy(r["output"], r["gold"]))
+    overall = rows[0]
+    assert overall["Tasks"] == "textvqa" and int(overall["Total"]) == 8 and overall["Errors"] == "0"
+    assert float(overall["Value"]) == pytest.approx(sum(r["score"] for r in records) / 8, abs=1e-6)
+    saved = json.loads(csv_path.with_name(csv_path.name.replace("_result.csv", "_config.json")).read_text())
+    assert saved["run"]["batch_size"] == 3 and saved["model"]["data_type"] == "fp32"
+    assert {"torch", "transformers", "qwen-vl-utils"} <= set(saved["versions"])
+
+
+def test_videobench_end_to_end(demo, tmp_path):
+    out = tmp_path / "out"
+    run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}",
+                          "task.subject_mapping=null", f"output_dir={out}", "batch_size=4", "max_output_length=4"])
+    rows, _ = read_csv(out, "videobench")
+    records = read_debug(out, "videobench")
+    assert len(records) == 11 and all(DEBUG_KEYS <= set(r) for r in records)
+    for r in records:
+        assert r["error"] is None and r["input"]["videos"][0].endswith(".mp4")
+        assert r["prediction"] == extract_choice(r["output"], r["choices"])
+        assert r["score"] == (1.0 if r["prediction"] == r["gold"] else 0.0)
+    names = [row["Tasks"] for row in rows]
+    assert names[0] == "videobench"
+    assert names[1:7] == ["ActivityNet", "Driving-exam", "MOT", "MSVD", "NBA", "SQA3D"]
+    # All three groups are represented in the demo, so the weighted score is reported.
+    assert names[7:] == ["Video-Exclusive", "Prior-Knowledge", "Decision-making", "weighted_score"]
+    assert int(rows[0]["Total"]) == 11
+    assert int(rows[0]["Unparsed"]) == sum(1 for r in records if r["prediction"] is None)
+    for row in rows[1:7]:
+        recs = [r for r in records if r["subject"] == row["Tasks"]]
+        assert int(row["Total"]) == len(recs)
+        assert float(row["Value"]) == pytest.approx(sum(r["score"] for r in recs) / len(recs), abs=1e-6)
+
+
+def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy, tmp_path):
+    # TextVQA: line 3's image is missing, line 5's image is not an image.
+    jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    lines[2]["image"] = "images/does_not_exist.jpg"
+    (data_copy / "textvqa" / "images" / "demo_004.jpg").write_bytes(b"this is not a jpeg")
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "tv"
+    run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={jsonl}", f"output_dir={out}",
+                       "batch_size=2", "max_output_length=3"])
+    records = {r["id"]: r for r in read_debug(out, "textvqa")}
+    assert len(records) == 8
+    assert "image not found" in records["34602"]["error"] and "does_not_exist.jpg" in records["34602"]["error"]
+    assert "demo_004.jpg" in records["34604"]["error"]
+    assert records["34602"]["score"] == 0.0 and records["34604"]["score"] == 0.0
+    assert sum(1 for r in records.values() if r["error"] is None and r["output"] is not None) == 6
+    rows, _ = read_csv(out, "textvqa")
+    assert rows[0]["Errors"] == "2" and rows[0]["Total"] == "8"
+
+    # VideoBench: a corrupt mp4, a zero-length mp4, and a "video" given as a list of frames.
+    qa = data_copy / "videobench" / "Eval_QA"
+    videos = data_copy / "videobench" / "Eval_video"
+    (videos / "ActivityNet" / "v_demo_blue.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    (videos / "MSVD" / "msvd_yellow.mp4").write_bytes(b"")
+    nba = json.loads((qa / "NBA_QA_new.json").read_text())
+    nba["nba_red_1"]["vid_path"] = ["a.jpg", "b.jpg"]
+    (qa / "NBA_QA_new.json").write_text(json.dumps(nba))
+    out = tmp_path / "vb"
+    run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={qa}",
+                          "task.subject_mapping=null", f"output_dir={out}", "batch_size=3", "max_output_length=3"])
+    records = {r["id"]: r for r in read_debug(out, "videobench")}
+    assert len(records) == 11
+    assert "corrupt or unreadable video" in records["v_demo_blue_1"]["error"]
+    assert "empty" in records["msvd_yellow_0"]["error"]
+    assert "list of frames" in records["nba_red_1"]["error"]
+    assert sum(1 for r in records.values() if r["error"]) == 3
+    rows, _ = read_csv(out, "videobench")
+    assert rows[0]["Errors"] == "3"
+
+
+def test_config_errors_are_one_line_without_traceback(demo, tmp_path):
+    proc = run_mm("textvqa", ["model.model_path=/no/such/weights", f"task.local_dataset_path={demo.textvqa_jsonl}"],
+                  check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("modeltest: error: model.model_path: '/no/such/weights' is not a folder; "
+                                   "point it at the weights folder (holding config.json)")
+    proc = run_mm("textvq", [], check=False)
+    assert proc.returncode == 2 and "available: textvqa, videobench" in proc.stderr
+
+
+def test_unwritable_output_dir(demo, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
+                              f"output_dir={blocker}/out"], check=False)
+    assert proc.returncode == 2 and "output_dir: cannot write to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_command_builds_and_runs_both_tasks(tmp_path):
+    """`modeltest demo` (what scripts/demo.sh runs) end to end, into a temporary folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "modeltest", "demo", "--dir", str(tmp_path / "demo"),
+                           f"output_dir={out}", "max_output_length=4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mm_run.sh textvqa qwen2_vl" in proc.stdout and "mm_run.sh videobench qwen2_vl" in proc.stdout
+    assert read_csv(out, "textvqa")[0][0]["Total"] == "8"
+    assert read_csv(out, "videobench")[0][0]["Total"] == "11"

@@ -1,0 +1,132 @@
+"""Dataset loading and prompts for TextVQA and VideoBench, on the demo-format files."""
+import json
+
+import pytest
+
+from modeltest.config.schema import ModelConfig, TextVQATaskConfig, VideoBenchTaskConfig
+from modeltest.errors import UserError
+from modeltest.tasks.textvqa import TextVQATask
+from modeltest.tasks.videobench import VideoBenchTask, build_prompt
+
+
+def textvqa(path, **kw):
+    return TextVQATask(TextVQATaskConfig(local_dataset_path=str(path), **kw), ModelConfig())
+
+
+def videobench(path, **kw):
+    return VideoBenchTask(VideoBenchTaskConfig(local_dataset_path=str(path), **kw), ModelConfig())
+
+
+def test_textvqa_join_prompt_and_relative_paths(data_copy):
+    jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
+    samples = textvqa(jsonl).load_samples()
+    assert len(samples) == 8
+    s = samples[0]
+    assert s.id == "34600" and len(s.gold) == 10 and s.gold[0] == "stop"
+    assert s.prompt == "what does the sign say? Answer the question using a single word or phrase."
+    assert s.images == [str(data_copy / "textvqa" / "images" / "demo_000.jpg")]
+    assert textvqa(jsonl.parent).load_samples()[0].id == "34600"  # a folder with one jsonl works too
+    assert len(textvqa(jsonl).load_samples(limit=3)) == 3
+
+
+def test_textvqa_malformed_line_names_file_and_line(data_copy):
+    jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
+    lines = jsonl.read_text().splitlines()
+    lines[2] = lines[2][:-5]
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"textvqa_val.jsonl:3: not valid JSON"):
+        textvqa(jsonl).load_samples()
+
+
+def test_textvqa_question_without_annotation(data_copy):
+    jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
+    with open(jsonl, "a") as f:
+        f.write(json.dumps({"image": "images/demo_000.jpg", "question": "q?", "question_id": 999}) + "\n")
+    with pytest.raises(UserError, match=r"textvqa_val.jsonl:9: question_id 999 has no entry in "
+                                        r"textvqa_val_annotations.json"):
+        textvqa(jsonl).load_samples()
+
+
+def test_textvqa_missing_annotations_file(data_copy):
+    (data_copy / "textvqa" / "textvqa_val_annotations.json").unlink()
+    with pytest.raises(UserError, match=r"annotations file not found"):
+        textvqa(data_copy / "textvqa" / "textvqa_val.jsonl").load_samples()
+
+
+def test_textvqa_missing_key(data_copy):
+    jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
+    jsonl.write_text(json.dumps({"image": "x.jpg", "question_id": 1}) + "\n")
+    with pytest.raises(UserError, match=r":1: missing key\(s\) question"):
+        textvqa(jsonl).load_samples()
+
+
+EXPECTED_PROMPTS = {
+    2: "Q? A.yes B.no \n Among the two options A, B above, the one closest to the correct answer is: ",
+    3: "Q? A.x B.y C.z \n Among the three options A, B, C above, the one closest to the correct answer is: ",
+    4: "Q? A.x B.y C.z D.w \n Among the four options A, B, C, D above, the one closest to the correct answer is:",
+    5: "Q? A.1 B.2 C.3 D.4 E.5 \n Among the five options A, B, C, D, E above, the one closest to the correct "
+       "answer is: ",
+    6: "Q?Choices: A.1 B.2 C.3 D.4 E.5 F.6 \n Among the six options A, B, C, D, E, F above, the one closest to "
+       "the correct answer is:",
+}
+INSTR = (" Please respond with only the corresponding options and do not provide any explanations or additional "
+         "information. ASSISTANT:")
+
+
+@pytest.mark.parametrize("n,choices", [
+    (2, {"A": "yes", "B": "no"}), (3, {"A": "x", "B": "y", "C": "z"}), (4, {"A": "x", "B": "y", "C": "z", "D": "w"}),
+    (5, {k: str(i + 1) for i, k in enumerate("ABCDE")}), (6, {k: str(i + 1) for i, k in enumerate("ABCDEF")}),
+])
+def test_videobench_reference_prompt(n, choices):
+    assert build_prompt("Q?", choices) == EXPECTED_PROMPTS[n] + INSTR
+
+
+def test_videobench_loading(data_copy):
+    qa = data_copy / "videobench" / "Eval_QA"
+    samples = videobench(qa).load_samples()
+    assert len(samples) == 11 and all(s.load_error is None for s in samples)
+    by_id = {s.id: s for s in samples}
+    # null choice dropped: three options left, prompt says three.
+    s = by_id["msvd_red_1"]
+    assert s.choices == {"A": "circle", "B": "square", "C": "triangle"} and "Among the three options" in s.prompt
+    # vid_path "Eval_video/..." resolves against the Eval_QA folder's parent.
+    assert s.videos == [str(data_copy / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4")]
+    # Both ANSWER.json forms: MSVD uses bare letters, ActivityNet {"answer": ...}.
+    assert s.gold == "B" and by_id["v_demo_red_0"].gold == "A"
+    assert s.video_options["fps"] == 0.5
+
+
+def test_videobench_subject_selection_and_limit(data_copy):
+    qa = data_copy / "videobench" / "Eval_QA"
+    samples = videobench(qa, subject_mapping={"MSVD": {"name": "MSVD"}, "NBA": None}).load_samples(limit=1)
+    assert [(s.subject, s.id) for s in samples] == [("MSVD", "msvd_yellow_0"), ("NBA", "nba_green_0")]
+    with pytest.raises(UserError, match=r"unknown subject\(s\) TVQA; available in .*: ActivityNet, Driving-exam"):
+        videobench(qa, subject_mapping={"TVQA": {"name": "TVQA"}}).load_samples()
+
+
+def test_videobench_video_root(data_copy, tmp_path):
+    qa = data_copy / "videobench" / "Eval_QA"
+    s = videobench(qa, video_root=str(tmp_path / "elsewhere")).load_samples()[0]
+    assert s.videos[0].startswith(str(tmp_path / "elsewhere"))
+
+
+def test_videobench_bad_entries_become_sample_errors(data_copy):
+    qa = data_copy / "videobench" / "Eval_QA"
+    path = qa / "MSVD_QA_new.json"
+    entries = json.loads(path.read_text())
+    entries["msvd_yellow_0"]["choices"] = {"A": None, "B": None}
+    entries["msvd_red_1"]["vid_path"] = ["f1.jpg", "f2.jpg"]
+    path.write_text(json.dumps(entries))
+    by_id = {s.id: s for s in videobench(qa).load_samples()}
+    assert "no choices" in by_id["msvd_yellow_0"].load_error
+    assert "list of frames" in by_id["msvd_red_1"].load_error and "not supported" in by_id["msvd_red_1"].load_error
+
+
+def test_videobench_missing_answer(data_copy):
+    qa = data_copy / "videobench" / "Eval_QA"
+    key_path = qa / "answer" / "ANSWER.json"
+    key = json.loads(key_path.read_text())
+    del key["NBA"]["nba_red_1"]
+    key_path.write_text(json.dumps(key))
+    with pytest.raises(UserError, match=r"subject 'NBA' has no answer for qid 'nba_red_1'"):
+        videobench(qa).load_samples()
