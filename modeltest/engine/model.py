@@ -1,0 +1,166 @@
+"""Qwen2-VL: the Qwen2 language model (GQA, M-RoPE, RMSNorm, SwiGLU) over a paged KV cache,
+fed with text embeddings where vision placeholders are replaced by the vision tower's output.
+
+All activations are packed: T tokens of several sequences in one [T, hidden] tensor, with
+`AttnMetadata` saying where each sequence starts (prefill) or which cache slots it reads (decode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen2VLConfig
+from .layers import ColumnLinear, LMHead, RMSNorm, RowLinear, VocabEmbedding
+from .loader import CheckpointReader
+from .parallel import HeadLayout, TPContext, head_layout, split_range
+from .rope import MRoPE, apply_rope
+from .vision import VisionTower, varlen_attention
+
+
+@dataclass
+class AttnMetadata:
+    prefill: bool
+    slot_mapping: torch.Tensor                 # [T] cache slot each new token's K/V is written to
+    cu_seqlens: Optional[torch.Tensor] = None  # prefill: [B+1] boundaries of the packed sequences
+    context_slots: Optional[torch.Tensor] = None   # decode: [B, L] cache slots each sequence reads
+    context_mask: Optional[torch.Tensor] = None    # decode: [B, L] True where a slot is real
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2VLConfig, layout: HeadLayout, tp: TPContext, dtype, device):
+        super().__init__()
+        self.layout, self.hd = layout, cfg.head_dim
+        self.nq, self.nkv = layout.num_q, layout.num_kv
+        self.qkv = ColumnLinear(cfg.hidden_size, (self.nq + 2 * self.nkv) * self.hd, True, dtype, device)
+        self.o_proj = RowLinear(self.nq * self.hd, cfg.hidden_size, False, tp, dtype, device)
+
+    def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache):
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = apply_rope(q.view(t, self.nq, self.hd), cos, sin)          # [T, nq, hd]
+        k = apply_rope(k.view(t, self.nkv, self.hd), cos, sin)         # [T, nkv, hd]
+        v = v.view(t, self.nkv, self.hd)
+        k_cache[meta.slot_mapping] = k
+        v_cache[meta.slot_mapping] = v
+        group = self.nq // self.nkv
+        if meta.prefill:
+            out = varlen_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                   meta.cu_seqlens, causal=True)
+        else:
+            keys = k_cache[meta.context_slots].repeat_interleave(group, 2)   # [B, L, nq, hd]
+            vals = v_cache[meta.context_slots].repeat_interleave(group, 2)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
+                attn_mask=meta.context_mask[:, None, None, :]).squeeze(2)    # [B, nq, hd]
+        return self.o_proj(out.reshape(t, self.nq * self.hd))
+
+    def load(self, r: CheckpointReader, p: str):
+        hd = self.hd
+        q_blocks = [(h * hd, (h + 1) * hd) if h is not None else None for h in self.layout.q_heads]
+        kv_blocks = [(h * hd, (h + 1) * hd) for h in self.layout.kv_heads]
+        for what in ("weight", "bias"):
+            parts = [r.rows(f"{p}.q_proj.{what}", q_blocks, hd), r.rows(f"{p}.k_proj.{what}", kv_blocks),
+                     r.rows(f"{p}.v_proj.{what}", kv_blocks)]
+            getattr(self.qkv, what).data.copy_(torch.cat(parts))
+        self.o_proj.weight.data.copy_(r.cols(f"{p}.o_proj.weight", q_blocks, hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2VLConfig, tp: TPContext, dtype, device):
+        super().__init__()
+        self.rows = split_range(cfg.intermediate_size, tp.world_size, tp.rank)
+        n = len(self.rows)
+        self.gate_up = ColumnLinear(cfg.hidden_size, 2 * n, False, dtype, device)
+        self.down = RowLinear(n, cfg.hidden_size, False, tp, dtype, device)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def load(self, r: CheckpointReader, p: str):
+        b = [(self.rows.start, self.rows.stop)]
+        self.gate_up.weight.data.copy_(torch.cat([r.rows(f"{p}.gate_proj.weight", b), r.rows(f"{p}.up_proj.weight", b)]))
+        self.down.weight.data.copy_(r.cols(f"{p}.down_proj.weight", b))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layout, tp, dtype, device):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(cfg, layout, tp, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, tp, dtype, device)
+
+    def forward(self, x, cos, sin, meta, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def load(self, r, p):
+        self.input_layernorm.weight.data.copy_(r.full(f"{p}.input_layernorm.weight"))
+        self.post_attention_layernorm.weight.data.copy_(r.full(f"{p}.post_attention_layernorm.weight"))
+        self.self_attn.load(r, f"{p}.self_attn")
+        self.mlp.load(r, f"{p}.mlp")
+
+
+class Qwen2VLModel(nn.Module):
+    def __init__(self, cfg: Qwen2VLConfig, tp: TPContext, dtype: torch.dtype):
+        super().__init__()
+        device = tp.device
+        self.cfg, self.tp, self.dtype = cfg, tp, dtype
+        self.layout = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, tp.world_size, tp.rank)
+        self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.layout, tp, dtype, device)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device,
+                              tied=self.embed if cfg.tie_word_embeddings else None)
+        self.visual = VisionTower(cfg.vision, tp, dtype, device)
+        self.rope = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, device)
+
+    def load(self, r: CheckpointReader) -> None:
+        rows = range(self.embed.start, min(self.embed.start + self.embed.local, self.cfg.vocab_size))
+        pad = self.embed.local - len(rows)
+        blocks = [(rows.start, rows.stop)] + ([None] if pad else [])
+        self.embed.weight.data.copy_(r.rows("model.embed_tokens.weight", blocks, pad))
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head.weight.data.copy_(r.rows("lm_head.weight", blocks, pad))
+        for i, layer in enumerate(self.layers):
+            layer.load(r, f"model.layers.{i}")
+        self.norm.weight.data.copy_(r.full("model.norm.weight"))
+        self.visual.load(r, "visual")
+
+    def embed_inputs(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor],
+                     vision_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if vision_embeds is not None:
+            x[vision_mask] = vision_embeds.to(x.dtype)
+        return x
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: List[torch.Tensor]) -> torch.Tensor:
+        # x: [T, hidden] embeddings; positions: [3, T]; returns final-norm hidden states [T, hidden]
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, kv_cache[2 * i], kv_cache[2 * i + 1])
+        return self.norm(x)
+
+    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, vocab] gathered from every rank (tests and debugging)."""
+        return self.tp.all_gather_last_dim(self.lm_head(h))[..., : self.cfg.vocab_size]
+
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] -> [B] argmax token ids without gathering the whole vocabulary: each rank
+        sends its best (value, id); the first maximum wins, as a full argmax would pick it."""
+        logits = self.lm_head(h).float()
+        best, idx = logits.max(dim=-1)
+        if self.tp.world_size == 1:
+            return idx
+        idx = idx + self.lm_head.start
+        values = self.tp.all_gather_stack(best)          # [W, B]
+        ids = self.tp.all_gather_stack(idx)              # [W, B]
+        winner = values.argmax(dim=0)                    # first rank with the maximum
+        return ids.gather(0, winner.unsqueeze(0)).squeeze(0)

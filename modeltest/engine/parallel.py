@@ -1,0 +1,116 @@
+"""torch.distributed set-up under torchrun, and how attention heads are laid out across ranks.
+
+One process per device. HCCL on NPU, NCCL on CUDA, gloo on CPU. Without torchrun (no
+WORLD_SIZE in the environment) everything runs as a single rank with no process group.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..device import distributed_backend
+from ..errors import UserError
+
+
+@dataclass
+class TPContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n] on each rank -> [..., world * n] in rank order."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def all_gather_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """[...] on each rank -> [world, ...]."""
+        if self.world_size == 1:
+            return x.unsqueeze(0)
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+
+def init_distributed(device_type: str) -> TPContext:
+    """Join the torchrun process group (if any) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cpu":
+        device = torch.device("cpu")
+    else:
+        if device_type == "npu":
+            import torch_npu  # noqa: F401
+        getattr(torch, device_type).set_device(local_rank)
+        device = torch.device(device_type, local_rank)
+    if world > 1 and not dist.is_initialized():
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=distributed_backend(device_type), rank=rank, world_size=world, **kwargs)
+    return TPContext(rank=rank, world_size=world, device=device)
+
+
+@dataclass
+class HeadLayout:
+    """Which query and KV heads a rank holds.
+
+    KV heads are split when there are at least as many as ranks; otherwise each KV head is
+    replicated on world/kv ranks and its group of query heads is split among them, padded with
+    zero heads when the group does not divide (e.g. Qwen2-VL-7B: 28 query / 4 KV heads at world 8
+    -> groups of 7 padded to 8, 4 per rank). Padded heads have zero q and o weights, so they add
+    nothing to the output.
+    """
+    kv_heads: List[int]                  # global KV head indices on this rank
+    q_heads: List[Optional[int]]         # global query head index per local head (None = padding)
+
+    @property
+    def num_q(self) -> int:
+        return len(self.q_heads)
+
+    @property
+    def num_kv(self) -> int:
+        return len(self.kv_heads)
+
+
+def head_layout(num_q: int, num_kv: int, world: int, rank: int) -> HeadLayout:
+    if num_q % num_kv:
+        raise UserError(f"config.json: {num_q} attention heads are not a multiple of {num_kv} KV heads")
+    group = num_q // num_kv
+    if num_kv % world == 0:
+        per = num_kv // world
+        kv = list(range(rank * per, (rank + 1) * per))
+        return HeadLayout(kv_heads=kv, q_heads=[h * group + j for h in kv for j in range(group)])
+    if world % num_kv == 0:
+        share = world // num_kv                      # ranks per KV head
+        kv_head, part = rank // share, rank % share
+        per = -(-group // share)                     # query heads per rank, padded
+        q = []
+        for j in range(part * per, (part + 1) * per):
+            q.append(kv_head * group + j if j < group else None)
+        return HeadLayout(kv_heads=[kv_head], q_heads=q)
+    raise UserError(f"tensor parallel size {world} cannot split {num_kv} KV heads ({num_q} query heads): "
+                    f"one of them must divide the other; use a world size that divides or is a multiple of {num_kv}")
+
+
+def split_range(n: int, world: int, rank: int) -> range:
+    """This rank's contiguous part of n items (n must divide by world)."""
+    if n % world:
+        raise UserError(f"tensor parallel size {world} does not divide dimension {n}")
+    per = n // world
+    return range(rank * per, (rank + 1) * per)

@@ -1,0 +1,96 @@
+"""Rotary embeddings: M-RoPE for the language model, 2-D rotary for the vision tower, and the
+3-axis position ids of a multimodal prompt."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MRoPE:
+    """cos/sin for 3-axis positions. Channel sections [t, h, w] (e.g. [16, 24, 24]) take their
+    angle from the temporal, height and width position respectively."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: Sequence[int], device):
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        self.sections = list(mrope_section) * 2
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        # positions: [3, T] -> cos, sin: [T, head_dim]
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq          # [3, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                          # [3, T, hd]
+        cos, sin = emb.cos(), emb.sin()
+        cos = torch.cat([c[i % 3] for i, c in enumerate(cos.split(self.sections, dim=-1))], dim=-1)
+        sin = torch.cat([s[i % 3] for i, s in enumerate(sin.split(self.sections, dim=-1))], dim=-1)
+        # Cast before use, as the reference implementation does: bf16 runs round the same way.
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, hd]; cos/sin: [T, hd]
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def vision_rotary_freqs(grid_thw: torch.Tensor, head_dim: int, merge: int, device) -> torch.Tensor:
+    """Angles [N_patches, head_dim/2] for (h, w) patch positions, in the processor's patch order
+    (2x2 merge windows contiguous), repeated for every temporal slice."""
+    dim = head_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    pos = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h).unsqueeze(1).expand(-1, w)
+        wpos = torch.arange(w).unsqueeze(0).expand(h, -1)
+        hpos = hpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+        wpos = wpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
+        pos.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+    pos = torch.cat(pos).to(device)                                         # [N, 2]
+    max_grid = int(grid_thw[:, 1:].max())
+    table = torch.outer(torch.arange(max_grid, device=device, dtype=torch.float32), inv_freq)
+    return table[pos].flatten(1)                                            # [N, head_dim/2]
+
+
+def apply_vision_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    # x: [N, H, hd]; freqs: [N, hd/2]; computed in fp32 as the reference does.
+    cos = freqs.cos().repeat(1, 2).unsqueeze(1)
+    sin = freqs.sin().repeat(1, 2).unsqueeze(1)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def rope_index(input_ids: List[int], image_grids: List[Tuple[int, int, int]], video_grids: List[Tuple[int, int, int]],
+               image_token: int, video_token: int, merge: int) -> Tuple[torch.Tensor, int]:
+    """3-axis positions [3, T] of one prompt and its decode delta.
+
+    Text advances all three axes together; a vision segment of (t, h, w) merged patches gets
+    (t_index, h_index, w_index) offset by the position after the preceding text; text after it
+    resumes at the segment's max + 1. Decoding token i is at position i + delta on every axis.
+    """
+    parts: List[torch.Tensor] = []
+    images, videos = iter(image_grids), iter(video_grids)
+    next_pos = 0
+    i, n = 0, len(input_ids)
+    while i < n:
+        tok = input_ids[i]
+        if tok == image_token or tok == video_token:
+            t, h, w = next(images) if tok == image_token else next(videos)
+            h, w = h // merge, w // merge
+            ti = torch.arange(t).view(-1, 1).expand(-1, h * w).flatten()
+            hi = torch.arange(h).view(1, -1, 1).expand(t, -1, w).flatten()
+            wi = torch.arange(w).view(1, 1, -1).expand(t, h, -1).flatten()
+            parts.append(torch.stack([ti, hi, wi]) + next_pos)
+            next_pos = int(parts[-1].max()) + 1
+            i += t * h * w
+        else:
+            j = i
+            while j < n and input_ids[j] not in (image_token, video_token):
+                j += 1
+            parts.append(torch.arange(next_pos, next_pos + j - i).view(1, -1).expand(3, -1))
+            next_pos += j - i
+            i = j
+    positions = torch.cat(parts, dim=1)
+    return positions, next_pos - n

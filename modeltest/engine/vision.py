@@ -1,0 +1,116 @@
+"""Qwen2-VL's vision tower, tensor parallel.
+
+Why tensor parallel rather than data parallel: its 16 heads and 5120-wide MLP divide every
+supported world size (1, 2, 4, 8), so its weights shard exactly like the language model's and
+each rank holds 1/world of them; images of very different sizes cannot unbalance the ranks, and
+no variable-size gather is needed. When the heads do not divide (tiny test shapes), the tower is
+replicated and every rank computes it whole.
+
+Attention is variable-length: each image, and each temporal slice of a video, attends only to
+its own patches (no padding between them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+from .layers import ColumnLinear, LayerNorm, RowLinear
+from .loader import CheckpointReader
+from .parallel import TPContext
+from .rope import apply_vision_rope, vision_rotary_freqs
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def varlen_attention(q, k, v, cu_seqlens, causal: bool = False):
+    """q, k, v: [N, H, d] packed sequences delimited by cu_seqlens -> [N, H, d]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out[s:e] = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=causal
+        ).transpose(0, 1)
+    return out
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig, tp: TPContext, dtype, device):
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        self.heads = cfg.num_heads // tp.world_size
+        d, local = cfg.embed_dim, cfg.embed_dim // tp.world_size
+        self.norm1 = LayerNorm(d, 1e-6, dtype, device)
+        self.norm2 = LayerNorm(d, 1e-6, dtype, device)
+        self.qkv = ColumnLinear(d, 3 * local, True, dtype, device)
+        self.proj = RowLinear(local, d, True, tp, dtype, device)
+        self.fc1 = ColumnLinear(d, cfg.mlp_dim // tp.world_size, True, dtype, device)
+        self.fc2 = RowLinear(cfg.mlp_dim // tp.world_size, d, True, tp, dtype, device)
+
+    def forward(self, x, cu_seqlens, freqs):
+        n = x.shape[0]
+        q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.heads, -1).unbind(1)   # each [N, h, d]
+        q, k = apply_vision_rope(q, freqs), apply_vision_rope(k, freqs)
+        attn = varlen_attention(q, k, v, cu_seqlens).reshape(n, -1)
+        x = x + self.proj(attn)
+        return x + self.fc2(quick_gelu(self.fc1(self.norm2(x))))
+
+    def load(self, r: CheckpointReader, p: str):
+        cfg, tp = self.cfg, self.tp
+        d, local = cfg.embed_dim, cfg.embed_dim // tp.world_size
+        s = tp.rank * local
+        # qkv is stored fused [3d, d]: take this rank's heads from each of q, k and v.
+        qkv_rows = [(j * d + s, j * d + s + local) for j in range(3)]
+        self.qkv.weight.data.copy_(r.rows(f"{p}.attn.qkv.weight", qkv_rows))
+        self.qkv.bias.data.copy_(r.rows(f"{p}.attn.qkv.bias", qkv_rows))
+        self.proj.weight.data.copy_(r.cols(f"{p}.attn.proj.weight", [(s, s + local)]))
+        self.proj.bias.data.copy_(r.full(f"{p}.attn.proj.bias"))
+        m = cfg.mlp_dim // tp.world_size
+        self.fc1.weight.data.copy_(r.rows(f"{p}.mlp.fc1.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
+        self.fc1.bias.data.copy_(r.rows(f"{p}.mlp.fc1.bias", [(tp.rank * m, (tp.rank + 1) * m)]))
+        self.fc2.weight.data.copy_(r.cols(f"{p}.mlp.fc2.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
+        self.fc2.bias.data.copy_(r.full(f"{p}.mlp.fc2.bias"))
+        for name in ("norm1", "norm2"):
+            getattr(self, name).weight.data.copy_(r.full(f"{p}.{name}.weight"))
+            getattr(self, name).bias.data.copy_(r.full(f"{p}.{name}.bias"))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig, tp: TPContext, dtype, device):
+        super().__init__()
+        divides = cfg.num_heads % tp.world_size == 0 and cfg.mlp_dim % tp.world_size == 0
+        self.tp = tp if divides else TPContext(rank=0, world_size=1, device=tp.device)  # replicated
+        self.cfg = cfg
+        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        # The Conv3d patch embedding has stride == kernel: it is a matmul over flattened patches.
+        self.patch_embed = nn.Parameter(torch.empty(cfg.embed_dim, patch_in, dtype=dtype, device=device),
+                                        requires_grad=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, self.tp, dtype, device) for _ in range(cfg.depth))
+        merged = cfg.embed_dim * cfg.spatial_merge_size ** 2
+        self.ln_q = LayerNorm(cfg.embed_dim, 1e-6, dtype, device)
+        self.mlp0 = ColumnLinear(merged, merged, True, dtype, device)
+        self.mlp2 = ColumnLinear(merged, cfg.hidden_size, True, dtype, device)
+
+    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        # pixels: [N_patches, C*T*P*P] -> merged embeddings [N_patches / merge^2, hidden]
+        x = F.linear(pixels.to(self.patch_embed.dtype), self.patch_embed)
+        freqs = vision_rotary_freqs(grid_thw, self.cfg.head_dim, self.cfg.spatial_merge_size, x.device)
+        frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        cu_seqlens = F.pad(frame_sizes.cumsum(0), (1, 0))
+        for blk in self.blocks:
+            x = blk(x, cu_seqlens, freqs)
+        x = self.ln_q(x).view(-1, self.cfg.embed_dim * self.cfg.spatial_merge_size ** 2)
+        return self.mlp2(F.gelu(self.mlp0(x)))
+
+    def load(self, r: CheckpointReader, p: str = "visual"):
+        self.patch_embed.data.copy_(r.full(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
+        for i, blk in enumerate(self.blocks):
+            blk.load(r, f"{p}.blocks.{i}")
+        self.ln_q.weight.data.copy_(r.full(f"{p}.merger.ln_q.weight"))
+        self.ln_q.bias.data.copy_(r.full(f"{p}.merger.ln_q.bias"))
+        for ours, theirs in (("mlp0", "mlp.0"), ("mlp2", "mlp.2")):
+            getattr(self, ours).weight.data.copy_(r.full(f"{p}.merger.{theirs}.weight"))
+            getattr(self, ours).bias.data.copy_(r.full(f"{p}.merger.{theirs}.bias"))
