@@ -7,6 +7,7 @@ recorded with an `error` and a score of 0; the run goes on.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from .backends import Backend, GenerationOutput, Prepared, make_backend
 from .config.loader import EvalConfig
 from .device import resolve_device
-from .errors import SampleError
+from .errors import SampleError, UserError
 from .outputs import DebugWriter, RunPaths, config_record, write_json, write_result_csv
 from .summary import print_summary
 from .tasks import TASKS
@@ -94,6 +95,7 @@ class Evaluator:
             "preprocess_time": round(prepared.preprocess_time, 6) if prepared else None,
             "input_tokens": (output.input_length if output else (prepared.input_length if prepared else None)),
             "output_tokens": len(output.token_ids) if output else None,
+            "prefill_time": round(output.prefill_time, 6) if output and output.prefill_time is not None else None,
         }
         if sample.choices is not None:
             rec["choices"] = sample.choices
@@ -105,7 +107,7 @@ class Evaluator:
 
     def run_batch(self, batch: List[Prepared], n_new: int) -> List[Tuple[Optional[GenerationOutput], Optional[str]]]:
         try:
-            return [(o, None) for o in self.backend.generate(batch, n_new)]
+            return [(None, o.error) if o.error else (o, None) for o in self.backend.generate(batch, n_new)]
         except Exception as e:
             if len(batch) == 1:
                 return [(None, f"inference failed: {_first_line(e)}")]
@@ -115,23 +117,32 @@ class Evaluator:
     def run(self) -> RunResult:
         cfg = self.cfg
         samples = self.task.load_samples(cfg.run.limit)
-        paths = RunPaths.for_run(cfg)
-        paths.create()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        main = int(os.environ.get("RANK", "0")) == 0      # only rank 0 writes files and prints
+        paths = RunPaths.for_run(cfg, tp=world)
+        if main:
+            paths.create()
         device = resolve_device(cfg.run.device)
-        if self.backend is None:
-            self.backend = make_backend(cfg.model, device, cfg.model.data_type)
         n_new = max_new_tokens(cfg)
+        if self.backend is None:
+            if cfg.model.backend == "hf" and world > 1:
+                raise UserError(f"backend hf runs in one process; tp={world} needs model.backend=engine")
+            self.backend = make_backend(cfg.model, device, cfg.model.data_type, max_batch_size=cfg.run.batch_size,
+                                        max_input_length=cfg.task.requested_max_input_length,
+                                        max_output_length=n_new)
         started = time.time()
-        write_json(paths.config_json, config_record(cfg, {"backend": self.backend.describe(),
-                                                          "max_new_tokens": n_new, "samples": len(samples)}))
-        debug = DebugWriter(paths.debug_file)
+        if main:
+            write_json(paths.config_json, config_record(cfg, {"backend": self.backend.describe(),
+                                                              "max_new_tokens": n_new, "samples": len(samples)}))
+        debug = DebugWriter(paths.debug_file) if main else None
         records: List[Dict[str, Any]] = []
-        bar = tqdm(total=len(samples), desc=f"{cfg.task.task_name}", unit="sample", disable=not self.show_progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(samples), desc=f"{cfg.task.task_name}", unit="sample",
+                   disable=not (self.show_progress and main), dynamic_ncols=True)
 
         def finish(rec):
             records.append(rec)
-            debug.write(rec)
+            if debug:
+                debug.write(rec)
             bar.update(1)
 
         pending: List[Prepared] = []
@@ -153,9 +164,12 @@ class Evaluator:
                 flush()
         finally:
             bar.close()
-            debug.close()
+            if debug:
+                debug.close()
 
         rows = self.task.aggregate(records)
+        if not main:
+            return RunResult(rows=rows, records=records, paths=paths)
         write_result_csv(paths.result_csv, rows)
         elapsed = time.time() - started
         write_json(paths.summary_json, {

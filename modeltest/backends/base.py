@@ -37,10 +37,13 @@ class GenerationOutput:
     e2e_time: float = 0.0              # seconds for the batch this sample ran in
     prefill_time: Optional[float] = None
     decode_time: Optional[float] = None
+    error: Optional[str] = None        # this request failed alone (e.g. too long); others ran
 
 
 class Backend:
     name = ""
+    rank = 0           # tensor-parallel rank of this process (engine backend under torchrun)
+    world_size = 1
 
     def __init__(self, model_cfg: ModelConfig, device: str, data_type: str):
         self.model_cfg = model_cfg

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 from ..errors import UserError
 
 DATA_TYPES = ("bf16", "fp16", "fp32")
-BACKENDS = ("hf",)
+BACKENDS = ("engine", "hf")
 
 
 @dataclass
@@ -35,8 +35,8 @@ class ModelConfig:
     model_name: str = "qwen2_vl"
     model_path: Optional[str] = None
     model_type: str = "pa"
-    # Inference backend: "hf" (transformers Qwen2VLForConditionalGeneration).
-    backend: str = "hf"
+    # Inference backend: "engine" (our tensor-parallel core) or "hf" (transformers, the reference).
+    backend: str = "engine"
     # bf16 / fp16 / fp32; null means the weights' config.json `torch_dtype`, as the reference does.
     data_type: Optional[str] = None
     block_size: int = 128
@@ -93,6 +93,9 @@ class RunConfig:
     # First N samples per subject (all when null).
     limit: Optional[int] = None
     device: str = "auto"
+    # Tensor-parallel size: the number of processes scripts/mm_run.sh starts with torchrun
+    # (default: the number of visible devices; 1 on CPU).
+    tp: Optional[int] = None
 
 
 def _type_name(tp: Any) -> str:

@@ -1,0 +1,111 @@
+"""Backend `engine`: the project's own tensor-parallel inference core (modeltest/engine).
+
+Preprocessing is transformers' Qwen2-VL processor (tokenizer, chat template, image processor)
+after qwen-vl-utils; the model, KV cache and scheduling are ours. Under torchrun every rank
+builds the same inputs and runs the same engine loop; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import List
+
+import torch
+
+from ..engine.engine import EngineConfig, LLMEngine, Request
+from ..engine.parallel import init_distributed
+from ..errors import UserError
+from ..media import build_messages, load_vision
+from ..tasks.base import Sample
+from .base import Backend, GenerationOutput, Prepared
+
+VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+
+
+def load_processor(model_path: str):
+    from transformers import AutoProcessor
+    try:
+        return AutoProcessor.from_pretrained(model_path)
+    except Exception as e:
+        raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
+                        f"({str(e).splitlines()[0][:200]}); the folder needs the tokenizer and "
+                        "preprocessor_config.json of a Qwen2-VL checkpoint") from None
+
+
+class EngineBackend(Backend):
+    name = "engine"
+
+    def __init__(self, model_cfg, device: str, data_type: str, max_batch_size: int = 8,
+                 max_input_length: int = 4096, max_output_length: int = 256):
+        super().__init__(model_cfg, device, data_type)
+        self.processor = load_processor(model_cfg.model_path)
+        self.tp = init_distributed(device)
+        self.engine = LLMEngine(EngineConfig(
+            model_path=model_cfg.model_path, dtype=self.dtype, max_batch_size=max_batch_size,
+            max_input_length=max_input_length, max_output_length=max_output_length,
+            block_size=model_cfg.block_size), self.tp)
+        # prepare() runs in worker threads; a fast tokenizer shared between threads can fail
+        # ("Already borrowed"), so each thread gets its own processor copy.
+        self._local = threading.local()
+
+    @property
+    def rank(self) -> int:
+        return self.tp.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tp.world_size
+
+    def _thread_processor(self):
+        proc = getattr(self._local, "processor", None)
+        if proc is None:
+            proc = self._local.processor = copy.deepcopy(self.processor)
+        return proc
+
+    def prompt_text(self, sample: Sample, proc) -> str:
+        if self.model_cfg.use_chat_template:
+            return proc.apply_chat_template(build_messages(sample), tokenize=False, add_generation_prompt=True)
+        return (VISION_PLACEHOLDER["image"] * len(sample.images)
+                + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
+
+    def prepare(self, sample: Sample) -> Prepared:
+        start = time.perf_counter()
+        images, videos = load_vision(sample)
+        proc = self._thread_processor()
+        text = self.prompt_text(sample, proc)
+        inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")
+        prepared = Prepared(sample=sample, text=text, preprocess_time=time.perf_counter() - start,
+                            input_length=int(inputs["input_ids"].shape[1]))
+        prepared.inputs = inputs
+        return prepared
+
+    def generate(self, batch: List[Prepared], max_new_tokens: int) -> List[GenerationOutput]:
+        requests = []
+        for i, p in enumerate(batch):
+            inp = p.inputs
+            requests.append(Request(
+                id=i, input_ids=inp["input_ids"][0].tolist(), max_new_tokens=max_new_tokens,
+                pixel_values=inp.get("pixel_values"), image_grid_thw=inp.get("image_grid_thw"),
+                pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw")))
+        self.engine.generate(requests)
+        tok = self.processor.tokenizer
+        outputs = []
+        for r in requests:
+            if r.error:
+                outputs.append(GenerationOutput(text="", error=r.error, input_length=len(r.input_ids)))
+                continue
+            ids = list(r.output_ids)
+            if ids and ids[-1] in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")):
+                ids = ids[:-1]
+            outputs.append(GenerationOutput(text=tok.decode(ids, skip_special_tokens=False), token_ids=ids,
+                                            input_length=len(r.input_ids), e2e_time=r.e2e_time,
+                                            prefill_time=r.prefill_time, decode_time=r.decode_time))
+        return outputs
+
+    def describe(self):
+        d = super().describe()
+        d.update(world_size=self.world_size, kv_cache_tokens=self.engine.capacity_tokens,
+                 block_size=self.engine.cfg.block_size)
+        return d
