@@ -27,6 +27,13 @@ class TinyShape:
     torch_dtype: str = "float32"
 
 
+# A second test shape: 6 query heads over 2 KV heads (at world size 4 each KV head is replicated
+# on 2 ranks and its group of 3 query heads is padded to 4), vision heads that split 4 ways,
+# untied LM head.
+ODD_HEADS = TinyShape(hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2,
+                      mrope_section=[2, 3, 3], vision_embed_dim=64, vision_num_heads=4, tie_word_embeddings=False)
+
+
 def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
     """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,

@@ -101,6 +101,8 @@ class LLMEngine:
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
         self.rejected: List[Request] = []     # failed on arrival; reported by the next step()
+        # Tests set this to see full-vocabulary logits: hook(requests, logits [B, vocab]) per step.
+        self.logits_hook = None
 
     # ---- memory -------------------------------------------------------------------------
     def _cache_tokens(self, per_token: int) -> int:
@@ -240,13 +242,18 @@ class LLMEngine:
                             cu_seqlens=torch.tensor(lens, device=dev))
         h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache)
         last = torch.tensor(lens[1:], device=dev) - 1
-        next_ids = self.model.greedy(h[last]).tolist()
+        next_ids = self._sample(reqs, h[last])
         _sync(dev)
         now = time.perf_counter()
         for r, t in zip(reqs, next_ids):
             r.output_ids.append(int(t))
             r.prefill_time = now - start
             r.t_first_token = now
+
+    def _sample(self, reqs: List[Request], h: torch.Tensor) -> List[int]:
+        if self.logits_hook is not None:
+            self.logits_hook(reqs, self.model.full_logits(h).float())
+        return self.model.greedy(h).tolist()
 
     def _embed_with_vision(self, input_ids: torch.Tensor, reqs: List[Request]) -> torch.Tensor:
         mc = self.model_cfg
@@ -291,7 +298,7 @@ class LLMEngine:
         input_ids = torch.tensor(last_ids, device=dev)
         positions = torch.tensor(pos, device=dev).unsqueeze(0).expand(3, -1)
         h = self.model(self.model.embed_inputs(input_ids, None, None), positions, meta, self.kv_cache)
-        next_ids = self.model.greedy(h).tolist()
+        next_ids = self._sample(reqs, h)
         _sync(dev)
         elapsed = time.perf_counter() - start
         for r, t in zip(reqs, next_ids):

@@ -1,0 +1,190 @@
+"""The inference core against transformers' Qwen2-VL on the same weights (fp32, CPU)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import all_inputs, make_request, run_cases
+from modeltest.engine.engine import EngineConfig, LLMEngine
+from modeltest.engine.parallel import TPContext, head_layout
+from modeltest.errors import UserError
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def odd_model(tmp_path_factory):
+    from modeltest.demo.tiny_model import ODD_HEADS, build_tiny_qwen2vl
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("odd") / "model", ODD_HEADS, seed=1)
+
+
+@pytest.fixture(params=["demo", "odd"])
+def model_path(request, demo, odd_model):
+    return demo.model if request.param == "demo" else odd_model
+
+
+def make_engine(path, **kw):
+    cfg = dict(model_path=str(path), dtype=torch.float32, max_batch_size=4, max_input_length=2048,
+               max_output_length=16, block_size=16)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg), TPContext())
+
+
+@pytest.fixture
+def processor(model_path):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(model_path)
+
+
+def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, demo):
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    engine = make_engine(model_path)
+    steps = {}
+    engine.logits_hook = lambda reqs, logits: [steps.setdefault(r.id, []).append(l) for r, l in zip(reqs, logits)]
+    n_new = 8
+    for name, inp in all_inputs(processor, demo.root).items():
+        with torch.no_grad():
+            pos, _ = hf.get_rope_index(inp["input_ids"], inp.get("image_grid_thw"), inp.get("video_grid_thw"),
+                                       inp["attention_mask"])
+            ref = hf(**inp, position_ids=pos).logits[0].float()
+            gen = hf.generate(**inp, generation_config=GenerationConfig(do_sample=False, max_new_tokens=n_new,
+                                                                        eos_token_id=None, pad_token_id=151643),
+                              output_scores=True, return_dict_in_generate=True)
+        ours = engine.prompt_logits(make_request(name, inp, n_new))
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() < 1e-4, name
+        out = engine.generate([make_request(name, inp, n_new)])[0]
+        hf_tokens = gen.sequences[0, inp["input_ids"].shape[1]:].tolist()
+        assert out.output_ids == hf_tokens, name
+        # Every decode step's logits (paged-cache attention) match transformers' too.
+        for ours_step, ref_step in zip(steps[name], gen.scores):
+            assert (ours_step - ref_step[0]).abs().max().item() < 1e-4, name
+        assert len(steps[name]) == n_new
+
+
+def test_mixed_batch_equals_each_alone(model_path, processor, demo):
+    engine = make_engine(model_path)
+    inputs = all_inputs(processor, demo.root)
+    alone = {n: engine.generate([make_request(n, i, 6)])[0].output_ids for n, i in inputs.items()}
+    reqs = [make_request(n, i, 6) for n, i in inputs.items()]
+    assert {r.id: r.output_ids for r in engine.generate(reqs)} == alone
+    assert engine.allocator.num_free == engine.num_blocks
+
+
+def test_continuous_batching_and_small_blocks_give_the_same_tokens(demo, odd_model):
+    from transformers import AutoProcessor
+    inputs = all_inputs(AutoProcessor.from_pretrained(odd_model), demo.root)
+    reference = make_engine(odd_model)
+    lengths = {"text": 7, "image": 2, "two_images": 7, "video": 4}
+    alone = {n: reference.generate([make_request(n, inputs[n], lengths[n])])[0].output_ids for n in inputs}
+
+    # Two sequences at a time, 4-token blocks, a cache with room for about two requests only.
+    engine = make_engine(odd_model, max_batch_size=2, block_size=4, kv_cache_tokens=2 * 340)
+    trace = []
+    engine.logits_hook = lambda reqs, logits: trace.append([r.id for r in reqs])
+    reqs = [make_request(n, inputs[n], lengths[n]) for n in inputs]
+    assert {r.id: r.output_ids for r in engine.generate(reqs)} == alone
+    assert max(len(step) for step in trace) <= 2
+    first = {n: min(i for i, s in enumerate(trace) if n in s) for n in inputs}
+    last = {n: max(i for i, s in enumerate(trace) if n in s) for n in inputs}
+    # "two_images" joined while "text" was still decoding: continuous batching, not static batches.
+    assert first["two_images"] < last["text"]
+    assert engine.allocator.num_free == engine.num_blocks
+
+
+def test_over_long_request_fails_alone(demo):
+    from transformers import AutoProcessor
+    inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
+    engine = make_engine(demo.model, max_input_length=60)
+    reqs = [make_request(n, i, 4) for n, i in inputs.items()]
+    engine.generate(reqs)
+    by_id = {r.id: r for r in reqs}
+    assert by_id["text"].error is None and len(by_id["text"].output_ids) == 4
+    for name in ("image", "two_images", "video"):
+        assert "over max_input_length 60" in by_id[name].error and by_id[name].output_ids == []
+
+
+def test_timings_are_recorded(demo):
+    from transformers import AutoProcessor
+    inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
+    engine = make_engine(demo.model)
+    r = engine.generate([make_request("image", inputs["image"], 5)])[0]
+    assert r.prefill_time > 0 and r.decode_time > 0 and r.e2e_time >= r.prefill_time + r.decode_time * 0.99
+
+
+@pytest.mark.parametrize("q,kv,world", [(12, 2, 1), (12, 2, 2), (12, 2, 4), (12, 2, 8), (28, 4, 1), (28, 4, 2),
+                                        (28, 4, 4), (28, 4, 8), (64, 8, 4), (64, 8, 8), (6, 2, 4)])
+def test_head_layout_covers_every_head_once(q, kv, world):
+    seen_q, per_rank = [], set()
+    for rank in range(world):
+        lay = head_layout(q, kv, world, rank)
+        per_rank.add(lay.num_q)
+        group = q // kv
+        for h in lay.q_heads:
+            if h is not None:
+                assert h // group in lay.kv_heads   # each query head sits with its KV head
+                seen_q.append(h)
+    assert sorted(seen_q) == list(range(q))
+    assert len(per_rank) == 1                   # same local shapes on every rank
+
+
+def test_padded_layout():
+    # 6 query heads over 2 KV heads at world 4: groups of 3 padded to 4, two heads per rank.
+    assert [head_layout(6, 2, 4, r).q_heads for r in range(4)] == [[0, 1], [2, None], [3, 4], [5, None]]
+    # Qwen2-VL-7B at world 8: 28/4 heads, groups of 7 padded to 8.
+    assert head_layout(28, 4, 8, 1).q_heads == [4, 5, 6, None]
+
+
+def test_impossible_layout_is_a_clear_error():
+    with pytest.raises(UserError, match=r"tensor parallel size 3 cannot split 4 KV heads \(28 query heads\)"):
+        head_layout(28, 4, 3, 0)
+
+
+def test_newer_checkpoint_naming_loads(demo, tmp_path):
+    """Checkpoints re-saved by newer transformers use model.language_model.* and model.visual.*."""
+    from safetensors.torch import load_file, save_file
+    src = demo.model
+    dst = tmp_path / "renamed"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    renamed = {}
+    for k, v in tensors.items():
+        if k.startswith("visual."):
+            k = "model." + k
+        elif k.startswith("model."):
+            k = "model.language_model." + k[len("model."):]
+        renamed[k] = v
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    from transformers import AutoProcessor
+    inp = all_inputs(AutoProcessor.from_pretrained(src), demo.root)["image"]
+    a = make_engine(src).prompt_logits(make_request("x", inp, 1))
+    b = make_engine(dst).prompt_logits(make_request("x", inp, 1))
+    assert torch.equal(a, b)
+
+
+def _torchrun(n, model, demo_root, out):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           str(TESTS / "tp_worker.py"), str(model), str(demo_root), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("which,worlds", [("odd", (2, 4)), ("demo", (2,))])
+def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, tmp_path):
+    model = odd_model if which == "odd" else demo.model
+    base = _torchrun(1, model, demo.root, tmp_path / "w1.pt")
+    for n in worlds:
+        res = _torchrun(n, model, demo.root, tmp_path / f"w{n}.pt")
+        assert res["world_size"] == n
+        assert res["alone"] == base["alone"] and res["batch"] == base["batch"]
+        assert res["batch"] == {k: v[: len(res["batch"][k])] for k, v in base["alone"].items()}
+        for name, logits in base["logits"].items():
+            assert (res["logits"][name] - logits).abs().max().item() < 1e-4, (n, name)
+    if which == "odd":
+        assert res["layout"] == [[0], [0, 1]]    # rank 0 at world 4: KV head 0 shared with rank 1
