@@ -52,8 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libraries() -> None:
+    """transformers 4.46 warns about its own deprecations on every model build; users cannot act on it."""
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         return args.func(args)
     except UserError as e:

@@ -54,7 +54,8 @@ class Backend:
     def prepare(self, sample: Sample) -> Prepared:
         raise NotImplementedError
 
-    def generate(self, batch: List[Prepared], max_new_tokens: int) -> List[GenerationOutput]:
+    def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
+        """Greedy generation; `ignore_eos` forces exactly max_new_tokens tokens (benchmarks)."""
         raise NotImplementedError
 
     def describe(self) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from ..engine.engine import EngineConfig, LLMEngine, Request
+from ..engine.engine import STOP_TOKEN_IDS, EngineConfig, LLMEngine, Request
 from ..engine.parallel import init_distributed
 from ..errors import UserError
 from ..media import build_messages, load_vision
@@ -81,14 +81,15 @@ class EngineBackend(Backend):
         prepared.inputs = inputs
         return prepared
 
-    def generate(self, batch: List[Prepared], max_new_tokens: int) -> List[GenerationOutput]:
+    def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
         requests = []
         for i, p in enumerate(batch):
             inp = p.inputs
             requests.append(Request(
                 id=i, input_ids=inp["input_ids"][0].tolist(), max_new_tokens=max_new_tokens,
                 pixel_values=inp.get("pixel_values"), image_grid_thw=inp.get("image_grid_thw"),
-                pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw")))
+                pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw"),
+                ignore_eos=ignore_eos))
         self.engine.generate(requests)
         tok = self.processor.tokenizer
         outputs = []
@@ -97,7 +98,7 @@ class EngineBackend(Backend):
                 outputs.append(GenerationOutput(text="", error=r.error, input_length=len(r.input_ids)))
                 continue
             ids = list(r.output_ids)
-            if ids and ids[-1] in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")):
+            if ids and not ignore_eos and ids[-1] in STOP_TOKEN_IDS:
                 ids = ids[:-1]
             outputs.append(GenerationOutput(text=tok.decode(ids, skip_special_tokens=False), token_ids=ids,
                                             input_length=len(r.input_ids), e2e_time=r.e2e_time,

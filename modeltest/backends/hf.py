@@ -86,15 +86,18 @@ class HFBackend(Backend):
         return n
 
     @torch.inference_mode()
-    def generate(self, batch: List[Prepared], max_new_tokens: int) -> List[GenerationOutput]:
+    def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
         start = time.perf_counter()
         images = [im for p in batch for im in (p.images or [])] or None
         videos = [v for p in batch for v in (p.videos or [])] or None
         # transformers 4.46 expands placeholders in the list it is given: pass a fresh list.
         inputs = self.processor(text=[p.text for p in batch], images=images, videos=videos,
                                 padding=True, return_tensors="pt").to(self.torch_device)
-        out = self.model.generate(**inputs, generation_config=self.generation_config,
-                                  max_new_tokens=max_new_tokens)
+        gen_cfg = self.generation_config
+        if ignore_eos:  # keep going past a stop token (as the engine does), rather than forbidding it
+            gen_cfg = copy.deepcopy(gen_cfg)
+            gen_cfg.eos_token_id = None
+        out = self.model.generate(**inputs, generation_config=gen_cfg, max_new_tokens=max_new_tokens)
         if self.torch_device.type != "cpu":
             getattr(torch, self.torch_device.type).synchronize()
         elapsed = time.perf_counter() - start
@@ -104,7 +107,7 @@ class HFBackend(Backend):
         for row, n_in in zip(out[:, prompt_len:].tolist(), lengths):
             ids = []
             for t in row:
-                if t in self.stop_ids:
+                if t in self.stop_ids and not ignore_eos:
                     break
                 ids.append(t)
             text = self.processor.tokenizer.decode(ids, skip_special_tokens=False)

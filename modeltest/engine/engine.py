@@ -103,6 +103,8 @@ class LLMEngine:
         self.rejected: List[Request] = []     # failed on arrival; reported by the next step()
         # Tests set this to see full-vocabulary logits: hook(requests, logits [B, vocab]) per step.
         self.logits_hook = None
+        # Wall time of every prefill and decode pass (seconds), for the performance report.
+        self.step_times = {"prefill": [], "decode": []}
 
     # ---- memory -------------------------------------------------------------------------
     def _cache_tokens(self, per_token: int) -> int:
@@ -245,6 +247,7 @@ class LLMEngine:
         next_ids = self._sample(reqs, h[last])
         _sync(dev)
         now = time.perf_counter()
+        self.step_times["prefill"].append(now - start)
         for r, t in zip(reqs, next_ids):
             r.output_ids.append(int(t))
             r.prefill_time = now - start
@@ -301,6 +304,7 @@ class LLMEngine:
         next_ids = self._sample(reqs, h)
         _sync(dev)
         elapsed = time.perf_counter() - start
+        self.step_times["decode"].append(elapsed)
         for r, t in zip(reqs, next_ids):
             r.output_ids.append(int(t))
             r.decode_time += elapsed

@@ -1,0 +1,192 @@
+"""The reference runner's interface: one image/video (or every one in a folder) through the model,
+with answers, token counts and performance figures.
+
+    bash scripts/run_pa.sh --model_path DIR --input_image FILE --input_text "..." \\
+         --max_batch_size 1 --max_input_length 4096 --max_output_length 256
+    ATB_LLM_BENCHMARK_ENABLE=1 bash scripts/run_pa.sh ...     # + prefill/decode figures and a CSV
+
+A single --input_image is replicated max_batch_size times (a batch of identical requests, as the
+reference does for performance runs); with --dataset_path every image/video file in the folder is
+one request, scheduled max_batch_size at a time with continuous batching.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+from .config.schema import ModelConfig
+from .errors import SampleError, UserError
+from .tasks.base import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Sample
+
+BENCH_COLUMNS = ["batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
+                 "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
+                 "prefill_average_time(ms)"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="run_pa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input_image", help="an image (.jpg .jpeg .png .bmp) or video (.mp4 .wmv .avi) file")
+    src.add_argument("--dataset_path", help="a folder: every image/video file in it is one request")
+    p.add_argument("--input_text", default=None, help="the question (default: describe the image/video)")
+    p.add_argument("--max_batch_size", type=int, default=1)
+    p.add_argument("--max_input_length", type=int, default=4096)
+    p.add_argument("--max_output_length", type=int, default=256)
+    p.add_argument("--results_save_path", default="./results.json")
+    p.add_argument("--backend", choices=("engine", "hf"), default="engine")
+    p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
+    p.add_argument("--data_type", default=None, choices=("bf16", "fp16", "fp32"),
+                   help="default: config.json torch_dtype")
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--video_fps", type=float, default=0.5, help="frames sampled per second (reference: 0.5)")
+    p.add_argument("--ignore_eos", action="store_true", help="always generate max_output_length tokens")
+    p.add_argument("--world_size", type=int, default=None, help="read by scripts/run_pa.sh (torchrun processes)")
+    p.add_argument("--shm_name_save_path", default=None, help="accepted for compatibility; unused")
+    return p.parse_args(argv)
+
+
+def media_files(args) -> List[Path]:
+    if args.dataset_path:
+        folder = Path(args.dataset_path)
+        if not folder.is_dir():
+            raise UserError(f"--dataset_path: '{folder}' is not a folder")
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+        if not files:
+            raise UserError(f"--dataset_path: no {' '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)} files in '{folder}'")
+        return files
+    if args.input_image:
+        f = Path(args.input_image)
+        if not f.is_file():
+            raise UserError(f"--input_image: '{f}' does not exist")
+        if f.suffix.lower() not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
+            raise UserError(f"--input_image: '{f.suffix}' is neither an image ({' '.join(IMAGE_EXTENSIONS)}) "
+                            f"nor a video ({' '.join(VIDEO_EXTENSIONS)})")
+        return [f] * max(1, args.max_batch_size)
+    return []
+
+
+def build_samples(args) -> List[Sample]:
+    files = media_files(args)
+    if not files:  # text only
+        return [Sample(id=str(i), subject="run_pa", prompt=args.input_text or "Who are you?")
+                for i in range(max(1, args.max_batch_size))]
+    samples = []
+    for i, f in enumerate(files):
+        video = f.suffix.lower() in VIDEO_EXTENSIONS
+        text = args.input_text or ("Describe this video." if video else "Describe this image.")
+        samples.append(Sample(id=str(i), subject="run_pa", prompt=text, images=[] if video else [str(f)],
+                              videos=[str(f)] if video else [], video_options={"fps": args.video_fps}))
+    return samples
+
+
+def main(argv=None) -> int:
+    from .cli import quiet_libraries
+    args = parse_args(argv)
+    quiet_libraries()
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"run_pa: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from .backends import make_backend
+    from .config.loader import resolve_data_type
+    from .device import resolve_device
+
+    model_path = Path(args.model_path)
+    if not (model_path / "config.json").is_file():
+        raise UserError(f"--model_path: '{model_path}' has no config.json; point it at a Qwen2-VL weights folder")
+    mcfg = ModelConfig(model_path=str(model_path), backend=args.backend, data_type=args.data_type,
+                       block_size=args.block_size)
+    mcfg.data_type = resolve_data_type(mcfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.backend == "hf" and world > 1:
+        raise UserError("--backend hf runs in one process; use --backend engine for --world_size > 1")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    samples = build_samples(args)
+    backend = make_backend(mcfg, resolve_device(args.device), mcfg.data_type, max_batch_size=args.max_batch_size,
+                           max_input_length=args.max_input_length, max_output_length=args.max_output_length)
+    prepared, results = [], []
+    for s in samples:
+        try:
+            prepared.append(backend.prepare(s))
+        except SampleError as e:
+            raise UserError(str(e)) from None
+    too_long = [p for p in prepared if p.input_length > args.max_input_length]
+    if too_long:
+        raise UserError(f"{too_long[0].sample.images or too_long[0].sample.videos}: input is {too_long[0].input_length} "
+                        f"tokens, over --max_input_length {args.max_input_length}")
+    start = time.perf_counter()
+    if args.backend == "engine":
+        outputs = backend.generate(prepared, args.max_output_length, ignore_eos=args.ignore_eos)
+    else:
+        outputs = []
+        for i in range(0, len(prepared), args.max_batch_size):
+            outputs += backend.generate(prepared[i:i + args.max_batch_size], args.max_output_length,
+                                        ignore_eos=args.ignore_eos)
+    elapsed = time.perf_counter() - start
+    if not main_rank:
+        return 0
+    generated = 0
+    for i, (p, o) in enumerate(zip(prepared, outputs)):
+        n = len(o.token_ids)
+        generated += n
+        print(f"Question[{i}]: {p.sample.prompt}")
+        # JSON-quoted so that whitespace and control tokens in the answer stay visible.
+        print(f"Answer[{i}]: {json.dumps(o.text, ensure_ascii=False) if not o.error else 'ERROR ' + o.error}")
+        print(f"Generate[{i}] token num: {n}")
+        decode_token = (o.decode_time / (n - 1)) if (o.decode_time is not None and n > 1) else None
+        results.append({"input": {"text": p.sample.prompt, "media": (p.sample.images + p.sample.videos or [None])[0]},
+                        "output": o.text, "output_token_ids": o.token_ids, "prefill_time": o.prefill_time,
+                        "decode_token_time": decode_token, "e2e_time": o.e2e_time, "error": o.error})
+    print(f"Latency(s): {elapsed:.4f}")
+    print(f"Throughput(tokens/s): {generated / elapsed:.4f}")
+    out = Path(args.results_save_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"results: {out}")
+    if os.environ.get("ATB_LLM_BENCHMARK_ENABLE") == "1":
+        write_benchmark(args, backend, prepared, outputs, elapsed)
+    return 0
+
+
+def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
+    """The reference's performance line and CSV (FORMATS.md §7)."""
+    if args.backend == "engine":
+        steps = backend.engine.step_times
+        prefill, decode = [t * 1000 for t in steps["prefill"]], [t * 1000 for t in steps["decode"]]
+    else:  # transformers' generate does not expose its steps: only end-to-end is known
+        prefill, decode = [], []
+    prefill_time = prefill[0] if prefill else float("nan")
+    prefill_avg = statistics.fmean(prefill) if prefill else float("nan")
+    # Reference: total decode time / (max_new_tokens - 1); a decode pass makes one token per request.
+    decode_token = statistics.fmean(decode) if decode else float("nan")
+    e2e = elapsed * 1000
+    print(f"Prefill time: {prefill_time:.3f}ms, Prefill average time: {prefill_avg:.3f}ms, "
+          f"Decode token time: {decode_token:.3f}ms, E2E time: {e2e:.3f}ms")
+    path = Path(os.environ.get("ATB_LLM_BENCHMARK_FILEPATH", "./benchmark_result/benchmark.csv"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(BENCH_COLUMNS)
+        w.writerow([args.max_batch_size, round(statistics.fmean(p.input_length for p in prepared)),
+                    round(statistics.fmean(len(o.token_ids) for o in outputs)), f"{e2e:.3f}", f"{prefill_time:.3f}",
+                    f"{decode_token:.3f}", len(prefill), " ".join(f"{t:.3f}" for t in prefill),
+                    " ".join(f"{t:.3f}" for t in decode), f"{prefill_avg:.3f}"])
+    print(f"benchmark csv: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
