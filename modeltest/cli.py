@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--build-only", action="store_true", help="build, do not run")
     d.add_argument("overrides", nargs="*", help="extra key=value passed to both runs")
     d.set_defaults(func=_cmd_demo)
+    from .bench.run import add_parser as add_bench
+    add_bench(sub)
     return p
 
 

@@ -34,7 +34,8 @@ ODD_HEADS = TinyShape(hidden_size=96, intermediate_size=192, num_attention_heads
                       mrope_section=[2, 3, 3], vision_embed_dim=64, vision_num_heads=4, tie_word_embeddings=False)
 
 
-def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0,
+                       vocab_size: int = QWEN2VL_VOCAB) -> Path:
     """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, AutoTokenizer)
@@ -43,7 +44,7 @@ def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int 
     head_dim = shape.hidden_size // shape.num_attention_heads
     assert sum(shape.mrope_section) * 2 == head_dim, "mrope_section must sum to head_dim / 2"
     config = Qwen2VLConfig(
-        vocab_size=QWEN2VL_VOCAB, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=32768, rope_theta=1000000.0,
         rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)},
@@ -55,9 +56,11 @@ def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int 
         vision_token_id=151654, image_token_id=151655, video_token_id=151656, torch_dtype=shape.torch_dtype,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.to(getattr(torch, shape.torch_dtype))
+    dtype = getattr(torch, shape.torch_dtype)
+    # Initialise directly in the target dtype: a 7B model in fp32 would need 30 GB of host memory.
+    model = Qwen2VLForConditionalGeneration._from_config(config, torch_dtype=dtype).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
+    del model
 
     write_qwen2vl_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)

@@ -1,0 +1,89 @@
+"""Measuring helpers: peak host RSS (sampled), device memory, timed vision-tower calls."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Samples this process's resident memory every few milliseconds while active."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self.start = interval, 0, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+
+
+def reset_device_peak(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).reset_peak_memory_stats(device)
+
+
+def device_peak_mb(device: torch.device):
+    if device.type == "cpu":
+        return None
+    return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+
+
+class VisionTimer:
+    """Accumulates wall time spent in a module's forward (synchronised on accelerators)."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.total, self.device, self._t0 = 0.0, device, 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *_):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_):
+        sync(self.device)
+        self.total += time.perf_counter() - self._t0
+
+
+@contextmanager
+def timed():
+    t = {"s": 0.0}
+    start = time.perf_counter()
+    yield t
+    t["s"] = time.perf_counter() - start

@@ -1,0 +1,177 @@
+"""`modeltest bench`: one process, the same random-weight model and inputs through `engine` and `hf`.
+
+Prints a table and writes JSON: one row per (backend, workload, batch size), the engine/hf ratio
+for each workload (best batch size against best for textvqa/videobench, equal batch sizes for
+decode), whether the greedy tokens matched, and on a GPU the decode memory bandwidth achieved at
+batch 1 against the hardware's.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from ..errors import UserError
+from .presets import preset_checkpoint
+from .runners import EngineRunner, HFRunner
+from .workloads import WorkloadSpec, build_inputs
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Peak HBM bandwidth (GB/s) by device name, for the speed-of-light comparison.
+PEAK_BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "A100": 2039}
+RATIO_KEYS = ("samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "decode_ms_per_token", "vision_ms",
+              "peak_host_mb", "peak_device_mb")
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmark the engine against transformers' generate")
+    b.add_argument("--preset", default="tiny", help="tiny | mid | 2b | 7b (random weights, real shapes)")
+    b.add_argument("--workload", default="textvqa", help="textvqa | videobench | decode | all")
+    b.add_argument("--requests", type=int, default=16)
+    b.add_argument("--batch-sizes", default="1,8", help="comma list; each backend runs each, the best counts")
+    b.add_argument("--new-tokens", type=int, default=None, help="default: 8 (textvqa/videobench), 128 (decode)")
+    b.add_argument("--image-size", default="448x336", help="textvqa image WxH")
+    b.add_argument("--frames", type=int, default=8, help="videobench frames per video")
+    b.add_argument("--frame-size", default="336x252", help="videobench frame WxH")
+    b.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    b.add_argument("--device", default="auto")
+    b.add_argument("--backends", default="engine,hf")
+    b.add_argument("--json", default=None, help="write the results here")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=main)
+
+
+def _size(text: str, flag: str):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        return w, h
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected WxH, e.g. 448x336") from None
+
+
+def lm_bytes(model) -> int:
+    """Bytes of the language model's weights (what one decode step must read)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if not name.startswith("visual"):
+            total += p.numel() * p.element_size()
+    return total
+
+
+def main(args) -> int:
+    from ..device import resolve_device
+    from transformers import AutoProcessor
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    workloads = ["textvqa", "videobench", "decode"] if args.workload == "all" else [args.workload]
+    batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
+    backends = args.backends.split(",")
+    path = preset_checkpoint(args.preset, args.seed)
+    processor = AutoProcessor.from_pretrained(path)
+    specs, inputs = {}, {}
+    for w in workloads:
+        specs[w] = WorkloadSpec(name=w, requests=args.requests,
+                                new_tokens=args.new_tokens or (128 if w == "decode" else 8),
+                                image_size=_size(args.image_size, "--image-size"), frames=args.frames,
+                                frame_size=_size(args.frame_size, "--frame-size"))
+        inputs[w] = build_inputs(processor, specs[w], seed=args.seed)
+    max_input = max(x["input_ids"].shape[1] for w in workloads for x in inputs[w])
+    max_output = max(s.new_tokens for s in specs.values())
+
+    measurements: Dict[str, List] = {w: [] for w in workloads}
+    load = {}
+    for backend in backends:
+        runner = (EngineRunner(path, dtype, device, max(batch_sizes), max_input, max_output) if backend == "engine"
+                  else HFRunner(path, dtype, device))
+        load[backend] = runner.load_growth_mb
+        for w in workloads:
+            runner.run(inputs[w][:1], 2, 1)  # warm-up
+            for bs in batch_sizes:
+                m = runner.run(inputs[w], specs[w].new_tokens, bs)
+                measurements[w].append(m)
+                print(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, args.preset)['samples_per_s']} samples/s",
+                      flush=True)
+        if backend == "engine":
+            bytes_lm = lm_bytes(runner.engine.model)
+            shard_mb = sum(p.numel() * p.element_size() for p in runner.engine.model.parameters()) / 2**20
+        del runner
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    report = build_report(args, measurements, workloads, batch_sizes, device, load,
+                          bytes_lm if "engine" in backends else None,
+                          shard_mb if "engine" in backends else None)
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"json: {args.json}")
+    return 0 if report["tokens_match"] is not False else 1
+
+
+def build_report(args, measurements, workloads, batch_sizes, device, load, bytes_lm, shard_mb) -> dict:
+    rows, ratios, mismatches = [], [], []
+    for w in workloads:
+        ms = measurements[w]
+        rows += [m.row(w, args.preset) for m in ms]
+        by = {(m.backend, m.batch_size): m for m in ms}
+        if "engine" in {m.backend for m in ms} and "hf" in {m.backend for m in ms}:
+            for bs in batch_sizes:
+                e, h = by[("engine", bs)], by[("hf", bs)]
+                for i, (a, b) in enumerate(zip(e.tokens, h.tokens)):
+                    if a != b:
+                        mismatches.append({"workload": w, "batch_size": bs, "request": i, "engine": a, "hf": b})
+            pairs = ([(bs, bs) for bs in batch_sizes] if w == "decode" else
+                     [(max((m for m in ms if m.backend == "engine"), key=lambda m: m.elapsed_s * -1).batch_size,
+                       max((m for m in ms if m.backend == "hf"), key=lambda m: m.elapsed_s * -1).batch_size)])
+            for ebs, hbs in pairs:
+                er, hr = by[("engine", ebs)].row(w, args.preset), by[("hf", hbs)].row(w, args.preset)
+                ratios.append({"workload": w, "engine_batch_size": ebs, "hf_batch_size": hbs,
+                               **{k: round(er[k] / hr[k], 3) if er[k] and hr[k] else None for k in RATIO_KEYS}})
+    report = {"preset": args.preset, "device": device_name(device), "dtype": args.dtype, "requests": args.requests,
+              "results": rows, "ratios": ratios, "tokens_match": None if not ratios else not mismatches,
+              "mismatches": mismatches[:10], "load_host_growth_mb": load, "engine_shard_mb": shard_mb,
+              "command": " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda" and bytes_lm:
+        decode_b1 = next((r for r in rows if r["backend"] == "engine" and r["workload"] == "decode"
+                          and r["batch_size"] == 1), None)
+        if decode_b1 and decode_b1["decode_ms_per_token"]:
+            achieved = bytes_lm / (decode_b1["decode_ms_per_token"] / 1000) / 1e9
+            peak = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in report["device"]), None)
+            report["bandwidth"] = {"model_gb": round(bytes_lm / 1e9, 3), "achieved_gbs": round(achieved, 1),
+                                   "peak_gbs": peak, "fraction": round(achieved / peak, 3) if peak else None}
+    return report
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    if device == "npu":
+        return "Ascend NPU"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def print_report(report: dict) -> None:
+    from tabulate import tabulate
+    from termcolor import colored
+    cols = ["backend", "workload", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms",
+            "decode_ms_per_token", "vision_ms", "peak_host_mb", "peak_device_mb"]
+    print(colored(f"\npreset {report['preset']} | {report['device']} | {report['dtype']}", "cyan", attrs=["bold"]))
+    print(tabulate([[r[c] for c in cols] for r in report["results"]], headers=cols, tablefmt="github"))
+    if report["ratios"]:
+        rcols = ["workload", "engine_batch_size", "hf_batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
+                 "decode_ms_per_token", "vision_ms", "peak_host_mb"]
+        print(colored("\nengine / hf", "cyan", attrs=["bold"]))
+        print(tabulate([[r[c] for c in rcols] for r in report["ratios"]], headers=rcols, tablefmt="github"))
+    if "bandwidth" in report:
+        b = report["bandwidth"]
+        print(f"decode bandwidth at batch 1: {b['achieved_gbs']} GB/s of {b['peak_gbs']} GB/s ({b['fraction']})")
+    if report["tokens_match"] is False:
+        print(colored(f"TOKENS DIFFER between engine and hf: {report['mismatches'][:3]}", "red", attrs=["bold"]))
+    elif report["tokens_match"]:
+        print(colored("tokens match between engine and hf", "green"))

@@ -1,0 +1,150 @@
+"""Run one workload on one backend at one batch size, returning tokens and measurements.
+
+Both backends get the same processor outputs and generate the same number of tokens
+(ignore_eos), greedily. Times cover generation only (not image decoding or preprocessing).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .measure import PeakRSS, VisionTimer, device_peak_mb, reset_device_peak, sync
+
+
+@dataclass
+class Measurement:
+    backend: str
+    batch_size: int
+    elapsed_s: float
+    tokens: List[List[int]]
+    ttft_s: List[float]
+    decode_s_per_step: Optional[float]
+    vision_s: float
+    peak_host_mb: float
+    peak_device_mb: Optional[float]
+    load_host_growth_mb: float = 0.0
+    extra: Dict = field(default_factory=dict)
+
+    def row(self, workload: str, preset: str) -> dict:
+        n = len(self.tokens)
+        generated = sum(len(t) for t in self.tokens)
+        q = statistics.quantiles(self.ttft_s, n=10) if len(self.ttft_s) > 1 else [self.ttft_s[0]] * 9
+        return {"backend": self.backend, "workload": workload, "preset": preset, "batch_size": self.batch_size,
+                "samples_per_s": round(n / self.elapsed_s, 4), "tokens_per_s": round(generated / self.elapsed_s, 3),
+                "ttft_p50_ms": round(statistics.median(self.ttft_s) * 1000, 2), "ttft_p90_ms": round(q[8] * 1000, 2),
+                "decode_ms_per_token": round(self.decode_s_per_step * 1000, 3) if self.decode_s_per_step else None,
+                "vision_ms": round(self.vision_s * 1000, 1),
+                "peak_host_mb": round(self.peak_host_mb, 1),
+                "peak_device_mb": round(self.peak_device_mb, 1) if self.peak_device_mb is not None else None}
+
+
+class EngineRunner:
+    name = "engine"
+
+    def __init__(self, model_path, dtype, device: str, max_batch_size: int, max_input: int, max_output: int):
+        from ..engine.engine import EngineConfig, LLMEngine
+        from ..engine.parallel import init_distributed
+        self.tp = init_distributed(device)
+        self.device = self.tp.device
+        with PeakRSS() as mem:
+            self.engine = LLMEngine(EngineConfig(model_path=str(model_path), dtype=dtype, max_batch_size=max_batch_size,
+                                                 max_input_length=max_input, max_output_length=max_output), self.tp)
+        self.load_growth_mb = mem.growth_mb
+        self.vision = VisionTimer(self.engine.model.visual, self.device)
+
+    def run(self, inputs: List[dict], new_tokens: int, batch_size: int) -> Measurement:
+        from ..engine.engine import Request
+        eng = self.engine
+        eng.cfg.max_batch_size = batch_size
+        reqs = [Request(id=i, input_ids=x["input_ids"][0].tolist(), max_new_tokens=new_tokens, ignore_eos=True,
+                        pixel_values=x.get("pixel_values"), image_grid_thw=x.get("image_grid_thw"),
+                        pixel_values_videos=x.get("pixel_values_videos"), video_grid_thw=x.get("video_grid_thw"))
+                for i, x in enumerate(inputs)]
+        eng.step_times = {"prefill": [], "decode": []}
+        self.vision.total = 0.0
+        reset_device_peak(self.device)
+        with PeakRSS() as mem:
+            sync(self.device)
+            start = time.perf_counter()
+            eng.generate(reqs)
+            sync(self.device)
+            elapsed = time.perf_counter() - start
+        bad = [r.error for r in reqs if r.error]
+        if bad:
+            raise RuntimeError(f"engine request failed: {bad[0]}")
+        decode = eng.step_times["decode"]
+        return Measurement("engine", batch_size, elapsed, [r.output_ids for r in reqs],
+                           [r.t_first_token - r.t_arrival for r in reqs],
+                           statistics.fmean(decode) if decode else None, self.vision.total, mem.peak_mb,
+                           device_peak_mb(self.device), self.load_growth_mb)
+
+
+class _StepClock:
+    """A StoppingCriteria that never stops: it notes when each new token appears."""
+
+    def __init__(self, device):
+        self.times: List[float] = []
+        self.device = device
+
+    def __call__(self, input_ids, scores, **kwargs):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class HFRunner:
+    name = "hf"
+
+    def __init__(self, model_path, dtype, device: str):
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        self.device = torch.device(device if device == "cpu" else f"{device}:0")
+        with PeakRSS() as mem:
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype)
+            self.model.to(self.device).eval()
+        self.load_growth_mb = mem.growth_mb
+        self.pad_id = AutoProcessor.from_pretrained(model_path).tokenizer.pad_token_id or 151643
+        self.vision = VisionTimer(self.model.visual, self.device)
+
+    def collate(self, batch: List[dict]) -> dict:
+        """Left-pad input_ids, build the attention mask, concatenate the vision tensors."""
+        length = max(x["input_ids"].shape[1] for x in batch)
+        ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, x in enumerate(batch):
+            n = x["input_ids"].shape[1]
+            ids[i, length - n:] = x["input_ids"][0]
+            mask[i, length - n:] = 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            parts = [x[key] for x in batch if key in x]
+            if parts:
+                out[key] = torch.cat(parts)
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    @torch.inference_mode()
+    def run(self, inputs: List[dict], new_tokens: int, batch_size: int) -> Measurement:
+        from transformers import GenerationConfig, StoppingCriteriaList
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=self.pad_id)
+        tokens, ttft, steps = [], [], []
+        self.vision.total = 0.0
+        reset_device_peak(self.device)
+        with PeakRSS() as mem:
+            sync(self.device)
+            start = time.perf_counter()
+            for i in range(0, len(inputs), batch_size):
+                batch = self.collate(inputs[i:i + batch_size])
+                clock = _StepClock(self.device)
+                out = self.model.generate(**batch, generation_config=cfg,
+                                          stopping_criteria=StoppingCriteriaList([clock]))
+                tokens += out[:, batch["input_ids"].shape[1]:].tolist()
+                ttft += [clock.times[0] - start] * len(out)   # from the run start, as for the engine
+                if len(clock.times) > 1:
+                    steps.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
+            sync(self.device)
+            elapsed = time.perf_counter() - start
+        return Measurement("hf", batch_size, elapsed, tokens, ttft, statistics.fmean(steps) if steps else None,
+                           self.vision.total, mem.peak_mb, device_peak_mb(self.device), self.load_growth_mb)
