@@ -93,8 +93,7 @@ class LLMEngine:
         self.model.eval()
         mc = self.model_cfg
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
-        tokens = self._cache_tokens(per_token)
-        self.num_blocks = max(1, tokens // cfg.block_size)
+        self.num_blocks = self._cache_blocks(per_token)
         self.allocator = BlockAllocator(self.num_blocks)
         self.kv_cache = allocate_cache(mc.num_hidden_layers, self.num_blocks, cfg.block_size,
                                        self.model.layout.num_kv, mc.head_dim, cfg.dtype, tp.device)
@@ -107,22 +106,22 @@ class LLMEngine:
         self.step_times = {"prefill": [], "decode": []}
 
     # ---- memory -------------------------------------------------------------------------
-    def _cache_tokens(self, per_token: int) -> int:
+    def _cache_blocks(self, per_token: int) -> int:
         c = self.cfg
         if c.kv_cache_tokens:
-            return c.kv_cache_tokens
-        wanted = c.max_batch_size * (c.max_input_length + c.max_output_length)
+            return max(1, blocks_needed(c.kv_cache_tokens, c.block_size))
+        # Enough blocks for max_batch_size requests of full length each, within the memory budget.
+        wanted = c.max_batch_size * blocks_needed(c.max_input_length + c.max_output_length, c.block_size)
         dev = self.tp.device
         if dev.type == "cpu":
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         else:
             free, _ = getattr(torch, dev.type).mem_get_info(dev)
-        budget = int(free * c.kv_cache_fraction) // per_token
-        tokens = min(wanted, budget)
-        if tokens < c.block_size:
-            raise UserError(f"KV cache: only {budget} tokens fit in {c.kv_cache_fraction:.0%} of free memory; "
-                            "use more devices (tensor parallel) or lower max_batch_size")
-        return tokens
+        budget = int(free * c.kv_cache_fraction) // (per_token * c.block_size)
+        if budget < 1:
+            raise UserError(f"KV cache: not one {c.block_size}-token block fits in {c.kv_cache_fraction:.0%} of free "
+                            "memory; use more devices (tensor parallel) or lower max_batch_size")
+        return min(wanted, budget)
 
     @property
     def capacity_tokens(self) -> int:

@@ -1,0 +1,68 @@
+"""The benchmark's correctness checks (not its timings): report shape, token comparison, failure."""
+import json
+
+import pytest
+
+from modeltest.cli import build_parser
+
+ROW_KEYS = {"backend", "workload", "preset", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
+            "ttft_p90_ms", "decode_ms_per_token", "peak_host_mb", "peak_device_mb"}
+
+
+@pytest.fixture
+def bench_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench_cache"))
+
+
+def run_bench(argv):
+    args = build_parser().parse_args(["bench", *argv])
+    return args.func(args)
+
+
+def test_report_and_token_check(bench_cache, tmp_path):
+    out = tmp_path / "b.json"
+    rc = run_bench(["--preset", "tiny", "--workload", "all", "--requests", "3", "--batch-sizes", "1,2",
+                    "--new-tokens", "4", "--dtype", "fp32", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["tokens_match"] is True
+    assert {(r["backend"], r["workload"], r["batch_size"]) for r in report["results"]} == \
+        {(b, w, n) for b in ("engine", "hf") for w in ("textvqa", "videobench", "decode") for n in (1, 2)}
+    assert all(ROW_KEYS <= set(r) for r in report["results"])
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in report["results"])
+    # textvqa/videobench: best against best; decode: equal batch sizes.
+    assert [(r["workload"], r["engine_batch_size"] == r["hf_batch_size"]) for r in report["ratios"]][-2:] == \
+        [("decode", True), ("decode", True)]
+    assert {r["workload"] for r in report["ratios"]} == {"textvqa", "videobench", "decode"}
+
+
+def test_token_mismatch_is_reported_and_fails(bench_cache, tmp_path, monkeypatch):
+    from modeltest.bench import runners
+    original = runners.EngineRunner.run
+
+    def corrupted(self, inputs, new_tokens, batch_size):
+        m = original(self, inputs, new_tokens, batch_size)
+        m.tokens[0] = [t + 1 for t in m.tokens[0]]
+        return m
+
+    monkeypatch.setattr(runners.EngineRunner, "run", corrupted)
+    out = tmp_path / "b.json"
+    rc = run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "2", "--batch-sizes", "1",
+                    "--new-tokens", "3", "--dtype", "fp32", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 1 and report["tokens_match"] is False
+    assert report["mismatches"][0]["request"] == 0
+
+
+def test_low_precision_runs_check_tokens_in_fp32(bench_cache, tmp_path):
+    out = tmp_path / "b.json"
+    rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1",
+                    "--new-tokens", "3", "--dtype", "bf16", "--check-requests", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["tokens_checked_in"] == "fp32" and report["tokens_match"] is True
+    assert "lowp_tokens_match" in report
+
+
+def test_unknown_preset_is_a_clear_error(bench_cache):
+    from modeltest.errors import UserError
+    with pytest.raises(UserError, match="--preset huge: unknown; choose one of tiny, mid, 2b, 7b"):
+        run_bench(["--preset", "huge"])
