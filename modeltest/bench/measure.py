@@ -11,9 +11,13 @@ import torch
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def rss_bytes() -> int:
+def rss_bytes(anon_only: bool = False) -> int:
+    """Resident memory; with anon_only, without file-backed pages (memory-mapped checkpoint
+    files are page cache the OS can drop, not memory the process owns)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+        fields = f.read().split()
+    resident, shared = int(fields[1]), int(fields[2])
+    return (resident - shared if anon_only else resident) * PAGE
 
 
 class PeakRSS:
@@ -21,10 +25,12 @@ class PeakRSS:
 
     def __init__(self, interval: float = 0.005):
         self.interval, self.peak, self.start = interval, 0, 0
+        self.peak_anon = self.start_anon = 0
         self._stop = threading.Event()
 
     def __enter__(self):
         self.start = self.peak = rss_bytes()
+        self.start_anon = self.peak_anon = rss_bytes(anon_only=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -32,6 +38,7 @@ class PeakRSS:
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
+            self.peak_anon = max(self.peak_anon, rss_bytes(anon_only=True))
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
@@ -46,6 +53,10 @@ class PeakRSS:
     @property
     def growth_mb(self) -> float:
         return (self.peak - self.start) / 2**20
+
+    @property
+    def anon_growth_mb(self) -> float:
+        return (self.peak_anon - self.start_anon) / 2**20
 
 
 def sync(device: torch.device) -> None:

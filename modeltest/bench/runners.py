@@ -26,7 +26,7 @@ class Measurement:
     vision_s: float
     peak_host_mb: float
     peak_device_mb: Optional[float]
-    load_host_growth_mb: float = 0.0
+    load_host_growth_mb: dict = field(default_factory=dict)
     extra: Dict = field(default_factory=dict)
 
     def row(self, workload: str, preset: str) -> dict:
@@ -53,7 +53,7 @@ class EngineRunner:
         with PeakRSS() as mem:
             self.engine = LLMEngine(EngineConfig(model_path=str(model_path), dtype=dtype, max_batch_size=max_batch_size,
                                                  max_input_length=max_input, max_output_length=max_output), self.tp)
-        self.load_growth_mb = mem.growth_mb
+        self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
         self.vision = VisionTimer(self.engine.model.visual, self.device)
 
     def run(self, inputs: List[dict], new_tokens: int, batch_size: int) -> Measurement:
@@ -105,7 +105,7 @@ class HFRunner:
         with PeakRSS() as mem:
             self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype)
             self.model.to(self.device).eval()
-        self.load_growth_mb = mem.growth_mb
+        self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
         self.pad_id = AutoProcessor.from_pretrained(model_path).tokenizer.pad_token_id or 151643
         self.vision = VisionTimer(self.model.visual, self.device)
 

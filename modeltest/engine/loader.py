@@ -26,6 +26,14 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def set_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Make `value` the parameter's storage (moved to its device and dtype) instead of copying
+    into a second buffer: while loading, host memory holds one tensor at a time beyond the model."""
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")
+    param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
+
+
 class CheckpointReader:
     def __init__(self, model_path: str | Path):
         root = Path(model_path)
@@ -43,18 +51,17 @@ class CheckpointReader:
                     for name in h.keys():
                         files[name] = f
         self.files = {canonical_name(n): (f, n) for n, f in files.items()}
-        self._handles: Dict[Path, object] = {}
 
     def has(self, name: str) -> bool:
         return name in self.files
 
     def _slice(self, name: str):
+        # A handle per read: the file is memory-mapped, and dropping the handle right after the
+        # read unmaps its pages, so they do not pile up in this process's resident memory.
         if name not in self.files:
             raise UserError(f"checkpoint: tensor '{name}' not found; is model_path a Qwen2-VL checkpoint?")
         path, original = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_slice(original)
+        return safe_open(path, framework="pt").get_slice(original)
 
     def shape(self, name: str) -> List[int]:
         return list(self._slice(name).get_shape())
@@ -72,7 +79,7 @@ class CheckpointReader:
                 parts.append(torch.zeros([block_size, *shape[1:]], dtype=_dtype(sl)))
             else:
                 parts.append(sl[b[0]:b[1]])
-        return torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def cols(self, name: str, blocks: Sequence[Block], block_size: int = 0) -> torch.Tensor:
         sl = self._slice(name)
@@ -83,10 +90,10 @@ class CheckpointReader:
                 parts.append(torch.zeros([shape[0], block_size], dtype=_dtype(sl)))
             else:
                 parts.append(sl[:, b[0]:b[1]])
-        return torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def close(self) -> None:
-        self._handles.clear()
+        pass
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

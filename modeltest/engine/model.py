@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import Qwen2VLConfig
 from .layers import ColumnLinear, LMHead, RMSNorm, RowLinear, VocabEmbedding
-from .loader import CheckpointReader
+from .loader import CheckpointReader, set_param
 from .parallel import HeadLayout, TPContext, head_layout, split_range
 from .rope import MRoPE, apply_rope
 from .vision import VisionTower, varlen_attention
@@ -65,8 +65,8 @@ class Attention(nn.Module):
         for what in ("weight", "bias"):
             parts = [r.rows(f"{p}.q_proj.{what}", q_blocks, hd), r.rows(f"{p}.k_proj.{what}", kv_blocks),
                      r.rows(f"{p}.v_proj.{what}", kv_blocks)]
-            getattr(self.qkv, what).data.copy_(torch.cat(parts))
-        self.o_proj.weight.data.copy_(r.cols(f"{p}.o_proj.weight", q_blocks, hd))
+            set_param(getattr(self.qkv, what), torch.cat(parts))
+        set_param(self.o_proj.weight, r.cols(f"{p}.o_proj.weight", q_blocks, hd))
 
 
 class MLP(nn.Module):
@@ -83,8 +83,8 @@ class MLP(nn.Module):
 
     def load(self, r: CheckpointReader, p: str):
         b = [(self.rows.start, self.rows.stop)]
-        self.gate_up.weight.data.copy_(torch.cat([r.rows(f"{p}.gate_proj.weight", b), r.rows(f"{p}.up_proj.weight", b)]))
-        self.down.weight.data.copy_(r.cols(f"{p}.down_proj.weight", b))
+        set_param(self.gate_up.weight, torch.cat([r.rows(f"{p}.gate_proj.weight", b), r.rows(f"{p}.up_proj.weight", b)]))
+        set_param(self.down.weight, r.cols(f"{p}.down_proj.weight", b))
 
 
 class DecoderLayer(nn.Module):
@@ -100,8 +100,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def load(self, r, p):
-        self.input_layernorm.weight.data.copy_(r.full(f"{p}.input_layernorm.weight"))
-        self.post_attention_layernorm.weight.data.copy_(r.full(f"{p}.post_attention_layernorm.weight"))
+        set_param(self.input_layernorm.weight, r.full(f"{p}.input_layernorm.weight"))
+        set_param(self.post_attention_layernorm.weight, r.full(f"{p}.post_attention_layernorm.weight"))
         self.self_attn.load(r, f"{p}.self_attn")
         self.mlp.load(r, f"{p}.mlp")
 
@@ -125,12 +125,12 @@ class Qwen2VLModel(nn.Module):
         rows = range(self.embed.start, min(self.embed.start + self.embed.local, self.cfg.vocab_size))
         pad = self.embed.local - len(rows)
         blocks = [(rows.start, rows.stop)] + ([None] if pad else [])
-        self.embed.weight.data.copy_(r.rows("model.embed_tokens.weight", blocks, pad))
+        set_param(self.embed.weight, r.rows("model.embed_tokens.weight", blocks, pad))
         if not self.cfg.tie_word_embeddings:
-            self.lm_head.weight.data.copy_(r.rows("lm_head.weight", blocks, pad))
+            set_param(self.lm_head.weight, r.rows("lm_head.weight", blocks, pad))
         for i, layer in enumerate(self.layers):
             layer.load(r, f"model.layers.{i}")
-        self.norm.weight.data.copy_(r.full("model.norm.weight"))
+        set_param(self.norm.weight, r.full("model.norm.weight"))
         self.visual.load(r, "visual")
 
     def embed_inputs(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor],

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import VisionConfig
 from .layers import ColumnLinear, LayerNorm, RowLinear
-from .loader import CheckpointReader
+from .loader import CheckpointReader, set_param
 from .parallel import TPContext
 from .rope import apply_vision_rope, vision_rotary_freqs
 
@@ -64,18 +64,18 @@ class VisionBlock(nn.Module):
         s = tp.rank * local
         # qkv is stored fused [3d, d]: take this rank's heads from each of q, k and v.
         qkv_rows = [(j * d + s, j * d + s + local) for j in range(3)]
-        self.qkv.weight.data.copy_(r.rows(f"{p}.attn.qkv.weight", qkv_rows))
-        self.qkv.bias.data.copy_(r.rows(f"{p}.attn.qkv.bias", qkv_rows))
-        self.proj.weight.data.copy_(r.cols(f"{p}.attn.proj.weight", [(s, s + local)]))
-        self.proj.bias.data.copy_(r.full(f"{p}.attn.proj.bias"))
+        set_param(self.qkv.weight, r.rows(f"{p}.attn.qkv.weight", qkv_rows))
+        set_param(self.qkv.bias, r.rows(f"{p}.attn.qkv.bias", qkv_rows))
+        set_param(self.proj.weight, r.cols(f"{p}.attn.proj.weight", [(s, s + local)]))
+        set_param(self.proj.bias, r.full(f"{p}.attn.proj.bias"))
         m = cfg.mlp_dim // tp.world_size
-        self.fc1.weight.data.copy_(r.rows(f"{p}.mlp.fc1.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
-        self.fc1.bias.data.copy_(r.rows(f"{p}.mlp.fc1.bias", [(tp.rank * m, (tp.rank + 1) * m)]))
-        self.fc2.weight.data.copy_(r.cols(f"{p}.mlp.fc2.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
-        self.fc2.bias.data.copy_(r.full(f"{p}.mlp.fc2.bias"))
+        set_param(self.fc1.weight, r.rows(f"{p}.mlp.fc1.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
+        set_param(self.fc1.bias, r.rows(f"{p}.mlp.fc1.bias", [(tp.rank * m, (tp.rank + 1) * m)]))
+        set_param(self.fc2.weight, r.cols(f"{p}.mlp.fc2.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
+        set_param(self.fc2.bias, r.full(f"{p}.mlp.fc2.bias"))
         for name in ("norm1", "norm2"):
-            getattr(self, name).weight.data.copy_(r.full(f"{p}.{name}.weight"))
-            getattr(self, name).bias.data.copy_(r.full(f"{p}.{name}.bias"))
+            set_param(getattr(self, name).weight, r.full(f"{p}.{name}.weight"))
+            set_param(getattr(self, name).bias, r.full(f"{p}.{name}.bias"))
 
 
 class VisionTower(nn.Module):
@@ -106,11 +106,11 @@ class VisionTower(nn.Module):
         return self.mlp2(F.gelu(self.mlp0(x)))
 
     def load(self, r: CheckpointReader, p: str = "visual"):
-        self.patch_embed.data.copy_(r.full(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
+        set_param(self.patch_embed, r.full(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
         for i, blk in enumerate(self.blocks):
             blk.load(r, f"{p}.blocks.{i}")
-        self.ln_q.weight.data.copy_(r.full(f"{p}.merger.ln_q.weight"))
-        self.ln_q.bias.data.copy_(r.full(f"{p}.merger.ln_q.bias"))
+        set_param(self.ln_q.weight, r.full(f"{p}.merger.ln_q.weight"))
+        set_param(self.ln_q.bias, r.full(f"{p}.merger.ln_q.bias"))
         for ours, theirs in (("mlp0", "mlp.0"), ("mlp2", "mlp.2")):
-            getattr(self, ours).weight.data.copy_(r.full(f"{p}.merger.{theirs}.weight"))
-            getattr(self, ours).bias.data.copy_(r.full(f"{p}.merger.{theirs}.bias"))
+            set_param(getattr(self, ours).weight, r.full(f"{p}.merger.{theirs}.weight"))
+            set_param(getattr(self, ours).bias, r.full(f"{p}.merger.{theirs}.bias"))
