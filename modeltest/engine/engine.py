@@ -77,6 +77,22 @@ class Request:
         return (self.t_finish or time.perf_counter()) - self.t_arrival
 
 
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in the heap instead of returning it to the OS (glibc only).
+
+    Activations of a vision tower are tens of MB each; glibc serves such blocks with mmap and
+    gives them back on free, so every new buffer page-faults in afresh. Raising the mmap and trim
+    thresholds makes later buffers reuse warm memory (3x faster element-wise ops measured here).
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _sync(device: torch.device) -> None:
     if device.type != "cpu":
         getattr(torch, device.type).synchronize()
@@ -85,6 +101,8 @@ def _sync(device: torch.device) -> None:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, tp: TPContext):
         self.cfg, self.tp = cfg, tp
+        if tp.device.type == "cpu":
+            tune_cpu_allocator()
         self.model_cfg = Qwen2VLConfig.from_path(cfg.model_path)
         self.model = Qwen2VLModel(self.model_cfg, tp, cfg.dtype)
         reader = CheckpointReader(cfg.model_path)

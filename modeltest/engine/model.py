@@ -30,6 +30,22 @@ class AttnMetadata:
     context_mask: Optional[torch.Tensor] = None    # decode: [B, L] True where a slot is real
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     group: int) -> torch.Tensor:
+    """One new query per sequence against its cached keys, grouped-query without copying KV heads.
+
+    q: [B, nq, hd]; keys/values: [B, L, nkv, hd]; mask: [B, L] (True = real) -> [B, nq, hd].
+    Plain batched matmuls: SDPA's fused CPU kernel is slow for a single query row with a mask.
+    """
+    b, nq, hd = q.shape
+    nkv = keys.shape[2]
+    qg = q.view(b, nkv, group, hd)                                      # [B, nkv, g, hd]
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float()         # [B, nkv, g, L]
+    scores.mul_(hd ** -0.5).masked_fill_(~mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, values.transpose(1, 2)).reshape(b, nq, hd)   # [B, nkv, g, hd]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig, layout: HeadLayout, tp: TPContext, dtype, device):
         super().__init__()
@@ -51,11 +67,8 @@ class Attention(nn.Module):
             out = varlen_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                    meta.cu_seqlens, causal=True)
         else:
-            keys = k_cache[meta.context_slots].repeat_interleave(group, 2)   # [B, L, nq, hd]
-            vals = v_cache[meta.context_slots].repeat_interleave(group, 2)
-            out = F.scaled_dot_product_attention(
-                q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
-                attn_mask=meta.context_mask[:, None, None, :]).squeeze(2)    # [B, nq, hd]
+            out = decode_attention(q, k_cache[meta.context_slots], v_cache[meta.context_slots],
+                                   meta.context_mask, group)
         return self.o_proj(out.reshape(t, self.nq * self.hd))
 
     def load(self, r: CheckpointReader, p: str):
@@ -79,7 +92,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate).mul_(up))
 
     def load(self, r: CheckpointReader, p: str):
         b = [(self.rows.start, self.rows.stop)]
@@ -97,7 +110,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, meta, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
     def load(self, r, p):
         set_param(self.input_layernorm.weight, r.full(f"{p}.input_layernorm.weight"))

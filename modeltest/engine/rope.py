@@ -54,12 +54,16 @@ def vision_rotary_freqs(grid_thw: torch.Tensor, head_dim: int, merge: int, devic
     return table[pos].flatten(1)                                            # [N, head_dim/2]
 
 
-def apply_vision_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    # x: [N, H, hd]; freqs: [N, hd/2]; computed in fp32 as the reference does.
-    cos = freqs.cos().repeat(1, 2).unsqueeze(1)
-    sin = freqs.sin().repeat(1, 2).unsqueeze(1)
+def vision_rope_cos_sin(freqs: torch.Tensor):
+    """freqs [N, hd/2] -> cos, sin [N, 1, hd] in fp32 (computed once per vision forward)."""
+    return freqs.cos().repeat(1, 2).unsqueeze(1), freqs.sin().repeat(1, 2).unsqueeze(1)
+
+
+def apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, H, hd]; computed in fp32 as the reference does.
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    out = rotate_half(xf).mul_(sin)
+    return out.add_(xf.mul_(cos)).to(x.dtype)
 
 
 def rope_index(input_ids: List[int], image_grids: List[Tuple[int, int, int]], video_grids: List[Tuple[int, int, int]],
