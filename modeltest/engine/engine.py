@@ -307,14 +307,13 @@ class LLMEngine:
             pos.append(i + r.delta)
             new_slots.append(r.blocks[i // bs] * bs + i % bs)
             lengths.append(r.num_tokens)
-        max_len = max(lengths)
-        width = max(len(r.blocks) for r in reqs)
-        table = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in reqs], device=dev)  # [B, blocks]
-        offs = torch.arange(max_len, device=dev)
-        context_slots = table[:, offs // bs] * bs + offs % bs                   # [B, L]
-        mask = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)
+        width = blocks_needed(max(lengths), bs)
+        table = torch.tensor([r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs],
+                             device=dev)                                           # [B, width]
+        offs = torch.arange(width * bs, device=dev)
+        mask = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)  # [B, width * bs]
         meta = AttnMetadata(prefill=False, slot_mapping=torch.tensor(new_slots, device=dev),
-                            context_slots=context_slots, context_mask=mask)
+                            block_table=table, context_mask=mask)
         input_ids = torch.tensor(last_ids, device=dev)
         positions = torch.tensor(pos, device=dev).unsqueeze(0).expand(3, -1)
         h = self.model(self.model.embed_inputs(input_ids, None, None), positions, meta, self.kv_cache)

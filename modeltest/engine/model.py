@@ -26,8 +26,8 @@ class AttnMetadata:
     prefill: bool
     slot_mapping: torch.Tensor                 # [T] cache slot each new token's K/V is written to
     cu_seqlens: Optional[torch.Tensor] = None  # prefill: [B+1] boundaries of the packed sequences
-    context_slots: Optional[torch.Tensor] = None   # decode: [B, L] cache slots each sequence reads
-    context_mask: Optional[torch.Tensor] = None    # decode: [B, L] True where a slot is real
+    block_table: Optional[torch.Tensor] = None     # decode: [B, nb] cache blocks each sequence reads
+    context_mask: Optional[torch.Tensor] = None    # decode: [B, nb * block_size] True where a slot is real
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -67,8 +67,12 @@ class Attention(nn.Module):
             out = varlen_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                    meta.cu_seqlens, causal=True)
         else:
-            out = decode_attention(q, k_cache[meta.context_slots], v_cache[meta.context_slots],
-                                   meta.context_mask, group)
+            # Gather whole blocks (contiguous copies) rather than token by token.
+            b, nb = meta.block_table.shape
+            bs = meta.context_mask.shape[1] // nb
+            keys = k_cache.view(-1, bs, self.nkv, self.hd)[meta.block_table].view(b, nb * bs, self.nkv, self.hd)
+            vals = v_cache.view(-1, bs, self.nkv, self.hd)[meta.block_table].view(b, nb * bs, self.nkv, self.hd)
+            out = decode_attention(q, keys, vals, meta.context_mask, group)
         return self.o_proj(out.reshape(t, self.nq * self.hd))
 
     def load(self, r: CheckpointReader, p: str):
