@@ -44,6 +44,8 @@ class EngineConfig:
     kv_cache_fraction: float = 0.5
     # Most prompt tokens packed into one prefill pass (at least one request always goes).
     max_prefill_tokens: int = 16384
+    # Replay decode steps as CUDA graphs (CUDA, one process). None: on where supported.
+    cuda_graphs: Optional[bool] = None
 
 
 @dataclass
@@ -113,8 +115,17 @@ class LLMEngine:
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
         self.num_blocks = self._cache_blocks(per_token)
         self.allocator = BlockAllocator(self.num_blocks)
-        self.kv_cache = allocate_cache(mc.num_hidden_layers, self.num_blocks, cfg.block_size,
+        # One extra block, never handed out: padding rows of a CUDA-graph batch write there.
+        self.kv_cache = allocate_cache(mc.num_hidden_layers, self.num_blocks + 1, cfg.block_size,
                                        self.model.layout.num_kv, mc.head_dim, cfg.dtype, tp.device)
+        self.graphs = None
+        use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else (tp.device.type == "cuda"
+                                                                           and tp.world_size == 1)
+        if use_graphs:
+            from .cuda_graphs import DecodeGraphs
+            width = blocks_needed(cfg.max_input_length + cfg.max_output_length, cfg.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.max_batch_size, width, cfg.block_size,
+                                       scratch_block=self.num_blocks, device=tp.device)
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
         self.rejected: List[Request] = []     # failed on arrival; reported by the next step()
@@ -307,6 +318,10 @@ class LLMEngine:
             pos.append(i + r.delta)
             new_slots.append(r.blocks[i // bs] * bs + i % bs)
             lengths.append(r.num_tokens)
+        if self.graphs is not None and self.logits_hook is None:
+            next_ids = self.graphs.run(last_ids, pos, new_slots, [r.blocks for r in reqs], lengths)
+            self._record_decode(reqs, next_ids, start)
+            return
         width = blocks_needed(max(lengths), bs)
         table = torch.tensor([r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs],
                              device=dev)                                           # [B, width]
@@ -319,6 +334,9 @@ class LLMEngine:
         h = self.model(self.model.embed_inputs(input_ids, None, None), positions, meta, self.kv_cache)
         next_ids = self._sample(reqs, h)
         _sync(dev)
+        self._record_decode(reqs, next_ids, start)
+
+    def _record_decode(self, reqs: List[Request], next_ids: List[int], start: float) -> None:
         elapsed = time.perf_counter() - start
         self.step_times["decode"].append(elapsed)
         for r, t in zip(reqs, next_ids):
