@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def _cmd_run(args) -> int:
@@ -14,6 +14,26 @@ def _cmd_run(args) -> int:
 
     cfg = load_config(args.task, args.model, args.overrides)
     Evaluator(cfg).run()
+    return 0
+
+
+def _cmd_check(args) -> int:
+    """Validate a run before torchrun starts processes: config, paths, and the parallel layout."""
+    from .config import load_config
+    from .engine.config import Qwen2VLConfig
+    from .engine.parallel import head_layout
+
+    cfg = load_config(args.task, args.model, args.overrides)
+    tp, dp = cfg.run.tp or 1, cfg.run.dp or 1
+    if tp < 1 or dp < 1:
+        raise UserError(f"tp={tp} dp={dp}: both must be at least 1")
+    if tp > 1:
+        if cfg.model.backend != "engine":
+            raise UserError(f"tp={tp} needs model.backend=engine (hf runs one process per replica; use dp=)")
+        mc = Qwen2VLConfig.from_path(cfg.model.model_path)
+        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)
+        if mc.intermediate_size % tp:
+            raise UserError(f"tp={tp} does not divide the MLP width {mc.intermediate_size} of {cfg.model.model_path}")
     return 0
 
 
@@ -43,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value, e.g. model.model_path=/w batch_size=8 limit=50")
     r.set_defaults(func=_cmd_run)
     sub.add_parser("list", help="list the available tasks and models").set_defaults(func=_cmd_list)
+    c = sub.add_parser("check", help="validate a run's configuration and parallel layout without running it")
+    c.add_argument("task")
+    c.add_argument("model")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=_cmd_check)
     d = sub.add_parser("demo", help="build a tiny random Qwen2-VL and small datasets offline, then run both tasks")
     d.add_argument("--dir", default="demo_data", help="where to build (default: ./demo_data)")
     d.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
@@ -71,8 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"modeltest: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"modeltest: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("modeltest: interrupted; finished samples are in the debug file", file=sys.stderr)
+        print("modeltest: interrupted before any sample ran; nothing to resume", file=sys.stderr)
         return 130
 
 

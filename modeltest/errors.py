@@ -12,3 +12,7 @@ class UserError(Exception):
 
 class SampleError(Exception):
     """A problem confined to one sample (missing image, corrupt video): recorded, run goes on."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run: finished samples are saved; the message says how to resume."""

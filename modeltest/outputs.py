@@ -37,6 +37,7 @@ class RunPaths:
     config_json: Path
     summary_json: Path
     debug_file: Path
+    records_dir: Path
 
     @classmethod
     def for_run(cls, cfg: EvalConfig, tp: int = 1, timestamp: Optional[str] = None) -> "RunPaths":
@@ -48,11 +49,12 @@ class RunPaths:
         timestamp = timestamp or dt.datetime.now().strftime("%Y%m%d_%H%M%S")
         return cls(root=root, result_csv=results / f"{stem}_result.csv",
                    config_json=results / f"{stem}_config.json", summary_json=results / f"{stem}_summary.json",
-                   debug_file=root / "debug" / sub / f"output_{timestamp}.txt")
+                   debug_file=root / "debug" / sub / f"output_{timestamp}.txt",
+                   records_dir=root / "records" / sub)
 
     def create(self) -> None:
         """Make the folders and prove they are writable before any model loads."""
-        for folder in (self.result_csv.parent, self.debug_file.parent):
+        for folder in (self.result_csv.parent, self.debug_file.parent, self.records_dir):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 probe = folder / ".write_test"
@@ -108,16 +110,10 @@ def config_record(cfg: EvalConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-class DebugWriter:
-    """Appends one JSON object per finished sample and flushes it at once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: Dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+def write_debug_file(path: Path, records: List[Dict[str, Any]]) -> None:
+    """One JSON object per line per sample, in dataset order (written once, at the end)."""
+    tmp = path.with_suffix(".txt.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -11,6 +11,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
@@ -18,8 +19,10 @@ from tqdm import tqdm
 from .backends import Backend, GenerationOutput, Prepared, make_backend
 from .config.loader import EvalConfig
 from .device import resolve_device
-from .errors import SampleError, UserError
-from .outputs import DebugWriter, RunPaths, config_record, write_json, write_result_csv
+from .errors import Interrupted, SampleError, UserError
+from .engine.parallel import init_parallel
+from .outputs import RunPaths, config_record, write_debug_file, write_json, write_result_csv
+from .records import RecordStore, file_digest, run_identity, sample_key
 from .summary import print_summary
 from .tasks import TASKS
 from .tasks.base import ResultRow, Sample, Task
@@ -117,69 +120,131 @@ class Evaluator:
     def run(self) -> RunResult:
         cfg = self.cfg
         samples = self.task.load_samples(cfg.run.limit)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        main = int(os.environ.get("RANK", "0")) == 0      # only rank 0 writes files and prints
-        paths = RunPaths.for_run(cfg, tp=world)
-        if main:
-            paths.create()
         device = resolve_device(cfg.run.device)
+        par = init_parallel(device, cfg.run.dp)
+        if cfg.model.backend == "hf" and par.tp > 1:
+            raise UserError(f"backend hf runs one process per replica; tp={par.tp} needs model.backend=engine "
+                            "(or use dp= for several hf replicas)")
+        paths = RunPaths.for_run(cfg, tp=par.tp)
+        if par.is_main:
+            paths.create()
         n_new = max_new_tokens(cfg)
-        if self.backend is None:
-            if cfg.model.backend == "hf" and world > 1:
-                raise UserError(f"backend hf runs in one process; tp={world} needs model.backend=engine")
+
+        # Which samples are already finished (by any earlier run, whatever its dp/tp/batch size)?
+        run_id = run_identity(cfg, n_new)
+        digests: Dict[str, str] = {}
+        keys = []
+        for s in samples:
+            if s.source not in digests:
+                digests[s.source] = file_digest(Path(s.source)) if s.source else ""
+            keys.append(sample_key(run_id, s, digests[s.source]))
+        store = RecordStore(paths.records_dir, shard=f"dp{par.dp_rank}")
+        if not cfg.run.resume and par.is_main:
+            aside = store.reset()
+            if aside and self.show_progress:
+                print(f"resume=false: earlier records moved to {aside}")
+        par.barrier()
+        done = store.load()
+        todo = [(s, k) for s, k in zip(samples, keys) if k not in done]
+        mine = todo[par.dp_rank::par.dp]
+        if par.is_main and self.show_progress and len(todo) < len(samples):
+            print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
+                  f"{paths.records_dir}; computing {len(todo)}")
+
+        started = time.time()
+        if mine and self.backend is None:
             self.backend = make_backend(cfg.model, device, cfg.model.data_type, max_batch_size=cfg.run.batch_size,
                                         max_input_length=cfg.task.requested_max_input_length,
-                                        max_output_length=n_new)
-        started = time.time()
-        if main:
-            write_json(paths.config_json, config_record(cfg, {"backend": self.backend.describe(),
-                                                              "max_new_tokens": n_new, "samples": len(samples)}))
-        debug = DebugWriter(paths.debug_file) if main else None
-        records: List[Dict[str, Any]] = []
-        bar = tqdm(total=len(samples), desc=f"{cfg.task.task_name}", unit="sample",
-                   disable=not (self.show_progress and main), dynamic_ncols=True)
+                                        max_output_length=n_new, tp_ctx=par.tp_ctx)
+        if par.is_main:
+            write_json(paths.config_json, config_record(cfg, {
+                "backend": self.backend.describe() if self.backend else None, "max_new_tokens": n_new,
+                "samples": len(samples), "tp": par.tp, "dp": par.dp}))
+        computed = self._compute(mine, store, par, n_new)
+        par.barrier()
+        if not par.is_main:
+            return RunResult(rows=[], records=[], paths=paths)
 
-        def finish(rec):
-            records.append(rec)
-            if debug:
-                debug.write(rec)
+        done = store.load()
+        missing = [s.id for s, k in zip(samples, keys) if k not in done]
+        if missing:
+            raise UserError(f"{paths.records_dir}: {len(missing)} sample(s) have no record after the run "
+                            f"(first: {missing[0]}); run the same command again to compute them")
+        records = [self.rescore(s, done[k]) for s, k in zip(samples, keys)]
+        rows = self.task.aggregate(records)
+        write_result_csv(paths.result_csv, rows)
+        write_debug_file(paths.debug_file, records)
+        elapsed = time.time() - started
+        write_json(paths.summary_json, {
+            "task": cfg.task.task_name, "model_name": cfg.model.model_name,
+            "rows": [r.__dict__ for r in rows], "samples": len(records),
+            "computed": len(todo), "reused": len(samples) - len(todo), "computed_by_rank0_replica": computed,
+            "errors": sum(1 for r in records if r["error"]),
+            "unparsed": sum(1 for r in records if not r["error"] and r["prediction"] is None),
+            "elapsed_s": round(elapsed, 3), "samples_per_s": round(len(todo) / elapsed, 4) if elapsed and todo else None,
+            "tp": par.tp, "dp": par.dp,
+            "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),
+            "records_dir": str(paths.records_dir),
+        })
+        if self.show_progress:
+            print_summary(cfg, rows, records, paths, elapsed)
+        return RunResult(rows=rows, records=records, paths=paths)
+
+    def rescore(self, sample: Sample, rec: Dict[str, Any]) -> Dict[str, Any]:
+        """Scores come from the stored output and today's answer key, not from the record."""
+        rec = dict(rec)
+        rec["gold"] = sample.gold
+        if rec.get("error") is None and rec.get("output") is not None:
+            scored = self.task.score(sample, rec["output"])
+            rec["score"], rec["prediction"] = scored.score, scored.prediction
+            rec.update(scored.extra)
+        else:
+            rec["score"], rec["prediction"] = 0.0, None
+        return rec
+
+    def _compute(self, mine, store: RecordStore, par, n_new: int) -> int:
+        """Run this replica's unfinished samples; each is saved (fsync) as soon as it is done."""
+        cfg = self.cfg
+        key_of = {id(s): k for s, k in mine}
+        bar = tqdm(total=len(mine), desc=f"{cfg.task.task_name}", unit="sample",
+                   disable=not (self.show_progress and par.is_main) or not mine, dynamic_ncols=True)
+        count = 0
+        # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
+        throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
+
+        def finish(rec, sample):
+            nonlocal count
+            rec["key"] = key_of[id(sample)]
+            if par.is_replica_leader:
+                store.append(rec)
+            count += 1
             bar.update(1)
+            if throttle:
+                time.sleep(throttle)
 
         pending: List[Prepared] = []
 
         def flush():
             for p, (out, err) in zip(pending, self.run_batch(pending, n_new)):
-                finish(self.record(p.sample, out, err, p))
+                finish(self.record(p.sample, out, err, p), p.sample)
             pending.clear()
 
         try:
-            for sample, prepared, error in prepared_stream(samples, self.backend, cfg.task.requested_max_input_length):
-                if prepared is None:
-                    finish(self.record(sample, None, error, None))
-                    continue
-                pending.append(prepared)
-                if len(pending) >= cfg.run.batch_size:
+            if mine:
+                for sample, prepared, error in prepared_stream([s for s, _ in mine], self.backend,
+                                                               cfg.task.requested_max_input_length):
+                    if prepared is None:
+                        finish(self.record(sample, None, error, None), sample)
+                        continue
+                    pending.append(prepared)
+                    if len(pending) >= cfg.run.batch_size:
+                        flush()
+                if pending:
                     flush()
-            if pending:
-                flush()
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {count} finished sample(s) of this run are saved in {store.folder}; "
+                              "run the same command again to resume") from None
         finally:
             bar.close()
-            if debug:
-                debug.close()
-
-        rows = self.task.aggregate(records)
-        if not main:
-            return RunResult(rows=rows, records=records, paths=paths)
-        write_result_csv(paths.result_csv, rows)
-        elapsed = time.time() - started
-        write_json(paths.summary_json, {
-            "task": cfg.task.task_name, "model_name": cfg.model.model_name,
-            "rows": [r.__dict__ for r in rows], "samples": len(records),
-            "errors": sum(1 for r in records if r["error"]),
-            "unparsed": sum(1 for r in records if not r["error"] and r["prediction"] is None),
-            "elapsed_s": round(elapsed, 3), "samples_per_s": round(len(records) / elapsed, 4) if elapsed else None,
-            "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),
-        })
-        if self.show_progress:
-            print_summary(cfg, rows, records, paths, elapsed)
-        return RunResult(rows=rows, records=records, paths=paths)
+            store.close()
+        return count

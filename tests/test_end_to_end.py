@@ -57,11 +57,12 @@ def test_videobench_end_to_end(demo, tmp_path):
 
 
 def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy, tmp_path):
-    # TextVQA: line 3's image is missing, line 5's image is not an image.
+    # TextVQA: line 3's image is missing, line 5's image is not an image, line 7's is empty.
     jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     lines[2]["image"] = "images/does_not_exist.jpg"
     (data_copy / "textvqa" / "images" / "demo_004.jpg").write_bytes(b"this is not a jpeg")
+    (data_copy / "textvqa" / "images" / "demo_006.jpg").write_bytes(b"")
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "tv"
     run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={jsonl}", f"output_dir={out}",
@@ -70,10 +71,11 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
     assert len(records) == 8
     assert "image not found" in records["34602"]["error"] and "does_not_exist.jpg" in records["34602"]["error"]
     assert "demo_004.jpg" in records["34604"]["error"]
+    assert "image is empty (0 bytes)" in records["34606"]["error"]
     assert records["34602"]["score"] == 0.0 and records["34604"]["score"] == 0.0
-    assert sum(1 for r in records.values() if r["error"] is None and r["output"] is not None) == 6
+    assert sum(1 for r in records.values() if r["error"] is None and r["output"] is not None) == 5
     rows, _ = read_csv(out, "textvqa")
-    assert rows[0]["Errors"] == "2" and rows[0]["Total"] == "8"
+    assert rows[0]["Errors"] == "3" and rows[0]["Total"] == "8"
 
     # VideoBench: a corrupt mp4, a zero-length mp4, and a "video" given as a list of frames.
     qa = data_copy / "videobench" / "Eval_QA"
@@ -83,6 +85,11 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
     nba = json.loads((qa / "NBA_QA_new.json").read_text())
     nba["nba_red_1"]["vid_path"] = ["a.jpg", "b.jpg"]
     (qa / "NBA_QA_new.json").write_text(json.dumps(nba))
+    # ... an unsupported container, and an entry whose choices are all null.
+    sqa = json.loads((qa / "SQA3D_QA_new.json").read_text())
+    sqa["sqa_blue_0"]["vid_path"] = "Eval_video/SQA3D/sqa_blue.mkv"
+    sqa["sqa_green_1"]["choices"] = {"A": None, "B": None}
+    (qa / "SQA3D_QA_new.json").write_text(json.dumps(sqa))
     out = tmp_path / "vb"
     run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={qa}",
                           "task.subject_mapping=null", f"output_dir={out}", "batch_size=3", "max_output_length=3"])
@@ -91,9 +98,11 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
     assert "corrupt or unreadable video" in records["v_demo_blue_1"]["error"]
     assert "empty" in records["msvd_yellow_0"]["error"]
     assert "list of frames" in records["nba_red_1"]["error"]
-    assert sum(1 for r in records.values() if r["error"]) == 3
+    assert "not a supported video type" in records["sqa_blue_0"]["error"]
+    assert "no choices" in records["sqa_green_1"]["error"]
+    assert sum(1 for r in records.values() if r["error"]) == 5
     rows, _ = read_csv(out, "videobench")
-    assert rows[0]["Errors"] == "3"
+    assert rows[0]["Errors"] == "5"
 
 
 def test_config_errors_are_one_line_without_traceback(demo, tmp_path):
@@ -105,6 +114,15 @@ def test_config_errors_are_one_line_without_traceback(demo, tmp_path):
                                    "point it at the weights folder (holding config.json)")
     proc = run_mm("textvq", [], check=False)
     assert proc.returncode == 2 and "available: textvqa, videobench" in proc.stderr
+
+
+def test_a_tensor_parallel_size_the_model_cannot_use(demo, tmp_path):
+    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
+                              f"output_dir={tmp_path}", "tp=3"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("modeltest: error: tensor parallel size 3 cannot split 2 KV heads (4 query heads): "
+                                   "one of them must divide the other; use a world size that divides or is a "
+                                   "multiple of 2")
 
 
 def test_unwritable_output_dir(demo, tmp_path):

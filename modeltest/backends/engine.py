@@ -38,10 +38,10 @@ class EngineBackend(Backend):
     name = "engine"
 
     def __init__(self, model_cfg, device: str, data_type: str, max_batch_size: int = 8,
-                 max_input_length: int = 4096, max_output_length: int = 256):
+                 max_input_length: int = 4096, max_output_length: int = 256, tp_ctx=None):
         super().__init__(model_cfg, device, data_type)
         self.processor = load_processor(model_cfg.model_path)
-        self.tp = init_distributed(device)
+        self.tp = tp_ctx if tp_ctx is not None else init_distributed(device)
         self.engine = LLMEngine(EngineConfig(
             model_path=model_cfg.model_path, dtype=self.dtype, max_batch_size=max_batch_size,
             max_input_length=max_input_length, max_output_length=max_output_length,

@@ -93,9 +93,13 @@ class RunConfig:
     # First N samples per subject (all when null).
     limit: Optional[int] = None
     device: str = "auto"
-    # Tensor-parallel size: the number of processes scripts/mm_run.sh starts with torchrun
-    # (default: the number of visible devices; 1 on CPU).
+    # Tensor-parallel size: devices per model replica (default: the number of visible devices
+    # divided by dp; 1 on CPU). scripts/mm_run.sh starts dp x tp processes with torchrun.
     tp: Optional[int] = None
+    # Data-parallel size: model replicas that split the samples between them.
+    dp: Optional[int] = None
+    # Reuse the finished samples recorded under output_dir by an earlier run of the same command.
+    resume: bool = True
 
 
 def _type_name(tp: Any) -> str:

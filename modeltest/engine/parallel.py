@@ -6,7 +6,7 @@ WORLD_SIZE in the environment) everything runs as a single rank with no process 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -18,9 +18,11 @@ from ..errors import UserError
 
 @dataclass
 class TPContext:
+    """This process's place in its tensor-parallel group (one model replica)."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    group: Optional[object] = None       # the replica's process group (None: the default group)
 
     @property
     def is_first(self) -> bool:
@@ -28,7 +30,7 @@ class TPContext:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,7 @@ class TPContext:
         if self.world_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
     def all_gather_stack(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,26 +46,78 @@ class TPContext:
         if self.world_size == 1:
             return x.unsqueeze(0)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.stack(parts)
 
 
-def init_distributed(device_type: str) -> TPContext:
-    """Join the torchrun process group (if any) and pick this rank's device."""
+@dataclass
+class ParallelContext:
+    """Where this process sits: world = dp replicas x tp ranks; replica r holds global ranks
+    [r * tp, (r + 1) * tp)."""
+    rank: int = 0
+    world_size: int = 1
+    dp: int = 1
+    tp_ctx: TPContext = field(default_factory=TPContext)
+
+    @property
+    def tp(self) -> int:
+        return self.tp_ctx.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_replica_leader(self) -> bool:
+        return self.tp_ctx.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _device_for(device_type: str, local_rank: int) -> torch.device:
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if device_type == "npu":
+        import torch_npu  # noqa: F401
+    getattr(torch, device_type).set_device(local_rank)
+    return torch.device(device_type, local_rank)
+
+
+def init_parallel(device_type: str, dp: Optional[int] = None) -> ParallelContext:
+    """Join the torchrun process group (if any), split it into dp replicas of tp ranks each and
+    pick this rank's device. dp defaults to 1 (every process in one tensor-parallel group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cpu":
-        device = torch.device("cpu")
-    else:
-        if device_type == "npu":
-            import torch_npu  # noqa: F401
-        getattr(torch, device_type).set_device(local_rank)
-        device = torch.device(device_type, local_rank)
-    if world > 1 and not dist.is_initialized():
-        kwargs = {"device_id": device} if device_type == "cuda" else {}
-        dist.init_process_group(backend=distributed_backend(device_type), rank=rank, world_size=world, **kwargs)
-    return TPContext(rank=rank, world_size=world, device=device)
+    dp = dp or 1
+    if world % dp:
+        raise UserError(f"dp={dp} does not divide the {world} started processes; start dp x tp processes")
+    tp = world // dp
+    device = _device_for(device_type, local_rank)
+    group = None
+    if world > 1:
+        if not dist.is_initialized():
+            kwargs = {"device_id": device} if device_type == "cuda" else {}
+            dist.init_process_group(backend=distributed_backend(device_type), rank=rank, world_size=world, **kwargs)
+        if dp > 1 and tp > 1:
+            # Every process must create every group, in the same order.
+            for r in range(dp):
+                g = dist.new_group(list(range(r * tp, (r + 1) * tp)))
+                if r == rank // tp:
+                    group = g
+    tp_ctx = TPContext(rank=rank % tp, world_size=tp, device=device, group=group)
+    return ParallelContext(rank=rank, world_size=world, dp=dp, tp_ctx=tp_ctx)
+
+
+def init_distributed(device_type: str) -> TPContext:
+    """Tensor parallelism over every started process (no data parallelism)."""
+    return init_parallel(device_type, dp=1).tp_ctx
 
 
 @dataclass

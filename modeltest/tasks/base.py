@@ -25,6 +25,8 @@ class Sample:
     video_options: Dict[str, Any] = field(default_factory=dict)
     # A problem found while loading (e.g. no choices): the sample is recorded as an error.
     load_error: Optional[str] = None
+    # The questions file this sample came from (part of its resume key).
+    source: Optional[str] = None
 
 
 @dataclass

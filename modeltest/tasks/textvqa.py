@@ -90,6 +90,7 @@ class TextVQATask(Task):
                 prompt=f"{mm.prompt_prefix}{row['question']}{mm.prompt_suffix}",
                 images=[str(image)], gold=answers[qid],
                 image_options={"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels},
+                source=str(jsonl),
             ))
         return limit_per_subject(samples, limit)
 

@@ -119,7 +119,9 @@ class VideoBenchTask(Task):
                 if gold is None:
                     raise UserError(f"{answer_path}: answer for {subject}/{qid} is {key[qid]!r}; expected a "
                                     "letter A-F or {\"answer\": \"A\"}")
-                subject_samples.append(self._sample(subject, str(qid), entry, gold, video_options))
+                sample = self._sample(subject, str(qid), entry, gold, video_options)
+                sample.source = str(path)
+                subject_samples.append(sample)
             samples += limit_per_subject(subject_samples, limit)
         return samples
 

@@ -1,0 +1,142 @@
+"""Never lose a finished sample: SIGKILL and Ctrl-C mid-run, resume, data parallelism, keys."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_csv, read_debug, run_mm
+
+
+def overrides(demo, out, *extra):
+    return [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}", f"output_dir={out}",
+            "max_output_length=4", *extra]
+
+
+def summary(out):
+    return json.loads(next((out / "results").rglob("*_summary.json")).read_text())
+
+
+def shard_lines(out):
+    return sum(1 for p in (out / "records").rglob("records_*.jsonl") for line in p.read_text().splitlines() if line.endswith("}"))
+
+
+def start(demo, out, *extra, slow="0.6"):
+    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, MODELTEST_SLOW_SAMPLE_S=slow)
+    return subprocess.Popen(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl",
+                             *overrides(demo, out, "batch_size=1", *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def wait_for_records(proc, out, n, timeout=120):
+    deadline = time.time() + timeout
+    while shard_lines(out) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no records appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory):
+    """An uninterrupted run to compare against."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_mm("textvqa", overrides(demo, out))
+    return out
+
+
+def test_sigkill_then_resume_recomputes_only_unfinished(demo, tmp_path, reference):
+    out = tmp_path / "out"
+    proc = start(demo, out)
+    wait_for_records(proc, out, 3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = shard_lines(out)
+    assert 3 <= finished < 8
+    shard = next((out / "records").rglob("records_dp0.jsonl"))
+    with open(shard, "a") as f:
+        f.write('{"key": "torn-by-a-cra')          # a line cut short by the crash
+    run_mm("textvqa", overrides(demo, out))
+    s = summary(out)
+    assert s["reused"] == finished and s["computed"] == 8 - finished
+    assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
+    records = read_debug(out, "textvqa")
+    assert sorted(r["id"] for r in records) == sorted(r["id"] for r in read_debug(reference, "textvqa"))
+    assert len({r["id"] for r in records}) == 8
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(demo, tmp_path, reference):
+    out = tmp_path / "out"
+    proc = start(demo, out)
+    wait_for_records(proc, out, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    saved = shard_lines(out)
+    assert saved >= 2
+    run_mm("textvqa", overrides(demo, out))
+    assert summary(out)["reused"] == saved
+    assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
+
+
+def test_data_parallel_equals_single_and_records_move_between_layouts(demo, tmp_path, reference):
+    out = tmp_path / "dp2"
+    run_mm("textvqa", overrides(demo, out, "dp=2", "batch_size=3"))
+    assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
+    assert {p.name for p in (out / "records").rglob("*.jsonl")} == {"records_dp0.jsonl", "records_dp1.jsonl"}
+    debug = read_debug(out, "textvqa")
+    assert [r["id"] for r in debug] == [r["id"] for r in read_debug(reference, "textvqa")]
+    assert summary(out)["dp"] == 2
+    # dp, tp and batch size are not part of a sample's key: a dp=1 run reuses everything.
+    run_mm("textvqa", overrides(demo, out, "batch_size=1"))
+    assert summary(out)["computed"] == 0 and summary(out)["reused"] == 8
+
+
+def test_what_changes_an_answer_changes_the_key(demo, tmp_path):
+    out = tmp_path / "out"
+    run_mm("textvqa", overrides(demo, out))
+    run_mm("textvqa", overrides(demo, out, "max_output_length=5"))
+    assert summary(out)["computed"] == 8                 # generation settings changed
+    run_mm("textvqa", overrides(demo, out, "max_output_length=5", "model.mm_model.prompt_suffix=' Answer:'"))
+    assert summary(out)["computed"] == 8                 # prompt changed
+    run_mm("textvqa", overrides(demo, out, "max_output_length=5", "model.mm_model.prompt_suffix=' Answer:'", "limit=3"))
+    assert summary(out)["computed"] == 0                 # a subset of finished samples
+    run_mm("textvqa", overrides(demo, out, "max_output_length=5", "model.mm_model.prompt_suffix=' Answer:'",
+                                "resume=false"))
+    assert summary(out)["computed"] == 8                 # resume=false starts fresh
+    assert any(p.name.startswith("fp32.replaced-") for p in (out / "records" / "textvqa" / "qwen2_vl").iterdir())
+
+
+def test_disk_full_is_a_clear_error_and_keeps_what_was_saved(demo, tmp_path, monkeypatch):
+    import errno
+
+    from modeltest import records
+    from modeltest.config import load_config
+    from modeltest.errors import UserError
+    from modeltest.runner import Evaluator
+
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    out = tmp_path / "out"
+    cfg = load_config("textvqa", "qwen2_vl", overrides(demo, out, "batch_size=1"))
+    with pytest.raises(UserError, match=r"records_dp0.jsonl: cannot save a finished sample \(the disk is full\).*"
+                                        r"run the same command again"):
+        Evaluator(cfg, show_progress=False).run()
+    monkeypatch.setattr(records.os, "fsync", real_fsync)
+    result = Evaluator(load_config("textvqa", "qwen2_vl", overrides(demo, out, "batch_size=1")),
+                       show_progress=False).run()
+    assert len(result.records) == 8
+    assert json.loads(next((out / "results").rglob("*_summary.json")).read_text())["reused"] >= 2
