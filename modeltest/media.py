@@ -28,6 +28,32 @@ def build_messages(sample: Sample) -> List[Dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
+VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+
+
+def prompt_text(processor, sample: Sample, use_chat_template: bool) -> str:
+    """The text handed to the processor: the chat template with the generation prompt, or (with
+    use_chat_template off) the vision placeholders followed by the raw prompt."""
+    if use_chat_template:
+        return processor.apply_chat_template(build_messages(sample), tokenize=False, add_generation_prompt=True)
+    return (VISION_PLACEHOLDER["image"] * len(sample.images)
+            + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
+
+
+def load_processor(model_path: str):
+    """transformers' Qwen2-VL processor (tokenizer, chat template, image processor) from the weights folder."""
+    from transformers import AutoProcessor
+
+    from .errors import UserError
+    try:
+        return AutoProcessor.from_pretrained(model_path)
+    except Exception as e:
+        raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
+                        f"({str(e).splitlines()[0][:200]}); the folder needs the tokenizer and "
+                        "preprocessor_config.json of a Qwen2-VL checkpoint") from None
+
+
 def _check_file(path: str, kind: str) -> None:
     p = Path(path)
     if not p.exists():

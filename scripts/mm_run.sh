@@ -10,19 +10,13 @@
 # MASTER_ADDR and MASTER_PORT the same way on every node and run this script on each.
 # Re-running the same command with the same output_dir resumes: finished samples are reused.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 if [[ $# -lt 2 ]]; then
     echo "usage: bash scripts/mm_run.sh TASK MODEL [key=value ...]" >&2
     echo "tasks : $(cd "$repo/configs/task" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
     echo "models: $(cd "$repo/configs/model" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
     exit 2
 fi
-# The project's virtual environment if scripts/setup_env.sh made one, else the python on PATH.
-py=${MODELTEST_PYTHON:-}
-if [[ -z $py ]]; then
-    if [[ -x $repo/.venv/bin/python ]]; then py=$repo/.venv/bin/python; else py=python3; fi
-fi
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 tp=""; dp=""
 for arg in "${@:3}"; do

@@ -6,12 +6,7 @@
 # World size: --world_size N, else the number of devices in ASCEND_RT_VISIBLE_DEVICES /
 # CUDA_VISIBLE_DEVICES, else 1. N > 1 runs `torchrun --nproc_per_node N -m modeltest.run_pa ...`.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${MODELTEST_PYTHON:-}
-if [[ -z $py ]]; then
-    if [[ -x $repo/.venv/bin/python ]]; then py=$repo/.venv/bin/python; else py=python3; fi
-fi
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 world=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do

@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-import torch
-
 
 def case_messages(demo_root: Path) -> Dict[str, list]:
     img = demo_root / "textvqa" / "images"

@@ -1,5 +1,4 @@
 """The inference core against transformers' Qwen2-VL on the same weights (fp32, CPU)."""
-import json
 import shutil
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import all_inputs, make_request, run_cases
+from engine_helpers import all_inputs, make_request
 from modeltest.engine.engine import EngineConfig, LLMEngine
 from modeltest.engine.parallel import TPContext, head_layout
 from modeltest.errors import UserError

@@ -11,28 +11,11 @@ import threading
 import time
 from typing import List
 
-import torch
-
 from ..engine.engine import STOP_TOKEN_IDS, EngineConfig, LLMEngine, Request
 from ..engine.parallel import init_distributed
-from ..errors import UserError
-from ..media import build_messages, load_vision
+from ..media import load_processor, load_vision, prompt_text
 from ..tasks.base import Sample
 from .base import Backend, GenerationOutput, Prepared
-
-VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
-                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
-
-
-def load_processor(model_path: str):
-    from transformers import AutoProcessor
-    try:
-        return AutoProcessor.from_pretrained(model_path)
-    except Exception as e:
-        raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
-                        f"({str(e).splitlines()[0][:200]}); the folder needs the tokenizer and "
-                        "preprocessor_config.json of a Qwen2-VL checkpoint") from None
-
 
 class EngineBackend(Backend):
     name = "engine"
@@ -64,17 +47,11 @@ class EngineBackend(Backend):
             proc = self._local.processor = copy.deepcopy(self.processor)
         return proc
 
-    def prompt_text(self, sample: Sample, proc) -> str:
-        if self.model_cfg.use_chat_template:
-            return proc.apply_chat_template(build_messages(sample), tokenize=False, add_generation_prompt=True)
-        return (VISION_PLACEHOLDER["image"] * len(sample.images)
-                + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
-
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
         images, videos = load_vision(sample)
         proc = self._thread_processor()
-        text = self.prompt_text(sample, proc)
+        text = prompt_text(proc, sample, self.model_cfg.use_chat_template)
         inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")
         prepared = Prepared(sample=sample, text=text, preprocess_time=time.perf_counter() - start,
                             input_length=int(inputs["input_ids"].shape[1]))

@@ -9,14 +9,9 @@ from typing import List
 
 import torch
 
-from ..errors import UserError
-from ..media import build_messages, load_vision
+from ..media import load_processor, load_vision, prompt_text
 from ..tasks.base import Sample
 from .base import Backend, GenerationOutput, Prepared
-
-VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
-                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
-
 
 def device_for(device: str) -> torch.device:
     if device == "cpu":
@@ -30,15 +25,10 @@ class HFBackend(Backend):
 
     def __init__(self, model_cfg, device: str, data_type: str):
         super().__init__(model_cfg, device, data_type)
-        from transformers import AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
+        from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
         path = Path(model_cfg.model_path)
-        try:
-            self.processor = AutoProcessor.from_pretrained(path)
-        except Exception as e:
-            raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{path}' "
-                            f"({str(e).splitlines()[0][:200]}); the folder needs the tokenizer and "
-                            "preprocessor_config.json of a Qwen2-VL checkpoint") from None
+        self.processor = load_processor(str(path))
         # Left padding keeps every row's last prompt token at the end, so batching cannot change
         # what a row generates.
         self.processor.tokenizer.padding_side = "left"
@@ -57,17 +47,10 @@ class HFBackend(Backend):
         self.generation_config = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=self.stop_ids,
                                                   pad_token_id=self.pad_id)
 
-    def prompt_text(self, sample: Sample) -> str:
-        if self.model_cfg.use_chat_template:
-            return self.processor.apply_chat_template(build_messages(sample), tokenize=False,
-                                                      add_generation_prompt=True)
-        return (VISION_PLACEHOLDER["image"] * len(sample.images)
-                + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
-
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
         images, videos = load_vision(sample)
-        text = self.prompt_text(sample)
+        text = prompt_text(self.processor, sample, self.model_cfg.use_chat_template)
         return Prepared(sample=sample, text=text, images=images, videos=videos,
                         preprocess_time=time.perf_counter() - start,
                         input_length=self.count_input_tokens(text, images, videos))

@@ -5,8 +5,6 @@ import os
 from pathlib import Path
 from typing import Dict
 
-import torch
-
 from ..demo.tiny_model import QWEN2VL_VOCAB, TinyShape, build_tiny_qwen2vl
 
 # name -> (language model + vision shape, vocab). 2b and 7b are the published configs (FORMATS.md §8).

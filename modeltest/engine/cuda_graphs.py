@@ -59,7 +59,6 @@ class DecodeGraphs:
             lengths: List[int]) -> List[int]:
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
-        dev = self.ids.device
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)
         self.pos[:, :n].copy_(torch.tensor(pos).unsqueeze(0).expand(3, -1), non_blocking=True)
         self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)

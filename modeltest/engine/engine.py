@@ -14,8 +14,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Deque, Dict, List, Optional
+from typing import Deque, List, Optional
 
 import torch
 
@@ -237,7 +236,7 @@ class LLMEngine:
     # ---- model passes -------------------------------------------------------------------
     def _vision(self, reqs: List[Request]):
         """Vision embeddings for every image and video of `reqs`, in prompt order per kind."""
-        mc, dev = self.model_cfg, self.tp.device
+        dev = self.tp.device
         pixels, grids, kinds = [], [], []
         for attr, gattr, kind in (("pixel_values", "image_grid_thw", "image"),
                                   ("pixel_values_videos", "video_grid_thw", "video")):
@@ -254,14 +253,10 @@ class LLMEngine:
     @torch.inference_mode()
     def _prefill(self, reqs: List[Request]) -> None:
         start = time.perf_counter()
-        mc, dev, bs = self.model_cfg, self.tp.device, self.cfg.block_size
-        merge = mc.vision.spatial_merge_size
+        dev, bs = self.tp.device, self.cfg.block_size
         ids, positions, slots, lens = [], [], [], [0]
         for r in reqs:
-            if r.positions is None:
-                img = r.image_grid_thw.tolist() if r.image_grid_thw is not None else []
-                vid = r.video_grid_thw.tolist() if r.video_grid_thw is not None else []
-                r.positions, r.delta = rope_index(r.input_ids, img, vid, mc.image_token_id, mc.video_token_id, merge)
+            self._positions(r)
             ids += r.input_ids
             positions.append(r.positions)
             slots += slots_for(r.blocks, 0, len(r.input_ids), bs)
@@ -280,6 +275,15 @@ class LLMEngine:
             r.output_ids.append(int(t))
             r.prefill_time = now - start
             r.t_first_token = now
+
+    def _positions(self, r: Request) -> None:
+        """3-axis prompt positions and the decode delta of a request (computed once)."""
+        if r.positions is None:
+            mc = self.model_cfg
+            img = r.image_grid_thw.tolist() if r.image_grid_thw is not None else []
+            vid = r.video_grid_thw.tolist() if r.video_grid_thw is not None else []
+            r.positions, r.delta = rope_index(r.input_ids, img, vid, mc.image_token_id, mc.video_token_id,
+                                              mc.vision.spatial_merge_size)
 
     def _sample(self, reqs: List[Request], h: torch.Tensor) -> List[int]:
         if self.logits_hook is not None:
@@ -348,11 +352,8 @@ class LLMEngine:
         """Full-vocabulary logits [prompt_len, vocab] of one prompt (for checks against a reference)."""
         req.blocks = self.allocator.allocate(blocks_needed(len(req.input_ids) + req.max_new_tokens, self.cfg.block_size))
         try:
-            mc, dev = self.model_cfg, self.tp.device
-            img = req.image_grid_thw.tolist() if req.image_grid_thw is not None else []
-            vid = req.video_grid_thw.tolist() if req.video_grid_thw is not None else []
-            req.positions, req.delta = rope_index(req.input_ids, img, vid, mc.image_token_id, mc.video_token_id,
-                                                  mc.vision.spatial_merge_size)
+            dev = self.tp.device
+            self._positions(req)
             ids = torch.tensor(req.input_ids, device=dev)
             meta = AttnMetadata(prefill=True, slot_mapping=torch.tensor(
                 slots_for(req.blocks, 0, len(req.input_ids), self.cfg.block_size), device=dev),
