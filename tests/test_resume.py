@@ -139,3 +139,24 @@ def test_disk_full_is_a_clear_error_and_keeps_what_was_saved(demo, tmp_path, mon
                        show_progress=False).run()
     assert len(result.records) == 8
     assert json.loads(next((out / "results").rglob("*_summary.json")).read_text())["reused"] >= 2
+
+
+def test_two_nodes_on_one_machine(demo, tmp_path, reference):
+    """NNODES=2: two launches of mm_run.sh (node ranks 0 and 1) join one run of dp=2."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    procs = []
+    for node in (0, 1):
+        env = dict(os.environ, MODELTEST_PYTHON=sys.executable, NNODES="2", NODE_RANK=str(node),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl",
+                                       *overrides(demo, out, "dp=2", "tp=1")],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
+    assert {p.name for p in (out / "records").rglob("*.jsonl")} == {"records_dp0.jsonl", "records_dp1.jsonl"}
