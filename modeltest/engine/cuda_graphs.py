@@ -17,8 +17,11 @@ from .model import AttnMetadata
 
 class DecodeGraphs:
     def __init__(self, model, kv_cache: List[torch.Tensor], max_batch: int, width: int, block_size: int,
-                 scratch_block: int, device: torch.device):
+                 scratch_block: int, device: torch.device, compile_step: bool = False):
         self.model, self.kv_cache = model, kv_cache
+        # Optionally let torch.compile fuse the step's element-wise kernels (norms, rotary,
+        # softmax) before capture: fewer kernels per replay.
+        self._forward = torch.compile(self._eager_forward, dynamic=False) if compile_step else self._eager_forward
         self.width, self.bs, self.scratch = width, block_size, scratch_block
         self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_batch} | {max_batch})
         n = self.buckets[-1]
@@ -34,11 +37,14 @@ class DecodeGraphs:
         for b in reversed(self.buckets):      # largest first, so smaller graphs reuse its memory pool
             self._capture(b)
 
-    def _step(self, b: int) -> torch.Tensor:
-        mask = self.offs.unsqueeze(0) < self.lengths[:b].unsqueeze(1)
-        meta = AttnMetadata(prefill=False, slot_mapping=self.slots[:b], block_table=self.table[:b], context_mask=mask)
-        h = self.model(self.model.embed_inputs(self.ids[:b], None, None), self.pos[:, :b], meta, self.kv_cache)
+    def _eager_forward(self, ids, pos, slots, table, lengths) -> torch.Tensor:
+        mask = self.offs.unsqueeze(0) < lengths.unsqueeze(1)
+        meta = AttnMetadata(prefill=False, slot_mapping=slots, block_table=table, context_mask=mask)
+        h = self.model(self.model.embed_inputs(ids, None, None), pos, meta, self.kv_cache)
         return self.model.greedy(h)
+
+    def _step(self, b: int) -> torch.Tensor:
+        return self._forward(self.ids[:b], self.pos[:, :b], self.slots[:b], self.table[:b], self.lengths[:b])
 
     @torch.inference_mode()
     def _capture(self, b: int) -> None:

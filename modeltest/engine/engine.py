@@ -45,6 +45,8 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     # Replay decode steps as CUDA graphs (CUDA, one process). None: on where supported.
     cuda_graphs: Optional[bool] = None
+    # torch.compile the decode step before capturing it (experimental; MODELTEST_COMPILE=1).
+    compile_decode: bool = field(default_factory=lambda: os.environ.get("MODELTEST_COMPILE") == "1")
 
 
 @dataclass
@@ -124,7 +126,8 @@ class LLMEngine:
             from .cuda_graphs import DecodeGraphs
             width = blocks_needed(cfg.max_input_length + cfg.max_output_length, cfg.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.max_batch_size, width, cfg.block_size,
-                                       scratch_block=self.num_blocks, device=tp.device)
+                                       scratch_block=self.num_blocks, device=tp.device,
+                                       compile_step=cfg.compile_decode)
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
         self.rejected: List[Request] = []     # failed on arrival; reported by the next step()
