@@ -80,9 +80,20 @@ def _probe_video(path: str) -> Optional[str]:
     return None
 
 
+def require_qwen_vl_utils():
+    """Import qwen-vl-utils, or say in one line what is missing (usually a matching torchvision)."""
+    try:
+        from qwen_vl_utils import process_vision_info
+    except Exception as e:
+        from .errors import UserError
+        raise UserError(f"cannot import qwen-vl-utils ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+                        "install qwen-vl-utils and the torchvision that matches your torch") from None
+    return process_vision_info
+
+
 def load_vision(sample: Sample) -> Tuple[Optional[list], Optional[list]]:
     """(images, videos) as qwen-vl-utils returns them: resized PIL images and float frame tensors."""
-    from qwen_vl_utils import process_vision_info
+    process_vision_info = require_qwen_vl_utils()
 
     for path in sample.images:
         _check_file(path, "image")

@@ -13,7 +13,7 @@ from typing import List
 
 from ..engine.engine import STOP_TOKEN_IDS, EngineConfig, LLMEngine, Request
 from ..engine.parallel import init_distributed
-from ..media import load_processor, load_vision, prompt_text
+from ..media import load_processor, load_vision, prompt_text, require_qwen_vl_utils
 from ..tasks.base import Sample
 from .base import Backend, GenerationOutput, Prepared
 
@@ -23,6 +23,7 @@ class EngineBackend(Backend):
     def __init__(self, model_cfg, device: str, data_type: str, max_batch_size: int = 8,
                  max_input_length: int = 4096, max_output_length: int = 256, tp_ctx=None):
         super().__init__(model_cfg, device, data_type)
+        require_qwen_vl_utils()   # fail before loading weights, not on every sample
         self.processor = load_processor(model_cfg.model_path)
         self.tp = tp_ctx if tp_ctx is not None else init_distributed(device)
         self.engine = LLMEngine(EngineConfig(

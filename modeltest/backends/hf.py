@@ -9,7 +9,7 @@ from typing import List
 
 import torch
 
-from ..media import load_processor, load_vision, prompt_text
+from ..media import load_processor, load_vision, prompt_text, require_qwen_vl_utils
 from ..tasks.base import Sample
 from .base import Backend, GenerationOutput, Prepared
 
@@ -28,6 +28,7 @@ class HFBackend(Backend):
         from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
         path = Path(model_cfg.model_path)
+        require_qwen_vl_utils()   # fail before loading weights, not on every sample
         self.processor = load_processor(str(path))
         # Left padding keeps every row's last prompt token at the end, so batching cannot change
         # what a row generates.
