@@ -75,7 +75,8 @@ class EngineRunner:
             elapsed = time.perf_counter() - start
         bad = [r.error for r in reqs if r.error]
         if bad:
-            raise RuntimeError(f"engine request failed: {bad[0]}")
+            from ..errors import UserError
+            raise UserError(f"bench: an engine request failed ({bad[0]}); lower --image-size/--frames or --requests")
         decode = eng.step_times["decode"]
         return Measurement("engine", batch_size, elapsed, [r.output_ids for r in reqs],
                            [r.t_first_token - r.t_arrival for r in reqs],
