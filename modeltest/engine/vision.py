@@ -31,13 +31,28 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
 
 
 def varlen_attention(q, k, v, cu_seqlens, causal: bool = False):
-    """q, k, v: [N, H, d] packed sequences delimited by cu_seqlens -> [N, H, d]."""
+    """q, k, v: [N, H, d] packed sequences delimited by cu_seqlens -> [N, H, d].
+
+    Consecutive sequences of equal length (the frame pairs of a video, same-size images) go to
+    the kernel as one batch: fewer, larger calls (3x faster measured on CPU for 432-patch frames).
+    """
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        out[s:e] = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=causal
-        ).transpose(0, 1)
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    i = 0
+    while i < len(lengths):
+        j = i
+        while j + 1 < len(lengths) and lengths[j + 1] == lengths[i]:
+            j += 1
+        n, length, start = j - i + 1, lengths[i], bounds[i]
+        end = start + n * length
+        h, d = q.shape[1], q.shape[2]
+
+        def batch(x):   # [n*L, H, d] -> [n, H, L, d]
+            return x[start:end].view(n, length, h, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=causal)
+        out[start:end] = o.transpose(1, 2).reshape(n * length, h, d)
+        i = j + 1
     return out
 
 
