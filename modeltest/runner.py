@@ -229,6 +229,14 @@ class Evaluator:
                 finish(self.record(p.sample, out, err, p), p.sample)
             pending.clear()
 
+        streaming = hasattr(self.backend, "submit")
+
+        def drain(keep: int):
+            # Step the engine until at most `keep` requests are in it (deterministic on every rank).
+            while self.backend.pending() > keep:
+                for p, out in self.backend.step():
+                    finish(self.record(p.sample, None if out.error else out, out.error, p), p.sample)
+
         try:
             if mine:
                 for sample, prepared, error in prepared_stream([s for s, _ in mine], self.backend,
@@ -236,10 +244,16 @@ class Evaluator:
                     if prepared is None:
                         finish(self.record(sample, None, error, None), sample)
                         continue
+                    if streaming:
+                        self.backend.submit(prepared, n_new)
+                        drain(2 * cfg.run.batch_size - 1)   # keep a batch waiting behind the running one
+                        continue
                     pending.append(prepared)
                     if len(pending) >= cfg.run.batch_size:
                         flush()
-                if pending:
+                if streaming:
+                    drain(0)
+                elif pending:
                     flush()
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: {count} finished sample(s) of this run are saved in {store.folder}; "

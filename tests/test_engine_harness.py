@@ -25,3 +25,16 @@ def test_engine_and_hf_agree(demo, tmp_path, task):
         [(r.tasks, r.total, r.passed, r.value) for r in hf.rows]
     assert all(r["prefill_time"] is not None for r in engine.records)
     assert engine.paths.result_csv.read_text() == hf.paths.result_csv.read_text()
+
+
+def test_tensor_parallel_harness_run_matches_single_process(demo, tmp_path):
+    """bash scripts/mm_run.sh ... tp=2 (two gloo processes, streaming continuous batching)."""
+    from conftest import read_csv, read_debug, run_mm
+    common = [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}",
+              "task.subject_mapping=null", "batch_size=3", "max_output_length=6"]
+    run_mm("videobench", common + [f"output_dir={tmp_path / 'tp1'}"])
+    run_mm("videobench", common + [f"output_dir={tmp_path / 'tp2'}", "tp=2"])
+    one, two = read_csv(tmp_path / "tp1", "videobench"), read_csv(tmp_path / "tp2", "videobench")
+    assert two[1].name.endswith("_tp2_result.csv") and one[0] == two[0]
+    assert [(r["id"], r["output"]) for r in read_debug(tmp_path / "tp2", "videobench")] == \
+        [(r["id"], r["output"]) for r in read_debug(tmp_path / "tp1", "videobench")]

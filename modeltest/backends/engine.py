@@ -59,29 +59,43 @@ class EngineBackend(Backend):
         prepared.inputs = inputs
         return prepared
 
+    @staticmethod
+    def _request(rid, p: Prepared, max_new_tokens: int, ignore_eos: bool) -> Request:
+        inp = p.inputs
+        return Request(id=rid, input_ids=inp["input_ids"][0].tolist(), max_new_tokens=max_new_tokens,
+                       pixel_values=inp.get("pixel_values"), image_grid_thw=inp.get("image_grid_thw"),
+                       pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw"),
+                       ignore_eos=ignore_eos)
+
+    def _output(self, r: Request) -> GenerationOutput:
+        if r.error:
+            return GenerationOutput(text="", error=r.error, input_length=len(r.input_ids))
+        ids = list(r.output_ids)
+        if ids and not r.ignore_eos and ids[-1] in STOP_TOKEN_IDS:
+            ids = ids[:-1]
+        return GenerationOutput(text=self.processor.tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids,
+                                input_length=len(r.input_ids), e2e_time=r.e2e_time,
+                                prefill_time=r.prefill_time, decode_time=r.decode_time)
+
     def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
-        requests = []
-        for i, p in enumerate(batch):
-            inp = p.inputs
-            requests.append(Request(
-                id=i, input_ids=inp["input_ids"][0].tolist(), max_new_tokens=max_new_tokens,
-                pixel_values=inp.get("pixel_values"), image_grid_thw=inp.get("image_grid_thw"),
-                pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw"),
-                ignore_eos=ignore_eos))
+        requests = [self._request(i, p, max_new_tokens, ignore_eos) for i, p in enumerate(batch)]
         self.engine.generate(requests)
-        tok = self.processor.tokenizer
-        outputs = []
-        for r in requests:
-            if r.error:
-                outputs.append(GenerationOutput(text="", error=r.error, input_length=len(r.input_ids)))
-                continue
-            ids = list(r.output_ids)
-            if ids and not ignore_eos and ids[-1] in STOP_TOKEN_IDS:
-                ids = ids[:-1]
-            outputs.append(GenerationOutput(text=tok.decode(ids, skip_special_tokens=False), token_ids=ids,
-                                            input_length=len(r.input_ids), e2e_time=r.e2e_time,
-                                            prefill_time=r.prefill_time, decode_time=r.decode_time))
-        return outputs
+        return [self._output(r) for r in requests]
+
+    # ---- streaming: the harness keeps the engine fed, so a finished sequence's slot is refilled
+    # at once (continuous batching across the whole dataset) and each sample is saved as it ends.
+    def submit(self, prepared: Prepared, max_new_tokens: int) -> None:
+        self._inflight = getattr(self, "_inflight", {})
+        rid = id(prepared)
+        self._inflight[rid] = prepared
+        self.engine.add_request(self._request(rid, prepared, max_new_tokens, False))
+
+    def pending(self) -> int:
+        return len(getattr(self, "_inflight", {}))
+
+    def step(self):
+        """One engine pass; returns [(prepared, GenerationOutput)] for the requests that ended."""
+        return [(self._inflight.pop(r.id), self._output(r)) for r in self.engine.step()]
 
     def describe(self):
         d = super().describe()
