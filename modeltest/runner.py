@@ -160,7 +160,7 @@ class Evaluator:
             write_json(paths.config_json, config_record(cfg, {
                 "backend": self.backend.describe() if self.backend else None, "max_new_tokens": n_new,
                 "samples": len(samples), "tp": par.tp, "dp": par.dp}))
-        computed = self._compute(mine, store, par, n_new)
+        self._compute(mine, store, par, n_new)
         par.barrier()
         if not par.is_main:
             return RunResult(rows=[], records=[], paths=paths)
@@ -178,7 +178,7 @@ class Evaluator:
         write_json(paths.summary_json, {
             "task": cfg.task.task_name, "model_name": cfg.model.model_name,
             "rows": [r.__dict__ for r in rows], "samples": len(records),
-            "computed": len(todo), "reused": len(samples) - len(todo), "computed_by_rank0_replica": computed,
+            "computed": len(todo), "reused": len(samples) - len(todo),
             "errors": sum(1 for r in records if r["error"]),
             "unparsed": sum(1 for r in records if not r["error"] and r["prediction"] is None),
             "elapsed_s": round(elapsed, 3), "samples_per_s": round(len(todo) / elapsed, 4) if elapsed and todo else None,

@@ -33,6 +33,7 @@ class EngineBackend(Backend):
         # prepare() runs in worker threads; a fast tokenizer shared between threads can fail
         # ("Already borrowed"), so each thread gets its own processor copy.
         self._local = threading.local()
+        self._inflight = {}   # streaming: request id -> Prepared, while the engine holds it
 
     @property
     def rank(self) -> int:
@@ -85,13 +86,12 @@ class EngineBackend(Backend):
     # ---- streaming: the harness keeps the engine fed, so a finished sequence's slot is refilled
     # at once (continuous batching across the whole dataset) and each sample is saved as it ends.
     def submit(self, prepared: Prepared, max_new_tokens: int) -> None:
-        self._inflight = getattr(self, "_inflight", {})
         rid = id(prepared)
         self._inflight[rid] = prepared
         self.engine.add_request(self._request(rid, prepared, max_new_tokens, False))
 
     def pending(self) -> int:
-        return len(getattr(self, "_inflight", {}))
+        return len(self._inflight)
 
     def step(self):
         """One engine pass; returns [(prepared, GenerationOutput)] for the requests that ended."""

@@ -108,9 +108,7 @@ class LLMEngine:
             tune_cpu_allocator()
         self.model_cfg = Qwen2VLConfig.from_path(cfg.model_path)
         self.model = Qwen2VLModel(self.model_cfg, tp, cfg.dtype)
-        reader = CheckpointReader(cfg.model_path)
-        self.model.load(reader)
-        reader.close()
+        self.model.load(CheckpointReader(cfg.model_path))
         self.model.eval()
         mc = self.model_cfg
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)

@@ -92,9 +92,6 @@ class CheckpointReader:
                 parts.append(sl[:, b[0]:b[1]])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def close(self) -> None:
-        pass
-
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
