@@ -47,6 +47,9 @@ class EngineConfig:
     cuda_graphs: Optional[bool] = None
     # torch.compile the decode step before capturing it (experimental; MODELTEST_COMPILE=1).
     compile_decode: bool = field(default_factory=lambda: os.environ.get("MODELTEST_COMPILE") == "1")
+    # Greedy argmax through an int8 screen of the LM head (exact result, 1/4 of the head's DRAM
+    # traffic; engine/argmax_screen.py). None: on for CPU. Costs an int8 copy of the head.
+    argmax_screen: Optional[bool] = None
 
 
 @dataclass
@@ -110,6 +113,8 @@ class LLMEngine:
         self.model = Qwen2VLModel(self.model_cfg, tp, cfg.dtype)
         self.model.load(CheckpointReader(cfg.model_path))
         self.model.eval()
+        if cfg.argmax_screen if cfg.argmax_screen is not None else tp.device.type == "cpu":
+            self.model.enable_argmax_screen()
         mc = self.model_cfg
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
         self.num_blocks = self._cache_blocks(per_token)

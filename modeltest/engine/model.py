@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2VLConfig
+from .argmax_screen import Int8ArgmaxScreen
 from .layers import ColumnLinear, LMHead, RMSNorm, RowLinear, VocabEmbedding
 from .loader import CheckpointReader, set_param
 from .parallel import HeadLayout, TPContext, head_layout, split_range
@@ -137,6 +138,14 @@ class Qwen2VLModel(nn.Module):
                               tied=self.embed if cfg.tie_word_embeddings else None)
         self.visual = VisionTower(cfg.vision, tp, dtype, device)
         self.rope = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, device)
+        self.argmax_screen: Optional[Int8ArgmaxScreen] = None
+
+    def enable_argmax_screen(self) -> bool:
+        """Screen greedy argmaxes with an int8 copy of the LM head (CPU; see argmax_screen.py).
+        Call after load(). Returns whether the screen is in use."""
+        if self.lm_head.valid > 0 and Int8ArgmaxScreen.supported(self.lm_head.weight):
+            self.argmax_screen = Int8ArgmaxScreen(self.lm_head.weight.data, self.lm_head.valid)
+        return self.argmax_screen is not None
 
     def load(self, r: CheckpointReader) -> None:
         rows = range(self.embed.start, min(self.embed.start + self.embed.local, self.cfg.vocab_size))
@@ -172,8 +181,10 @@ class Qwen2VLModel(nn.Module):
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """[B, hidden] -> [B] argmax token ids without gathering the whole vocabulary: each rank
         sends its best (value, id); the first maximum wins, as a full argmax would pick it."""
-        logits = self.lm_head(h).float()
-        best, idx = logits.max(dim=-1)
+        if self.argmax_screen is not None:
+            best, idx = self.argmax_screen.argmax(h)
+        else:
+            best, idx = self.lm_head(h).float().max(dim=-1)
         if self.tp.world_size == 1:
             return idx
         idx = idx + self.lm_head.start
