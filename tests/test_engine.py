@@ -96,6 +96,31 @@ def test_continuous_batching_and_small_blocks_give_the_same_tokens(demo, odd_mod
     assert engine.allocator.num_free == engine.num_blocks
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_packed_weights_match_plain_weights(demo, dtype):
+    """CPU engines pack linear weights for oneDNN by default; the plain path (F.linear, what GPUs
+    run) must agree with it on logits and greedy tokens."""
+    from transformers import AutoProcessor
+    from modeltest.engine.layers import _Linear, onednn_packing_works
+    if not onednn_packing_works(dtype):
+        pytest.skip(f"this PyTorch build cannot pack {dtype} weights for oneDNN")
+    inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
+    packed = make_engine(demo.model, dtype=dtype)
+    plain = make_engine(demo.model, dtype=dtype, onednn_weights=False)
+    linears = [m for m in packed.model.modules() if isinstance(m, _Linear)]
+    assert linears and all(m.packed is not None for m in linears)
+    assert not any(m.packed for m in plain.model.modules() if isinstance(m, _Linear))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, inp in inputs.items():
+        a = packed.prompt_logits(make_request(name, inp, 6))
+        b = plain.prompt_logits(make_request(name, inp, 6))
+        assert (a - b).abs().max().item() < tol, name
+    reqs = {e: [make_request(n, i, 6) for n, i in inputs.items()] for e in ("packed", "plain")}
+    packed.generate(reqs["packed"])
+    plain.generate(reqs["plain"])
+    assert [r.output_ids for r in reqs["packed"]] == [r.output_ids for r in reqs["plain"]]
+
+
 def test_over_long_request_fails_alone(demo):
     from transformers import AutoProcessor
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)

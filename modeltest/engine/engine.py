@@ -47,9 +47,9 @@ class EngineConfig:
     cuda_graphs: Optional[bool] = None
     # torch.compile the decode step before capturing it (experimental; MODELTEST_COMPILE=1).
     compile_decode: bool = field(default_factory=lambda: os.environ.get("MODELTEST_COMPILE") == "1")
-    # Greedy argmax through an int8 screen of the LM head (exact result, 1/4 of the head's DRAM
-    # traffic; engine/argmax_screen.py). None: on for CPU. Costs an int8 copy of the head.
-    argmax_screen: Optional[bool] = None
+    # Pack linear weights into oneDNN's blocked layout (CPU; engine/layers.py says why).
+    # None: on for CPU where this PyTorch build supports it for the dtype.
+    onednn_weights: Optional[bool] = None
 
 
 @dataclass
@@ -111,10 +111,9 @@ class LLMEngine:
             tune_cpu_allocator()
         self.model_cfg = Qwen2VLConfig.from_path(cfg.model_path)
         self.model = Qwen2VLModel(self.model_cfg, tp, cfg.dtype)
-        self.model.load(CheckpointReader(cfg.model_path))
+        pack = cfg.onednn_weights if cfg.onednn_weights is not None else tp.device.type == "cpu"
+        self.model.load(CheckpointReader(cfg.model_path), pack_for_cpu=pack)
         self.model.eval()
-        if cfg.argmax_screen if cfg.argmax_screen is not None else tp.device.type == "cpu":
-            self.model.enable_argmax_screen()
         mc = self.model_cfg
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
         self.num_blocks = self._cache_blocks(per_token)

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2VLConfig
-from .argmax_screen import Int8ArgmaxScreen
-from .layers import ColumnLinear, LMHead, RMSNorm, RowLinear, VocabEmbedding
+from .layers import _Linear, ColumnLinear, LMHead, RMSNorm, RowLinear, VocabEmbedding
 from .loader import CheckpointReader, set_param
 from .parallel import HeadLayout, TPContext, head_layout, split_range
 from .rope import MRoPE, apply_rope
@@ -124,6 +123,10 @@ class DecoderLayer(nn.Module):
         self.mlp.load(r, f"{p}.mlp")
 
 
+def _pack(module: nn.Module) -> int:
+    return sum(m.pack_for_cpu() for m in module.modules() if isinstance(m, _Linear))
+
+
 class Qwen2VLModel(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig, tp: TPContext, dtype: torch.dtype):
         super().__init__()
@@ -138,26 +141,37 @@ class Qwen2VLModel(nn.Module):
                               tied=self.embed if cfg.tie_word_embeddings else None)
         self.visual = VisionTower(cfg.vision, tp, dtype, device)
         self.rope = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, device)
-        self.argmax_screen: Optional[Int8ArgmaxScreen] = None
 
-    def enable_argmax_screen(self) -> bool:
-        """Screen greedy argmaxes with an int8 copy of the LM head (CPU; see argmax_screen.py).
-        Call after load(). Returns whether the screen is in use."""
-        if self.lm_head.valid > 0 and Int8ArgmaxScreen.supported(self.lm_head.weight):
-            self.argmax_screen = Int8ArgmaxScreen(self.lm_head.weight.data, self.lm_head.valid)
-        return self.argmax_screen is not None
-
-    def load(self, r: CheckpointReader) -> None:
+    def _vocab_blocks(self):
         rows = range(self.embed.start, min(self.embed.start + self.embed.local, self.cfg.vocab_size))
         pad = self.embed.local - len(rows)
-        blocks = [(rows.start, rows.stop)] + ([None] if pad else [])
+        return [(rows.start, rows.stop)] + ([None] if pad else []), pad
+
+    def _load_embedding(self, r: CheckpointReader) -> None:
+        blocks, pad = self._vocab_blocks()
         set_param(self.embed.weight, r.rows("model.embed_tokens.weight", blocks, pad))
+
+    def load(self, r: CheckpointReader, pack_for_cpu: bool = False) -> None:
+        """Load this rank's weights; with pack_for_cpu, put every linear weight into oneDNN's
+        layout as it arrives (layers.py says why), so the load never holds two copies of much.
+
+        A tied embedding table stays plain for lookups. Packing the head reads all of it, so it
+        is mapped afresh right after (only looked-up rows come back into memory), and before
+        any layer is loaded: the peak stays near one shard."""
+        self._load_embedding(r)
         if not self.cfg.tie_word_embeddings:
+            blocks, pad = self._vocab_blocks()
             set_param(self.lm_head.weight, r.rows("lm_head.weight", blocks, pad))
+        if pack_for_cpu and self.lm_head.pack_for_cpu() and self.cfg.tie_word_embeddings:
+            self._load_embedding(r)
         for i, layer in enumerate(self.layers):
             layer.load(r, f"model.layers.{i}")
+            if pack_for_cpu:
+                _pack(layer)
         set_param(self.norm.weight, r.full("model.norm.weight"))
         self.visual.load(r, "visual")
+        if pack_for_cpu:
+            _pack(self.visual)
 
     def embed_inputs(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor],
                      vision_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -181,10 +195,7 @@ class Qwen2VLModel(nn.Module):
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """[B, hidden] -> [B] argmax token ids without gathering the whole vocabulary: each rank
         sends its best (value, id); the first maximum wins, as a full argmax would pick it."""
-        if self.argmax_screen is not None:
-            best, idx = self.argmax_screen.argmax(h)
-        else:
-            best, idx = self.lm_head(h).float().max(dim=-1)
+        best, idx = self.lm_head(h).float().max(dim=-1)
         if self.tp.world_size == 1:
             return idx
         idx = idx + self.lm_head.start
