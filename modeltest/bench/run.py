@@ -55,15 +55,6 @@ def _size(text: str, flag: str):
         raise UserError(f"{flag} {text!r}: expected WxH, e.g. 448x336") from None
 
 
-def lm_bytes(model) -> int:
-    """Bytes of the language model's weights (what one decode step must read)."""
-    total = 0
-    for name, p in model.named_parameters():
-        if not name.startswith("visual"):
-            total += p.numel() * p.element_size()
-    return total
-
-
 def main(args) -> int:
     from ..device import resolve_device
     from transformers import AutoProcessor
@@ -99,8 +90,8 @@ def main(args) -> int:
                 print(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, args.preset)['samples_per_s']} samples/s",
                       flush=True)
         if backend == "engine":
-            bytes_lm = lm_bytes(runner.engine.model)
-            shard_mb = sum(p.numel() * p.element_size() for p in runner.engine.model.parameters()) / 2**20
+            bytes_lm = runner.engine.model.decode_weight_bytes()
+            shard_mb = runner.engine.model.shard_bytes / 2**20
         del runner
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -270,9 +270,9 @@ class LLMEngine:
         x = self._embed_with_vision(input_ids, reqs)
         meta = AttnMetadata(prefill=True, slot_mapping=torch.tensor(slots, device=dev),
                             cu_seqlens=torch.tensor(lens, device=dev))
-        h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache)
         last = torch.tensor(lens[1:], device=dev) - 1
-        next_ids = self._sample(reqs, h[last])
+        h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache, keep=last)
+        next_ids = self._sample(reqs, h)
         _sync(dev)
         now = time.perf_counter()
         self.step_times["prefill"].append(now - start)

@@ -54,7 +54,7 @@ class Attention(nn.Module):
         self.qkv = ColumnLinear(cfg.hidden_size, (self.nq + 2 * self.nkv) * self.hd, True, dtype, device)
         self.o_proj = RowLinear(self.nq * self.hd, cfg.hidden_size, False, tp, dtype, device)
 
-    def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache):
+    def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache, keep=None):
         t = x.shape[0]
         q, k, v = self.qkv(x).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = apply_rope(q.view(t, self.nq, self.hd), cos, sin)          # [T, nq, hd]
@@ -73,7 +73,8 @@ class Attention(nn.Module):
             keys = k_cache.view(-1, bs, self.nkv, self.hd)[meta.block_table].view(b, nb * bs, self.nkv, self.hd)
             vals = v_cache.view(-1, bs, self.nkv, self.hd)[meta.block_table].view(b, nb * bs, self.nkv, self.hd)
             out = decode_attention(q, keys, vals, meta.context_mask, group)
-        return self.o_proj(out.reshape(t, self.nq * self.hd))
+        out = out.reshape(t, self.nq * self.hd)
+        return self.o_proj(out if keep is None else out[keep])
 
     def load(self, r: CheckpointReader, p: str):
         hd = self.hd
@@ -112,8 +113,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, tp, dtype, device)
 
-    def forward(self, x, cos, sin, meta, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+    def forward(self, x, cos, sin, meta, k_cache, v_cache, keep=None):
+        # keep: rows whose output is needed (None: all). Every row's K/V still goes to the cache.
+        a = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache, keep)
+        x = (x if keep is None else x[keep]) + a
         return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
     def load(self, r, p):
@@ -141,6 +144,17 @@ class Qwen2VLModel(nn.Module):
                               tied=self.embed if cfg.tie_word_embeddings else None)
         self.visual = VisionTower(cfg.vision, tp, dtype, device)
         self.rope = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, device)
+        # This rank's slice of the checkpoint, from the shapes (packing changes what is held).
+        self.shard_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of the weights one decode step reads: every layer, the final norm and the LM
+        head, plain or packed (the embedding table is only indexed, the vision tower idle)."""
+        def held(m: nn.Module) -> int:   # m's own weights, not its children's (the tied table)
+            n = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+            return n + sum(t.numel() * t.element_size() for t in (getattr(m, "packed", None) or []))
+        return (sum(held(m) for layer in self.layers for m in layer.modules())
+                + held(self.norm) + held(self.lm_head))
 
     def _vocab_blocks(self):
         rows = range(self.embed.start, min(self.embed.start + self.embed.local, self.cfg.vocab_size))
@@ -181,11 +195,15 @@ class Qwen2VLModel(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_cache: List[torch.Tensor]) -> torch.Tensor:
-        # x: [T, hidden] embeddings; positions: [3, T]; returns final-norm hidden states [T, hidden]
+                kv_cache: List[torch.Tensor], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [T, hidden] embeddings; positions: [3, T] -> final-norm hidden states [T, hidden],
+        or [len(keep), hidden] for the rows in `keep` only. A prefill needs just each prompt's
+        last row: the last layer then runs its output projection and MLP on those rows alone
+        (the cache only needs that layer's K/V, which come before them)."""
         cos, sin = self.rope.cos_sin(positions, x.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, kv_cache[2 * i], kv_cache[2 * i + 1])
+            x = layer(x, cos, sin, meta, kv_cache[2 * i], kv_cache[2 * i + 1], keep if i == last else None)
         return self.norm(x)
 
     def full_logits(self, h: torch.Tensor) -> torch.Tensor:
