@@ -53,6 +53,32 @@ def test_token_mismatch_is_reported_and_fails(bench_cache, tmp_path, monkeypatch
     assert report["mismatches"][0]["request"] == 0
 
 
+def test_repeats_keep_the_median_run_and_must_agree(bench_cache, tmp_path, monkeypatch):
+    from modeltest.bench import runners
+    out = tmp_path / "b.json"
+    rc = run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "2", "--batch-sizes", "1",
+                    "--new-tokens", "3", "--dtype", "fp32", "--repeats", "3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["tokens_match"] is True and report["repeats"] == 3
+
+    # A backend whose repeats disagree (nondeterminism) fails the run even if one repeat matches.
+    original, calls = runners.EngineRunner.run, []
+
+    def flaky(self, inputs, new_tokens, batch_size):
+        m = original(self, inputs, new_tokens, batch_size)
+        calls.append(1)
+        if len(calls) == 3:
+            m.tokens[1] = [t + 1 for t in m.tokens[1]]
+        return m
+
+    monkeypatch.setattr(runners.EngineRunner, "run", flaky)
+    rc = run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "2", "--batch-sizes", "1",
+                    "--new-tokens", "3", "--dtype", "fp32", "--repeats", "3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 1 and report["tokens_match"] is False
+    assert report["mismatches"][0]["problem"] == "tokens differ between repeats"
+
+
 def test_low_precision_runs_check_tokens_in_fp32(bench_cache, tmp_path):
     out = tmp_path / "b.json"
     rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1",
