@@ -109,7 +109,7 @@ def test_onednn_packed_weights_match_plain_weights(demo, dtype):
     plain = make_engine(demo.model, dtype=dtype, onednn_weights=False)
     linears = [m for m in packed.model.modules() if isinstance(m, _Linear)]
     assert linears and all(m.packed is not None for m in linears)
-    assert not any(m.packed for m in plain.model.modules() if isinstance(m, _Linear))
+    assert not any(m.packed is not None for m in plain.model.modules() if isinstance(m, _Linear))
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for name, inp in inputs.items():
         a = packed.prompt_logits(make_request(name, inp, 6))

@@ -7,7 +7,7 @@ masked lookups; the LM head returns this rank's slice of the logits.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,19 +45,15 @@ def onednn_packing_works(dtype: torch.dtype) -> bool:
 class _Linear(nn.Module):
     """A weight that is either plain ([out, in], for F.linear) or packed for oneDNN (CPU)."""
 
-    # Packed pieces of the weight, split by output rows: reordering a large weight (an LM head)
-    # in one call briefly holds a second copy, so the load's peak memory would exceed a shard.
-    packed: Optional[List[torch.Tensor]] = None
-    PACK_CHUNK_ELEMENTS = 1 << 25
+    packed: Optional[torch.Tensor] = None
 
     def pack_for_cpu(self) -> bool:
         """Reorder the weight into oneDNN's layout and drop the plain copy. Call after loading."""
         w = self.weight
         if w.device.type != "cpu" or self.packed is not None or not onednn_packing_works(w.dtype):
             return False
-        rows = max(1, self.PACK_CHUNK_ELEMENTS // max(1, w.shape[1]))
-        self.packed = [torch.ops.mkldnn._reorder_linear_weight(part.contiguous(), 8)
-                       for part in w.data.split(rows)]
+        # The batch-size hint (8) only picks the blocking; any number of rows works afterwards.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.data.contiguous(), 8)
         # Release the plain weight (often a page-mapped view of the checkpoint): one copy stays.
         self.weight = _param((0,), w.dtype, w.device)
         return True
@@ -65,10 +61,7 @@ class _Linear(nn.Module):
     def _matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, bias)
-        if len(self.packed) == 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed[0], bias, "none", [], "")
-        assert bias is None, "a chunked weight is packed without its bias"
-        return torch.cat([torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in self.packed], dim=-1)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
 class ColumnLinear(_Linear):

@@ -152,7 +152,8 @@ class Qwen2VLModel(nn.Module):
         head, plain or packed (the embedding table is only indexed, the vision tower idle)."""
         def held(m: nn.Module) -> int:   # m's own weights, not its children's (the tied table)
             n = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-            return n + sum(t.numel() * t.element_size() for t in (getattr(m, "packed", None) or []))
+            packed = getattr(m, "packed", None)
+            return n + (packed.numel() * packed.element_size() if packed is not None else 0)
         return (sum(held(m) for layer in self.layers for m in layer.modules())
                 + held(self.norm) + held(self.lm_head))
 
