@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: set up .venv, then run pytest.
+# The whole test suite, from a fresh clone: set up .venv, run pytest; then, with no arguments,
+# run the transformers-facing tests again with transformers 5 (.venv-t5, see
+# scripts/setup_compat_env.sh). Arguments go to the first pytest run only (and skip the second).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/scripts/setup_env.sh"
 cd "$repo"
-exec "$repo/.venv/bin/python" -m pytest -q "$@"
+"$repo/.venv/bin/python" -m pytest -q "$@"
+if [[ $# -eq 0 && ${MODELTEST_SKIP_T5:-0} != 1 ]]; then
+    bash "$repo/scripts/setup_compat_env.sh"
+    echo "[test] the transformers-facing tests again, with transformers 5"
+    "$repo/.venv-t5/bin/python" -m pytest -q \
+        tests/test_engine.py::test_matches_transformers_logits_and_greedy_tokens \
+        tests/test_engine.py::test_newer_checkpoint_naming_loads \
+        tests/test_prompt_golden.py tests/test_bench.py tests/test_batch_invariance.py \
+        tests/test_end_to_end.py tests/test_engine_harness.py tests/test_run_pa.py
+fi

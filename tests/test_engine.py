@@ -39,18 +39,27 @@ def processor(model_path):
     return AutoProcessor.from_pretrained(model_path)
 
 
+def hf_prefill_positions(hf, inp) -> dict:
+    """transformers 4.x's plain forward numbers the prompt 1-D unless given the 3-axis M-RoPE
+    positions (generate computes them); 5.x computes them in forward itself."""
+    if not hasattr(hf, "get_rope_index"):
+        return {}
+    pos, _ = hf.get_rope_index(inp["input_ids"], inp.get("image_grid_thw"), inp.get("video_grid_thw"),
+                               inp["attention_mask"])
+    return {"position_ids": pos}
+
+
 def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, demo):
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    from modeltest.backends.hf import dtype_kwarg
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(torch.float32)).eval()
     engine = make_engine(model_path)
     steps = {}
     engine.logits_hook = lambda reqs, logits: [steps.setdefault(r.id, []).append(l) for r, l in zip(reqs, logits)]
     n_new = 8
     for name, inp in all_inputs(processor, demo.root).items():
         with torch.no_grad():
-            pos, _ = hf.get_rope_index(inp["input_ids"], inp.get("image_grid_thw"), inp.get("video_grid_thw"),
-                                       inp["attention_mask"])
-            ref = hf(**inp, position_ids=pos).logits[0].float()
+            ref = hf(**inp, **hf_prefill_positions(hf, inp)).logits[0].float()
             gen = hf.generate(**inp, generation_config=GenerationConfig(do_sample=False, max_new_tokens=n_new,
                                                                         eos_token_id=None, pad_token_id=151643),
                               output_scores=True, return_dict_in_generate=True)

@@ -20,6 +20,13 @@ def device_for(device: str) -> torch.device:
     return torch.device(device, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """from_pretrained's dtype argument: `torch_dtype` up to transformers 4.x (which ignores an
+    unknown `dtype`), `dtype` from 5 (which deprecates `torch_dtype`)."""
+    import transformers
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
 class HFBackend(Backend):
     name = "hf"
 
@@ -34,7 +41,7 @@ class HFBackend(Backend):
         # what a row generates.
         self.processor.tokenizer.padding_side = "left"
         self.torch_device = device_for(device)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, torch_dtype=self.dtype)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, **dtype_kwarg(self.dtype))
         self.model.to(self.torch_device).eval()
         tok = self.processor.tokenizer
         self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"),

@@ -102,13 +102,16 @@ class HFRunner:
 
     def __init__(self, model_path, dtype, device: str):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from ..backends.hf import dtype_kwarg
         self.device = torch.device(device if device == "cpu" else f"{device}:0")
         with PeakRSS() as mem:
-            self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype)
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(dtype))
             self.model.to(self.device).eval()
         self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
         self.pad_id = AutoProcessor.from_pretrained(model_path).tokenizer.pad_token_id or 151643
-        self.vision = VisionTimer(self.model.visual, self.device)
+        # transformers 5 moved the vision tower under .model
+        visual = getattr(self.model, "visual", None) or self.model.model.visual
+        self.vision = VisionTimer(visual, self.device)
 
     def collate(self, batch: List[dict]) -> dict:
         """Left-pad input_ids, build the attention mask, concatenate the vision tensors."""
@@ -120,6 +123,14 @@ class HFRunner:
             ids[i, length - n:] = x["input_ids"][0]
             mask[i, length - n:] = 1
         out = {"input_ids": ids, "attention_mask": mask}
+        # Other per-token inputs (transformers 5's `mm_token_type_ids`, which its M-RoPE needs)
+        # are left-padded with zeros the same way.
+        for key in sorted(set().union(*batch) - {"input_ids", "attention_mask"}):
+            if all(key in x and x[key].shape == x["input_ids"].shape for x in batch):
+                t = torch.zeros((len(batch), length), dtype=batch[0][key].dtype)
+                for i, x in enumerate(batch):
+                    t[i, length - x[key].shape[1]:] = x[key][0]
+                out[key] = t
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
             parts = [x[key] for x in batch if key in x]
             if parts:

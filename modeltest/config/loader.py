@@ -118,7 +118,9 @@ def resolve_data_type(model: ModelConfig) -> str:
         return model.data_type
     cfg_path = Path(model.model_path) / "config.json"
     try:
-        torch_dtype = json.loads(cfg_path.read_text()).get("torch_dtype", "bfloat16")
+        raw = json.loads(cfg_path.read_text())
+        # transformers 5 writes `dtype` where 4.x wrote `torch_dtype`.
+        torch_dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{cfg_path}: cannot read torch_dtype ({e}); fix the file or set model.data_type") from None
     if torch_dtype not in TORCH_DTYPE_TO_DATA_TYPE:

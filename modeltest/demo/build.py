@@ -13,7 +13,7 @@ from ..config.loader import default_config_dir
 from .datasets import build_textvqa, build_videobench
 from .tiny_model import build_tiny_qwen2vl
 
-DEMO_VERSION = 1  # bump when what is built changes, so an old demo folder is rebuilt
+DEMO_VERSION = 2  # bump when what is built changes, so an old demo folder is rebuilt
 
 
 @dataclass

@@ -34,6 +34,23 @@ ODD_HEADS = TinyShape(hidden_size=96, intermediate_size=192, num_attention_heads
                       mrope_section=[2, 3, 3], vision_embed_dim=64, vision_num_heads=4, tie_word_embeddings=False)
 
 
+@torch.no_grad()
+def _initialise(model, seed: int) -> None:
+    """Our own initialisation, so the weights depend on the seed only: transformers' init draws
+    in a different order from version to version (4.46 and 5.x give different models for one
+    seed). Matrices ~ N(0, 1/fan_in) (LeCun: activations keep their scale through the layers, so
+    a tiny random model still gives different answers to different prompts), norm scales 1,
+    biases 0."""
+    from ..engine.loader import canonical_name   # the same order whatever the version's names
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted((canonical_name(n), p) for n, p in model.named_parameters()):
+        if p.ndim == 1:
+            p.fill_(0.0 if name.endswith("bias") else 1.0)
+        else:
+            fan_in = p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * fan_in ** -0.5)
+
+
 def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0,
                        vocab_size: int = QWEN2VL_VOCAB) -> Path:
     """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
@@ -58,14 +75,22 @@ def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int 
     torch.manual_seed(seed)
     dtype = getattr(torch, shape.torch_dtype)
     # Initialise directly in the target dtype: a 7B model in fp32 would need 30 GB of host memory.
-    model = Qwen2VLForConditionalGeneration._from_config(config, torch_dtype=dtype).eval()
+    from ..backends.hf import dtype_kwarg
+    model = Qwen2VLForConditionalGeneration._from_config(config, **dtype_kwarg(dtype)).eval()
+    _initialise(model, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
 
     write_qwen2vl_tokenizer(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     image_processor = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
+    extra = {}
+    try:   # transformers >= 4.52 has a separate video processor (required from 5.0)
+        from transformers import Qwen2VLVideoProcessor
+        extra["video_processor"] = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
+    except ImportError:
+        pass
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 chat_template=QWEN2VL_CHAT_TEMPLATE)
+                                 chat_template=QWEN2VL_CHAT_TEMPLATE, **extra)
     processor.save_pretrained(out_dir)
     return out_dir
