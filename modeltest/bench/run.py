@@ -204,7 +204,9 @@ def print_report(report: dict) -> None:
     from termcolor import colored
     cols = ["backend", "workload", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms",
             "decode_ms_per_token", "vision_ms", "peak_host_mb", "peak_device_mb"]
-    print(colored(f"\npreset {report['preset']} | {report['device']} | {report['dtype']}", "cyan", attrs=["bold"]))
+    repeats = report.get("repeats", 1)
+    timing = f" | median of {repeats} runs each" if repeats > 1 else ""
+    print(colored(f"\npreset {report['preset']} | {report['device']} | {report['dtype']}{timing}", "cyan", attrs=["bold"]))
     print(tabulate([[r[c] for c in cols] for r in report["results"]], headers=cols, tablefmt="github"))
     if report["ratios"]:
         rcols = ["workload", "engine_batch_size", "hf_batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
