@@ -34,6 +34,14 @@ ODD_HEADS = TinyShape(hidden_size=96, intermediate_size=192, num_attention_heads
                       mrope_section=[2, 3, 3], vision_embed_dim=64, vision_num_heads=4, tie_word_embeddings=False)
 
 
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights       # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights       # transformers 4
+    return no_init_weights()
+
+
 @torch.no_grad()
 def _initialise(model, seed: int) -> None:
     """Our own initialisation, so the weights depend on the seed only: transformers' init draws
@@ -72,11 +80,13 @@ def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int 
         bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,
         vision_token_id=151654, image_token_id=151655, video_token_id=151656, torch_dtype=shape.torch_dtype,
     )
-    torch.manual_seed(seed)
     dtype = getattr(torch, shape.torch_dtype)
-    # Initialise directly in the target dtype: a 7B model in fp32 would need 30 GB of host memory.
+    # Allocate directly in the target dtype (a 7B model in fp32 would need 30 GB of host memory)
+    # and skip transformers' own initialisation: _initialise overwrites every parameter.
     from ..backends.hf import dtype_kwarg
-    model = Qwen2VLForConditionalGeneration._from_config(config, **dtype_kwarg(dtype)).eval()
+    with _no_init_weights():
+        model = Qwen2VLForConditionalGeneration._from_config(config, **dtype_kwarg(dtype)).eval()
+    model.tie_weights()   # transformers 5 leaves tying to the skipped initialisation
     _initialise(model, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
