@@ -9,6 +9,10 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 base=${MODELTEST_VENV:-$repo/.venv}
 venv=$repo/.venv-t5
 version=5.24.0
+if [[ ! -x $base/bin/python ]]; then
+    echo "[setup-t5] error: no Python environment at $base; run bash scripts/setup_env.sh first" >&2
+    exit 2
+fi
 
 if [[ ! -x $venv/bin/python ]]; then
     echo "[setup-t5] creating $venv on top of $base"

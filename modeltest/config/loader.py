@@ -119,12 +119,13 @@ def resolve_data_type(model: ModelConfig) -> str:
     cfg_path = Path(model.model_path) / "config.json"
     try:
         raw = json.loads(cfg_path.read_text())
-        # transformers 5 writes `dtype` where 4.x wrote `torch_dtype`.
-        torch_dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{cfg_path}: cannot read torch_dtype ({e}); fix the file or set model.data_type") from None
+    # transformers 5 writes `dtype` where 4.x wrote `torch_dtype`.
+    key = "torch_dtype" if raw.get("torch_dtype") else "dtype"
+    torch_dtype = raw.get(key) or "bfloat16"
     if torch_dtype not in TORCH_DTYPE_TO_DATA_TYPE:
-        raise UserError(f"{cfg_path}: torch_dtype '{torch_dtype}' is not one of "
+        raise UserError(f"{cfg_path}: {key} '{torch_dtype}' is not one of "
                         f"{', '.join(TORCH_DTYPE_TO_DATA_TYPE)}; fix it or set model.data_type=bf16|fp16|fp32")
     return TORCH_DTYPE_TO_DATA_TYPE[torch_dtype]
 
