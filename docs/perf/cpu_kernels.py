@@ -1,0 +1,101 @@
+"""The CPU kernel figures quoted in docs/PERFORMANCE.md, reproducible:
+
+    python docs/perf/cpu_kernels.py            # ~2 minutes on 2 cores
+    python docs/perf/cpu_kernels.py --flex     # also torch.compile(flex_attention) (~20 s compile)
+
+1. GEMMs of a `mid` decode step (weights bigger than the caches, read once per call):
+   F.linear on the plain weight vs oneDNN on the packed weight, batch 1 and 8.
+2. Vision-tower GEMM throughput at textvqa batch shape (8 images x 768 patches).
+3. Attention: the vision tower's (8 images x 10 heads x 768 patches) and the language model's
+   prefill (8 x 12 heads x 490 tokens, causal vs not) in PyTorch's CPU SDPA kernel.
+4. A whole engine decode step on the `mid` checkpoint, packed vs plain weights (median of 40).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def ms(fn, n=5):
+    fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def packed_linear(w):
+    p = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+
+def gemms():
+    bf = torch.bfloat16
+    layers = [(torch.randn(n, k) * 0.02).to(bf) for _ in range(8) for n, k in ((1024, 768), (768, 768), (6144, 768), (768, 3072))]
+    head = (torch.randn(151936, 768) * 0.02).to(bf)
+    for m in (1, 8):
+        xs = {k: torch.randn(m, k).to(bf) for k in (768, 3072)}
+        packed = [packed_linear(w) for w in layers]
+        plain_l = ms(lambda: [F.linear(xs[w.shape[1]], w) for w in layers])
+        packed_l = ms(lambda: [f(xs[w.shape[1]]) for f, w in zip(packed, layers)])
+        ph = packed_linear(head)
+        plain_h, packed_h = ms(lambda: F.linear(xs[768], head)), ms(lambda: ph(xs[768]))
+        print(f"decode GEMMs batch {m}: 8 layers {plain_l:.1f} -> {packed_l:.1f} ms, "
+              f"LM head {plain_h:.1f} -> {packed_h:.1f} ms ({head.numel() * 2 / packed_h / 1e6:.1f} GB/s packed)")
+
+
+def vision_gemm():
+    for m, k, n in ((6144, 640, 1920), (6144, 640, 2560), (6144, 2560, 640)):
+        w, x = (torch.randn(n, k) * 0.02).to(torch.bfloat16), torch.randn(m, k).to(torch.bfloat16)
+        f = packed_linear(w)
+        print(f"vision GEMM {m}x{k}x{n}: {2 * m * k * n / ms(lambda: f(x), 3) / 1e6:.0f} GFLOP/s packed")
+
+
+def attention(flex: bool):
+    q, k, v = [torch.randn(8, 10, 768, 64).to(torch.bfloat16) for _ in range(3)]
+    t = ms(lambda: F.scaled_dot_product_attention(q, k, v), 3)
+    print(f"vision attention 8x10x768x64: SDPA {t:.1f} ms ({8 * 10 * 768 * 768 * 64 * 4 / t / 1e6:.0f} GFLOP/s)")
+    if flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        fa = torch.compile(flex_attention)
+        print(f"  torch.compile(flex_attention): {ms(lambda: fa(q, k, v), 3):.1f} ms")
+    q, k, v = [torch.randn(8, 12, 490, 64).to(torch.bfloat16) for _ in range(3)]
+    c = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 3)
+    nc = ms(lambda: F.scaled_dot_product_attention(q, k, v), 3)
+    print(f"LM prefill attention 8x12x490x64: causal {c:.1f} ms, non-causal {nc:.1f} ms")
+
+
+def decode_step():
+    from modeltest.bench.presets import preset_checkpoint
+    from modeltest.engine.engine import EngineConfig, LLMEngine, Request
+    from modeltest.engine.parallel import init_distributed
+    path, tp = preset_checkpoint("mid"), init_distributed("cpu")
+    for pack in (False, True):
+        eng = LLMEngine(EngineConfig(model_path=str(path), dtype=torch.bfloat16, max_batch_size=8,
+                                     max_input_length=256, max_output_length=160, onednn_weights=pack), tp)
+        for b in (1, 8):
+            for r in [Request(id=i, input_ids=list(range(100 + i, 170 + i)), max_new_tokens=60, ignore_eos=True)
+                      for i in range(b)]:
+                eng.add_request(r)
+            for _ in range(10):
+                eng.step()
+            eng.step_times["decode"] = []
+            for _ in range(40):
+                eng.step()
+            print(f"engine decode step, mid, batch {b}, {'packed' if pack else 'plain'}: "
+                  f"{statistics.median(eng.step_times['decode']) * 1e3:.1f} ms")
+            while eng.has_work():
+                eng.step()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--flex", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    gemms()
+    vision_gemm()
+    attention(args.flex)
+    decode_step()
