@@ -79,6 +79,51 @@ def test_repeats_keep_the_median_run_and_must_agree(bench_cache, tmp_path, monke
     assert report["mismatches"][0]["problem"] == "tokens differ between repeats"
 
 
+def test_paired_order_interleaves_backends_and_pairs_the_ratios(bench_cache, tmp_path, monkeypatch):
+    from modeltest.bench import runners
+    calls = []
+    for cls in (runners.EngineRunner, runners.HFRunner):
+        def recorded(self, inputs, new_tokens, batch_size, _orig=cls.run):
+            calls.append((self.name, batch_size, len(inputs)))
+            return _orig(self, inputs, new_tokens, batch_size)
+        monkeypatch.setattr(cls, "run", recorded)
+    out = tmp_path / "b.json"
+    rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1,2",
+                    "--new-tokens", "2", "--dtype", "fp32", "--repeats", "3", "--check-requests", "0",
+                    "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["order"] == "paired"
+    timed = [(name, bs) for name, bs, n in calls if n == 2]          # warm-ups run one request
+    assert timed == [("engine", 1), ("hf", 1), ("engine", 2), ("hf", 2)] * 3
+    ratio = report["ratios"][0]
+    assert len(ratio["samples_per_s_by_repeat"]) == 3
+    assert ratio["samples_per_s"] == sorted(ratio["samples_per_s_by_repeat"])[1]
+
+    calls.clear()
+    rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1",
+                    "--new-tokens", "2", "--dtype", "fp32", "--repeats", "2", "--order", "sequential",
+                    "--check-requests", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and [(name, bs) for name, bs, n in calls if n == 2] == [("engine", 1)] * 2 + [("hf", 1)] * 2
+    assert "samples_per_s_by_repeat" not in report["ratios"][0]
+
+
+def test_memory_is_attributed_to_the_backend_that_used_it():
+    from types import SimpleNamespace
+    from modeltest.bench.run import attribute_memory
+    from modeltest.bench.runners import Measurement
+    # Absolute peaks include whatever else the process holds (another backend's model in paired
+    # order); the reported figure is baseline + own load growth + own run growth.
+    m = Measurement("hf", 1, 1.0, [[1]], [0.1], None, 0.0, peak_host_mb=5000.0, peak_device_mb=9000.0,
+                    host_growth_mb=30.0, device_growth_mb=200.0)
+    attribute_memory(m, SimpleNamespace(load_growth_mb={"rss": 400.0}, load_device_mb=1500.0), base_rss_mb=800.0)
+    assert (m.peak_host_mb, m.peak_device_mb) == (1230.0, 1700.0)
+    cpu = Measurement("engine", 1, 1.0, [[1]], [0.1], None, 0.0, peak_host_mb=5000.0, peak_device_mb=None,
+                      host_growth_mb=10.0, device_growth_mb=None)
+    attribute_memory(cpu, SimpleNamespace(load_growth_mb={"rss": 100.0}, load_device_mb=0.0), base_rss_mb=800.0)
+    assert (cpu.peak_host_mb, cpu.peak_device_mb) == (910.0, None)
+
+
 def test_low_precision_runs_check_tokens_in_fp32(bench_cache, tmp_path):
     out = tmp_path / "b.json"
     rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1",

@@ -69,6 +69,13 @@ def reset_device_peak(device: torch.device) -> None:
         getattr(torch, device.type).reset_peak_memory_stats(device)
 
 
+def device_allocated_mb(device: torch.device) -> float:
+    """Memory now allocated by torch on the device (0 on CPU)."""
+    if device.type == "cpu":
+        return 0.0
+    return getattr(torch, device.type).memory_allocated(device) / 2**20
+
+
 def device_peak_mb(device: torch.device):
     if device.type == "cpu":
         return None

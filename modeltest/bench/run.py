@@ -4,11 +4,17 @@ Prints a table and writes JSON: one row per (backend, workload, batch size), the
 for each workload (best batch size against best for textvqa/videobench, equal batch sizes for
 decode), whether the greedy tokens matched, and on a GPU the decode memory bandwidth achieved at
 batch 1 against the hardware's.
+
+Order (`--order`): `paired` (default) loads every backend first and, for each repeat, runs each
+(batch size, backend) in turn, so engine and hf are timed seconds apart and a slow spell on a
+shared machine falls on both; the samples/s ratio is then the median of the per-repeat ratios.
+`sequential` loads one backend at a time (half the memory; for models that fit only once).
 """
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -16,6 +22,7 @@ from typing import Dict, List
 import torch
 
 from ..errors import UserError
+from .measure import rss_bytes
 from .presets import preset_checkpoint
 from .runners import EngineRunner, HFRunner
 from .workloads import WorkloadSpec, build_inputs
@@ -43,6 +50,9 @@ def add_parser(sub) -> None:
     b.add_argument("--json", default=None, help="write the results here")
     b.add_argument("--repeats", type=int, default=1,
                    help="time each (backend, workload, batch size) this many times and keep the median run")
+    b.add_argument("--order", default="paired", choices=["paired", "sequential"],
+                   help="paired: all backends loaded, repeats interleaved (robust ratios on a noisy machine); "
+                        "sequential: one backend loaded at a time (half the memory)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--check-requests", type=int, default=2,
                    help="requests per workload in the fp32 token check run when --dtype is not fp32 (0: skip)")
@@ -65,6 +75,16 @@ def median_run(runs: list):
     chosen.extra["repeats_s"] = [round(m.elapsed_s, 4) for m in runs]
     chosen.extra["repeats_agree"] = all(m.tokens == runs[0].tokens for m in runs)
     return chosen
+
+
+def attribute_memory(m, runner, base_rss_mb: float) -> None:
+    """A backend's peak memory, not charged for another backend loaded beside it (paired order)
+    or for what an earlier one left behind (sequential): the process's RSS before any backend
+    loaded + this backend's load growth + the growth during this run; on a device, this
+    backend's load allocations + the run's growth."""
+    m.peak_host_mb = base_rss_mb + runner.load_growth_mb["rss"] + m.host_growth_mb
+    if m.device_growth_mb is not None:
+        m.peak_device_mb = runner.load_device_mb + m.device_growth_mb
 
 
 def main(args) -> int:
@@ -90,29 +110,43 @@ def main(args) -> int:
     max_input = max(x["input_ids"].shape[1] for w in workloads for x in inputs[w])
     max_output = max(s.new_tokens for s in specs.values())
 
+    def make_runner(backend):
+        if backend == "engine":
+            return EngineRunner(path, dtype, device, max(batch_sizes), max_input, max_output)
+        return HFRunner(path, dtype, device)
+
     measurements: Dict[str, List] = {w: [] for w in workloads}
-    load = {}
-    for backend in backends:
-        runner = (EngineRunner(path, dtype, device, max(batch_sizes), max_input, max_output) if backend == "engine"
-                  else HFRunner(path, dtype, device))
-        load[backend] = runner.load_growth_mb
+    load, engine_sizes = {}, {}
+    base_rss_mb = rss_bytes() / 2**20
+    groups = [backends] if args.order == "paired" else [[b] for b in backends]
+    for group in groups:
+        runners = {b: make_runner(b) for b in group}
+        for backend, runner in runners.items():
+            load[backend] = runner.load_growth_mb
+            if backend == "engine":
+                engine_sizes = {"bytes_lm": runner.engine.model.decode_weight_bytes(),
+                                "shard_mb": runner.engine.model.shard_bytes / 2**20}
         for w in workloads:
-            runner.run(inputs[w][:1], 2, 1)  # warm-up
-            for bs in batch_sizes:
-                m = median_run([runner.run(inputs[w], specs[w].new_tokens, bs) for _ in range(args.repeats)])
+            for runner in runners.values():
+                runner.run(inputs[w][:1], 2, 1)  # warm-up
+            runs = {(b, bs): [] for b in runners for bs in batch_sizes}
+            for _ in range(args.repeats):
+                for bs in batch_sizes:
+                    for backend, runner in runners.items():
+                        m = runner.run(inputs[w], specs[w].new_tokens, bs)
+                        attribute_memory(m, runner, base_rss_mb)
+                        runs[(backend, bs)].append(m)
+            for (backend, bs), ms in runs.items():
+                m = median_run(ms)
                 measurements[w].append(m)
                 print(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, args.preset)['samples_per_s']} samples/s",
                       flush=True)
-        if backend == "engine":
-            bytes_lm = runner.engine.model.decode_weight_bytes()
-            shard_mb = runner.engine.model.shard_bytes / 2**20
-        del runner
+        del runners
         if device == "cuda":
             torch.cuda.empty_cache()
 
     report = build_report(args, measurements, workloads, batch_sizes, device, load,
-                          bytes_lm if "engine" in backends else None,
-                          shard_mb if "engine" in backends else None)
+                          engine_sizes.get("bytes_lm"), engine_sizes.get("shard_mb"))
     report["repeats"] = args.repeats
     unstable = [{"workload": w, "backend": m.backend, "batch_size": m.batch_size, "problem": "tokens differ between repeats"}
                 for w in workloads for m in measurements[w] if not m.extra.get("repeats_agree", True)]
@@ -174,9 +208,18 @@ def build_report(args, measurements, workloads, batch_sizes, device, load, bytes
                        max((m for m in ms if m.backend == "hf"), key=lambda m: m.elapsed_s * -1).batch_size)])
             for ebs, hbs in pairs:
                 er, hr = by[("engine", ebs)].row(w, args.preset), by[("hf", hbs)].row(w, args.preset)
-                ratios.append({"workload": w, "engine_batch_size": ebs, "hf_batch_size": hbs,
-                               **{k: round(er[k] / hr[k], 3) if er[k] and hr[k] else None for k in RATIO_KEYS}})
+                ratio = {"workload": w, "engine_batch_size": ebs, "hf_batch_size": hbs,
+                         **{k: round(er[k] / hr[k], 3) if er[k] and hr[k] else None for k in RATIO_KEYS}}
+                if args.order == "paired" and args.repeats > 1:
+                    # Repeat r of engine and of hf ran seconds apart: each pair shares the machine's
+                    # state, so the median of their ratios is the figure least moved by other tenants.
+                    paired = [round(h / e, 3) for e, h in zip(by[("engine", ebs)].extra["repeats_s"],
+                                                                by[("hf", hbs)].extra["repeats_s"])]
+                    ratio["samples_per_s_by_repeat"] = paired
+                    ratio["samples_per_s"] = statistics.median(paired)
+                ratios.append(ratio)
     report = {"preset": args.preset, "device": device_name(device), "dtype": args.dtype, "requests": args.requests,
+              "order": args.order,
               "results": rows, "ratios": ratios, "tokens_match": None if not ratios else not mismatches,
               "mismatches": mismatches[:10], "hf_batch_drift": hf_drift, "load_host_growth_mb": load, "engine_shard_mb": shard_mb,
               "command": " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version()}
@@ -205,14 +248,17 @@ def print_report(report: dict) -> None:
     cols = ["backend", "workload", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms",
             "decode_ms_per_token", "vision_ms", "peak_host_mb", "peak_device_mb"]
     repeats = report.get("repeats", 1)
-    timing = f" | median of {repeats} runs each" if repeats > 1 else ""
+    timing = f" | median of {repeats} runs each, {report.get('order', 'sequential')} order" if repeats > 1 else ""
     print(colored(f"\npreset {report['preset']} | {report['device']} | {report['dtype']}{timing}", "cyan", attrs=["bold"]))
     print(tabulate([[r[c] for c in cols] for r in report["results"]], headers=cols, tablefmt="github"))
     if report["ratios"]:
         rcols = ["workload", "engine_batch_size", "hf_batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
                  "decode_ms_per_token", "vision_ms", "peak_host_mb"]
         print(colored("\nengine / hf", "cyan", attrs=["bold"]))
-        print(tabulate([[r[c] for c in rcols] for r in report["ratios"]], headers=rcols, tablefmt="github"))
+        if any("samples_per_s_by_repeat" in r for r in report["ratios"]):
+            rcols.append("samples_per_s_by_repeat")
+            print("samples_per_s: median of the per-repeat ratios (engine and hf timed back to back)")
+        print(tabulate([[r.get(c) for c in rcols] for r in report["ratios"]], headers=rcols, tablefmt="github"))
     if "bandwidth" in report:
         b = report["bandwidth"]
         print(f"decode bandwidth at batch 1: {b['achieved_gbs']} GB/s of {b['peak_gbs']} GB/s ({b['fraction']})")

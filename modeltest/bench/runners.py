@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .measure import PeakRSS, VisionTimer, device_peak_mb, reset_device_peak, sync
+from .measure import PeakRSS, VisionTimer, device_allocated_mb, device_peak_mb, reset_device_peak, sync
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Measurement:
     peak_host_mb: float
     peak_device_mb: Optional[float]
     load_host_growth_mb: dict = field(default_factory=dict)
+    host_growth_mb: float = 0.0               # peak RSS during the run minus RSS at its start
+    device_growth_mb: Optional[float] = None  # the same for torch's device allocations
     extra: Dict = field(default_factory=dict)
 
     def row(self, workload: str, preset: str) -> dict:
@@ -42,6 +44,10 @@ class Measurement:
                 "peak_device_mb": round(self.peak_device_mb, 1) if self.peak_device_mb is not None else None}
 
 
+def _growth(peak: Optional[float], start: float) -> Optional[float]:
+    return None if peak is None else peak - start
+
+
 class EngineRunner:
     name = "engine"
 
@@ -50,10 +56,12 @@ class EngineRunner:
         from ..engine.parallel import init_distributed
         self.tp = init_distributed(device)
         self.device = self.tp.device
+        before = device_allocated_mb(self.device)
         with PeakRSS() as mem:
             self.engine = LLMEngine(EngineConfig(model_path=str(model_path), dtype=dtype, max_batch_size=max_batch_size,
                                                  max_input_length=max_input, max_output_length=max_output), self.tp)
         self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
+        self.load_device_mb = device_allocated_mb(self.device) - before   # weights + KV cache
         self.vision = VisionTimer(self.engine.model.visual, self.device)
 
     def run(self, inputs: List[dict], new_tokens: int, batch_size: int) -> Measurement:
@@ -67,6 +75,7 @@ class EngineRunner:
         eng.step_times = {"prefill": [], "decode": []}
         self.vision.total = 0.0
         reset_device_peak(self.device)
+        start_alloc = device_allocated_mb(self.device)
         with PeakRSS() as mem:
             sync(self.device)
             start = time.perf_counter()
@@ -81,7 +90,8 @@ class EngineRunner:
         return Measurement("engine", batch_size, elapsed, [r.output_ids for r in reqs],
                            [r.t_first_token - r.t_arrival for r in reqs],
                            statistics.fmean(decode) if decode else None, self.vision.total, mem.peak_mb,
-                           device_peak_mb(self.device), self.load_growth_mb)
+                           device_peak_mb(self.device), self.load_growth_mb, mem.growth_mb,
+                           _growth(device_peak_mb(self.device), start_alloc))
 
 
 class _StepClock:
@@ -104,10 +114,12 @@ class HFRunner:
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
         from ..backends.hf import dtype_kwarg
         self.device = torch.device(device if device == "cpu" else f"{device}:0")
+        before = device_allocated_mb(self.device)
         with PeakRSS() as mem:
             self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(dtype))
             self.model.to(self.device).eval()
         self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
+        self.load_device_mb = device_allocated_mb(self.device) - before
         self.pad_id = AutoProcessor.from_pretrained(model_path).tokenizer.pad_token_id or 151643
         # transformers 5 moved the vision tower under .model
         visual = getattr(self.model, "visual", None) or self.model.model.visual
@@ -144,6 +156,7 @@ class HFRunner:
         tokens, ttft, steps = [], [], []
         self.vision.total = 0.0
         reset_device_peak(self.device)
+        start_alloc = device_allocated_mb(self.device)
         with PeakRSS() as mem:
             sync(self.device)
             start = time.perf_counter()
@@ -159,4 +172,5 @@ class HFRunner:
             sync(self.device)
             elapsed = time.perf_counter() - start
         return Measurement("hf", batch_size, elapsed, tokens, ttft, statistics.fmean(steps) if steps else None,
-                           self.vision.total, mem.peak_mb, device_peak_mb(self.device), self.load_growth_mb)
+                           self.vision.total, mem.peak_mb, device_peak_mb(self.device), self.load_growth_mb,
+                           mem.growth_mb, _growth(device_peak_mb(self.device), start_alloc))
