@@ -80,9 +80,9 @@ def median_run(runs: list):
 def attribute_memory(m, runner, base_rss_mb: float) -> None:
     """A backend's peak memory, not charged for another backend loaded beside it (paired order)
     or for what an earlier one left behind (sequential): the process's RSS before any backend
-    loaded + this backend's load growth + the growth during this run; on a device, this
-    backend's load allocations + the run's growth."""
-    m.peak_host_mb = base_rss_mb + runner.load_growth_mb["rss"] + m.host_growth_mb
+    loaded + this backend's resident growth (load and first warm-up) + the growth during this
+    run; on a device, this backend's load allocations + the run's growth."""
+    m.peak_host_mb = base_rss_mb + runner.resident_mb + m.host_growth_mb
     if m.device_growth_mb is not None:
         m.peak_device_mb = runner.load_device_mb + m.device_growth_mb
 
@@ -128,7 +128,12 @@ def main(args) -> int:
                                 "shard_mb": runner.engine.model.shard_bytes / 2**20}
         for w in workloads:
             for runner in runners.values():
+                before = rss_bytes()
                 runner.run(inputs[w][:1], 2, 1)  # warm-up
+                if not hasattr(runner, "resident_mb"):
+                    # transformers maps the checkpoint lazily: its weights become resident at the
+                    # first forward, not at load. Load growth + first warm-up's growth counts both.
+                    runner.resident_mb = runner.load_growth_mb["rss"] + max(0.0, (rss_bytes() - before) / 2**20)
             runs = {(b, bs): [] for b in runners for bs in batch_sizes}
             for _ in range(args.repeats):
                 for bs in batch_sizes:
