@@ -5,6 +5,8 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -97,6 +99,35 @@ class VisionTimer:
     def _post(self, *_):
         sync(self.device)
         self.total += time.perf_counter() - self._t0
+
+
+@dataclass
+class RunStats:
+    """Wall time and memory of one timed run (filled in when its `measured_run` block exits)."""
+    start: float = 0.0                        # perf_counter() at the start, for first-token times
+    elapsed_s: float = 0.0
+    peak_host_mb: float = 0.0                 # the process's peak RSS during the run
+    host_growth_mb: float = 0.0               # ... minus RSS at its start
+    peak_device_mb: Optional[float] = None    # torch's peak device allocation (None on CPU)
+    device_growth_mb: Optional[float] = None  # ... minus the allocation at the start
+
+
+@contextmanager
+def measured_run(device: torch.device):
+    """Times the block (synchronised on accelerators) and samples its host and device memory."""
+    stats = RunStats()
+    reset_device_peak(device)
+    start_alloc = device_allocated_mb(device)
+    with PeakRSS() as mem:
+        sync(device)
+        stats.start = time.perf_counter()
+        yield stats
+        sync(device)
+        stats.elapsed_s = time.perf_counter() - stats.start
+    stats.peak_host_mb, stats.host_growth_mb = mem.peak_mb, mem.growth_mb
+    stats.peak_device_mb = device_peak_mb(device)
+    if stats.peak_device_mb is not None:
+        stats.device_growth_mb = stats.peak_device_mb - start_alloc
 
 
 @contextmanager

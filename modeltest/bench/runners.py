@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .measure import PeakRSS, VisionTimer, device_allocated_mb, device_peak_mb, reset_device_peak, sync
+from .measure import PeakRSS, VisionTimer, device_allocated_mb, measured_run, sync
 
 
 @dataclass
@@ -44,10 +44,6 @@ class Measurement:
                 "peak_device_mb": round(self.peak_device_mb, 1) if self.peak_device_mb is not None else None}
 
 
-def _growth(peak: Optional[float], start: float) -> Optional[float]:
-    return None if peak is None else peak - start
-
-
 class EngineRunner:
     name = "engine"
 
@@ -74,24 +70,17 @@ class EngineRunner:
                 for i, x in enumerate(inputs)]
         eng.step_times = {"prefill": [], "decode": []}
         self.vision.total = 0.0
-        reset_device_peak(self.device)
-        start_alloc = device_allocated_mb(self.device)
-        with PeakRSS() as mem:
-            sync(self.device)
-            start = time.perf_counter()
+        with measured_run(self.device) as run:
             eng.generate(reqs)
-            sync(self.device)
-            elapsed = time.perf_counter() - start
         bad = [r.error for r in reqs if r.error]
         if bad:
             from ..errors import UserError
             raise UserError(f"bench: an engine request failed ({bad[0]}); lower --image-size/--frames or --requests")
         decode = eng.step_times["decode"]
-        return Measurement("engine", batch_size, elapsed, [r.output_ids for r in reqs],
+        return Measurement("engine", batch_size, run.elapsed_s, [r.output_ids for r in reqs],
                            [r.t_first_token - r.t_arrival for r in reqs],
-                           statistics.fmean(decode) if decode else None, self.vision.total, mem.peak_mb,
-                           device_peak_mb(self.device), self.load_growth_mb, mem.growth_mb,
-                           _growth(device_peak_mb(self.device), start_alloc))
+                           statistics.fmean(decode) if decode else None, self.vision.total, run.peak_host_mb,
+                           run.peak_device_mb, self.load_growth_mb, run.host_growth_mb, run.device_growth_mb)
 
 
 class _StepClock:
@@ -155,22 +144,16 @@ class HFRunner:
         cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=self.pad_id)
         tokens, ttft, steps = [], [], []
         self.vision.total = 0.0
-        reset_device_peak(self.device)
-        start_alloc = device_allocated_mb(self.device)
-        with PeakRSS() as mem:
-            sync(self.device)
-            start = time.perf_counter()
+        with measured_run(self.device) as run:
             for i in range(0, len(inputs), batch_size):
                 batch = self.collate(inputs[i:i + batch_size])
                 clock = _StepClock(self.device)
                 out = self.model.generate(**batch, generation_config=cfg,
                                           stopping_criteria=StoppingCriteriaList([clock]))
                 tokens += out[:, batch["input_ids"].shape[1]:].tolist()
-                ttft += [clock.times[0] - start] * len(out)   # from the run start, as for the engine
+                ttft += [clock.times[0] - run.start] * len(out)   # from the run start, as for the engine
                 if len(clock.times) > 1:
                     steps.append((clock.times[-1] - clock.times[0]) / (len(clock.times) - 1))
-            sync(self.device)
-            elapsed = time.perf_counter() - start
-        return Measurement("hf", batch_size, elapsed, tokens, ttft, statistics.fmean(steps) if steps else None,
-                           self.vision.total, mem.peak_mb, device_peak_mb(self.device), self.load_growth_mb,
-                           mem.growth_mb, _growth(device_peak_mb(self.device), start_alloc))
+        return Measurement("hf", batch_size, run.elapsed_s, tokens, ttft, statistics.fmean(steps) if steps else None,
+                           self.vision.total, run.peak_host_mb, run.peak_device_mb, self.load_growth_mb,
+                           run.host_growth_mb, run.device_growth_mb)
