@@ -108,6 +108,23 @@ def test_paired_order_interleaves_backends_and_pairs_the_ratios(bench_cache, tmp
     assert "samples_per_s_by_repeat" not in report["ratios"][0]
 
 
+def test_out_of_memory_with_both_backends_loaded_says_what_to_do(bench_cache, monkeypatch):
+    import torch
+    from modeltest.bench import runners
+    from modeltest.errors import UserError
+
+    def no_room(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(runners.HFRunner, "__init__", no_room)
+    with pytest.raises(UserError, match="rerun with --order sequential"):
+        run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "1", "--batch-sizes", "1",
+                   "--new-tokens", "2", "--dtype", "fp32"])
+    with pytest.raises(torch.OutOfMemoryError):   # sequential: nothing to suggest, the real error
+        run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "1", "--batch-sizes", "1",
+                   "--new-tokens", "2", "--dtype", "fp32", "--order", "sequential"])
+
+
 def test_memory_is_attributed_to_the_backend_that_used_it():
     from types import SimpleNamespace
     from modeltest.bench.run import attribute_memory

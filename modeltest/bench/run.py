@@ -87,6 +87,38 @@ def attribute_memory(m, runner, base_rss_mb: float) -> None:
         m.peak_device_mb = runner.load_device_mb + m.device_growth_mb
 
 
+def measure_group(group, make_runner, workloads, inputs, specs, batch_sizes, repeats, preset, base_rss_mb,
+                  measurements, load, engine_sizes) -> None:
+    """Load the group's backends together and time them, each repeat running every (batch size,
+    backend) in turn; appends the median run of each to `measurements`."""
+    runners = {b: make_runner(b) for b in group}
+    for backend, runner in runners.items():
+        load[backend] = runner.load_growth_mb
+        if backend == "engine":
+            engine_sizes.update(bytes_lm=runner.engine.model.decode_weight_bytes(),
+                                shard_mb=runner.engine.model.shard_bytes / 2**20)
+    for w in workloads:
+        for runner in runners.values():
+            before = rss_bytes()
+            runner.run(inputs[w][:1], 2, 1)  # warm-up
+            if not hasattr(runner, "resident_mb"):
+                # transformers maps the checkpoint lazily: its weights become resident at the
+                # first forward, not at load. Load growth + first warm-up's growth counts both.
+                runner.resident_mb = runner.load_growth_mb["rss"] + max(0.0, (rss_bytes() - before) / 2**20)
+        runs = {(b, bs): [] for b in runners for bs in batch_sizes}
+        for _ in range(repeats):
+            for bs in batch_sizes:
+                for backend, runner in runners.items():
+                    m = runner.run(inputs[w], specs[w].new_tokens, bs)
+                    attribute_memory(m, runner, base_rss_mb)
+                    runs[(backend, bs)].append(m)
+        for (backend, bs), ms in runs.items():
+            m = median_run(ms)
+            measurements[w].append(m)
+            print(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, preset)['samples_per_s']} samples/s",
+                  flush=True)
+
+
 def main(args) -> int:
     from ..device import resolve_device
     from transformers import AutoProcessor
@@ -119,36 +151,17 @@ def main(args) -> int:
     load, engine_sizes = {}, {}
     base_rss_mb = rss_bytes() / 2**20
     groups = [backends] if args.order == "paired" else [[b] for b in backends]
-    for group in groups:
-        runners = {b: make_runner(b) for b in group}
-        for backend, runner in runners.items():
-            load[backend] = runner.load_growth_mb
-            if backend == "engine":
-                engine_sizes = {"bytes_lm": runner.engine.model.decode_weight_bytes(),
-                                "shard_mb": runner.engine.model.shard_bytes / 2**20}
-        for w in workloads:
-            for runner in runners.values():
-                before = rss_bytes()
-                runner.run(inputs[w][:1], 2, 1)  # warm-up
-                if not hasattr(runner, "resident_mb"):
-                    # transformers maps the checkpoint lazily: its weights become resident at the
-                    # first forward, not at load. Load growth + first warm-up's growth counts both.
-                    runner.resident_mb = runner.load_growth_mb["rss"] + max(0.0, (rss_bytes() - before) / 2**20)
-            runs = {(b, bs): [] for b in runners for bs in batch_sizes}
-            for _ in range(args.repeats):
-                for bs in batch_sizes:
-                    for backend, runner in runners.items():
-                        m = runner.run(inputs[w], specs[w].new_tokens, bs)
-                        attribute_memory(m, runner, base_rss_mb)
-                        runs[(backend, bs)].append(m)
-            for (backend, bs), ms in runs.items():
-                m = median_run(ms)
-                measurements[w].append(m)
-                print(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, args.preset)['samples_per_s']} samples/s",
-                      flush=True)
-        del runners
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    try:
+        for group in groups:
+            measure_group(group, make_runner, workloads, inputs, specs, batch_sizes, args.repeats, args.preset,
+                          base_rss_mb, measurements, load, engine_sizes)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    except torch.OutOfMemoryError:
+        if args.order != "paired":
+            raise
+        raise UserError("bench: out of device memory with every backend loaded at once (--order paired); "
+                        "rerun with --order sequential") from None
 
     report = build_report(args, measurements, workloads, batch_sizes, device, load,
                           engine_sizes.get("bytes_lm"), engine_sizes.get("shard_mb"))
