@@ -91,7 +91,11 @@ def measure_group(group, make_runner, workloads, inputs, specs, batch_sizes, rep
                   measurements, load, engine_sizes) -> None:
     """Load the group's backends together and time them, each repeat running every (batch size,
     backend) in turn; appends the median run of each to `measurements`."""
+    from tqdm import tqdm
     runners = {b: make_runner(b) for b in group}
+    # The bar moves between timed runs only (never inside one), with an ETA for long presets.
+    bar = tqdm(total=len(workloads) * repeats * len(batch_sizes) * len(runners), desc=f"bench {'+'.join(group)}",
+               unit="run", leave=False)
     for backend, runner in runners.items():
         load[backend] = runner.load_growth_mb
         if backend == "engine":
@@ -109,14 +113,16 @@ def measure_group(group, make_runner, workloads, inputs, specs, batch_sizes, rep
         for _ in range(repeats):
             for bs in batch_sizes:
                 for backend, runner in runners.items():
+                    bar.set_postfix_str(f"{w} {backend} batch {bs}")
                     m = runner.run(inputs[w], specs[w].new_tokens, bs)
                     attribute_memory(m, runner, base_rss_mb)
                     runs[(backend, bs)].append(m)
+                    bar.update()
         for (backend, bs), ms in runs.items():
             m = median_run(ms)
             measurements[w].append(m)
-            print(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, preset)['samples_per_s']} samples/s",
-                  flush=True)
+            bar.write(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, preset)['samples_per_s']} samples/s")
+    bar.close()
 
 
 def main(args) -> int:
