@@ -126,18 +126,17 @@ def test_out_of_memory_with_both_backends_loaded_says_what_to_do(bench_cache, mo
 
 
 def test_memory_is_attributed_to_the_backend_that_used_it():
-    from types import SimpleNamespace
     from modeltest.bench.run import attribute_memory
     from modeltest.bench.runners import Measurement
     # Absolute peaks include whatever else the process holds (another backend's model in paired
     # order); the reported figure is baseline + own resident growth + own run growth.
     m = Measurement("hf", 1, 1.0, [[1]], [0.1], None, 0.0, peak_host_mb=5000.0, peak_device_mb=9000.0,
                     host_growth_mb=30.0, device_growth_mb=200.0)
-    attribute_memory(m, SimpleNamespace(resident_mb=400.0, load_device_mb=1500.0), base_rss_mb=800.0)
+    attribute_memory(m, resident_mb=400.0, load_device_mb=1500.0, base_rss_mb=800.0)
     assert (m.peak_host_mb, m.peak_device_mb) == (1230.0, 1700.0)
     cpu = Measurement("engine", 1, 1.0, [[1]], [0.1], None, 0.0, peak_host_mb=5000.0, peak_device_mb=None,
                       host_growth_mb=10.0, device_growth_mb=None)
-    attribute_memory(cpu, SimpleNamespace(resident_mb=100.0, load_device_mb=0.0), base_rss_mb=800.0)
+    attribute_memory(cpu, resident_mb=100.0, load_device_mb=0.0, base_rss_mb=800.0)
     assert (cpu.peak_host_mb, cpu.peak_device_mb) == (910.0, None)
 
 

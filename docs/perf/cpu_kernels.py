@@ -1,6 +1,6 @@
 """The CPU kernel figures quoted in docs/PERFORMANCE.md, reproducible:
 
-    python docs/perf/cpu_kernels.py            # ~2 minutes on 2 cores
+    python docs/perf/cpu_kernels.py            # ~3 minutes on 2 cores
     python docs/perf/cpu_kernels.py --flex     # also torch.compile(flex_attention) (~20 s compile)
 
 1. GEMMs of a `mid` decode step (weights bigger than the caches, read once per call):
@@ -8,7 +8,11 @@
 2. Vision-tower GEMM throughput at textvqa batch shape (8 images x 768 patches).
 3. Attention: the vision tower's (8 images x 10 heads x 768 patches) and the language model's
    prefill (8 x 12 heads x 490 tokens, causal vs not) in PyTorch's CPU SDPA kernel.
-4. A whole engine decode step on the `mid` checkpoint, packed vs plain weights (median of 40).
+4. The vision rope at textvqa shape: q and k one at a time over the whole batch (until session 3)
+   vs `rope_qk_` (both together, 256-row chunks); the SDPA kernel at fp32, and the pieces of a
+   "math" attention (QK^T by bmm, softmax).
+5. A whole engine decode step on the `mid` checkpoint, packed vs plain weights (median of 40).
+6. Where an engine textvqa batch of 8 on `mid` spends its time (torch.profiler, self CPU time).
 """
 import argparse
 import statistics
@@ -67,6 +71,44 @@ def attention(flex: bool):
     print(f"LM prefill attention 8x12x490x64: causal {c:.1f} ms, non-causal {nc:.1f} ms")
 
 
+def vision_rope_and_attention_math():
+    from modeltest.engine.rope import apply_vision_rope
+    from modeltest.engine.vision import rope_qk_
+    qkv = torch.randn(6144, 3, 10, 64).to(torch.bfloat16)
+    cos, sin = torch.randn(6144, 1, 64), torch.randn(6144, 1, 64)
+    def separate():
+        q, k, _ = qkv.unbind(1)
+        return apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
+    print(f"vision rope of q and k, 6144x10x64, x 8 blocks: separate whole-batch {8 * ms(separate):.0f} ms, "
+          f"rope_qk_ {8 * ms(lambda: rope_qk_(qkv, cos, sin)):.0f} ms")
+    q, k, v = [torch.randn(80, 768, 64).to(torch.bfloat16) for _ in range(3)]
+    qf, kf, vf = [x.float().view(8, 10, 768, 64) for x in (q, k, v)]
+    s32 = torch.randn(80, 768, 768)
+    print(f"vision attention 8x10x768x64: SDPA fp32 {ms(lambda: F.scaled_dot_product_attention(qf, kf, vf), 3):.1f} ms; "
+          f"math pieces: QK^T bmm bf16 {ms(lambda: torch.bmm(q, k.transpose(1, 2)), 3):.1f} ms, "
+          f"softmax fp32 {ms(lambda: torch.softmax(s32, -1), 3):.1f} ms")
+
+
+def engine_textvqa_profile():
+    from torch.profiler import profile
+    from transformers import AutoProcessor
+    from modeltest.bench.presets import preset_checkpoint
+    from modeltest.bench.runners import EngineRunner
+    from modeltest.bench.workloads import WorkloadSpec, build_inputs
+    path = preset_checkpoint("mid")
+    inputs = build_inputs(AutoProcessor.from_pretrained(path), WorkloadSpec("textvqa", 8, 8))
+    runner = EngineRunner(path, torch.bfloat16, "cpu", 8, 1024, 16)
+    runner.run(inputs, 8, 8)
+    with profile() as prof:
+        runner.run(inputs, 8, 8)
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    share = {e.key: e.self_cpu_time_total / total for e in prof.key_averages()}
+    gemm = share.get("mkldnn::_linear_pointwise", 0.0)
+    sdpa = sum(v for k, v in share.items() if "scaled_dot_product" in k)
+    print(f"engine textvqa batch 8, mid: {total / 1e6:.2f} s self CPU; oneDNN GEMMs {gemm:.0%}, SDPA {sdpa:.0%}, "
+          f"other {1 - gemm - sdpa:.0%}")
+
+
 def decode_step():
     from modeltest.bench.presets import preset_checkpoint
     from modeltest.engine.engine import EngineConfig, LLMEngine, Request
@@ -98,4 +140,6 @@ if __name__ == "__main__":
     gemms()
     vision_gemm()
     attention(args.flex)
+    vision_rope_and_attention_math()
     decode_step()
+    engine_textvqa_profile()

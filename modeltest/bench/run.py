@@ -77,52 +77,47 @@ def median_run(runs: list):
     return chosen
 
 
-def attribute_memory(m, runner, base_rss_mb: float) -> None:
+def attribute_memory(m, resident_mb: float, load_device_mb: float, base_rss_mb: float) -> None:
     """A backend's peak memory, not charged for another backend loaded beside it (paired order)
     or for what an earlier one left behind (sequential): the process's RSS before any backend
     loaded + this backend's resident growth (load and first warm-up) + the growth during this
     run; on a device, this backend's load allocations + the run's growth."""
-    m.peak_host_mb = base_rss_mb + runner.resident_mb + m.host_growth_mb
+    m.peak_host_mb = base_rss_mb + resident_mb + m.host_growth_mb
     if m.device_growth_mb is not None:
-        m.peak_device_mb = runner.load_device_mb + m.device_growth_mb
+        m.peak_device_mb = load_device_mb + m.device_growth_mb
 
 
-def measure_group(group, make_runner, workloads, inputs, specs, batch_sizes, repeats, preset, base_rss_mb,
-                  measurements, load, engine_sizes) -> None:
-    """Load the group's backends together and time them, each repeat running every (batch size,
-    backend) in turn; appends the median run of each to `measurements`."""
+def measure_together(runners: dict, workloads, inputs, specs, batch_sizes, repeats, preset,
+                     base_rss_mb: float) -> Dict[str, List]:
+    """Time loaded backends side by side, each repeat running every (batch size, backend) in
+    turn; returns each workload's median runs."""
     from tqdm import tqdm
-    runners = {b: make_runner(b) for b in group}
     # The bar moves between timed runs only (never inside one), with an ETA for long presets.
-    bar = tqdm(total=len(workloads) * repeats * len(batch_sizes) * len(runners), desc=f"bench {'+'.join(group)}",
-               unit="run", leave=False)
-    for backend, runner in runners.items():
-        load[backend] = runner.load_growth_mb
-        if backend == "engine":
-            engine_sizes.update(bytes_lm=runner.engine.model.decode_weight_bytes(),
-                                shard_mb=runner.engine.model.shard_bytes / 2**20)
+    bar = tqdm(total=len(workloads) * repeats * len(batch_sizes) * len(runners),
+               desc=f"bench {'+'.join(runners)}", unit="run", leave=False)
+    resident: Dict[str, float] = {}
+    out: Dict[str, List] = {}
     for w in workloads:
-        for runner in runners.values():
+        for backend, runner in runners.items():
             before = rss_bytes()
             runner.run(inputs[w][:1], 2, 1)  # warm-up
-            if not hasattr(runner, "resident_mb"):
-                # transformers maps the checkpoint lazily: its weights become resident at the
-                # first forward, not at load. Load growth + first warm-up's growth counts both.
-                runner.resident_mb = runner.load_growth_mb["rss"] + max(0.0, (rss_bytes() - before) / 2**20)
+            # transformers maps the checkpoint lazily: its weights become resident at the first
+            # forward, not at load. Load growth + the first warm-up's growth counts both.
+            resident.setdefault(backend, runner.load_growth_mb["rss"] + max(0.0, (rss_bytes() - before) / 2**20))
         runs = {(b, bs): [] for b in runners for bs in batch_sizes}
         for _ in range(repeats):
             for bs in batch_sizes:
                 for backend, runner in runners.items():
                     bar.set_postfix_str(f"{w} {backend} batch {bs}")
                     m = runner.run(inputs[w], specs[w].new_tokens, bs)
-                    attribute_memory(m, runner, base_rss_mb)
+                    attribute_memory(m, resident[backend], runner.load_device_mb, base_rss_mb)
                     runs[(backend, bs)].append(m)
                     bar.update()
-        for (backend, bs), ms in runs.items():
-            m = median_run(ms)
-            measurements[w].append(m)
+        out[w] = [median_run(ms) for ms in runs.values()]
+        for (backend, bs), m in zip(runs, out[w]):
             bar.write(f"[bench] {backend:6s} {w:10s} batch {bs:3d}: {m.row(w, preset)['samples_per_s']} samples/s")
     bar.close()
+    return out
 
 
 def main(args) -> int:
@@ -159,11 +154,20 @@ def main(args) -> int:
     groups = [backends] if args.order == "paired" else [[b] for b in backends]
     try:
         for group in groups:
-            measure_group(group, make_runner, workloads, inputs, specs, batch_sizes, args.repeats, args.preset,
-                          base_rss_mb, measurements, load, engine_sizes)
+            runners = {b: make_runner(b) for b in group}
+            for backend, runner in runners.items():
+                load[backend] = runner.load_growth_mb
+                if backend == "engine":
+                    engine_sizes = {"bytes_lm": runner.engine.model.decode_weight_bytes(),
+                                    "shard_mb": runner.engine.model.shard_bytes / 2**20}
+            timed = measure_together(runners, workloads, inputs, specs, batch_sizes, args.repeats, args.preset,
+                                     base_rss_mb)
+            for w in workloads:
+                measurements[w] += timed[w]
+            del runners
             if device == "cuda":
                 torch.cuda.empty_cache()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:   # torch.OutOfMemoryError from 2.5; the same class
         if args.order != "paired":
             raise
         raise UserError("bench: out of device memory with every backend loaded at once (--order paired); "
