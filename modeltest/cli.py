@@ -1,7 +1,9 @@
-"""Command line: `modeltest run TASK MODEL [key=value ...]`, `modeltest demo`, `modeltest list`."""
+"""Command line: `modeltest run | check | list | demo | bench`."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -9,31 +11,29 @@ from .errors import Interrupted, UserError
 
 
 def _cmd_run(args) -> int:
+    """One process runs the evaluation here; several (dp x tp > 1) are launched under torchrun,
+    unless this process is one of them already."""
     from .config import load_config
+    from .launch import inside_torchrun, launch, plan_layout
     from .runner import Evaluator
 
     cfg = load_config(args.task, args.model, args.overrides)
+    if not inside_torchrun():
+        layout = plan_layout(cfg)
+        if layout.procs > 1:
+            return launch(cfg, args.task, args.model, args.overrides, layout)
     Evaluator(cfg).run()
     return 0
 
 
 def _cmd_check(args) -> int:
-    """Validate a run before torchrun starts processes: config, paths, and the parallel layout."""
+    """Validate a run without running it: config, paths, and the parallel layout."""
     from .config import load_config
-    from .engine.config import Qwen2VLConfig
-    from .engine.parallel import head_layout
+    from .launch import check_layout, plan_layout
 
     cfg = load_config(args.task, args.model, args.overrides)
-    tp, dp = cfg.run.tp or 1, cfg.run.dp or 1
-    if tp < 1 or dp < 1:
-        raise UserError(f"tp={tp} dp={dp}: both must be at least 1")
-    if tp > 1:
-        if cfg.model.backend != "engine":
-            raise UserError(f"tp={tp} needs model.backend=engine (hf runs one process per replica; use dp=)")
-        mc = Qwen2VLConfig.from_path(cfg.model.model_path)
-        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)
-        if mc.intermediate_size % tp:
-            raise UserError(f"tp={tp} does not divide the MLP width {mc.intermediate_size} of {cfg.model.model_path}")
+    layout = plan_layout(cfg)
+    check_layout(cfg, layout.tp, layout.dp)
     return 0
 
 
@@ -88,16 +88,27 @@ def quiet_libraries() -> None:
         pass
 
 
+def restore_ctrl_c() -> None:
+    """Make SIGINT stop a run even when it was started with SIGINT ignored (a background job of a
+    script, some CI runners, nohup-like wrappers): a run is long, and SIGINT is how a user or a
+    supervisor asks it to stop cleanly, keeping every finished sample."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    restore_ctrl_c()
     try:
         return args.func(args)
     except UserError as e:
         print(f"modeltest: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"modeltest: {e}", file=sys.stderr)
+        from .runner import LAUNCHED_ENV
+        if not os.environ.get(LAUNCHED_ENV):   # else the launcher reports it once, for every rank
+            print(f"modeltest: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("modeltest: interrupted before any sample ran; nothing to resume", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Device detection: NPU (torch_npu) first, then CUDA, then CPU.
+"""Device detection (NPU via torch_npu first, then CUDA, then CPU), dtype names, device sync.
 
 torch_npu is imported behind a guard: it is only present on Ascend machines, and importing it
 without CANN fails, so any failure simply means "no NPU".
@@ -10,6 +10,8 @@ import torch
 from .errors import UserError
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+# The data_type names of configs and command lines, and the torch dtypes they mean.
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def npu_available() -> bool:
@@ -43,3 +45,9 @@ def resolve_device(requested: str = "auto") -> str:
 def distributed_backend(device: str) -> str:
     """The torch.distributed backend for a device type."""
     return {"npu": "hccl", "cuda": "nccl"}.get(device, "gloo")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for a device's queued work (for honest timings); nothing to wait for on CPU."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()

@@ -1,4 +1,4 @@
-"""User-facing errors.
+"""User-facing errors, and the one way an unexpected exception is shortened to a line.
 
 A `UserError` carries one line that names the file, key or sample at fault and what to do about
 it. The CLI prints it without a traceback and exits non-zero; anything else is a bug and keeps
@@ -16,3 +16,13 @@ class SampleError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C during a run: finished samples are saved; the message says how to resume."""
+
+
+def first_line(e: BaseException, limit: int = 300, with_type: bool = True) -> str:
+    """`Type: first line of the message` (C++ traces from decord or torch are dozens of lines);
+    with_type=False: the first line alone (the type name when there is no message)."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(e).__name__}: {line}" if with_type else line

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import SampleError
+from .errors import SampleError, first_line
 from .tasks.base import Sample
 
 # qwen-vl-utils picks its video reader once, from this variable, at import. Its torchvision
@@ -50,7 +50,7 @@ def load_processor(model_path: str):
         return AutoProcessor.from_pretrained(model_path)
     except Exception as e:
         raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
-                        f"({str(e).splitlines()[0][:200]}); the folder needs the tokenizer and "
+                        f"({first_line(e, 200, with_type=False)}); the folder needs the tokenizer and "
                         "preprocessor_config.json of a Qwen2-VL checkpoint") from None
 
 
@@ -64,11 +64,6 @@ def _check_file(path: str, kind: str) -> None:
         raise SampleError(f"{kind} is empty (0 bytes): {path}")
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
 def _probe_video(path: str) -> Optional[str]:
     """Why decord cannot read a video, or None if it can."""
     try:
@@ -76,7 +71,7 @@ def _probe_video(path: str) -> Optional[str]:
         if len(decord.VideoReader(path)) == 0:
             return f"video has no frames: {path}"
     except Exception as e:  # decord's errors are long C++ traces: keep the first line
-        return f"corrupt or unreadable video: {path} ({_first_line(e)})"
+        return f"corrupt or unreadable video: {path} ({first_line(e, 200, with_type=False)})"
     return None
 
 
@@ -86,7 +81,7 @@ def require_qwen_vl_utils():
         from qwen_vl_utils import process_vision_info
     except Exception as e:
         from .errors import UserError
-        raise UserError(f"cannot import qwen-vl-utils ({type(e).__name__}: {str(e).splitlines()[0][:150]}); "
+        raise UserError(f"cannot import qwen-vl-utils ({first_line(e, 150)}); "
                         "install qwen-vl-utils and the torchvision that matches your torch") from None
     return process_vision_info
 
@@ -107,4 +102,4 @@ def load_vision(sample: Sample) -> Tuple[Optional[list], Optional[list]]:
             if problem:
                 raise SampleError(problem) from None
         media = ", ".join(sample.images + sample.videos)
-        raise SampleError(f"could not preprocess {media}: {_first_line(e)}") from None
+        raise SampleError(f"could not preprocess {media}: {first_line(e, 200, with_type=False)}") from None

@@ -1,10 +1,13 @@
 """Where a run writes, and the writers: result CSV, saved configuration, summary, debug records.
 
 Layout (names are stable; other tools read them):
-    <output_dir>/results/<task>/<model_name>/<data_type>/<task>_<model_name>_<data_type>_batch<bs>_tp<tp>_result.csv
+    <output_dir>/results/<task>/<model_name>/<variant>/<task>_<model_name>_<variant>_batch<bs>_tp<tp>_result.csv
     .../<same stem>_config.json     the run's configuration and library versions
     .../<same stem>_summary.json    the CSV's rows plus counts and timings, as JSON
-    <output_dir>/debug/<task>/<model_name>/<data_type>/output_<timestamp>.txt   one JSON object per sample
+    <output_dir>/debug/<task>/<model_name>/<variant>/output_<timestamp>.txt   one JSON object per sample
+    <output_dir>/records/<task>/<model_name>/<variant>/records_dp<replica>.jsonl   the resume records
+<variant> is the data type (bf16, fp16, fp32) for the default `engine` backend, and
+`<data type>_<backend>` for another one (bf16_hf), so runs of two backends never share files.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from .config.loader import EvalConfig, default_config_dir
 from .errors import UserError
+from .sample_record import SCHEMA_VERSION, SampleRecord, count_errors, count_unparsed
 from .tasks.base import ResultRow
 
 CSV_COLUMNS = ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value", "Errors", "Unparsed"]
@@ -28,6 +32,14 @@ CSV_COLUMNS = ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value", "Errors", 
 def default_output_dir(model_name: str, today: Optional[dt.date] = None) -> Path:
     today = today or dt.date.today()
     return default_config_dir().parent / "output" / today.isoformat() / "modeltest" / model_name / "precision_result"
+
+
+DEFAULT_BACKEND = "engine"
+
+
+def run_variant(data_type: str, backend: str) -> str:
+    """The folder/file-name part that tells runs of one model apart: bf16, or bf16_hf."""
+    return str(data_type) if backend == DEFAULT_BACKEND else f"{data_type}_{backend}"
 
 
 @dataclasses.dataclass
@@ -42,9 +54,10 @@ class RunPaths:
     @classmethod
     def for_run(cls, cfg: EvalConfig, tp: int = 1, timestamp: Optional[str] = None) -> "RunPaths":
         root = Path(cfg.run.output_dir) if cfg.run.output_dir else default_output_dir(cfg.model.model_name)
-        task, model, dtype = cfg.task.task_name, cfg.model.model_name, cfg.model.data_type
-        sub = Path(task) / model / str(dtype)
-        stem = f"{task}_{model}_{dtype}_batch{cfg.run.batch_size}_tp{tp}"
+        task, model = cfg.task.task_name, cfg.model.model_name
+        variant = run_variant(cfg.model.data_type, cfg.model.backend)
+        sub = Path(task) / model / variant
+        stem = f"{task}_{model}_{variant}_batch{cfg.run.batch_size}_tp{tp}"
         results = root / "results" / sub
         timestamp = timestamp or dt.datetime.now().strftime("%Y%m%d_%H%M%S")
         return cls(root=root, result_csv=results / f"{stem}_result.csv",
@@ -110,10 +123,33 @@ def config_record(cfg: EvalConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def write_debug_file(path: Path, records: List[Dict[str, Any]]) -> None:
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_debug_file(path: Path, records: List[SampleRecord]) -> None:
     """One JSON object per line per sample, in dataset order (written once, at the end)."""
     tmp = path.with_suffix(".txt.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def write_summary(paths: RunPaths, cfg: EvalConfig, rows: List[ResultRow], records: List[SampleRecord],
+                  computed: int, elapsed: float, tp: int, dp: int) -> None:
+    write_json(paths.summary_json, {
+        "task": cfg.task.task_name, "model_name": cfg.model.model_name, "backend": cfg.model.backend,
+        "rows": [dataclasses.asdict(r) for r in rows], "samples": len(records),
+        "computed": computed, "reused": len(records) - computed,
+        "errors": count_errors(records), "unparsed": count_unparsed(records),
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(computed / elapsed, 4) if elapsed and computed else None,
+        "tp": tp, "dp": dp, "record_schema": SCHEMA_VERSION,
+        "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),
+        "records_dir": str(paths.records_dir),
+    })

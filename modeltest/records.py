@@ -19,9 +19,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .errors import UserError
+from .sample_record import SampleRecord
 from .tasks.base import Sample
 
 
@@ -73,21 +74,21 @@ class RecordStore:
         self.folder.rename(aside)
         return aside
 
-    def load(self) -> Dict[str, Dict[str, Any]]:
-        """key -> record from every shard; a torn or corrupt line (a crash mid-write) is skipped."""
-        out: Dict[str, Dict[str, Any]] = {}
+    def load(self) -> Dict[str, SampleRecord]:
+        """key -> record from every shard; a torn or corrupt line (a crash mid-write), or a
+        record of a newer schema, is skipped (its sample is computed again)."""
+        out: Dict[str, SampleRecord] = {}
         for shard in sorted(self.folder.glob("records_*.jsonl")):
             with open(shard, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
+                        rec = SampleRecord.from_json(json.loads(line))
+                    except ValueError:   # JSONDecodeError is one
                         continue
-                    if isinstance(rec, dict) and "key" in rec:
-                        out[rec["key"]] = rec
+                    out[rec.key] = rec
         return out
 
-    def append(self, record: Dict[str, Any]) -> None:
+    def append(self, record: SampleRecord) -> None:
         """Write one record and fsync it: only then does the sample count as done."""
         try:
             if self._f is None:
@@ -96,7 +97,7 @@ class RecordStore:
                 self._f = open(self.path, "a", encoding="utf-8")
                 if torn:  # a crash cut the last line short: end it, so the next record starts clean
                     self._f.write("\n")
-            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as e:
@@ -108,6 +109,31 @@ class RecordStore:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+class ShardProgress:
+    """Counts the records other replicas append to their shards after it is created (rank 0's
+    progress bar covers every replica without any collective)."""
+
+    def __init__(self, folder: Path, shards: List[str]):
+        self.paths = [folder / f"records_{s}.jsonl" for s in shards]
+        self.offsets = {p: (p.stat().st_size if p.exists() else 0) for p in self.paths}
+        self.partial = {p: b"" for p in self.paths}
+        self.lines = 0
+
+    def count(self) -> int:
+        for p in self.paths:
+            try:
+                with open(p, "rb") as f:
+                    f.seek(self.offsets[p])
+                    data = f.read()
+            except OSError:
+                continue
+            self.offsets[p] += len(data)
+            text = self.partial[p] + data
+            *complete, self.partial[p] = text.split(b"\n")
+            self.lines += sum(1 for line in complete if line.rstrip().endswith(b"}"))
+        return self.lines
 
 
 def _last_byte(path: Path) -> bytes:

@@ -19,8 +19,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
+from .backends.base import Prepared
 from .config.schema import ModelConfig
 from .errors import SampleError, UserError
 from .tasks.base import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Sample
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from .backends import make_backend
+    from .backends import BackendSettings, make_backend
     from .config.loader import resolve_data_type
     from .device import resolve_device
 
@@ -114,57 +115,68 @@ def run(args) -> int:
         raise UserError("--backend hf runs in one process; use --backend engine for --world_size > 1")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     samples = build_samples(args)
-    backend = make_backend(mcfg, resolve_device(args.device), mcfg.data_type, max_batch_size=args.max_batch_size,
-                           max_input_length=args.max_input_length, max_output_length=args.max_output_length)
-    prepared, results = [], []
-    for s in samples:
+    settings = BackendSettings(model=mcfg, device=resolve_device(args.device), max_batch_size=args.max_batch_size,
+                               max_input_length=args.max_input_length, max_output_length=args.max_output_length)
+    backend = make_backend(settings)
+    # A file that cannot be read, or is too long, is that request's error; the others run.
+    prepared: List[Prepared] = []
+    errors: Dict[int, str] = {}
+    for i, s in enumerate(samples):
         try:
-            prepared.append(backend.prepare(s))
+            p = backend.prepare(s)
         except SampleError as e:
-            raise UserError(str(e)) from None
-    too_long = [p for p in prepared if p.input_length > args.max_input_length]
-    if too_long:
-        raise UserError(f"{too_long[0].sample.images or too_long[0].sample.videos}: input is {too_long[0].input_length} "
-                        f"tokens, over --max_input_length {args.max_input_length}")
+            errors[i] = str(e)
+            continue
+        if p.input_length > args.max_input_length:
+            errors[i] = f"input is {p.input_length} tokens, over --max_input_length {args.max_input_length}"
+            continue
+        prepared.append(p)
     start = time.perf_counter()
-    if args.backend == "engine":
-        outputs = backend.generate(prepared, args.max_output_length, ignore_eos=args.ignore_eos)
-    else:
-        outputs = []
-        for i in range(0, len(prepared), args.max_batch_size):
-            outputs += backend.generate(prepared[i:i + args.max_batch_size], args.max_output_length,
-                                        ignore_eos=args.ignore_eos)
+    outputs = backend.generate(prepared, args.max_output_length, ignore_eos=args.ignore_eos)
     elapsed = time.perf_counter() - start
     if not main_rank:
         return 0
-    generated = 0
-    for i, (p, o) in enumerate(zip(prepared, outputs)):
+    by_sample = {id(p.sample): (p, o) for p, o in zip(prepared, outputs)}
+    generated, results = 0, []
+    for i, s in enumerate(samples):
+        media = (s.images + s.videos or [None])[0]
+        p, o = by_sample.get(id(s), (None, None))
+        error = errors.get(i) or (o.error if o else None)
+        print(f"Question[{i}]: {s.prompt}")
+        if error:
+            print(f"Answer[{i}]: ERROR {error}")
+            results.append({"input": {"text": s.prompt, "media": media}, "output": None, "output_token_ids": [],
+                            "prefill_time": None, "decode_token_time": None, "e2e_time": None, "error": error})
+            continue
         n = len(o.token_ids)
         generated += n
-        print(f"Question[{i}]: {p.sample.prompt}")
         # JSON-quoted so that whitespace and control tokens in the answer stay visible.
-        print(f"Answer[{i}]: {json.dumps(o.text, ensure_ascii=False) if not o.error else 'ERROR ' + o.error}")
+        print(f"Answer[{i}]: {json.dumps(o.text, ensure_ascii=False)}")
         print(f"Generate[{i}] token num: {n}")
         decode_token = (o.decode_time / (n - 1)) if (o.decode_time is not None and n > 1) else None
-        results.append({"input": {"text": p.sample.prompt, "media": (p.sample.images + p.sample.videos or [None])[0]},
-                        "output": o.text, "output_token_ids": o.token_ids, "prefill_time": o.prefill_time,
-                        "decode_token_time": decode_token, "e2e_time": o.e2e_time, "error": o.error})
+        results.append({"input": {"text": s.prompt, "media": media}, "output": o.text, "output_token_ids": o.token_ids,
+                        "prefill_time": o.prefill_time, "decode_token_time": decode_token, "e2e_time": o.e2e_time,
+                        "error": None})
     print(f"Latency(s): {elapsed:.4f}")
-    print(f"Throughput(tokens/s): {generated / elapsed:.4f}")
+    print(f"Throughput(tokens/s): {generated / elapsed:.4f}" if elapsed > 0 else "Throughput(tokens/s): n/a")
+    if errors or any(o.error for o in outputs):
+        bad = len(errors) + sum(1 for o in outputs if o.error)
+        print(f"{bad} of {len(samples)} request(s) failed (see 'error' in the results file)", file=sys.stderr)
     out = Path(args.results_save_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"results: {out}")
-    if os.environ.get("ATB_LLM_BENCHMARK_ENABLE") == "1":
+    if os.environ.get("ATB_LLM_BENCHMARK_ENABLE") == "1" and prepared:
         write_benchmark(args, backend, prepared, outputs, elapsed)
     return 0
 
 
 def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
     """The reference's performance line and CSV (FORMATS.md §7)."""
-    if args.backend == "engine":
-        steps = backend.engine.step_times
-        prefill, decode = [t * 1000 for t in steps["prefill"]], [t * 1000 for t in steps["decode"]]
+    from .backends.engine import EngineBackend
+    if isinstance(backend, EngineBackend):
+        stats = backend.engine.stats()
+        prefill, decode = [t * 1000 for t in stats.prefill_times], [t * 1000 for t in stats.decode_times]
     else:  # transformers' generate does not expose its steps: only end-to-end is known
         prefill, decode = [], []
     prefill_time = prefill[0] if prefill else float("nan")

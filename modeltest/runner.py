@@ -1,48 +1,52 @@
-"""The evaluation loop: samples -> (background preprocessing) -> batches -> backend -> records.
+"""The evaluation loop: samples -> (background preprocessing) -> backend stream -> records.
 
-Every finished sample becomes one record (and one line in the debug file, flushed at once).
-A sample whose media cannot be read, whose input is too long, or whose batch fails on its own is
-recorded with an `error` and a score of 0; the run goes on.
+Every finished sample becomes one record, appended and fsync'd at once (records.py), so a crash
+never costs a finished sample. A sample whose media cannot be read, whose input is too long, or
+whose request fails on its own is recorded with an `error` and a score of 0; the run goes on.
+Scores are computed at the end from the stored outputs (Task.score_record), never in the loop.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from .backends import Backend, GenerationOutput, Prepared, make_backend
+from .backends import Backend, BackendSettings, GenerationOutput, Prepared, make_backend
 from .config.loader import EvalConfig
 from .device import resolve_device
-from .errors import Interrupted, SampleError, UserError
-from .engine.parallel import init_parallel
-from .outputs import RunPaths, config_record, write_debug_file, write_json, write_result_csv
-from .records import RecordStore, file_digest, run_identity, sample_key
+from .engine.parallel import ParallelContext, init_parallel
+from .errors import Interrupted, SampleError, UserError, first_line
+from .outputs import (RunPaths, config_record, read_json, write_debug_file, write_json, write_result_csv,
+                      write_summary)
+from .records import RecordStore, ShardProgress, file_digest, run_identity, sample_key
+from .sample_record import SampleRecord
 from .summary import print_summary
 from .tasks import TASKS
 from .tasks.base import ResultRow, Sample, Task
+
+# Set by modeltest's launcher (launch.py) in the processes it starts: the launcher reports an
+# interruption once, for every rank, so the workers stay quiet about it.
+LAUNCHED_ENV = "MODELTEST_LAUNCHED"
 
 
 @dataclass
 class RunResult:
     rows: List[ResultRow]
-    records: List[Dict[str, Any]]
+    records: List[SampleRecord]
     paths: RunPaths
 
 
 def max_new_tokens(cfg: EvalConfig) -> int:
     """The model's max_output_length, capped by the task's requested_max_output_length."""
     return min(cfg.model.mm_model.infer_params.max_output_length, cfg.task.requested_max_output_length)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
 def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: int,
@@ -76,8 +80,27 @@ def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: i
             try:
                 prepared, error = fut.result()
             except Exception as e:  # a preprocessing bug must not end the run either
-                prepared, error = None, f"preprocessing failed: {_first_line(e)}"
+                prepared, error = None, f"preprocessing failed: {first_line(e)}"
             yield sample, prepared, error
+
+
+def new_record(sample: Sample, key: str, output: Optional[GenerationOutput], error: Optional[str],
+               prepared: Optional[Prepared]) -> SampleRecord:
+    """What was computed for a sample, unscored (scores come from Task.score_record)."""
+    def sec(x: Optional[float]) -> Optional[float]:
+        return round(x, 6) if x is not None else None
+    if output is not None and output.error:
+        error, output = output.error, None
+    return SampleRecord(
+        id=sample.id, subject=sample.subject,
+        input={"prompt": sample.prompt, "images": sample.images, "videos": sample.videos},
+        output=output.text if output else None, gold=sample.gold, error=error,
+        e2e_time=sec(output.e2e_time) if output else None, queue_time=sec(output.queue_time) if output else None,
+        preprocess_time=sec(prepared.preprocess_time) if prepared else None,
+        input_tokens=output.input_length if output else (prepared.input_length if prepared else None),
+        output_tokens=len(output.token_ids) if output else None,
+        prefill_time=sec(output.prefill_time) if output else None,
+        choices=sample.choices, key=key)
 
 
 class Evaluator:
@@ -87,41 +110,18 @@ class Evaluator:
         self.backend = backend
         self.show_progress = show_progress
 
-    def record(self, sample: Sample, output: Optional[GenerationOutput], error: Optional[str],
-               prepared: Optional[Prepared]) -> Dict[str, Any]:
-        rec: Dict[str, Any] = {
-            "id": sample.id, "subject": sample.subject,
-            "input": {"prompt": sample.prompt, "images": sample.images, "videos": sample.videos},
-            "output": output.text if output else None,
-            "prediction": None, "gold": sample.gold, "score": 0.0, "error": error,
-            "e2e_time": round(output.e2e_time, 6) if output else None,
-            "preprocess_time": round(prepared.preprocess_time, 6) if prepared else None,
-            "input_tokens": (output.input_length if output else (prepared.input_length if prepared else None)),
-            "output_tokens": len(output.token_ids) if output else None,
-            "prefill_time": round(output.prefill_time, 6) if output and output.prefill_time is not None else None,
-        }
-        if sample.choices is not None:
-            rec["choices"] = sample.choices
-        if output is not None and error is None:
-            scored = self.task.score(sample, output.text)
-            rec["score"], rec["prediction"] = scored.score, scored.prediction
-            rec.update(scored.extra)
-        return rec
-
-    def run_batch(self, batch: List[Prepared], n_new: int) -> List[Tuple[Optional[GenerationOutput], Optional[str]]]:
-        try:
-            return [(None, o.error) if o.error else (o, None) for o in self.backend.generate(batch, n_new)]
-        except Exception as e:
-            if len(batch) == 1:
-                return [(None, f"inference failed: {_first_line(e)}")]
-            # Isolate the failing sample: run the batch one by one.
-            return [self.run_batch([p], n_new)[0] for p in batch]
+    def say(self, par: ParallelContext, text: str) -> None:
+        if par.is_main and self.show_progress:
+            print(text, flush=True)
 
     def run(self) -> RunResult:
         cfg = self.cfg
         samples = self.task.load_samples(cfg.run.limit)
         device = resolve_device(cfg.run.device)
         par = init_parallel(device, cfg.run.dp)
+        if cfg.run.tp is not None and cfg.run.tp != par.tp:
+            raise UserError(f"tp={cfg.run.tp} but {par.world_size} process(es) started for dp={par.dp}; "
+                            "start the run with `modeltest run` or scripts/mm_run.sh, which launch dp x tp processes")
         if cfg.model.backend == "hf" and par.tp > 1:
             raise UserError(f"backend hf runs one process per replica; tp={par.tp} needs model.backend=engine "
                             "(or use dp= for several hf replicas)")
@@ -141,26 +141,26 @@ class Evaluator:
         store = RecordStore(paths.records_dir, shard=f"dp{par.dp_rank}")
         if not cfg.run.resume and par.is_main:
             aside = store.reset()
-            if aside and self.show_progress:
-                print(f"resume=false: earlier records moved to {aside}")
+            if aside:
+                self.say(par, f"resume=false: earlier records moved to {aside}")
         par.barrier()
         done = store.load()
         todo = [(s, k) for s, k in zip(samples, keys) if k not in done]
         mine = todo[par.dp_rank::par.dp]
-        if par.is_main and self.show_progress and len(todo) < len(samples):
-            print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
-                  f"{paths.records_dir}; computing {len(todo)}")
+        if len(todo) < len(samples):
+            self.say(par, f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
+                          f"{paths.records_dir}; computing {len(todo)}")
 
         started = time.time()
         if mine and self.backend is None:
-            self.backend = make_backend(cfg.model, device, cfg.model.data_type, max_batch_size=cfg.run.batch_size,
-                                        max_input_length=cfg.task.requested_max_input_length,
-                                        max_output_length=n_new, tp_ctx=par.tp_ctx)
+            self.backend = self._load_backend(par, device, n_new)
         if par.is_main:
             write_json(paths.config_json, config_record(cfg, {
-                "backend": self.backend.describe() if self.backend else None, "max_new_tokens": n_new,
+                "backend": self._backend_facts(paths, device), "max_new_tokens": n_new,
                 "samples": len(samples), "tp": par.tp, "dp": par.dp}))
-        self._compute(mine, store, par, n_new)
+        progress = ShardProgress(paths.records_dir, [f"dp{r}" for r in range(par.dp) if r != par.dp_rank]) \
+            if par.is_main and par.dp > 1 else None
+        self._compute(mine, store, par, n_new, total=len(todo), others=progress)
         par.barrier()
         if not par.is_main:
             return RunResult(rows=[], records=[], paths=paths)
@@ -170,92 +170,92 @@ class Evaluator:
         if missing:
             raise UserError(f"{paths.records_dir}: {len(missing)} sample(s) have no record after the run "
                             f"(first: {missing[0]}); run the same command again to compute them")
-        records = [self.rescore(s, done[k]) for s, k in zip(samples, keys)]
+        records = [self.task.score_record(s, done[k]) for s, k in zip(samples, keys)]
         rows = self.task.aggregate(records)
         write_result_csv(paths.result_csv, rows)
         write_debug_file(paths.debug_file, records)
         elapsed = time.time() - started
-        write_json(paths.summary_json, {
-            "task": cfg.task.task_name, "model_name": cfg.model.model_name,
-            "rows": [r.__dict__ for r in rows], "samples": len(records),
-            "computed": len(todo), "reused": len(samples) - len(todo),
-            "errors": sum(1 for r in records if r["error"]),
-            "unparsed": sum(1 for r in records if not r["error"] and r["prediction"] is None),
-            "elapsed_s": round(elapsed, 3), "samples_per_s": round(len(todo) / elapsed, 4) if elapsed and todo else None,
-            "tp": par.tp, "dp": par.dp,
-            "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),
-            "records_dir": str(paths.records_dir),
-        })
+        write_summary(paths, cfg, rows, records, computed=len(todo), elapsed=elapsed, tp=par.tp, dp=par.dp)
         if self.show_progress:
             print_summary(cfg, rows, records, paths, elapsed)
         return RunResult(rows=rows, records=records, paths=paths)
 
-    def rescore(self, sample: Sample, rec: Dict[str, Any]) -> Dict[str, Any]:
-        """Scores come from the stored output and today's answer key, not from the record."""
-        rec = dict(rec)
-        rec["gold"] = sample.gold
-        if rec.get("error") is None and rec.get("output") is not None:
-            scored = self.task.score(sample, rec["output"])
-            rec["score"], rec["prediction"] = scored.score, scored.prediction
-            rec.update(scored.extra)
-        else:
-            rec["score"], rec["prediction"] = 0.0, None
-        return rec
+    def _load_backend(self, par: ParallelContext, device: str, n_new: int) -> Backend:
+        m = self.cfg.model
+        where = f"{device} x {par.world_size} (tp={par.tp}, dp={par.dp})" if par.world_size > 1 else device
+        self.say(par, f"loading {m.model_path} ({m.backend} backend, {m.data_type}) on {where} ...")
+        t0 = time.time()
+        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new), tp_ctx=par.tp_ctx)
+        self.say(par, f"loaded in {time.time() - t0:.1f}s")
+        return backend
 
-    def _compute(self, mine, store: RecordStore, par, n_new: int) -> int:
-        """Run this replica's unfinished samples; each is saved (fsync) as soon as it is done."""
+    def _backend_facts(self, paths: RunPaths, device: str) -> dict:
+        """What computes (or computed) this run's results, for the saved configuration: the loaded
+        backend's description; with nothing to compute, the one a previous run of these results
+        saved; failing that, what the configuration says."""
+        if self.backend is not None:
+            return self.backend.describe()
+        previous = read_json(paths.config_json)
+        if isinstance(previous, dict) and isinstance(previous.get("backend"), dict):
+            return previous["backend"]
+        return {"backend": self.cfg.model.backend, "device": device, "data_type": self.cfg.model.data_type,
+                "loaded": False}
+
+    def _compute(self, mine: List[Tuple[Sample, str]], store: RecordStore, par: ParallelContext, n_new: int,
+                 total: int, others: Optional[ShardProgress]) -> int:
+        """Run this replica's unfinished samples; each is saved (fsync) as soon as it is done.
+
+        The bar on rank 0 counts every replica's finished samples (`others` reads their shards)."""
         cfg = self.cfg
         key_of = {id(s): k for s, k in mine}
-        bar = tqdm(total=len(mine), desc=f"{cfg.task.task_name}", unit="sample",
-                   disable=not (self.show_progress and par.is_main) or not mine, dynamic_ncols=True)
+        bar = tqdm(total=total, desc=f"{cfg.task.task_name}", unit="sample", dynamic_ncols=True,
+                   disable=not (self.show_progress and par.is_main) or not total)
         count = 0
         # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
         throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
+        backend = self.backend
+        # Keep a batch waiting behind the running one, so a finished sequence's slot is refilled
+        # at once (engine) or the next batch is ready (hf).
+        keep = 2 * cfg.run.batch_size - 1
 
-        def finish(rec, sample):
+        def update_bar():
+            bar.n = count + (others.count() if others else 0)
+            bar.refresh()
+
+        def finish(sample: Sample, output: Optional[GenerationOutput], error: Optional[str],
+                   prepared: Optional[Prepared]) -> None:
             nonlocal count
-            rec["key"] = key_of[id(sample)]
+            rec = new_record(sample, key_of[id(sample)], output, error, prepared)
             if par.is_replica_leader:
                 store.append(rec)
             count += 1
-            bar.update(1)
+            update_bar()
             if throttle:
                 time.sleep(throttle)
 
-        pending: List[Prepared] = []
-
-        def flush():
-            for p, (out, err) in zip(pending, self.run_batch(pending, n_new)):
-                finish(self.record(p.sample, out, err, p), p.sample)
-            pending.clear()
-
-        streaming = hasattr(self.backend, "submit")
-
-        def drain(keep: int):
-            # Step the engine until at most `keep` requests are in it (deterministic on every rank).
-            while self.backend.pending() > keep:
-                for p, out in self.backend.step():
-                    finish(self.record(p.sample, None if out.error else out, out.error, p), p.sample)
+        def drain(limit: int) -> None:
+            # Step until at most `limit` samples are in the backend (deterministic on every rank).
+            while backend.pending() > limit:
+                for p, out in backend.step():
+                    finish(p.sample, out, None, p)
 
         try:
             if mine:
-                for sample, prepared, error in prepared_stream([s for s, _ in mine], self.backend,
+                for sample, prepared, error in prepared_stream([s for s, _ in mine], backend,
                                                                cfg.task.requested_max_input_length):
                     if prepared is None:
-                        finish(self.record(sample, None, error, None), sample)
+                        finish(sample, None, error, None)
                         continue
-                    if streaming:
-                        self.backend.submit(prepared, n_new)
-                        drain(2 * cfg.run.batch_size - 1)   # keep a batch waiting behind the running one
-                        continue
-                    pending.append(prepared)
-                    if len(pending) >= cfg.run.batch_size:
-                        flush()
-                if streaming:
-                    drain(0)
-                elif pending:
-                    flush()
+                    backend.submit(prepared, n_new)
+                    drain(keep)
+                drain(0)
+            # Rank 0 keeps the bar moving until every replica has finished its share.
+            while others is not None and bar.n < total:
+                time.sleep(0.2)
+                update_bar()
         except KeyboardInterrupt:
+            # A second Ctrl-C while the records are closed must not cut the message short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise Interrupted(f"interrupted: {count} finished sample(s) of this run are saved in {store.folder}; "
                               "run the same command again to resume") from None
         finally:

@@ -1,15 +1,16 @@
 """The coloured end-of-run table."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import List
 
 from tabulate import tabulate
 from termcolor import colored
 
+from .sample_record import SampleRecord, count_errors
 from .tasks.base import ResultRow
 
 
-def print_summary(cfg, rows: List[ResultRow], records: List[Dict[str, Any]], paths, elapsed: float) -> None:
+def print_summary(cfg, rows: List[ResultRow], records: List[SampleRecord], paths, elapsed: float) -> None:
     table = []
     for r in rows:
         value = "" if r.value is None else f"{100 * r.value:.2f}"
@@ -25,7 +26,7 @@ def print_summary(cfg, rows: List[ResultRow], records: List[Dict[str, Any]], pat
     if len(lines) > 2:
         lines[2] = colored(lines[2], "green", attrs=["bold"])  # the overall row
     print("\n".join(lines))
-    errors = sum(1 for r in records if r["error"])
+    errors = count_errors(records)
     if errors:
         print(colored(f"{errors} sample(s) recorded with errors (see 'error' in the debug file)", "yellow"))
     print(f"result csv : {paths.result_csv}")

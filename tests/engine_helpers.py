@@ -27,11 +27,41 @@ def processor_inputs(processor, content) -> dict:
 
 
 def make_request(name, inputs, max_new_tokens: int, ignore_eos: bool = True):
-    from modeltest.engine.engine import Request
-    return Request(id=name, input_ids=inputs["input_ids"][0].tolist(), max_new_tokens=max_new_tokens,
-                   pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
-                   pixel_values_videos=inputs.get("pixel_values_videos"), video_grid_thw=inputs.get("video_grid_thw"),
-                   ignore_eos=ignore_eos)
+    from modeltest.backends.engine import engine_request
+    return engine_request(name, inputs, max_new_tokens, ignore_eos)
+
+
+def prompt_logits(engine, req):
+    """Full-vocabulary logits [prompt_len, vocab] of one prompt, outside the step loop."""
+    from modeltest.engine.kv_cache import blocks_needed
+    alloc = engine.scheduler.allocator
+    req.blocks = alloc.allocate(blocks_needed(len(req.input_ids) + req.max_new_tokens, engine.cfg.block_size))
+    try:
+        return engine.runner.prompt_logits(req)
+    finally:
+        alloc.release(req.blocks)
+        req.blocks = []
+
+
+class RecordingSampler:
+    """Greedy, and calls on_step(requests, full logits [B, vocab]) at every pass (tests only)."""
+    capturable = False   # decode through the eager path, where the logits exist
+
+    def __init__(self, on_step):
+        self.on_step = on_step
+
+    def __call__(self, model, reqs, h):
+        self.on_step(reqs, model.full_logits(h).float())
+        return model.greedy(h).tolist()
+
+
+def record_steps(engine, on_step) -> None:
+    engine.runner.sampler = RecordingSampler(on_step)
+
+
+def all_blocks_free(engine) -> bool:
+    s = engine.stats()
+    return s.free_blocks == s.num_blocks
 
 
 def all_inputs(processor, demo_root: Path) -> Dict[str, dict]:
@@ -42,7 +72,7 @@ def run_cases(engine, inputs: Dict[str, dict], max_new_tokens: int = 6) -> dict:
     """Per case: prompt logits (last 4 positions) and greedy tokens alone; then all cases in one batch."""
     out = {"logits": {}, "alone": {}, "batch": {}}
     for name, inp in inputs.items():
-        out["logits"][name] = engine.prompt_logits(make_request(name, inp, max_new_tokens))[-4:].clone()
+        out["logits"][name] = prompt_logits(engine, make_request(name, inp, max_new_tokens))[-4:].clone()
         out["alone"][name] = engine.generate([make_request(name, inp, max_new_tokens)])[0].output_ids
     reqs = [make_request(name, inp, max_new_tokens - i % 3) for i, (name, inp) in enumerate(inputs.items())]
     for r in engine.generate(reqs):

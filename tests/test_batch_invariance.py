@@ -1,19 +1,29 @@
 """Outputs must not depend on the batch size (left padding, mixed lengths, mixed media sizes)."""
 import pytest
 
+from modeltest.backends import BackendSettings
 from modeltest.backends.hf import HFBackend
 from modeltest.config import load_config
 from modeltest.runner import Evaluator
 
 
 @pytest.fixture(scope="module")
-def backend(demo):
+def backends(demo):
+    """batch size -> an fp32 hf backend that runs batches of that size."""
     cfg = load_config("textvqa", "qwen2_vl", [f"model.model_path={demo.model}",
                                               f"task.local_dataset_path={demo.textvqa_jsonl}"])
-    return HFBackend(cfg.model, "cpu", "fp32")
+    cfg.model.data_type = "fp32"
+    made = {}
+
+    def get(batch_size):
+        if batch_size not in made:
+            made[batch_size] = HFBackend(BackendSettings(model=cfg.model, device="cpu", max_batch_size=batch_size))
+        return made[batch_size]
+    return get
 
 
-def outputs(demo, backend, tmp_path, task, batch_size):
+def outputs(demo, backends, tmp_path, task, batch_size):
+    backend = backends(batch_size)
     data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
     overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", f"batch_size={batch_size}",
                  f"output_dir={tmp_path / f'{task}_{batch_size}'}", "max_output_length=8"]
@@ -21,14 +31,14 @@ def outputs(demo, backend, tmp_path, task, batch_size):
         overrides.append("task.subject_mapping=null")
     cfg = load_config(task, "qwen2_vl", overrides)
     result = Evaluator(cfg, backend=backend, show_progress=False).run()
-    return {r["id"]: (r["output"], r["score"]) for r in result.records}, result.rows
+    return {r.id: (r.output, r.score) for r in result.records}, result.rows
 
 
 @pytest.mark.parametrize("task,sizes", [("textvqa", (1, 3, 8)), ("videobench", (1, 4))])
-def test_same_outputs_whatever_the_batch_size(demo, backend, tmp_path, task, sizes):
-    base, base_rows = outputs(demo, backend, tmp_path, task, sizes[0])
+def test_same_outputs_whatever_the_batch_size(demo, backends, tmp_path, task, sizes):
+    base, base_rows = outputs(demo, backends, tmp_path, task, sizes[0])
     assert len({o for o, _ in base.values()}) > 1 or task == "videobench"  # outputs differ between prompts
     for bs in sizes[1:]:
-        other, rows = outputs(demo, backend, tmp_path, task, bs)
+        other, rows = outputs(demo, backends, tmp_path, task, bs)
         assert other == base, f"batch_size={bs} changed outputs"
         assert [(r.tasks, r.value) for r in rows] == [(r.tasks, r.value) for r in base_rows]

@@ -153,3 +153,26 @@ def test_unknown_preset_is_a_clear_error(bench_cache):
     from modeltest.errors import UserError
     with pytest.raises(UserError, match="--preset huge: unknown; choose one of tiny, mid, 2b, 7b"):
         run_bench(["--preset", "huge"])
+
+
+def test_half_built_preset_folder_is_rebuilt(tmp_path, monkeypatch):
+    """An interrupted earlier build left weights but no processor files: detected and rebuilt,
+    and a build that fails leaves no folder that looks finished."""
+    from modeltest.bench import presets
+    monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
+    half = tmp_path / "tiny-seed0"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 64)          # weights only, no processor files
+    out = presets.preset_checkpoint("tiny", 0)
+    assert out == half and (out / presets.COMPLETE_MARKER).is_file()
+    assert (out / "preprocessor_config.json").is_file() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary folder left
+
+    def broken(folder, *a, **kw):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(presets, "build_tiny_qwen2vl", broken)
+    with pytest.raises(KeyboardInterrupt):
+        presets.preset_checkpoint("tiny", 1)
+    assert not (tmp_path / "tiny-seed1").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -42,7 +42,8 @@ def test_overrides_and_defaults(cfg_dir, weights, data):
     assert cfg.run.batch_size == 8 and cfg.run.limit == 50 and cfg.run.output_dir == "/tmp/x"
     assert cfg.model.mm_model.infer_params.max_output_length == 12
     assert cfg.model.data_type == "bf16"  # from config.json torch_dtype
-    assert cfg.model.mm_model.prompt_suffix == " Answer the question using a single word or phrase."
+    assert cfg.model.mm_model.prompt_suffix is None   # the task's own
+    assert cfg.task.prompt_suffix == " Answer the question using a single word or phrase."
 
 
 def test_unprefixed_unique_key(cfg_dir, weights, data):

@@ -7,7 +7,8 @@ from modeltest.metrics import extract_choice, vqa_accuracy
 
 from conftest import read_csv, read_debug, run_mm
 
-DEBUG_KEYS = {"id", "output", "input", "e2e_time", "gold", "score", "error"}
+DEBUG_KEYS = {"id", "subject", "input", "output", "prediction", "gold", "score", "error", "e2e_time", "queue_time",
+              "preprocess_time", "input_tokens", "output_tokens", "prefill_time", "key", "schema"}
 
 
 def test_textvqa_end_to_end(demo, tmp_path):
@@ -123,6 +124,53 @@ def test_a_tensor_parallel_size_the_model_cannot_use(demo, tmp_path):
     assert proc.stderr.strip() == ("modeltest: error: tensor parallel size 3 cannot split 2 KV heads (4 query heads): "
                                    "one of them must divide the other; use a world size that divides or is a "
                                    "multiple of 2")
+
+
+def test_corrupt_weights_are_one_line_naming_the_file(demo, tmp_path):
+    """A truncated model.safetensors: both backends (mm_run.sh) and run_pa.sh say which file, in
+    one line, with no traceback."""
+    import shutil
+    import subprocess
+    import sys
+    from conftest import REPO
+    broken = tmp_path / "weights"
+    shutil.copytree(demo.model, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    for backend in ("engine", "hf"):
+        proc = run_mm("textvqa", [f"model.model_path={broken}", f"task.local_dataset_path={demo.textvqa_jsonl}",
+                                  f"output_dir={tmp_path / backend}", f"model.backend={backend}"], check=False)
+        assert proc.returncode == 2, proc.stderr
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert err[0].startswith(f"modeltest: error: {weights}: not a readable safetensors file") and \
+            "truncated or corrupt" in err[0]
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_pa.sh"), "--model_path", str(broken)],
+                          capture_output=True, text=True, env=dict(__import__("os").environ, MODELTEST_PYTHON=sys.executable))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"run_pa: error: {weights}: not a readable safetensors file")
+
+
+def test_loading_says_what_and_where(demo, tmp_path):
+    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
+                              f"output_dir={tmp_path}", "limit=1", "max_output_length=2"])
+    assert f"loading {demo.model} (engine backend, fp32) on cpu ..." in proc.stdout
+    assert "loaded in" in proc.stdout
+
+
+def test_e2e_time_is_the_requests_own_time_and_queue_time_is_separate(demo, tmp_path):
+    """batch_size=1 keeps a second sample waiting behind the running one: its waiting is
+    queue_time, not e2e_time, so the e2e times add up to no more than the run's wall time."""
+    out = tmp_path / "out"
+    run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
+                       f"output_dir={out}", "batch_size=1", "max_output_length=6"])
+    records = read_debug(out, "textvqa")
+    summary = json.loads(next((out / "results").rglob("*_summary.json")).read_text())
+    assert all(r["queue_time"] >= 0 and r["e2e_time"] > 0 and r["schema"] == 2 for r in records)
+    assert sum(r["e2e_time"] for r in records) <= summary["elapsed_s"]
+    assert sum(r["queue_time"] for r in records) > 0.3 * sum(r["e2e_time"] for r in records)
+    assert all(r["prefill_time"] <= r["e2e_time"] for r in records)
 
 
 def test_unwritable_output_dir(demo, tmp_path):

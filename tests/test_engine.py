@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import all_inputs, make_request
+from engine_helpers import all_blocks_free, all_inputs, make_request, prompt_logits, record_steps
 from modeltest.engine.engine import EngineConfig, LLMEngine
 from modeltest.engine.parallel import TPContext, head_layout
 from modeltest.errors import UserError
@@ -55,7 +55,7 @@ def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, de
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(torch.float32)).eval()
     engine = make_engine(model_path)
     steps = {}
-    engine.logits_hook = lambda reqs, logits: [steps.setdefault(r.id, []).append(l) for r, l in zip(reqs, logits)]
+    record_steps(engine, lambda reqs, logits: [steps.setdefault(r.id, []).append(l) for r, l in zip(reqs, logits)])
     n_new = 8
     for name, inp in all_inputs(processor, demo.root).items():
         with torch.no_grad():
@@ -63,7 +63,7 @@ def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, de
             gen = hf.generate(**inp, generation_config=GenerationConfig(do_sample=False, max_new_tokens=n_new,
                                                                         eos_token_id=None, pad_token_id=151643),
                               output_scores=True, return_dict_in_generate=True)
-        ours = engine.prompt_logits(make_request(name, inp, n_new))
+        ours = prompt_logits(engine, make_request(name, inp, n_new))
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() < 1e-4, name
         out = engine.generate([make_request(name, inp, n_new)])[0]
@@ -81,7 +81,7 @@ def test_mixed_batch_equals_each_alone(model_path, processor, demo):
     alone = {n: engine.generate([make_request(n, i, 6)])[0].output_ids for n, i in inputs.items()}
     reqs = [make_request(n, i, 6) for n, i in inputs.items()]
     assert {r.id: r.output_ids for r in engine.generate(reqs)} == alone
-    assert engine.allocator.num_free == engine.num_blocks
+    assert all_blocks_free(engine)
 
 
 def test_continuous_batching_and_small_blocks_give_the_same_tokens(demo, odd_model):
@@ -94,7 +94,7 @@ def test_continuous_batching_and_small_blocks_give_the_same_tokens(demo, odd_mod
     # Two sequences at a time, 4-token blocks, a cache with room for about two requests only.
     engine = make_engine(odd_model, max_batch_size=2, block_size=4, kv_cache_tokens=2 * 340)
     trace = []
-    engine.logits_hook = lambda reqs, logits: trace.append([r.id for r in reqs])
+    record_steps(engine, lambda reqs, logits: trace.append([r.id for r in reqs]))
     reqs = [make_request(n, inputs[n], lengths[n]) for n in inputs]
     assert {r.id: r.output_ids for r in engine.generate(reqs)} == alone
     assert max(len(step) for step in trace) <= 2
@@ -102,7 +102,7 @@ def test_continuous_batching_and_small_blocks_give_the_same_tokens(demo, odd_mod
     last = {n: max(i for i, s in enumerate(trace) if n in s) for n in inputs}
     # "two_images" joined while "text" was still decoding: continuous batching, not static batches.
     assert first["two_images"] < last["text"]
-    assert engine.allocator.num_free == engine.num_blocks
+    assert all_blocks_free(engine)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,13 +116,13 @@ def test_onednn_packed_weights_match_plain_weights(demo, dtype):
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     packed = make_engine(demo.model, dtype=dtype)
     plain = make_engine(demo.model, dtype=dtype, onednn_weights=False)
-    linears = [m for m in packed.model.modules() if isinstance(m, _Linear)]
+    linears = [m for m in packed.runner.model.modules() if isinstance(m, _Linear)]
     assert linears and all(m.packed is not None for m in linears)
-    assert not any(m.packed is not None for m in plain.model.modules() if isinstance(m, _Linear))
+    assert not any(m.packed is not None for m in plain.runner.model.modules() if isinstance(m, _Linear))
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for name, inp in inputs.items():
-        a = packed.prompt_logits(make_request(name, inp, 6))
-        b = plain.prompt_logits(make_request(name, inp, 6))
+        a = prompt_logits(packed, make_request(name, inp, 6))
+        b = prompt_logits(plain, make_request(name, inp, 6))
         assert (a - b).abs().max().item() < tol, name
     reqs = {e: [make_request(n, i, 6) for n, i in inputs.items()] for e in ("packed", "plain")}
     packed.generate(reqs["packed"])
@@ -195,8 +195,8 @@ def test_newer_checkpoint_naming_loads(demo, tmp_path):
     save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
     from transformers import AutoProcessor
     inp = all_inputs(AutoProcessor.from_pretrained(src), demo.root)["image"]
-    a = make_engine(src).prompt_logits(make_request("x", inp, 1))
-    b = make_engine(dst).prompt_logits(make_request("x", inp, 1))
+    a = prompt_logits(make_engine(src), make_request("x", inp, 1))
+    b = prompt_logits(make_engine(dst), make_request("x", inp, 1))
     assert torch.equal(a, b)
 
 

@@ -1,4 +1,6 @@
 """Both harness tasks give the same outputs and scores on the engine backend as on hf."""
+import json
+
 import pytest
 
 from modeltest.config import load_config
@@ -8,7 +10,7 @@ from modeltest.runner import Evaluator
 def run(demo, tmp_path, task, backend):
     data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
     overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", "batch_size=3",
-                 f"output_dir={tmp_path / backend}", "max_output_length=6", f"model.backend={backend}"]
+                 f"output_dir={tmp_path}", "max_output_length=6", f"model.backend={backend}"]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
     result = Evaluator(load_config(task, "qwen2_vl", overrides), show_progress=False).run()
@@ -19,12 +21,19 @@ def run(demo, tmp_path, task, backend):
 def test_engine_and_hf_agree(demo, tmp_path, task):
     hf = run(demo, tmp_path, task, "hf")
     engine = run(demo, tmp_path, task, "engine")
-    assert [(r["id"], r["output"], r["score"]) for r in engine.records] == \
-        [(r["id"], r["output"], r["score"]) for r in hf.records]
+    assert [(r.id, r.output, r.score) for r in engine.records] == [(r.id, r.output, r.score) for r in hf.records]
     assert [(r.tasks, r.total, r.passed, r.value) for r in engine.rows] == \
         [(r.tasks, r.total, r.passed, r.value) for r in hf.rows]
-    assert all(r["prefill_time"] is not None for r in engine.records)
+    assert all(r.prefill_time is not None for r in engine.records)
     assert engine.paths.result_csv.read_text() == hf.paths.result_csv.read_text()
+    # One output_dir for both: each backend has its own files and records, and neither reused
+    # the other's samples.
+    assert hf.paths.result_csv.name == f"{task}_qwen2_vl_fp32_hf_batch3_tp1_result.csv"
+    assert engine.paths.result_csv.name == f"{task}_qwen2_vl_fp32_batch3_tp1_result.csv"
+    assert hf.paths.records_dir != engine.paths.records_dir and hf.paths.result_csv.is_file()
+    for name, result in (("hf", hf), ("engine", engine)):
+        saved = json.loads(result.paths.summary_json.read_text())
+        assert saved["backend"] == name and saved["computed"] == len(result.records)
 
 
 def test_tensor_parallel_harness_run_matches_single_process(demo, tmp_path):

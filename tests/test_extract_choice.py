@@ -12,6 +12,8 @@ CHOICES = {"A": "a dog", "B": "a cat", "C": "a bird", "D": "nothing"}
     ("The answer is B.", "B"), ("b", "B"), ("(c)", "C"), ("the answer is c", "C"), ("ASSISTANT: D", "D"),
     ("C.<|im_end|>", "C"), ("  A\n", "A"), ("a cat", "B"), ("A Cat.", "B"), ("Nothing", "D"),
     ("B, because a cat is visible", "B"),
+    # a short sentence naming exactly one option letter as a standalone word
+    ("I think C fits best.", "C"), ("Probably D here", "D"), ("I would go with B since it flies", "B"),
 ])
 def test_reads_an_option(text, expected):
     assert extract_choice(text, CHOICES) == expected
@@ -25,6 +27,10 @@ def test_reads_an_option(text, expected):
     "I do not know", "", "E",                  # no option / not a valid letter here
     "a cat and a dog",                          # option texts, but more than one
     "Eva Eva Eva",
+    "I think C or D fits best.",               # two letters
+    "I think B fits, maybe C",                 # two standalone letters
+    "A bird, I think",                         # the article again
+    "C-3PO is there",                          # a letter inside a word
 ])
 def test_returns_none(text):
     assert extract_choice(text, CHOICES) is None

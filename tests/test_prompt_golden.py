@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from modeltest.config.schema import ModelConfig, TextVQATaskConfig, VideoBenchTaskConfig
+from modeltest.config.schema import ModelConfig
+from modeltest.tasks.textvqa import TextVQATaskConfig
+from modeltest.tasks.videobench import VideoBenchTaskConfig
 from modeltest.media import load_processor, load_vision, prompt_text
 from modeltest.tasks.textvqa import TextVQATask
 from modeltest.tasks.videobench import VideoBenchTask

@@ -24,12 +24,15 @@ def shard_lines(out):
     return sum(1 for p in (out / "records").rglob("records_*.jsonl") for line in p.read_text().splitlines() if line.endswith("}"))
 
 
-def start(demo, out, *extra, slow="0.6"):
+def start(demo, out, *extra, slow="0.6", sigint=signal.SIG_DFL):
+    """mm_run.sh in its own process group (a terminal's Ctrl-C reaches the whole group), with
+    SIGINT's disposition set as a parent would leave it: default, or ignored (a background job
+    of a script, some CI runners) — whatever this test process itself inherited."""
     env = dict(os.environ, MODELTEST_PYTHON=sys.executable, MODELTEST_SLOW_SAMPLE_S=slow)
     return subprocess.Popen(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl",
                              *overrides(demo, out, "batch_size=1", *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
 
 
 def wait_for_records(proc, out, n, timeout=120):
@@ -68,9 +71,10 @@ def test_sigkill_then_resume_recomputes_only_unfinished(demo, tmp_path, referenc
     assert len({r["id"] for r in records}) == 8
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(demo, tmp_path, reference):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(demo, tmp_path, reference, inherited):
     out = tmp_path / "out"
-    proc = start(demo, out)
+    proc = start(demo, out, sigint=inherited)
     wait_for_records(proc, out, 2)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -83,9 +87,59 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(demo, tmp_path, reference):
     assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
 
 
+def test_ctrl_c_with_several_processes_is_one_message_with_the_total(demo, tmp_path, reference):
+    """dp=2 under torchrun: one line counting both replicas' saved samples, exit 130, no
+    launcher traceback; the next run reuses exactly those."""
+    out = tmp_path / "out"
+    proc = start(demo, out, "dp=2")
+    wait_for_records(proc, out, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    saved = shard_lines(out)
+    assert lines == [f"modeltest: interrupted: {saved} finished sample(s) of this run are saved in "
+                     f"{out / 'records' / 'textvqa' / 'qwen2_vl' / 'fp32'}; run the same command again to resume"]
+    run_mm("textvqa", overrides(demo, out))
+    assert summary(out)["reused"] == saved
+    assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
+
+
+def test_modeltest_run_with_tp_launches_its_processes(demo, tmp_path, reference):
+    """`modeltest run ... tp=2` typed directly (not through mm_run.sh) runs two processes."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "modeltest", "run", "textvqa", "qwen2_vl",
+                           *overrides(demo, out, "tp=2")], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, MASTER_PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, path = read_csv(out, "textvqa")
+    assert path.name.endswith("_tp2_result.csv") and summary(out)["tp"] == 2
+    assert [r["output"] for r in read_debug(out, "textvqa")] == [r["output"] for r in read_debug(reference, "textvqa")]
+
+
+def test_fully_resumed_run_keeps_what_computed_the_results(demo, tmp_path):
+    out = tmp_path / "out"
+    run_mm("textvqa", overrides(demo, out))
+    config = next((out / "results").rglob("*_config.json"))
+    first = json.loads(config.read_text())["backend"]
+    assert first["backend"] == "engine" and first["kv_cache_tokens"] > 0
+    run_mm("textvqa", overrides(demo, out))
+    assert summary(out)["computed"] == 0
+    assert json.loads(config.read_text())["backend"] == first
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_data_parallel_equals_single_and_records_move_between_layouts(demo, tmp_path, reference):
     out = tmp_path / "dp2"
-    run_mm("textvqa", overrides(demo, out, "dp=2", "batch_size=3"))
+    proc = run_mm("textvqa", overrides(demo, out, "dp=2", "batch_size=3"))
+    assert "8/8" in proc.stderr          # rank 0's progress bar counts both replicas' samples
     assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()
     assert {p.name for p in (out / "records").rglob("*.jsonl")} == {"records_dp0.jsonl", "records_dp1.jsonl"}
     debug = read_debug(out, "textvqa")

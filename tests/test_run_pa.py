@@ -67,3 +67,22 @@ def test_bad_arguments_are_one_line_errors(demo, tmp_path):
     assert proc.returncode == 2 and "has no config.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_pa(["--model_path", str(demo.model), "--input_image", str(tmp_path / "missing.png")], check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_one_bad_file_in_a_folder_is_that_requests_error(demo, tmp_path):
+    """A corrupt image in --dataset_path: its entry in results.json has `error`, the rest run."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    shutil.copy(demo.root / "textvqa" / "images" / "demo_000.jpg", folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"not a jpeg at all")
+    shutil.copy(demo.root / "textvqa" / "images" / "demo_001.jpg", folder / "c.jpg")
+    res = tmp_path / "r.json"
+    proc = run_pa(["--model_path", str(demo.model), "--dataset_path", str(folder), "--max_output_length", "4",
+                   "--results_save_path", str(res)], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "1 of 3 request(s) failed" in proc.stderr
+    results = json.loads(res.read_text())
+    assert [r["input"]["media"].rsplit("/", 1)[-1] for r in results] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert results[0]["error"] is None and results[2]["error"] is None and results[0]["output_token_ids"]
+    assert "b.jpg" in results[1]["error"] and results[1]["output"] is None
+    assert "Answer[1]: ERROR" in proc.stdout

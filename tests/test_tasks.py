@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from modeltest.config.schema import ModelConfig, TextVQATaskConfig, VideoBenchTaskConfig
+from modeltest.config.schema import ModelConfig
+from modeltest.tasks.textvqa import TextVQATaskConfig
+from modeltest.tasks.videobench import VideoBenchTaskConfig
 from modeltest.errors import UserError
 from modeltest.tasks.textvqa import TextVQATask
 from modeltest.tasks.videobench import VideoBenchTask, build_prompt
@@ -100,7 +102,8 @@ def test_videobench_subject_selection_and_limit(data_copy):
     qa = data_copy / "videobench" / "Eval_QA"
     samples = videobench(qa, subject_mapping={"MSVD": {"name": "MSVD"}, "NBA": None}).load_samples(limit=1)
     assert [(s.subject, s.id) for s in samples] == [("MSVD", "msvd_yellow_0"), ("NBA", "nba_green_0")]
-    with pytest.raises(UserError, match=r"unknown subject\(s\) TVQA; available in .*: ActivityNet, Driving-exam"):
+    with pytest.raises(UserError, match=r"subject\(s\) TVQA have no \{Subject\}_QA_new.json in .* \(there: ActivityNet, "
+                                        r"Driving-exam.*\); run every subject on disk with task.subject_mapping=null"):
         videobench(qa, subject_mapping={"TVQA": {"name": "TVQA"}}).load_samples()
 
 

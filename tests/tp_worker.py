@@ -21,7 +21,7 @@ def main(model: str, demo_root: str, out: str) -> None:
                                     max_output_length=16, block_size=16), tp)
     results = run_cases(engine, all_inputs(AutoProcessor.from_pretrained(model), Path(demo_root)))
     results["world_size"] = tp.world_size
-    results["layout"] = [engine.model.layout.kv_heads, engine.model.layout.q_heads]
+    results["layout"] = [engine.runner.model.layout.kv_heads, engine.runner.model.layout.q_heads]
     if tp.rank == 0:
         torch.save(results, out)
 

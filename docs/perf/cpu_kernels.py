@@ -8,7 +8,7 @@
 2. Vision-tower GEMM throughput at textvqa batch shape (8 images x 768 patches).
 3. Attention: the vision tower's (8 images x 10 heads x 768 patches) and the language model's
    prefill (8 x 12 heads x 490 tokens, causal vs not) in PyTorch's CPU SDPA kernel.
-4. The vision rope at textvqa shape: q and k one at a time over the whole batch (until session 3)
+4. The vision rope at textvqa shape: q and k one at a time over the whole batch (the former way)
    vs `rope_qk_` (both together, 256-row chunks); the SDPA kernel at fp32, and the pieces of a
    "math" attention (QK^T by bmm, softmax).
 5. A whole engine decode step on the `mid` checkpoint, packed vs plain weights (median of 40).
@@ -97,7 +97,7 @@ def engine_textvqa_profile():
     from modeltest.bench.workloads import WorkloadSpec, build_inputs
     path = preset_checkpoint("mid")
     inputs = build_inputs(AutoProcessor.from_pretrained(path), WorkloadSpec("textvqa", 8, 8))
-    runner = EngineRunner(path, torch.bfloat16, "cpu", 8, 1024, 16)
+    runner = EngineRunner(path, "bf16", "cpu", 8, 1024, 16)
     runner.run(inputs, 8, 8)
     with profile() as prof:
         runner.run(inputs, 8, 8)
@@ -111,23 +111,23 @@ def engine_textvqa_profile():
 
 def decode_step():
     from modeltest.bench.presets import preset_checkpoint
-    from modeltest.engine.engine import EngineConfig, LLMEngine, Request
+    from modeltest.engine.engine import EngineConfig, LLMEngine, Request, SamplingParams
     from modeltest.engine.parallel import init_distributed
     path, tp = preset_checkpoint("mid"), init_distributed("cpu")
     for pack in (False, True):
         eng = LLMEngine(EngineConfig(model_path=str(path), dtype=torch.bfloat16, max_batch_size=8,
                                      max_input_length=256, max_output_length=160, onednn_weights=pack), tp)
         for b in (1, 8):
-            for r in [Request(id=i, input_ids=list(range(100 + i, 170 + i)), max_new_tokens=60, ignore_eos=True)
-                      for i in range(b)]:
+            for r in [Request(id=i, input_ids=list(range(100 + i, 170 + i)),
+                              params=SamplingParams(max_new_tokens=60, ignore_eos=True)) for i in range(b)]:
                 eng.add_request(r)
             for _ in range(10):
                 eng.step()
-            eng.step_times["decode"] = []
+            seen = len(eng.stats().decode_times)
             for _ in range(40):
                 eng.step()
             print(f"engine decode step, mid, batch {b}, {'packed' if pack else 'plain'}: "
-                  f"{statistics.median(eng.step_times['decode']) * 1e3:.1f} ms")
+                  f"{statistics.median(eng.stats().decode_times[seen:]) * 1e3:.1f} ms")
             while eng.has_work():
                 eng.step()
 

@@ -1,21 +1,43 @@
-"""The inference backend interface the harness feeds.
+"""The inference backend contract the harness, run_pa and the benchmark feed.
 
-A backend turns samples into model inputs (`prepare`, CPU work that may run in a background
-thread and may raise SampleError) and runs greedy generation on a batch of prepared inputs
-(`generate`). The `hf` backend implements it with transformers; the project's own inference
-core implements the same interface.
+A backend turns samples into model inputs (`prepare`: CPU work that may run in a background
+thread and may raise SampleError) and generates greedily for them as a stream:
+
+    submit(prepared, max_new_tokens)   hand over one sample's input
+    step()                             do some work; return the (prepared, output) pairs that ended
+    pending()                          how many submitted samples have not come back yet
+
+The `engine` backend streams into our inference core (continuous batching: a finished
+sequence's slot is refilled at the next step); the `hf` backend runs transformers' generate on
+batches of `max_batch_size` queued samples, one batch per step. `generate` runs a list to
+completion through the same three methods.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
-
-import torch
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..config.schema import ModelConfig
+from ..device import TORCH_DTYPES
 from ..tasks.base import Sample
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+@dataclass
+class BackendSettings:
+    """Everything a backend is built from. The harness builds it from the evaluation config
+    (`from_eval`); run_pa and the benchmark build it from their own arguments."""
+    model: ModelConfig            # model_path, backend, data_type (resolved), block_size, chat template
+    device: str                   # npu | cuda | cpu (resolved)
+    max_batch_size: int = 8
+    max_input_length: int = 4096
+    max_output_length: int = 256
+
+    @classmethod
+    def from_eval(cls, cfg, device: str, max_new_tokens: int) -> "BackendSettings":
+        """cfg: an EvalConfig. The batch size is the run's; the limits are the task's."""
+        return cls(model=cfg.model, device=device, max_batch_size=cfg.run.batch_size,
+                   max_input_length=cfg.task.requested_max_input_length, max_output_length=max_new_tokens)
 
 
 @dataclass
@@ -23,8 +45,9 @@ class Prepared:
     """One sample's model input before batching."""
     sample: Sample
     text: str                          # the prompt after the chat template, placeholders unexpanded
-    images: Optional[list] = None      # PIL images from qwen-vl-utils
-    videos: Optional[list] = None      # float tensors [T, C, H, W] from qwen-vl-utils
+    images: Optional[list] = None      # PIL images from qwen-vl-utils (hf: processed with the batch)
+    videos: Optional[list] = None      # float tensors [T, C, H, W] from qwen-vl-utils (hf)
+    inputs: Optional[Dict[str, Any]] = None   # the processor's tensors for this sample alone (engine)
     preprocess_time: float = 0.0
     input_length: int = 0              # prompt tokens with the vision placeholders expanded
 
@@ -34,29 +57,62 @@ class GenerationOutput:
     text: str                          # decoded new tokens, up to (not including) the stop token
     token_ids: List[int] = field(default_factory=list)
     input_length: int = 0              # prompt tokens, vision placeholders expanded
-    e2e_time: float = 0.0              # seconds for the batch this sample ran in
-    prefill_time: Optional[float] = None
-    decode_time: Optional[float] = None
+    # Seconds this request spent being computed: from its admission into the engine (hf: the
+    # start of its batch) to its last token. Excludes queue_time.
+    e2e_time: float = 0.0
+    queue_time: float = 0.0            # seconds from submit() until its computation started
+    prefill_time: Optional[float] = None   # the prefill pass it was in (engine)
+    decode_time: Optional[float] = None    # the decode passes it was in, summed (engine)
     error: Optional[str] = None        # this request failed alone (e.g. too long); others ran
 
 
-class Backend:
+Completed = Tuple[Prepared, GenerationOutput]
+
+
+class Backend(abc.ABC):
     name = ""
-    rank = 0           # tensor-parallel rank of this process (engine backend under torchrun)
-    world_size = 1
 
-    def __init__(self, model_cfg: ModelConfig, device: str, data_type: str):
-        self.model_cfg = model_cfg
-        self.device = device
-        self.data_type = data_type
-        self.dtype = TORCH_DTYPES[data_type]
+    def __init__(self, settings: BackendSettings):
+        self.settings = settings
+        self.model_cfg = settings.model
+        self.device = settings.device
+        self.data_type = settings.model.data_type
+        self.dtype = TORCH_DTYPES[self.data_type]
 
+    @property
+    def rank(self) -> int:
+        """Tensor-parallel rank of this process within its replica (0 without torchrun)."""
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @abc.abstractmethod
     def prepare(self, sample: Sample) -> Prepared:
-        raise NotImplementedError
+        """The model input of one sample; raises SampleError for a bad image/video."""
+
+    @abc.abstractmethod
+    def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
+        """Queue one sample; `ignore_eos` forces exactly max_new_tokens tokens (benchmarks)."""
+
+    @abc.abstractmethod
+    def step(self) -> List[Completed]:
+        """Do one unit of work; return the submitted samples that ended in it, with outputs."""
+
+    @abc.abstractmethod
+    def pending(self) -> int:
+        """Submitted samples not yet returned by step()."""
 
     def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
-        """Greedy generation; `ignore_eos` forces exactly max_new_tokens tokens (benchmarks)."""
-        raise NotImplementedError
+        """Run `batch` to completion; outputs in the given order."""
+        for p in batch:
+            self.submit(p, max_new_tokens, ignore_eos)
+        done: Dict[int, GenerationOutput] = {}
+        while self.pending():
+            for p, out in self.step():
+                done[id(p)] = out
+        return [done[id(p)] for p in batch]
 
     def describe(self) -> Dict[str, Any]:
         """Facts about the loaded model for the saved configuration."""

@@ -1,17 +1,26 @@
-"""Backend `hf`: transformers' Qwen2VLForConditionalGeneration, greedy, left-padded batches."""
+"""Backend `hf`: transformers' Qwen2VLForConditionalGeneration, greedy, left-padded batches.
+
+It streams like every backend (base.py): submitted samples wait in a queue, and each step()
+runs transformers' generate on the next `max_batch_size` of them (the last batch may be short).
+A batch that fails is retried one sample at a time, so only the sample at fault gets the error.
+"""
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Deque, List, Tuple
 
 import torch
 
+from ..device import synchronize
+from ..engine.loader import check_weight_files
+from ..errors import UserError, first_line
 from ..media import load_processor, load_vision, prompt_text, require_qwen_vl_utils
 from ..tasks.base import Sample
-from .base import Backend, GenerationOutput, Prepared
+from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
 
 def device_for(device: str) -> torch.device:
     if device == "cpu":
@@ -30,18 +39,23 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model_cfg, device: str, data_type: str):
-        super().__init__(model_cfg, device, data_type)
+    def __init__(self, settings: BackendSettings):
+        super().__init__(settings)
         from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
-        path = Path(model_cfg.model_path)
+        path = Path(self.model_cfg.model_path)
         require_qwen_vl_utils()   # fail before loading weights, not on every sample
         self.processor = load_processor(str(path))
         # Left padding keeps every row's last prompt token at the end, so batching cannot change
         # what a row generates.
         self.processor.tokenizer.padding_side = "left"
-        self.torch_device = device_for(device)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, **dtype_kwarg(self.dtype))
+        self.torch_device = device_for(self.device)
+        check_weight_files(path)   # a truncated file: one line naming it, not transformers' traceback
+        try:
+            self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, **dtype_kwarg(self.dtype))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"model.model_path: transformers cannot load the weights in '{path}' "
+                            f"({first_line(e, 200)})") from None
         self.model.to(self.torch_device).eval()
         tok = self.processor.tokenizer
         self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
@@ -54,6 +68,8 @@ class HFBackend(Backend):
         self._count_lock = threading.Lock()
         self.generation_config = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=self.stop_ids,
                                                   pad_token_id=self.pad_id)
+        # (prepared, max_new_tokens, ignore_eos, submit time) waiting for a batch
+        self._queue: Deque[Tuple[Prepared, int, bool, float]] = collections.deque()
 
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
@@ -76,8 +92,41 @@ class HFBackend(Backend):
             n += max(1, t // 2) * (h // patch) * (w // patch) // (merge * merge) - 1
         return n
 
+    def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
+        self._queue.append((prepared, max_new_tokens, ignore_eos, time.perf_counter()))
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def step(self) -> List[Completed]:
+        """generate() on the next batch: up to max_batch_size queued samples that share
+        max_new_tokens and ignore_eos (the harness always gives the same ones)."""
+        if not self._queue:
+            return []
+        first = self._queue[0]
+        batch = []
+        while (self._queue and len(batch) < self.settings.max_batch_size
+               and self._queue[0][1:3] == first[1:3]):
+            batch.append(self._queue.popleft())
+        prepared = [b[0] for b in batch]
+        started = time.perf_counter()
+        outputs = self._generate_isolating(prepared, first[1], first[2])
+        for out, b in zip(outputs, batch):
+            out.queue_time = started - b[3]
+        return list(zip(prepared, outputs))
+
+    def _generate_isolating(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool) -> List[GenerationOutput]:
+        try:
+            return self._generate_batch(batch, max_new_tokens, ignore_eos)
+        except Exception as e:
+            if len(batch) == 1:
+                return [GenerationOutput(text="", input_length=batch[0].input_length,
+                                         error=f"inference failed: {first_line(e)}")]
+            # Isolate the failing sample: run the batch one by one.
+            return [self._generate_isolating([p], max_new_tokens, ignore_eos)[0] for p in batch]
+
     @torch.inference_mode()
-    def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
+    def _generate_batch(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool) -> List[GenerationOutput]:
         start = time.perf_counter()
         images = [im for p in batch for im in (p.images or [])] or None
         videos = [v for p in batch for v in (p.videos or [])] or None
@@ -89,8 +138,7 @@ class HFBackend(Backend):
             gen_cfg = copy.deepcopy(gen_cfg)
             gen_cfg.eos_token_id = None
         out = self.model.generate(**inputs, generation_config=gen_cfg, max_new_tokens=max_new_tokens)
-        if self.torch_device.type != "cpu":
-            getattr(torch, self.torch_device.type).synchronize()
+        synchronize(self.torch_device)
         elapsed = time.perf_counter() - start
         prompt_len = inputs["input_ids"].shape[1]
         lengths = inputs["attention_mask"].sum(dim=1).tolist()

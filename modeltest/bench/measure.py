@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ..device import synchronize
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -61,11 +63,6 @@ class PeakRSS:
         return (self.peak_anon - self.start_anon) / 2**20
 
 
-def sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize()
-
-
 def reset_device_peak(device: torch.device) -> None:
     if device.type != "cpu":
         getattr(torch, device.type).reset_peak_memory_stats(device)
@@ -93,11 +90,11 @@ class VisionTimer:
         module.register_forward_hook(self._post)
 
     def _pre(self, *_):
-        sync(self.device)
+        synchronize(self.device)
         self._t0 = time.perf_counter()
 
     def _post(self, *_):
-        sync(self.device)
+        synchronize(self.device)
         self.total += time.perf_counter() - self._t0
 
 
@@ -119,10 +116,10 @@ def measured_run(device: torch.device):
     reset_device_peak(device)
     start_alloc = device_allocated_mb(device)
     with PeakRSS() as mem:
-        sync(device)
+        synchronize(device)
         stats.start = time.perf_counter()
         yield stats
-        sync(device)
+        synchronize(device)
         stats.elapsed_s = time.perf_counter() - stats.start
     stats.peak_host_mb, stats.host_growth_mb = mem.peak_mb, mem.growth_mb
     stats.peak_device_mb = device_peak_mb(device)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict
 
@@ -29,15 +31,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("MODELTEST_BENCH_CACHE", Path.home() / ".cache" / "modeltest" / "bench"))
 
 
+# Written last into a finished checkpoint folder: a folder without it is incomplete.
+COMPLETE_MARKER = ".modeltest-complete"
+
+
 def preset_checkpoint(name: str, seed: int = 0) -> Path:
-    """A random-weight checkpoint of the preset (built once, then reused)."""
+    """A random-weight checkpoint of the preset (built once, then reused).
+
+    It is built in a temporary folder beside its place and renamed into place when complete, so
+    an interrupted build never leaves a folder that looks finished; a folder without the
+    completion marker (an older modeltest's interrupted build) is rebuilt."""
     if name not in PRESETS:
         from ..errors import UserError
         raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
     out = cache_root() / f"{name}-seed{seed}"
-    if (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file():
+    if (out / COMPLETE_MARKER).is_file():
         return out
     p = PRESETS[name]
+    if out.exists():
+        print(f"[bench] {out} is incomplete (an interrupted build?); rebuilding it", flush=True)
     print(f"[bench] building a random-weight '{name}' checkpoint in {out} ...", flush=True)
-    build_tiny_qwen2vl(out, p["shape"], seed=seed, vocab_size=p["vocab"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        build_tiny_qwen2vl(tmp, p["shape"], seed=seed, vocab_size=p["vocab"])
+        (tmp / COMPLETE_MARKER).write_text(f"{name} seed {seed}\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -21,13 +21,13 @@ from typing import Dict, List
 
 import torch
 
+from ..device import TORCH_DTYPES
 from ..errors import UserError
 from .measure import rss_bytes
 from .presets import preset_checkpoint
 from .runners import EngineRunner, HFRunner
 from .workloads import WorkloadSpec, build_inputs
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Peak HBM bandwidth (GB/s) by device name, for the speed-of-light comparison.
 PEAK_BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "A100": 2039}
 RATIO_KEYS = ("samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "decode_ms_per_token", "vision_ms",
@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     b.add_argument("--image-size", default="448x336", help="textvqa image WxH")
     b.add_argument("--frames", type=int, default=8, help="videobench frames per video")
     b.add_argument("--frame-size", default="336x252", help="videobench frame WxH")
-    b.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    b.add_argument("--dtype", default="bf16", choices=list(TORCH_DTYPES))
     b.add_argument("--device", default="auto")
     b.add_argument("--backends", default="engine,hf")
     b.add_argument("--json", default=None, help="write the results here")
@@ -127,7 +127,6 @@ def main(args) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: must be at least 1")
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype]
     workloads = ["textvqa", "videobench", "decode"] if args.workload == "all" else [args.workload]
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
     backends = args.backends.split(",")
@@ -145,8 +144,8 @@ def main(args) -> int:
 
     def make_runner(backend):
         if backend == "engine":
-            return EngineRunner(path, dtype, device, max(batch_sizes), max_input, max_output)
-        return HFRunner(path, dtype, device)
+            return EngineRunner(path, args.dtype, device, max(batch_sizes), max_input, max_output)
+        return HFRunner(path, TORCH_DTYPES[args.dtype], device)
 
     measurements: Dict[str, List] = {w: [] for w in workloads}
     load, engine_sizes = {}, {}
@@ -158,8 +157,8 @@ def main(args) -> int:
             for backend, runner in runners.items():
                 load[backend] = runner.load_growth_mb
                 if backend == "engine":
-                    engine_sizes = {"bytes_lm": runner.engine.model.decode_weight_bytes(),
-                                    "shard_mb": runner.engine.model.shard_bytes / 2**20}
+                    stats = runner.engine.stats()
+                    engine_sizes = {"bytes_lm": stats.decode_weight_bytes, "shard_mb": stats.shard_bytes / 2**20}
             timed = measure_together(runners, workloads, inputs, specs, batch_sizes, args.repeats, args.preset,
                                      base_rss_mb)
             for w in workloads:
@@ -202,7 +201,7 @@ def fp32_token_check(path, device, inputs, new_tokens, backends) -> list:
     """Greedy tokens of both backends in fp32, each request alone; returns the mismatches."""
     tokens = {}
     for backend in backends:
-        runner = (EngineRunner(path, torch.float32, device, 1, max(x["input_ids"].shape[1] for v in inputs.values()
+        runner = (EngineRunner(path, "fp32", device, 1, max(x["input_ids"].shape[1] for v in inputs.values()
                                                                     for x in v), max(new_tokens.values()))
                   if backend == "engine" else HFRunner(path, torch.float32, device))
         for w, xs in inputs.items():

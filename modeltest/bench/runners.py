@@ -12,7 +12,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .measure import PeakRSS, VisionTimer, device_allocated_mb, measured_run, sync
+from ..device import synchronize
+
+from .measure import PeakRSS, VisionTimer, device_allocated_mb, measured_run
 
 
 @dataclass
@@ -47,39 +49,42 @@ class Measurement:
 class EngineRunner:
     name = "engine"
 
-    def __init__(self, model_path, dtype, device: str, max_batch_size: int, max_input: int, max_output: int):
-        from ..engine.engine import EngineConfig, LLMEngine
+    def __init__(self, model_path, data_type: str, device: str, max_batch_size: int, max_input: int, max_output: int):
+        from ..backends import BackendSettings
+        from ..backends.engine import engine_config
+        from ..config.schema import ModelConfig
+        from ..engine.engine import LLMEngine
         from ..engine.parallel import init_distributed
         self.tp = init_distributed(device)
         self.device = self.tp.device
+        # The same path as the harness and run_pa: settings -> engine_config.
+        settings = BackendSettings(model=ModelConfig(model_path=str(model_path), data_type=data_type), device=device,
+                                   max_batch_size=max_batch_size, max_input_length=max_input,
+                                   max_output_length=max_output)
         before = device_allocated_mb(self.device)
         with PeakRSS() as mem:
-            self.engine = LLMEngine(EngineConfig(model_path=str(model_path), dtype=dtype, max_batch_size=max_batch_size,
-                                                 max_input_length=max_input, max_output_length=max_output), self.tp)
+            self.engine = LLMEngine(engine_config(settings), self.tp)
         self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
         self.load_device_mb = device_allocated_mb(self.device) - before   # weights + KV cache
-        self.vision = VisionTimer(self.engine.model.visual, self.device)
 
     def run(self, inputs: List[dict], new_tokens: int, batch_size: int) -> Measurement:
-        from ..engine.engine import Request
+        from ..backends.engine import engine_request
         eng = self.engine
-        eng.cfg.max_batch_size = batch_size
-        reqs = [Request(id=i, input_ids=x["input_ids"][0].tolist(), max_new_tokens=new_tokens, ignore_eos=True,
-                        pixel_values=x.get("pixel_values"), image_grid_thw=x.get("image_grid_thw"),
-                        pixel_values_videos=x.get("pixel_values_videos"), video_grid_thw=x.get("video_grid_thw"))
-                for i, x in enumerate(inputs)]
-        eng.step_times = {"prefill": [], "decode": []}
-        self.vision.total = 0.0
+        eng.limit_batch_size(batch_size)
+        reqs = [engine_request(i, x, new_tokens, ignore_eos=True) for i, x in enumerate(inputs)]
+        before = eng.stats()
         with measured_run(self.device) as run:
             eng.generate(reqs)
         bad = [r.error for r in reqs if r.error]
         if bad:
             from ..errors import UserError
             raise UserError(f"bench: an engine request failed ({bad[0]}); lower --image-size/--frames or --requests")
-        decode = eng.step_times["decode"]
+        after = eng.stats()
+        decode = after.decode_times[len(before.decode_times):]
+        vision_s = sum(after.vision_times[len(before.vision_times):])
         return Measurement("engine", batch_size, run.elapsed_s, [r.output_ids for r in reqs],
                            [r.t_first_token - r.t_arrival for r in reqs],
-                           statistics.fmean(decode) if decode else None, self.vision.total, run.peak_host_mb,
+                           statistics.fmean(decode) if decode else None, vision_s, run.peak_host_mb,
                            run.peak_device_mb, self.load_growth_mb, run.host_growth_mb, run.device_growth_mb)
 
 
@@ -91,7 +96,7 @@ class _StepClock:
         self.device = device
 
     def __call__(self, input_ids, scores, **kwargs):
-        sync(self.device)
+        synchronize(self.device)
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 

@@ -12,9 +12,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from ..device import TORCH_DTYPES
 from ..errors import UserError
 
-DATA_TYPES = ("bf16", "fp16", "fp32")
+DATA_TYPES = tuple(TORCH_DTYPES)      # bf16, fp16, fp32
 BACKENDS = ("engine", "hf")
 
 
@@ -25,8 +26,9 @@ class InferParams:
 
 @dataclass
 class MMModelConfig:
-    prompt_prefix: str = ""
-    prompt_suffix: str = " Answer the question using a single word or phrase."
+    # Override the task's prompt prefix/suffix for this model (null: the task's own).
+    prompt_prefix: Optional[str] = None
+    prompt_suffix: Optional[str] = None
     infer_params: InferParams = field(default_factory=InferParams)
 
 
@@ -51,6 +53,7 @@ class MetricConfig:
 
 @dataclass
 class TaskConfig:
+    """What every task's config has; each task module (modeltest/tasks) subclasses it."""
     task_name: str = ""
     local_dataset_path: Optional[str] = None
     requested_max_input_length: int = 4096
@@ -59,29 +62,6 @@ class TaskConfig:
     # Per-image pixel bounds handed to qwen-vl-utils (multiples of 28*28).
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 16384 * 28 * 28
-
-
-@dataclass
-class TextVQATaskConfig(TaskConfig):
-    task_name: str = "textvqa"
-
-
-@dataclass
-class VideoBenchTaskConfig(TaskConfig):
-    task_name: str = "videobench"
-    requested_max_input_length: int = 30000
-    requested_max_output_length: int = 512
-    # {Subject: {name: Subject}}; null (every entry commented out) means every subject on disk.
-    subject_mapping: Optional[Dict[str, Any]] = None
-    # Folder that relative `vid_path` values resolve against; null: the dataset folder, then its parent.
-    video_root: Optional[str] = None
-    answer_file: str = "answer/ANSWER.json"
-    fps: float = 0.5
-    min_frames: int = 4
-    max_frames: int = 768
-    min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 768 * 28 * 28
-    total_pixels: int = 24576 * 28 * 28
 
 
 @dataclass

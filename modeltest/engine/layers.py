@@ -1,4 +1,5 @@
-"""Tensor-parallel building blocks. Each holds only this rank's shard of its weights.
+"""Tensor-parallel building blocks. Each holds only this rank's shard of its weights, knows
+which slice of the checkpoint that is (`Shard`) and loads it itself (`load`).
 
 Column-parallel layers split the output features (no communication); row-parallel layers split
 the input features and all-reduce their output; the vocabulary-parallel embedding all-reduces
@@ -7,13 +8,31 @@ masked lookups; the LM head returns this rank's slice of the logits.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loader import Block, CheckpointReader, set_param
 from .parallel import TPContext
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of one checkpoint dimension a rank holds: [start, end) blocks in order; a None
+    block is `pad` zero entries (padded query heads, vocabulary padding)."""
+    blocks: Tuple[Block, ...]
+    pad: int = 0
+
+    @classmethod
+    def span(cls, start: int, end: int) -> "Shard":
+        return cls(((start, end),))
+
+    @property
+    def size(self) -> int:
+        return sum(b[1] - b[0] if b is not None else self.pad for b in self.blocks)
 
 
 def _param(shape, dtype, device) -> nn.Parameter:
@@ -65,29 +84,55 @@ class _Linear(nn.Module):
 
 
 class ColumnLinear(_Linear):
-    """y = x W^T + b over this rank's output rows. x: [T, in] -> [T, out_local]."""
+    """y = x W^T + b over this rank's output rows. x: [T, in] -> [T, out_local].
 
-    def __init__(self, in_features: int, out_local: int, bias: bool, dtype, device):
+    `parts`: (checkpoint name suffix, rows held) per source tensor, concatenated in order — one
+    for a plain layer, several for a fused one (q/k/v, gate/up)."""
+
+    def __init__(self, in_features: int, parts: Sequence[Tuple[str, Shard]], bias: bool, dtype, device):
         super().__init__()
+        self.parts = tuple(parts)
+        out_local = sum(shard.size for _, shard in self.parts)
         self.weight = _param((out_local, in_features), dtype, device)
         self.bias = _param((out_local,), dtype, device) if bias else None
+
+    def load(self, r: CheckpointReader, prefix: str) -> None:
+        for what in ("weight", "bias") if self.bias is not None else ("weight",):
+            rows = [r.read(f"{prefix}.{name}.{what}", shard.blocks, dim=0, pad=shard.pad) for name, shard in self.parts]
+            set_param(getattr(self, what), rows[0] if len(rows) == 1 else torch.cat(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
 
 
 class RowLinear(_Linear):
-    """y = all_reduce(x_local W_local^T) + b. x: [T, in_local] -> [T, out]."""
+    """y = all_reduce(x_local W_local^T) + b. x: [T, in_local] -> [T, out]; `shard`: the input
+    columns this rank holds."""
 
-    def __init__(self, in_local: int, out_features: int, bias: bool, tp: TPContext, dtype, device):
+    def __init__(self, shard: Shard, out_features: int, bias: bool, tp: TPContext, dtype, device):
         super().__init__()
-        self.tp = tp
-        self.weight = _param((out_features, in_local), dtype, device)
+        self.tp, self.shard = tp, shard
+        self.weight = _param((out_features, shard.size), dtype, device)
         self.bias = _param((out_features,), dtype, device) if bias else None
+
+    def load(self, r: CheckpointReader, name: str) -> None:
+        set_param(self.weight, r.read(f"{name}.weight", self.shard.blocks, dim=1, pad=self.shard.pad))
+        if self.bias is not None:
+            set_param(self.bias, r.read(f"{name}.bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y
+
+
+def vocab_shard(vocab: int, tp: TPContext) -> Tuple[int, int, Shard]:
+    """(rows per rank, this rank's first row, its Shard): the vocabulary split evenly, the last
+    rank's rows past the vocabulary padded with zeros."""
+    local = -(-vocab // tp.world_size)
+    start = tp.rank * local
+    held = max(0, min(local, vocab - start))
+    blocks = ((start, start + held),) if held else ()
+    return local, start, Shard(blocks + ((None,) if held < local else ()), pad=local - held)
 
 
 class VocabEmbedding(nn.Module):
@@ -96,9 +141,11 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, tp: TPContext, dtype, device):
         super().__init__()
         self.tp = tp
-        self.local = -(-vocab // tp.world_size)
-        self.start = tp.rank * self.local
+        self.local, self.start, self.shard = vocab_shard(vocab, tp)
         self.weight = _param((self.local, dim), dtype, device)
+
+    def load(self, r: CheckpointReader, name: str) -> None:
+        set_param(self.weight, r.read(name, self.shard.blocks, dim=0, pad=self.shard.pad))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
@@ -115,11 +162,14 @@ class LMHead(_Linear):
     def __init__(self, vocab: int, dim: int, tp: TPContext, dtype, device, tied: Optional[VocabEmbedding] = None):
         super().__init__()
         self.vocab = vocab
-        self.local = -(-vocab // tp.world_size)
-        self.start = tp.rank * self.local
+        self.local, self.start, self.shard = vocab_shard(vocab, tp)
         self.valid = max(0, min(self.local, vocab - self.start))
         self.tied = tied
         self.weight = tied.weight if tied is not None else _param((self.local, dim), dtype, device)
+
+    def load(self, r: CheckpointReader, name: str = "lm_head.weight") -> None:
+        """Its own rows (an untied head; a tied one shares the embedding's)."""
+        set_param(self.weight, r.read(name, self.shard.blocks, dim=0, pad=self.shard.pad))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self._matmul(h, None)
@@ -136,6 +186,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param((dim,), dtype, device)
 
+    def load(self, r: CheckpointReader, name: str) -> None:
+        set_param(self.weight, r.read(f"{name}.weight"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
@@ -149,6 +202,10 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.weight = _param((dim,), dtype, device)
         self.bias = _param((dim,), dtype, device)
+
+    def load(self, r: CheckpointReader, name: str) -> None:
+        set_param(self.weight, r.read(f"{name}.weight"))
+        set_param(self.bias, r.read(f"{name}.bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

@@ -1,7 +1,7 @@
 """Read this rank's slices of a safetensors checkpoint (one file or an index of shards).
 
-Each rank reads only the rows/columns it holds through safetensors' lazy slicing, so host memory
-stays near one rank's shard. Tensor names are normalised so both layouts load: `visual.*`,
+Each layer asks for the rows/columns it holds (layers.py: `Shard`) through `read`, safetensors'
+lazy slicing, so host memory stays near one rank's shard. Tensor names are normalised so both layouts load: `visual.*`,
 `model.*`, `lm_head.*` and newer transformers' `model.visual.*`, `model.language_model.*`.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 Block = Optional[Tuple[int, int]]   # [start, end) of rows/cols, or None for a zero block
 
@@ -34,20 +34,53 @@ def set_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
 
 
+def open_safetensors(path: Path):
+    """safe_open, with a one-line error naming the file when it is missing, truncated or corrupt."""
+    try:
+        return safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise UserError(f"{path}: weight file not found (named by model.safetensors.index.json); "
+                        "download the checkpoint again") from None
+    except Exception as e:   # safetensors' SafetensorError, OSError: a short header or data
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(e, 150)}); it is probably "
+                        "truncated or corrupt: download it again") from None
+
+
+def weight_files(root: Path) -> List[Path]:
+    """The checkpoint's safetensors files: those the index names, else every *.safetensors."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index ({first_line(e, 150)}); download it again") from None
+        return sorted({root / f for f in weight_map.values()})
+    return sorted(root.glob("*.safetensors"))
+
+
+def check_weight_files(model_path: str | Path) -> None:
+    """Open every weight file's header: a truncated or corrupt file is a one-line error naming
+    it, before any loading starts (for any backend)."""
+    for f in weight_files(Path(model_path)):
+        with open_safetensors(f):
+            pass
+
+
 class CheckpointReader:
     def __init__(self, model_path: str | Path):
         root = Path(model_path)
         index = root / "model.safetensors.index.json"
+        check_weight_files(root)
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = {name: root / f for name, f in weight_map.items()}
         else:
-            singles = sorted(root.glob("*.safetensors"))
+            singles = weight_files(root)
             if not singles:
                 raise UserError(f"model.model_path: no *.safetensors in '{root}'; the engine backend reads safetensors weights")
             files = {}
             for f in singles:
-                with safe_open(f, framework="pt") as h:
+                with open_safetensors(f) as h:
                     for name in h.keys():
                         files[name] = f
         self.files = {canonical_name(n): (f, n) for n, f in files.items()}
@@ -61,36 +94,34 @@ class CheckpointReader:
         if name not in self.files:
             raise UserError(f"checkpoint: tensor '{name}' not found; is model_path a Qwen2-VL checkpoint?")
         path, original = self.files[name]
-        return safe_open(path, framework="pt").get_slice(original)
+        try:
+            return open_safetensors(path).get_slice(original)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path}: cannot read tensor '{original}' ({first_line(e, 150)}); the file is "
+                            "probably truncated or corrupt: download it again") from None
 
     def shape(self, name: str) -> List[int]:
         return list(self._slice(name).get_shape())
 
-    def full(self, name: str) -> torch.Tensor:
-        return self._slice(name)[:]
-
-    def rows(self, name: str, blocks: Sequence[Block], block_size: int = 0) -> torch.Tensor:
-        """Concatenate row blocks of a 1-D or 2-D tensor; a None block is `block_size` zero rows."""
+    def read(self, name: str, blocks: Optional[Sequence[Block]] = None, dim: int = 0, pad: int = 0) -> torch.Tensor:
+        """The whole tensor, or the concatenation along `dim` (0: rows, 1: columns) of its
+        [start, end) blocks, where a None block is `pad` zero rows/columns. The one slicing path:
+        only the requested bytes are read from the memory-mapped file."""
         sl = self._slice(name)
-        shape = sl.get_shape()
+        if blocks is None:
+            return sl[:]
+        shape = list(sl.get_shape())
         parts = []
         for b in blocks:
             if b is None:
-                parts.append(torch.zeros([block_size, *shape[1:]], dtype=_dtype(sl)))
+                zeros = list(shape)
+                zeros[dim] = pad
+                parts.append(torch.zeros(zeros, dtype=_dtype(sl)))
             else:
-                parts.append(sl[b[0]:b[1]])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-    def cols(self, name: str, blocks: Sequence[Block], block_size: int = 0) -> torch.Tensor:
-        sl = self._slice(name)
-        shape = sl.get_shape()
-        parts = []
-        for b in blocks:
-            if b is None:
-                parts.append(torch.zeros([shape[0], block_size], dtype=_dtype(sl)))
-            else:
-                parts.append(sl[:, b[0]:b[1]])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                parts.append(sl[b[0]:b[1]] if dim == 0 else sl[:, b[0]:b[1]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2VLConfig
-from .layers import _Linear, ColumnLinear, LMHead, RMSNorm, RowLinear, VocabEmbedding
-from .loader import CheckpointReader, set_param
+from .layers import _Linear, ColumnLinear, LMHead, RMSNorm, RowLinear, Shard, VocabEmbedding
+from .loader import CheckpointReader
 from .parallel import HeadLayout, TPContext, head_layout, split_range
 from .rope import MRoPE, apply_rope
 from .vision import VisionTower, varlen_attention
@@ -51,8 +51,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layout, self.hd = layout, cfg.head_dim
         self.nq, self.nkv = layout.num_q, layout.num_kv
-        self.qkv = ColumnLinear(cfg.hidden_size, (self.nq + 2 * self.nkv) * self.hd, True, dtype, device)
-        self.o_proj = RowLinear(self.nq * self.hd, cfg.hidden_size, False, tp, dtype, device)
+        hd = self.hd
+        # This rank's query heads (None: a zero padding head) and KV heads, as checkpoint rows.
+        q = Shard(tuple((h * hd, (h + 1) * hd) if h is not None else None for h in layout.q_heads), pad=hd)
+        kv = Shard(tuple((h * hd, (h + 1) * hd) for h in layout.kv_heads))
+        self.qkv = ColumnLinear(cfg.hidden_size, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], True, dtype, device)
+        self.o_proj = RowLinear(q, cfg.hidden_size, False, tp, dtype, device)
 
     def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache, keep=None):
         t = x.shape[0]
@@ -77,32 +81,25 @@ class Attention(nn.Module):
         return self.o_proj(out if keep is None else out[keep])
 
     def load(self, r: CheckpointReader, p: str):
-        hd = self.hd
-        q_blocks = [(h * hd, (h + 1) * hd) if h is not None else None for h in self.layout.q_heads]
-        kv_blocks = [(h * hd, (h + 1) * hd) for h in self.layout.kv_heads]
-        for what in ("weight", "bias"):
-            parts = [r.rows(f"{p}.q_proj.{what}", q_blocks, hd), r.rows(f"{p}.k_proj.{what}", kv_blocks),
-                     r.rows(f"{p}.v_proj.{what}", kv_blocks)]
-            set_param(getattr(self.qkv, what), torch.cat(parts))
-        set_param(self.o_proj.weight, r.cols(f"{p}.o_proj.weight", q_blocks, hd))
+        self.qkv.load(r, p)
+        self.o_proj.load(r, f"{p}.o_proj")
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen2VLConfig, tp: TPContext, dtype, device):
         super().__init__()
-        self.rows = split_range(cfg.intermediate_size, tp.world_size, tp.rank)
-        n = len(self.rows)
-        self.gate_up = ColumnLinear(cfg.hidden_size, 2 * n, False, dtype, device)
-        self.down = RowLinear(n, cfg.hidden_size, False, tp, dtype, device)
+        rows = split_range(cfg.intermediate_size, tp.world_size, tp.rank)
+        held = Shard.span(rows.start, rows.stop)
+        self.gate_up = ColumnLinear(cfg.hidden_size, [("gate_proj", held), ("up_proj", held)], False, dtype, device)
+        self.down = RowLinear(held, cfg.hidden_size, False, tp, dtype, device)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate).mul_(up))
 
     def load(self, r: CheckpointReader, p: str):
-        b = [(self.rows.start, self.rows.stop)]
-        set_param(self.gate_up.weight, torch.cat([r.rows(f"{p}.gate_proj.weight", b), r.rows(f"{p}.up_proj.weight", b)]))
-        set_param(self.down.weight, r.cols(f"{p}.down_proj.weight", b))
+        self.gate_up.load(r, p)
+        self.down.load(r, f"{p}.down_proj")
 
 
 class DecoderLayer(nn.Module):
@@ -120,8 +117,8 @@ class DecoderLayer(nn.Module):
         return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
     def load(self, r, p):
-        set_param(self.input_layernorm.weight, r.full(f"{p}.input_layernorm.weight"))
-        set_param(self.post_attention_layernorm.weight, r.full(f"{p}.post_attention_layernorm.weight"))
+        self.input_layernorm.load(r, f"{p}.input_layernorm")
+        self.post_attention_layernorm.load(r, f"{p}.post_attention_layernorm")
         self.self_attn.load(r, f"{p}.self_attn")
         self.mlp.load(r, f"{p}.mlp")
 
@@ -157,15 +154,6 @@ class Qwen2VLModel(nn.Module):
         return (sum(held(m) for layer in self.layers for m in layer.modules())
                 + held(self.norm) + held(self.lm_head))
 
-    def _vocab_blocks(self):
-        rows = range(self.embed.start, min(self.embed.start + self.embed.local, self.cfg.vocab_size))
-        pad = self.embed.local - len(rows)
-        return [(rows.start, rows.stop)] + ([None] if pad else []), pad
-
-    def _load_embedding(self, r: CheckpointReader) -> None:
-        blocks, pad = self._vocab_blocks()
-        set_param(self.embed.weight, r.rows("model.embed_tokens.weight", blocks, pad))
-
     def load(self, r: CheckpointReader, pack_for_cpu: bool = False) -> None:
         """Load this rank's weights; with pack_for_cpu, put every linear weight into oneDNN's
         layout as it arrives (layers.py says why), so the load never holds two copies of much.
@@ -173,17 +161,16 @@ class Qwen2VLModel(nn.Module):
         A tied embedding table stays plain for lookups. Packing the head reads all of it, so it
         is mapped afresh right after (only looked-up rows come back into memory), and before
         any layer is loaded: the peak stays near one shard."""
-        self._load_embedding(r)
+        self.embed.load(r, "model.embed_tokens.weight")
         if not self.cfg.tie_word_embeddings:
-            blocks, pad = self._vocab_blocks()
-            set_param(self.lm_head.weight, r.rows("lm_head.weight", blocks, pad))
+            self.lm_head.load(r, "lm_head.weight")
         if pack_for_cpu and self.lm_head.pack_for_cpu() and self.cfg.tie_word_embeddings:
-            self._load_embedding(r)
+            self.embed.load(r, "model.embed_tokens.weight")
         for i, layer in enumerate(self.layers):
             layer.load(r, f"model.layers.{i}")
             if pack_for_cpu:
                 _pack(layer)
-        set_param(self.norm.weight, r.full("model.norm.weight"))
+        self.norm.load(r, "model.norm")
         self.visual.load(r, "visual")
         if pack_for_cpu:
             _pack(self.visual)

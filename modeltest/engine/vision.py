@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .layers import ColumnLinear, LayerNorm, RowLinear
+from .layers import ColumnLinear, LayerNorm, RowLinear, Shard
 from .loader import CheckpointReader, set_param
 from .parallel import TPContext
 from .rope import apply_vision_rope, vision_rope_cos_sin, vision_rotary_freqs
@@ -90,12 +90,18 @@ class VisionBlock(nn.Module):
         self.cfg, self.tp = cfg, tp
         self.heads = cfg.num_heads // tp.world_size
         d, local = cfg.embed_dim, cfg.embed_dim // tp.world_size
+        s = tp.rank * local
+        m = cfg.mlp_dim // tp.world_size
+        heads = Shard.span(s, s + local)
+        mlp = Shard.span(tp.rank * m, (tp.rank + 1) * m)
         self.norm1 = LayerNorm(d, 1e-6, dtype, device)
         self.norm2 = LayerNorm(d, 1e-6, dtype, device)
-        self.qkv = ColumnLinear(d, 3 * local, True, dtype, device)
-        self.proj = RowLinear(local, d, True, tp, dtype, device)
-        self.fc1 = ColumnLinear(d, cfg.mlp_dim // tp.world_size, True, dtype, device)
-        self.fc2 = RowLinear(cfg.mlp_dim // tp.world_size, d, True, tp, dtype, device)
+        # qkv is stored fused [3d, d]: this rank's heads from each of q, k and v.
+        qkv = Shard(tuple((j * d + s, j * d + s + local) for j in range(3)))
+        self.qkv = ColumnLinear(d, [("qkv", qkv)], True, dtype, device)
+        self.proj = RowLinear(heads, d, True, tp, dtype, device)
+        self.fc1 = ColumnLinear(d, [("fc1", mlp)], True, dtype, device)
+        self.fc2 = RowLinear(mlp, d, True, tp, dtype, device)
 
     def forward(self, x, cu_seqlens, cos, sin):
         n = x.shape[0]
@@ -106,23 +112,12 @@ class VisionBlock(nn.Module):
         return x.add_(self.fc2(quick_gelu_(self.fc1(self.norm2(x)))))
 
     def load(self, r: CheckpointReader, p: str):
-        cfg, tp = self.cfg, self.tp
-        d, local = cfg.embed_dim, cfg.embed_dim // tp.world_size
-        s = tp.rank * local
-        # qkv is stored fused [3d, d]: take this rank's heads from each of q, k and v.
-        qkv_rows = [(j * d + s, j * d + s + local) for j in range(3)]
-        set_param(self.qkv.weight, r.rows(f"{p}.attn.qkv.weight", qkv_rows))
-        set_param(self.qkv.bias, r.rows(f"{p}.attn.qkv.bias", qkv_rows))
-        set_param(self.proj.weight, r.cols(f"{p}.attn.proj.weight", [(s, s + local)]))
-        set_param(self.proj.bias, r.full(f"{p}.attn.proj.bias"))
-        m = cfg.mlp_dim // tp.world_size
-        set_param(self.fc1.weight, r.rows(f"{p}.mlp.fc1.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
-        set_param(self.fc1.bias, r.rows(f"{p}.mlp.fc1.bias", [(tp.rank * m, (tp.rank + 1) * m)]))
-        set_param(self.fc2.weight, r.cols(f"{p}.mlp.fc2.weight", [(tp.rank * m, (tp.rank + 1) * m)]))
-        set_param(self.fc2.bias, r.full(f"{p}.mlp.fc2.bias"))
-        for name in ("norm1", "norm2"):
-            set_param(getattr(self, name).weight, r.full(f"{p}.{name}.weight"))
-            set_param(getattr(self, name).bias, r.full(f"{p}.{name}.bias"))
+        self.qkv.load(r, f"{p}.attn")
+        self.proj.load(r, f"{p}.attn.proj")
+        self.fc1.load(r, f"{p}.mlp")
+        self.fc2.load(r, f"{p}.mlp.fc2")
+        self.norm1.load(r, f"{p}.norm1")
+        self.norm2.load(r, f"{p}.norm2")
 
 
 class VisionTower(nn.Module):
@@ -133,12 +128,13 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
         # The Conv3d patch embedding has stride == kernel: it is a matmul over flattened patches.
-        self.patch_embed = ColumnLinear(patch_in, cfg.embed_dim, False, dtype, device)
+        self.patch_embed = ColumnLinear(patch_in, [("proj", Shard.span(0, cfg.embed_dim))], False, dtype, device)
         self.blocks = nn.ModuleList(VisionBlock(cfg, self.tp, dtype, device) for _ in range(cfg.depth))
         merged = cfg.embed_dim * cfg.spatial_merge_size ** 2
         self.ln_q = LayerNorm(cfg.embed_dim, 1e-6, dtype, device)
-        self.mlp0 = ColumnLinear(merged, merged, True, dtype, device)
-        self.mlp2 = ColumnLinear(merged, cfg.hidden_size, True, dtype, device)
+        # The merger is small: every rank holds it whole.
+        self.mlp0 = ColumnLinear(merged, [("0", Shard.span(0, merged))], True, dtype, device)
+        self.mlp2 = ColumnLinear(merged, [("2", Shard.span(0, cfg.hidden_size))], True, dtype, device)
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         # pixels: [N_patches, C*T*P*P] -> merged embeddings [N_patches / merge^2, hidden]
@@ -153,11 +149,10 @@ class VisionTower(nn.Module):
         return self.mlp2(F.gelu(self.mlp0(x)))
 
     def load(self, r: CheckpointReader, p: str = "visual"):
-        set_param(self.patch_embed.weight, r.full(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
+        # The Conv3d kernel [embed, C, T, P, P] flattened to the linear's [embed, C*T*P*P].
+        set_param(self.patch_embed.weight, r.read(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
         for i, blk in enumerate(self.blocks):
             blk.load(r, f"{p}.blocks.{i}")
-        set_param(self.ln_q.weight, r.full(f"{p}.merger.ln_q.weight"))
-        set_param(self.ln_q.bias, r.full(f"{p}.merger.ln_q.bias"))
-        for ours, theirs in (("mlp0", "mlp.0"), ("mlp2", "mlp.2")):
-            set_param(getattr(self, ours).weight, r.full(f"{p}.merger.{theirs}.weight"))
-            set_param(getattr(self, ours).bias, r.full(f"{p}.merger.{theirs}.bias"))
+        self.ln_q.load(r, f"{p}.merger.ln_q")
+        self.mlp0.load(r, f"{p}.merger.mlp")
+        self.mlp2.load(r, f"{p}.merger.mlp")

@@ -23,6 +23,12 @@ _CUED = re.compile(r"(?:answer|option|choice)\s*(?:is|would be|:|-)?\s*[:\-]?\s*
                    r"(?=[\s.,:;!)\]]|$)", re.IGNORECASE)
 
 
+# A capital letter standing alone as a word: "I think C fits best." (not "C's", "C-3PO").
+_STANDALONE = re.compile(r"(?<![\w'\-])([A-Z])(?![\w'\-])")
+# "A" followed by a word is the article ("A dog is running"), not option A.
+_ARTICLE_A = re.compile(r"A\s+[A-Za-z]")
+
+
 # Two option letters joined as alternatives: "A or B", "(A) and (B)", "A/B", "A, B".
 _ALTERNATIVES = re.compile(r"(?<![A-Za-z])[\(\[]?([A-Z])[\)\]]?\s*(?:or|and|,|/|&)\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])")
 
@@ -54,8 +60,9 @@ def extract_choice(text: str, choices: Dict[str, str]) -> Optional[str]:
     """The option letter named by a model output, or None.
 
     `choices` maps letters to option texts (null options already dropped). Reads "B", "(B)",
-    "B.", "B) text", "Answer: B", "The answer is B.", "b", and an output that repeats exactly one
-    option's text. Returns None when the output names no option or several.
+    "B.", "B) text", "Answer: B", "The answer is B.", "b", a sentence naming one option letter as
+    a word ("I think C fits best."), and an output that repeats exactly one option's text.
+    Returns None when the output names no option or several.
     """
     valid = {k.upper() for k in choices}
     text = clean_answer(text or "")
@@ -63,7 +70,11 @@ def extract_choice(text: str, choices: Dict[str, str]) -> Optional[str]:
         return None
     if any(a in valid and b in valid and a != b for a, b in _ALTERNATIVES.findall(text)):
         return None
+    # Labelled letters, and option letters standing alone as words ("I think C fits best.";
+    # "A" before a word is the article and does not count): exactly one must be named.
     letters = _labelled_letters(text, valid)
+    letters |= {m.group(1) for m in _STANDALONE.finditer(text)
+                if not (m.group(1) == "A" and _ARTICLE_A.match(text, m.start()))} & valid
     if len(letters) == 1:
         return next(iter(letters))
     if len(letters) > 1:

@@ -1,4 +1,5 @@
-"""Dataset tasks, one file each. `TASKS` maps a task_name to its class."""
+"""Dataset tasks, one module each (config dataclass, dataset reader, prompt, scoring).
+`TASKS` maps a task_name to its class: the one place a task is registered."""
 from .textvqa import TextVQATask
 from .videobench import VideoBenchTask
 

@@ -1,10 +1,16 @@
-"""What every dataset task provides: samples, per-sample scoring, aggregation into result rows."""
+"""What every dataset task provides: samples, per-sample scoring, aggregation into result rows.
+
+A task is one module (textvqa.py, videobench.py): its config dataclass, how it reads the dataset
+and builds prompts, how it scores an answer; `tasks/__init__.py` registers it by name.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..config.schema import ModelConfig, TaskConfig
+from ..sample_record import SampleRecord, count_errors, count_unparsed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
@@ -63,7 +69,16 @@ class Task:
     def score(self, sample: Sample, output: str) -> Scored:
         raise NotImplementedError
 
-    def aggregate(self, records: List[Dict[str, Any]]) -> List[ResultRow]:
+    def score_record(self, sample: Sample, record: SampleRecord) -> SampleRecord:
+        """The one place a score is computed: from the record's stored output and today's answer
+        key (a fixed key needs no new inference); a failed sample scores 0."""
+        rec = dataclasses.replace(record, gold=sample.gold, score=0.0, prediction=None, extra={})
+        if rec.error is None and rec.output is not None:
+            scored = self.score(sample, rec.output)
+            rec.score, rec.prediction, rec.extra = scored.score, scored.prediction, dict(scored.extra)
+        return rec
+
+    def aggregate(self, records: List[SampleRecord]) -> List[ResultRow]:
         """Result rows: the overall row first, then one per subject (and task-specific extras)."""
         raise NotImplementedError
 
@@ -85,17 +100,15 @@ def limit_per_subject(samples: List[Sample], limit: Optional[int]) -> List[Sampl
     return out
 
 
-def subject_rows(records: List[Dict[str, Any]], subjects: List[str], overall_name: str) -> List[ResultRow]:
-    """Overall (micro) row and one row per subject, from per-sample records."""
+def subject_rows(records: List[SampleRecord], subjects: List[str], overall_name: str) -> List[ResultRow]:
+    """Overall (micro) row and one row per subject, from scored per-sample records."""
     def row(name, recs):
         total = len(recs)
-        passed = sum(r["score"] for r in recs)
-        return ResultRow(tasks=name, total=total, passed=passed,
-                         value=(passed / total) if total else None,
-                         errors=sum(1 for r in recs if r.get("error")),
-                         unparsed=sum(1 for r in recs if not r.get("error") and r.get("prediction") is None))
+        passed = sum(r.score for r in recs)
+        return ResultRow(tasks=name, total=total, passed=passed, value=(passed / total) if total else None,
+                         errors=count_errors(recs), unparsed=count_unparsed(recs))
     rows = [row(overall_name, records)]
     if len(subjects) > 1 or (subjects and subjects[0] != overall_name):
         for s in subjects:
-            rows.append(row(s, [r for r in records if r["subject"] == s]))
+            rows.append(row(s, [r for r in records if r.subject == s]))
     return rows

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..config.schema import TextVQATaskConfig
+from ..config.schema import TaskConfig
 from ..errors import UserError
 from ..metrics.vqa import clean_answer, normalize_prediction, vqa_accuracy
+from ..sample_record import SampleRecord
 from .base import ResultRow, Sample, Scored, Task, limit_per_subject, subject_rows
 
 REQUIRED_KEYS = ("image", "question", "question_id")
@@ -67,6 +69,15 @@ def read_annotations(path: Path) -> Dict[str, List[str]]:
     return out
 
 
+@dataclass
+class TextVQATaskConfig(TaskConfig):
+    task_name: str = "textvqa"
+    # The prompt is prefix + question + suffix (the reference's short-answer instruction); a
+    # model config may override either with mm_model.prompt_prefix / prompt_suffix.
+    prompt_prefix: str = ""
+    prompt_suffix: str = " Answer the question using a single word or phrase."
+
+
 class TextVQATask(Task):
     name = "textvqa"
     config_class = TextVQATaskConfig
@@ -76,6 +87,8 @@ class TextVQATask(Task):
         ann_path = jsonl.with_name(jsonl.stem + "_annotations.json")
         answers = read_annotations(ann_path)
         mm = self.model_cfg.mm_model
+        prefix = mm.prompt_prefix if mm.prompt_prefix is not None else self.cfg.prompt_prefix
+        suffix = mm.prompt_suffix if mm.prompt_suffix is not None else self.cfg.prompt_suffix
         samples = []
         for row in read_jsonl(jsonl):
             qid = str(row["question_id"])
@@ -87,7 +100,7 @@ class TextVQATask(Task):
                 image = jsonl.parent / image  # relative paths resolve against the jsonl's folder
             samples.append(Sample(
                 id=qid, subject=self.name,
-                prompt=f"{mm.prompt_prefix}{row['question']}{mm.prompt_suffix}",
+                prompt=f"{prefix}{row['question']}{suffix}",
                 images=[str(image)], gold=answers[qid],
                 image_options={"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels},
                 source=str(jsonl),
@@ -99,5 +112,5 @@ class TextVQATask(Task):
         return Scored(score=vqa_accuracy(output, sample.gold), prediction=cleaned,
                       extra={"normalized": normalize_prediction(cleaned)})
 
-    def aggregate(self, records: List[Dict[str, Any]]) -> List[ResultRow]:
+    def aggregate(self, records: List[SampleRecord]) -> List[ResultRow]:
         return subject_rows(records, [self.name], self.name)

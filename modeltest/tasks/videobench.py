@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..config.schema import VideoBenchTaskConfig
+from ..config.schema import TaskConfig
 from ..errors import UserError
 from ..metrics.choice import extract_choice
 from ..metrics.videobench_score import GROUPS, group_scores, weighted_score
+from ..sample_record import SampleRecord
 from .base import VIDEO_EXTENSIONS, ResultRow, Sample, Scored, Task, limit_per_subject, subject_rows
 
 SUBJECT_FILE_SUFFIX = "_QA_new.json"
@@ -57,6 +59,24 @@ def _answer_letter(value: Any) -> Optional[str]:
     return None
 
 
+@dataclass
+class VideoBenchTaskConfig(TaskConfig):
+    task_name: str = "videobench"
+    requested_max_input_length: int = 30000
+    requested_max_output_length: int = 512
+    # {Subject: {name: Subject}}; null (every entry commented out) means every subject on disk.
+    subject_mapping: Optional[Dict[str, Any]] = None
+    # Folder that relative `vid_path` values resolve against; null: the dataset folder, then its parent.
+    video_root: Optional[str] = None
+    answer_file: str = "answer/ANSWER.json"
+    fps: float = 0.5
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    total_pixels: int = 24576 * 28 * 28
+
+
 class VideoBenchTask(Task):
     name = "videobench"
     config_class = VideoBenchTaskConfig
@@ -79,8 +99,10 @@ class VideoBenchTask(Task):
             return available
         unknown = [s for s in self.cfg.subject_mapping if s not in available]
         if unknown:
-            raise UserError(f"task.subject_mapping: unknown subject(s) {', '.join(unknown)}; available in "
-                            f"{self.root}: {', '.join(available) or 'none'}")
+            raise UserError(f"task.subject_mapping: subject(s) {', '.join(unknown)} have no "
+                            f"{{Subject}}{SUBJECT_FILE_SUFFIX} in {self.root} (there: {', '.join(available) or 'none'}); "
+                            "run every subject on disk with task.subject_mapping=null, or comment the missing "
+                            "ones out in configs/task/videobench.yaml")
         return list(self.cfg.subject_mapping)
 
     def resolve_video(self, vid_path: str) -> str:
@@ -160,8 +182,8 @@ class VideoBenchTask(Task):
         return Scored(score=1.0 if letter == sample.gold else 0.0, prediction=letter,
                       extra={"reference_rule_choice": reference_choice(output)})
 
-    def aggregate(self, records: List[Dict[str, Any]]) -> List[ResultRow]:
-        subjects = list(dict.fromkeys(r["subject"] for r in records))
+    def aggregate(self, records: List[SampleRecord]) -> List[ResultRow]:
+        subjects = list(dict.fromkeys(r.subject for r in records))
         rows = subject_rows(records, subjects, self.name)
         acc = {r.tasks: r.value for r in rows[1:] if r.value is not None}
         groups = group_scores(acc)

@@ -1,0 +1,227 @@
+"""Loads the model and its KV cache, builds each pass's tensors and runs it.
+
+The runner knows nothing about admission: the scheduler hands it the requests of a pass, it
+appends one token to each (prefill: the first token; decode: the next one) and records timings.
+Decode passes replay CUDA graphs where they are on.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional
+
+import torch
+
+from ..device import synchronize
+from ..errors import UserError
+from .config import Qwen2VLConfig
+from .kv_cache import allocate_cache, blocks_needed, bytes_per_token, slots_for
+from .loader import CheckpointReader
+from .model import AttnMetadata, Qwen2VLModel
+from .parallel import TPContext
+from .request import Request
+from .rope import rope_index
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed memory in the heap instead of returning it to the OS (glibc only).
+
+    Activations of a vision tower are tens of MB each; glibc serves such blocks with mmap and
+    gives them back on free, so every new buffer page-faults in afresh. Raising the mmap and trim
+    thresholds makes later buffers reuse warm memory (3x faster element-wise ops measured here).
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class GreedySampler:
+    """Next token = argmax of the logits, computed without gathering the vocabulary across ranks.
+    Tests replace the runner's sampler with one that also records full logits."""
+
+    capturable = True   # the CUDA-graph decode path computes the same argmax inside the graph
+
+    def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
+        return model.greedy(h).tolist()
+
+
+class ModelRunner:
+    def __init__(self, cfg, tp: TPContext):
+        """cfg: an EngineConfig (engine/engine.py)."""
+        self.cfg, self.tp = cfg, tp
+        if tp.device.type == "cpu":
+            tune_cpu_allocator()
+        self.model_cfg = Qwen2VLConfig.from_path(cfg.model_path)
+        self.model = Qwen2VLModel(self.model_cfg, tp, cfg.dtype)
+        pack = cfg.onednn_weights if cfg.onednn_weights is not None else tp.device.type == "cpu"
+        self.model.load(CheckpointReader(cfg.model_path), pack_for_cpu=pack)
+        self.model.eval()
+        mc = self.model_cfg
+        per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
+        self.num_blocks = self._cache_blocks(per_token)
+        # One extra block, never handed out: padding rows of a CUDA-graph batch write there.
+        self.kv_cache = allocate_cache(mc.num_hidden_layers, self.num_blocks + 1, cfg.block_size,
+                                       self.model.layout.num_kv, mc.head_dim, cfg.dtype, tp.device)
+        self.sampler = GreedySampler()
+        self.graphs = None
+        use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else (tp.device.type == "cuda"
+                                                                           and tp.world_size == 1)
+        if use_graphs:
+            from .cuda_graphs import DecodeGraphs
+            width = blocks_needed(cfg.max_input_length + cfg.max_output_length, cfg.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.max_batch_size, width, cfg.block_size,
+                                       scratch_block=self.num_blocks, device=tp.device,
+                                       compile_step=cfg.compile_decode)
+        # Wall time of every pass (seconds), for performance figures; read through engine.stats().
+        self.step_times = {"prefill": [], "decode": [], "vision": []}
+
+    # ---- sizing -------------------------------------------------------------------------------
+    def _cache_blocks(self, per_token: int) -> int:
+        c = self.cfg
+        if c.kv_cache_tokens:
+            return max(1, blocks_needed(c.kv_cache_tokens, c.block_size))
+        # Enough blocks for max_batch_size requests of full length each, within the memory budget.
+        wanted = c.max_batch_size * blocks_needed(c.max_input_length + c.max_output_length, c.block_size)
+        dev = self.tp.device
+        if dev.type == "cpu":
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        else:
+            free, _ = getattr(torch, dev.type).mem_get_info(dev)
+        budget = int(free * c.kv_cache_fraction) // (per_token * c.block_size)
+        if budget < 1:
+            raise UserError(f"KV cache: not one {c.block_size}-token block fits in {c.kv_cache_fraction:.0%} of free "
+                            "memory; use more devices (tensor parallel) or lower max_batch_size")
+        return min(wanted, budget)
+
+    # ---- passes -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, reqs: List[Request]) -> None:
+        """One packed forward pass over the prompts of `reqs` (vision tower included); appends
+        each request's first token."""
+        start = time.perf_counter()
+        dev, bs = self.tp.device, self.cfg.block_size
+        ids, positions, slots, lens = [], [], [], [0]
+        for r in reqs:
+            self._positions(r)
+            ids += r.input_ids
+            positions.append(r.positions)
+            slots += slots_for(r.blocks, 0, len(r.input_ids), bs)
+            lens.append(lens[-1] + len(r.input_ids))
+        input_ids = torch.tensor(ids, device=dev)                                # [T]
+        x = self._embed_with_vision(input_ids, reqs)                            # [T, hidden]
+        meta = AttnMetadata(prefill=True, slot_mapping=torch.tensor(slots, device=dev),
+                            cu_seqlens=torch.tensor(lens, device=dev))
+        last = torch.tensor(lens[1:], device=dev) - 1                           # [B] last row of each prompt
+        h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache, keep=last)
+        next_ids = self.sampler(self.model, reqs, h)
+        synchronize(dev)
+        now = time.perf_counter()
+        self.step_times["prefill"].append(now - start)
+        for r, t in zip(reqs, next_ids):
+            r.output_ids.append(int(t))
+            r.prefill_time = now - start
+            r.t_first_token = now
+
+    @torch.inference_mode()
+    def decode(self, reqs: List[Request]) -> None:
+        """One token for every request of `reqs`."""
+        start = time.perf_counter()
+        dev, bs = self.tp.device, self.cfg.block_size
+        last_ids, pos, new_slots, lengths = [], [], [], []
+        for r in reqs:
+            i = r.num_tokens - 1                       # index of the token being fed
+            last_ids.append(r.output_ids[-1])
+            pos.append(i + r.delta)
+            new_slots.append(r.blocks[i // bs] * bs + i % bs)
+            lengths.append(r.num_tokens)
+        if self.graphs is not None and self.sampler.capturable:
+            next_ids = self.graphs.run(last_ids, pos, new_slots, [r.blocks for r in reqs], lengths)
+        else:
+            width = blocks_needed(max(lengths), bs)
+            table = torch.tensor([r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs],
+                                 device=dev)                                           # [B, width]
+            offs = torch.arange(width * bs, device=dev)
+            mask = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)  # [B, width * bs]
+            meta = AttnMetadata(prefill=False, slot_mapping=torch.tensor(new_slots, device=dev),
+                                block_table=table, context_mask=mask)
+            input_ids = torch.tensor(last_ids, device=dev)                             # [B]
+            positions = torch.tensor(pos, device=dev).unsqueeze(0).expand(3, -1)       # [3, B]
+            h = self.model(self.model.embed_inputs(input_ids, None, None), positions, meta, self.kv_cache)
+            next_ids = self.sampler(self.model, reqs, h)
+            synchronize(dev)
+        elapsed = time.perf_counter() - start
+        self.step_times["decode"].append(elapsed)
+        for r, t in zip(reqs, next_ids):
+            r.output_ids.append(int(t))
+            r.decode_time += elapsed
+
+    @torch.inference_mode()
+    def prompt_logits(self, req: Request) -> torch.Tensor:
+        """Full-vocabulary logits [prompt_len, vocab] of one prompt whose blocks are allocated
+        (checks against a reference model)."""
+        dev = self.tp.device
+        self._positions(req)
+        ids = torch.tensor(req.input_ids, device=dev)
+        meta = AttnMetadata(prefill=True, slot_mapping=torch.tensor(
+            slots_for(req.blocks, 0, len(req.input_ids), self.cfg.block_size), device=dev),
+            cu_seqlens=torch.tensor([0, len(req.input_ids)], device=dev))
+        h = self.model(self._embed_with_vision(ids, [req]), req.positions.to(dev), meta, self.kv_cache)
+        return self.model.full_logits(h).float()
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def _positions(self, r: Request) -> None:
+        """3-axis prompt positions and the decode delta of a request (computed once)."""
+        if r.positions is None:
+            mc = self.model_cfg
+            img = r.image_grid_thw.tolist() if r.image_grid_thw is not None else []
+            vid = r.video_grid_thw.tolist() if r.video_grid_thw is not None else []
+            r.positions, r.delta = rope_index(r.input_ids, img, vid, mc.image_token_id, mc.video_token_id,
+                                              mc.vision.spatial_merge_size)
+
+    def _vision(self, reqs: List[Request]):
+        """Vision embeddings for every image and video of `reqs`: (embeds [N, hidden], grid
+        [n_media, 3], kind per media item), images of every request first, then videos."""
+        pixels, grids, kinds = [], [], []
+        for kind in ("image", "video"):
+            for r in reqs:
+                pv, grid = ((r.pixel_values, r.image_grid_thw) if kind == "image"
+                            else (r.pixel_values_videos, r.video_grid_thw))
+                if pv is not None:
+                    pixels.append(pv)
+                    grids.append(grid)
+                    kinds += [kind] * len(grid)
+        if not pixels:
+            return None
+        start = time.perf_counter()
+        dev = self.tp.device
+        grid = torch.cat(grids).to(dev)
+        embeds = self.model.visual(torch.cat(pixels).to(dev), grid)
+        synchronize(dev)
+        self.step_times["vision"].append(time.perf_counter() - start)
+        return embeds, grid, kinds
+
+    def _embed_with_vision(self, input_ids: torch.Tensor, reqs: List[Request]) -> torch.Tensor:
+        """Token embeddings [T, hidden] with each placeholder row replaced by its vision embedding."""
+        mc = self.model_cfg
+        x = self.model.embed_inputs(input_ids, None, None)
+        vision = self._vision(reqs)
+        if vision is None:
+            return x
+        embeds, grid, kinds = vision
+        merge2 = mc.vision.spatial_merge_size ** 2
+        counts = (grid.prod(dim=1) // merge2).tolist()
+        per_kind = {"image": [], "video": []}
+        for chunk, kind in zip(embeds.split(counts), kinds):
+            per_kind[kind].append(chunk)
+        for kind, token in (("image", mc.image_token_id), ("video", mc.video_token_id)):
+            if per_kind[kind]:
+                mask = input_ids == token
+                e = torch.cat(per_kind[kind])
+                if int(mask.sum()) != e.shape[0]:
+                    raise ValueError(f"{int(mask.sum())} {kind} placeholder tokens but {e.shape[0]} {kind} embeddings")
+                x[mask] = e.to(x.dtype)
+        return x

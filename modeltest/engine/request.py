@@ -1,0 +1,122 @@
+"""A request to the engine: its inputs, its sampling parameters and its explicit lifecycle.
+
+    WAITING --admitted--> RUNNING --stop token / length--> FINISHED
+       |                     |
+       +--- rejected on arrival or failed in a pass ---> FAILED
+       +--- abort(id) -----------------------------------> ABORTED
+
+Timestamps are `time.perf_counter()` seconds: arrival (add_request), admission (blocks given),
+first token, finish. `queue_time` is what a request spent waiting for a batch slot and blocks;
+`run_time` is its own time in the engine from admission to its last token.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+STOP_TOKEN_IDS = (151645, 151643)   # <|im_end|>, <|endoftext|>
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def is_done(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.FAILED, RequestStatus.ABORTED)
+
+
+@dataclass
+class SamplingParams:
+    """How a request's tokens are chosen and when it stops.
+
+    temperature 0 is greedy (the only mode the harness uses: scores must be reproducible).
+    top_p / top_k / seed are carried for serving; the engine refuses temperature > 0 until its
+    sampler exists, rather than silently decoding greedily.
+    """
+    max_new_tokens: int = 256
+    ignore_eos: bool = False          # generate exactly max_new_tokens (benchmarks)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0                    # 0: no top-k cut
+    seed: Optional[int] = None
+    stop_token_ids: tuple = STOP_TOKEN_IDS
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    id: object
+    input_ids: List[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    pixel_values: Optional[torch.Tensor] = None          # [N_img_patches, C*T*P*P]
+    image_grid_thw: Optional[torch.Tensor] = None        # [n_images, 3]
+    pixel_values_videos: Optional[torch.Tensor] = None   # [N_vid_patches, C*T*P*P]
+    video_grid_thw: Optional[torch.Tensor] = None        # [n_videos, 3]
+    # ---- state, owned by the engine -------------------------------------------------------
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: List[int] = field(default_factory=list)
+    error: Optional[str] = None
+    positions: Optional[torch.Tensor] = None             # [3, prompt_len] M-RoPE positions
+    delta: int = 0                                       # decode position offset (M-RoPE)
+    blocks: List[int] = field(default_factory=list)      # KV cache blocks, in token order
+    t_arrival: float = 0.0
+    t_admitted: Optional[float] = None
+    t_first_token: Optional[float] = None
+    t_finish: Optional[float] = None
+    prefill_time: float = 0.0                            # the prefill pass this request was in
+    decode_time: float = 0.0                             # sum of the decode passes it was in
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def is_done(self) -> bool:
+        return self.status.is_done
+
+    def reached_stop(self) -> bool:
+        """Whether the tokens so far end this request (length, or a stop token unless ignored)."""
+        if len(self.output_ids) >= self.params.max_new_tokens:
+            return True
+        return (not self.params.ignore_eos and bool(self.output_ids)
+                and self.output_ids[-1] in self.params.stop_token_ids)
+
+    def generated_ids(self) -> List[int]:
+        """Output tokens without the final stop token (what a user reads)."""
+        ids = list(self.output_ids)
+        if ids and not self.params.ignore_eos and ids[-1] in self.params.stop_token_ids:
+            ids = ids[:-1]
+        return ids
+
+    @property
+    def queue_time(self) -> float:
+        """Seconds from arrival to admission (the whole life of one never admitted)."""
+        end = self.t_admitted if self.t_admitted is not None else (self.t_finish or time.perf_counter())
+        return end - self.t_arrival
+
+    @property
+    def run_time(self) -> float:
+        """Seconds from admission to finish: the request's own time in the engine."""
+        if self.t_admitted is None:
+            return 0.0
+        return (self.t_finish or time.perf_counter()) - self.t_admitted
+
+    @property
+    def e2e_time(self) -> float:
+        """Seconds from arrival to finish (queue + run)."""
+        return (self.t_finish or time.perf_counter()) - self.t_arrival

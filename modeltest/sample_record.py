@@ -1,0 +1,93 @@
+"""The per-sample record: one finished sample, as the resume shards, the debug file and report
+readers hold it.
+
+Schema (version 2; one JSON object per line, keys in this order):
+    id, subject          the sample (question_id / qid; the subject, or the task name)
+    input                {"prompt", "images", "videos"}: the user text and media paths
+    output               the decoded answer text (null when the sample failed)
+    prediction           the cleaned answer / extracted letter the score used (null: unparsed)
+    gold                 the human answers (TextVQA) / the letter (VideoBench)
+    score                0..1, recomputed from `output` and today's answer key
+    error                null, or why the sample failed (one line)
+    e2e_time             seconds the sample's request was computed: from its admission into the
+                         engine (hf: the start of its batch) to its last token; excludes queueing
+    queue_time           seconds the request waited before its computation started
+    preprocess_time      seconds of image/video loading and the processor
+    input_tokens         prompt tokens with vision placeholders expanded
+    output_tokens        generated tokens, without the stop token
+    prefill_time         seconds of the prefill pass the request was in (engine; null for hf)
+    choices              (VideoBench) the options shown, letter -> text
+    <task extras>        TextVQA: normalized; VideoBench: reference_rule_choice
+    key                  the resume key (records.py: what can change the answer)
+    schema               this schema's version
+Version 1 (before queue_time and schema) is read as well: its e2e_time included queueing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class SampleRecord:
+    id: str
+    subject: str
+    input: Dict[str, Any]
+    output: Optional[str] = None
+    prediction: Optional[str] = None
+    gold: Any = None
+    score: float = 0.0
+    error: Optional[str] = None
+    e2e_time: Optional[float] = None
+    queue_time: Optional[float] = None
+    preprocess_time: Optional[float] = None
+    input_tokens: Optional[int] = None
+    output_tokens: Optional[int] = None
+    prefill_time: Optional[float] = None
+    choices: Optional[Dict[str, str]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)   # the task's per-sample extras
+    key: str = ""
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def unparsed(self) -> bool:
+        """Answered, but no answer could be read from the output."""
+        return self.error is None and self.prediction is None
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "key", "schema"):
+                continue
+            if f.name == "choices" and self.choices is None:
+                continue
+            d[f.name] = getattr(self, f.name)
+        d.update(self.extra)
+        d["key"] = self.key
+        d["schema"] = self.schema
+        return d
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "SampleRecord":
+        """A record from its JSON object (version 1 or 2); ValueError if it is not one."""
+        if not isinstance(d, dict) or "key" not in d or "id" not in d:
+            raise ValueError("not a sample record")
+        schema = d.get("schema", 1)
+        if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+            raise ValueError(f"record schema {schema!r} is newer than this modeltest's {SCHEMA_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        known["schema"] = schema
+        return cls(**known, extra=extra)
+
+
+def count_errors(records: List[SampleRecord]) -> int:
+    return sum(1 for r in records if r.error)
+
+
+def count_unparsed(records: List[SampleRecord]) -> int:
+    return sum(1 for r in records if r.unparsed)
