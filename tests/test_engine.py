@@ -142,12 +142,53 @@ def test_over_long_request_fails_alone(demo):
         assert "over max_input_length 60" in by_id[name].error and by_id[name].output_ids == []
 
 
+def test_abort_frees_blocks_and_leaves_the_others_alone(demo):
+    """abort() of a waiting and of a running request: both come back ABORTED from the next step
+    with their KV blocks freed; the remaining request's tokens are those it gets alone."""
+    from transformers import AutoProcessor
+    from modeltest.engine.request import RequestStatus
+    inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
+    alone = make_engine(demo.model).generate([make_request("text", inputs["text"], 6)])[0].output_ids
+    engine = make_engine(demo.model, max_batch_size=2)
+    reqs = {n: make_request(n, inputs[n], 6) for n in ("text", "image", "video")}
+    for r in reqs.values():
+        engine.add_request(r)
+    engine.step()                                   # prefill text + image; video waits
+    assert reqs["image"].status is RequestStatus.RUNNING and reqs["video"].status is RequestStatus.WAITING
+    assert engine.abort("image") and engine.abort("video") and not engine.abort("no such id")
+    assert engine.stats().running == 1 and engine.stats().waiting == 0
+    ended = engine.step()
+    assert {r.id for r in ended} == {"image", "video"}
+    assert all(r.status is RequestStatus.ABORTED and r.blocks == [] for r in ended)
+    while engine.has_work():
+        engine.step()
+    assert reqs["text"].status is RequestStatus.FINISHED and reqs["text"].output_ids == alone
+    assert len(reqs["image"].output_ids) == 1 and reqs["video"].output_ids == []
+    assert all_blocks_free(engine)
+
+
+def test_sampling_is_refused_until_it_exists(demo):
+    """Requests carry sampling parameters; the engine decodes greedily and says so instead of
+    silently ignoring a temperature."""
+    from transformers import AutoProcessor
+    from modeltest.engine.request import RequestStatus
+    inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
+    engine = make_engine(demo.model)
+    req = make_request("text", inputs["text"], 4)
+    req.params.temperature = 0.7
+    engine.generate([req])
+    assert req.status is RequestStatus.FAILED and "decodes greedily only" in req.error and req.output_ids == []
+
+
 def test_timings_are_recorded(demo):
     from transformers import AutoProcessor
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     engine = make_engine(demo.model)
     r = engine.generate([make_request("image", inputs["image"], 5)])[0]
-    assert r.prefill_time > 0 and r.decode_time > 0 and r.e2e_time >= r.prefill_time + r.decode_time * 0.99
+    assert r.prefill_time > 0 and r.decode_time > 0 and r.run_time >= r.prefill_time + r.decode_time * 0.99
+    assert r.e2e_time == pytest.approx(r.queue_time + r.run_time)
+    stats = engine.stats()
+    assert len(stats.prefill_times) == 1 and len(stats.decode_times) == 4 and len(stats.vision_times) == 1
 
 
 @pytest.mark.parametrize("q,kv,world", [(12, 2, 1), (12, 2, 2), (12, 2, 4), (12, 2, 8), (28, 4, 1), (28, 4, 2),
