@@ -167,17 +167,31 @@ def test_abort_frees_blocks_and_leaves_the_others_alone(demo):
     assert all_blocks_free(engine)
 
 
-def test_sampling_is_refused_until_it_exists(demo):
-    """Requests carry sampling parameters; the engine decodes greedily and says so instead of
-    silently ignoring a temperature."""
+def test_sampling_is_reproducible_by_seed_whatever_the_batch(demo):
+    """temperature / top-k / top-p with a seed: the same tokens alone and in a mixed batch;
+    another seed draws other tokens; temperature 0 stays greedy."""
     from transformers import AutoProcessor
-    from modeltest.engine.request import RequestStatus
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     engine = make_engine(demo.model)
-    req = make_request("text", inputs["text"], 4)
-    req.params.temperature = 0.7
-    engine.generate([req])
-    assert req.status is RequestStatus.FAILED and "decodes greedily only" in req.error and req.output_ids == []
+
+    def sampled(name, seed, **kw):
+        r = make_request(name, inputs[name], 8)
+        r.params.temperature, r.params.seed = kw.get("temperature", 1.5), seed
+        r.params.top_k, r.params.top_p = kw.get("top_k", 0), kw.get("top_p", 1.0)
+        return r
+    alone = engine.generate([sampled("text", 7)])[0].output_ids
+    batch = engine.generate([make_request("image", inputs["image"], 8), sampled("text", 7),
+                             sampled("video", 3, top_k=50, top_p=0.9)])
+    assert batch[1].output_ids == alone
+    greedy = engine.generate([make_request("text", inputs["text"], 8)])[0].output_ids
+    others = {tuple(engine.generate([sampled("text", seed)])[0].output_ids) for seed in range(8, 12)}
+    assert len(others | {tuple(alone)}) > 1 and tuple(greedy) not in others | {tuple(alone)}
+    assert engine.generate([sampled("text", 7, temperature=0.0)])[0].output_ids == greedy
+    top1 = engine.generate([sampled("text", 5, top_k=1)])[0].output_ids
+    assert top1 == greedy                                   # top_k=1 is greedy whatever the seed
+    bad = sampled("text", 1, top_p=0.0)
+    engine.generate([bad])
+    assert bad.error and "top_p" in bad.error
 
 
 def test_timings_are_recorded(demo):

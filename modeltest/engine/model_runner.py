@@ -19,7 +19,7 @@ from .kv_cache import allocate_cache, blocks_needed, bytes_per_token, slots_for
 from .loader import CheckpointReader
 from .model import AttnMetadata, Qwen2VLModel
 from .parallel import TPContext
-from .request import Request
+from .request import Request, SamplingParams
 from .rope import rope_index
 
 
@@ -39,14 +39,46 @@ def tune_cpu_allocator() -> None:
         pass
 
 
-class GreedySampler:
-    """Next token = argmax of the logits, computed without gathering the vocabulary across ranks.
-    Tests replace the runner's sampler with one that also records full logits."""
+def seeded_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one request's token `step`: a function of its seed and the step
+    alone, so what else is in the batch (or which rank draws) never changes it."""
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) % (2 ** 63))
 
-    capturable = True   # the CUDA-graph decode path computes the same argmax inside the graph
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """One token from logits [vocab] (fp32): temperature, then top-k, then top-p (nucleus),
+    drawn by the Gumbel-max trick (argmax of logits + Gumbel noise samples the softmax exactly)."""
+    x = logits / params.temperature
+    if 0 < params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        order = torch.argsort(x, descending=True)
+        probs = torch.softmax(x[order], dim=-1)
+        # Drop a token when the tokens before it already hold top_p of the mass (keeps >= 1).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        x = x.clone()
+        x[order[drop]] = float("-inf")
+    u = torch.rand(x.shape[-1], generator=seeded_generator(params.seed, step)).clamp_(1e-20, 1.0)
+    gumbel = (-torch.log(-torch.log(u))).to(x.device)
+    return int(torch.argmax(x + gumbel))
+
+
+class Sampler:
+    """Next tokens of a pass. Greedy rows: the argmax, without gathering the vocabulary across
+    ranks. Sampling rows (temperature > 0): drawn from the full logits with the request's seed
+    (`sample_token`), the same on every rank. Tests replace it with one that records logits."""
+
+    capturable = True   # an all-greedy decode pass may replay a CUDA graph (same argmax inside)
 
     def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
-        return model.greedy(h).tolist()
+        out = model.greedy(h).tolist()
+        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            logits = model.full_logits(h[sampled]).float()                    # [S, vocab]
+            for row, i in zip(logits, sampled):
+                out[i] = sample_token(row, reqs[i].params, step=len(reqs[i].output_ids))
+        return out
 
 
 class ModelRunner:
@@ -66,7 +98,7 @@ class ModelRunner:
         # One extra block, never handed out: padding rows of a CUDA-graph batch write there.
         self.kv_cache = allocate_cache(mc.num_hidden_layers, self.num_blocks + 1, cfg.block_size,
                                        self.model.layout.num_kv, mc.head_dim, cfg.dtype, tp.device)
-        self.sampler = GreedySampler()
+        self.sampler = Sampler()
         self.graphs = None
         use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else (tp.device.type == "cuda"
                                                                            and tp.world_size == 1)
@@ -138,7 +170,7 @@ class ModelRunner:
             pos.append(i + r.delta)
             new_slots.append(r.blocks[i // bs] * bs + i % bs)
             lengths.append(r.num_tokens)
-        if self.graphs is not None and self.sampler.capturable:
+        if self.graphs is not None and self.sampler.capturable and all(r.params.greedy for r in reqs):
             next_ids = self.graphs.run(last_ids, pos, new_slots, [r.blocks for r in reqs], lengths)
         else:
             width = blocks_needed(max(lengths), bs)

@@ -38,8 +38,9 @@ class SamplingParams:
     """How a request's tokens are chosen and when it stops.
 
     temperature 0 is greedy (the only mode the harness uses: scores must be reproducible).
-    top_p / top_k / seed are carried for serving; the engine refuses temperature > 0 until its
-    sampler exists, rather than silently decoding greedily.
+    With temperature > 0 a token is drawn after top-k and top-p filtering, from a random stream
+    that depends on `seed` and the token's index only (model_runner.sample_token): the same seed
+    gives the same tokens whatever else is in the batch.
     """
     max_new_tokens: int = 256
     ignore_eos: bool = False          # generate exactly max_new_tokens (benchmarks)

@@ -11,6 +11,7 @@ yet holds back the ones behind it (no starvation of long prompts).
 from __future__ import annotations
 
 import collections
+import random
 import time
 from dataclasses import dataclass
 from typing import Deque, List, Optional
@@ -54,6 +55,10 @@ class Scheduler:
     # ---- arrival ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         req.t_arrival = time.perf_counter()
+        if not req.params.greedy and req.params.seed is None:
+            # Tensor-parallel ranks must draw alike: a server gives the seed before broadcasting
+            # the request; a lone process may pick one here.
+            req.params.seed = random.getrandbits(62)
         error = self._refusal(req)
         if error:
             self._end(req, RequestStatus.FAILED, error)
@@ -71,9 +76,9 @@ class Scheduler:
             return f"max_new_tokens must be at least 1, got {p.max_new_tokens}"
         if p.max_new_tokens > c.max_output_length:
             return f"max_new_tokens {p.max_new_tokens} is over max_output_length {c.max_output_length}"
-        if not p.greedy:
-            return (f"temperature {p.temperature}: this engine decodes greedily only (temperature 0); "
-                    "sampling is not implemented yet")
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+            return (f"sampling parameters out of range (temperature {p.temperature} must be >= 0, top_p "
+                    f"{p.top_p} in (0, 1], top_k {p.top_k} >= 0)")
         if blocks_needed(n + p.max_new_tokens, c.block_size) > c.num_blocks:
             return (f"input {n} + output {p.max_new_tokens} tokens do not fit the KV cache "
                     f"({self.capacity_tokens} tokens); give it more memory or lower the lengths")
