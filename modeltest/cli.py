@@ -37,6 +37,37 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    """One process serves; with a tensor-parallel size above 1 (--tp, or the visible devices),
+    torchrun starts that many and rank 0 serves HTTP."""
+    from .launch import inside_torchrun, launch_serve, visible_devices
+    from .serve.config import serve_config_from_args
+    from .serve.server import run_server
+
+    cfg = serve_config_from_args(args)
+    tp = args.tp or max(1, visible_devices())
+    if tp > 1 and not inside_torchrun():
+        from .engine.config import Qwen2VLConfig
+        from .engine.parallel import head_layout
+        mc = Qwen2VLConfig.from_path(cfg.model_path)
+        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)   # refuse a bad size before starting
+        return launch_serve(_strip_tp(args.argv), tp)
+    return run_server(cfg)
+
+
+def _strip_tp(argv: List[str]) -> List[str]:
+    """The serve arguments without --tp (the launcher adds the size it chose)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--tp":
+            skip = True
+        elif not a.startswith("--tp="):
+            out.append(a)
+    return out
+
+
 def _cmd_list(args) -> int:
     from .config.loader import available, default_config_dir
     d = default_config_dir()
@@ -76,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
     from .bench.run import add_parser as add_bench
     add_bench(sub)
+    from .serve.config import add_serve_parser
+    add_serve_parser(sub)
+    sub.choices["serve"].set_defaults(func=_cmd_serve)
     return p
 
 
@@ -97,7 +131,9 @@ def restore_ctrl_c() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]          # the subcommand's own arguments (the launcher passes them on)
     quiet_libraries()
     restore_ctrl_c()
     try:

@@ -78,27 +78,34 @@ def finished_keys(folder: Path) -> Set[str]:
     return set(RecordStore(folder, shard="none").load()) if folder.is_dir() else set()
 
 
+def torchrun(worker_args: List[str], nnodes: int, nproc_per_node: int) -> None:
+    """`python -m torch.distributed.run ... -m modeltest WORKER_ARGS` in this process (the
+    launcher's SignalException / ChildFailedError reach the caller instead of a traceback)."""
+    from torch.distributed.run import parse_args, run
+    argv = ["--nnodes", str(nnodes), "--node_rank", os.environ.get("NODE_RANK", "0"),
+            "--nproc_per_node", str(nproc_per_node),
+            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "--master_port", os.environ.get("MASTER_PORT", "20030"),
+            "-m", "modeltest", *worker_args]
+    os.environ[LAUNCHED_ENV] = "1"
+    # The launcher's own log lines (a shutdown warning per signal, a failure table) repeat what
+    # the workers and the caller say.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    run(parse_args(argv))
+
+
 def launch(cfg: EvalConfig, task: str, model: str, overrides: List[str], layout: Layout) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     from .outputs import RunPaths
 
     check_layout(cfg, layout.tp, layout.dp)
     records = RunPaths.for_run(cfg, tp=layout.tp).records_dir
     before = finished_keys(records) if cfg.run.resume else set()
-    argv = ["--nnodes", str(layout.nnodes), "--node_rank", os.environ.get("NODE_RANK", "0"),
-            "--nproc_per_node", str(layout.procs // layout.nnodes),
-            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            "--master_port", os.environ.get("MASTER_PORT", "20030"),
-            "-m", "modeltest", "run", task, model, *overrides, f"dp={layout.dp}", f"tp={layout.tp}"]
-    os.environ[LAUNCHED_ENV] = "1"
-    # The launcher's own log lines (a shutdown warning per signal, a failure table) repeat what
-    # the workers and this function say.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        run(parse_args(argv))
+        torchrun(["run", task, model, *overrides, f"dp={layout.dp}", f"tp={layout.tp}"],
+                 layout.nnodes, layout.procs // layout.nnodes)
     except SignalException as e:
         saved = len(finished_keys(records) - before)
         print(f"modeltest: interrupted: {saved} finished sample(s) of this run are saved in {records}; "
@@ -113,4 +120,22 @@ def launch(cfg: EvalConfig, task: str, model: str, overrides: List[str], layout:
               "(their output is above); finished samples are saved, run the same command again to resume",
               file=sys.stderr)
         return 130 if 130 in codes else 1
+    return 0
+
+
+def launch_serve(argv: List[str], tp: int) -> int:
+    """`modeltest serve ... --tp N`: N processes, rank 0 serving HTTP. SIGTERM / Ctrl-C reach the
+    workers through the launcher; rank 0 drains and tells the others to stop."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    try:
+        torchrun(["serve", *argv, "--tp", str(tp)], 1, tp)
+    except SignalException:
+        return 0          # a stop was asked for; the workers drained
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        if codes != [2]:
+            print(f"modeltest serve: error: rank(s) {', '.join(str(f.rank) for f in e.failures.values())} exited "
+                  f"with code(s) {', '.join(map(str, codes))} (their output is above)", file=sys.stderr)
+        return 2 if codes == [2] else 1
     return 0

@@ -88,18 +88,25 @@ def require_qwen_vl_utils():
 
 def load_vision(sample: Sample) -> Tuple[Optional[list], Optional[list]]:
     """(images, videos) as qwen-vl-utils returns them: resized PIL images and float frame tensors."""
-    process_vision_info = require_qwen_vl_utils()
-
     for path in sample.images:
         _check_file(path, "image")
     for path in sample.videos:
         _check_file(path, "video")
+    return vision_from_messages(build_messages(sample))
+
+
+def vision_from_messages(messages: List[Dict[str, Any]]) -> Tuple[Optional[list], Optional[list]]:
+    """qwen-vl-utils' process_vision_info on chat messages whose media are local files; a file
+    it cannot read raises SampleError naming it."""
+    process_vision_info = require_qwen_vl_utils()
     try:
-        return process_vision_info(build_messages(sample))
+        return process_vision_info(messages)
     except Exception as e:
-        for path in sample.videos:
+        parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
+        videos = [p["video"] for p in parts if p.get("type") == "video"]
+        for path in videos:
             problem = _probe_video(path)
             if problem:
                 raise SampleError(problem) from None
-        media = ", ".join(sample.images + sample.videos)
+        media = ", ".join(str(p.get("image") or p.get("video")) for p in parts if p.get("type") in ("image", "video"))
         raise SampleError(f"could not preprocess {media}: {first_line(e, 200, with_type=False)}") from None

@@ -72,7 +72,7 @@ class EngineRunner:
         eng = self.engine
         eng.limit_batch_size(batch_size)
         reqs = [engine_request(i, x, new_tokens, ignore_eos=True) for i, x in enumerate(inputs)]
-        before = eng.stats()
+        before = eng.stats(timings=False)
         with measured_run(self.device) as run:
             eng.generate(reqs)
         bad = [r.error for r in reqs if r.error]
@@ -80,8 +80,9 @@ class EngineRunner:
             from ..errors import UserError
             raise UserError(f"bench: an engine request failed ({bad[0]}); lower --image-size/--frames or --requests")
         after = eng.stats()
-        decode = after.decode_times[len(before.decode_times):]
-        vision_s = sum(after.vision_times[len(before.vision_times):])
+        n_decode, n_vision = after.decode_passes - before.decode_passes, after.vision_passes - before.vision_passes
+        decode = after.decode_times[-n_decode:] if n_decode else []
+        vision_s = sum(after.vision_times[-n_vision:]) if n_vision else 0.0
         return Measurement("engine", batch_size, run.elapsed_s, [r.output_ids for r in reqs],
                            [r.t_first_token - r.t_arrival for r in reqs],
                            statistics.fmean(decode) if decode else None, vision_s, run.peak_host_mb,

@@ -62,9 +62,14 @@ class EngineStats:
     running: int
     shard_bytes: int                 # this rank's weights, as held (packed or plain)
     decode_weight_bytes: int         # weights one decode step reads
-    prefill_times: List[float]       # seconds of every prefill pass so far
-    decode_times: List[float]        # seconds of every decode pass so far
-    vision_times: List[float]        # seconds of the vision tower within the prefills
+    prefill_passes: int              # passes so far
+    decode_passes: int
+    vision_passes: int               # prefills that ran the vision tower
+    # Seconds of the most recent passes (up to model_runner.STEP_TIMES_KEPT; empty when stats()
+    # is asked without timings): the last `n` of a run are times[-n:], n from the pass counts.
+    prefill_times: List[float] = field(default_factory=list)
+    decode_times: List[float] = field(default_factory=list)
+    vision_times: List[float] = field(default_factory=list)   # the vision tower within the prefills
 
 
 class LLMEngine:
@@ -120,12 +125,15 @@ class LLMEngine:
             raise ValueError(f"batch size {n} outside 1..{self.cfg.max_batch_size}")
         self.scheduler.max_batch_size = n
 
-    def stats(self) -> EngineStats:
+    def stats(self, timings: bool = True) -> EngineStats:
         s, r = self.scheduler, self.runner
+        times = {k: list(v) for k, v in r.step_times.items()} if timings else {}
         return EngineStats(
             device=str(self.tp.device), world_size=self.tp.world_size, block_size=self.cfg.block_size,
             num_blocks=s.cfg.num_blocks, free_blocks=s.allocator.num_free, capacity_tokens=s.capacity_tokens,
             max_batch_size=s.max_batch_size, waiting=len(s.waiting), running=len(s.running),
-            shard_bytes=r.model.shard_bytes, decode_weight_bytes=r.model.decode_weight_bytes(),
-            prefill_times=list(r.step_times["prefill"]), decode_times=list(r.step_times["decode"]),
-            vision_times=list(r.step_times["vision"]))
+            shard_bytes=r.model.shard_bytes, decode_weight_bytes=r.decode_weight_bytes,
+            prefill_passes=r.step_counts["prefill"], decode_passes=r.step_counts["decode"],
+            vision_passes=r.step_counts["vision"],
+            prefill_times=times.get("prefill", []), decode_times=times.get("decode", []),
+            vision_times=times.get("vision", []))

@@ -6,11 +6,13 @@ Decode passes replay CUDA graphs where they are on.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 from typing import List, Optional
 
 import torch
+import torch.distributed
 
 from ..device import synchronize
 from ..errors import UserError
@@ -21,6 +23,9 @@ from .model import AttnMetadata, Qwen2VLModel
 from .parallel import TPContext
 from .request import Request, SamplingParams
 from .rope import rope_index
+
+
+STEP_TIMES_KEPT = 1 << 16
 
 
 def tune_cpu_allocator() -> None:
@@ -92,6 +97,7 @@ class ModelRunner:
         pack = cfg.onednn_weights if cfg.onednn_weights is not None else tp.device.type == "cpu"
         self.model.load(CheckpointReader(cfg.model_path), pack_for_cpu=pack)
         self.model.eval()
+        self.decode_weight_bytes = self.model.decode_weight_bytes()   # fixed once loaded
         mc = self.model_cfg
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
         self.num_blocks = self._cache_blocks(per_token)
@@ -108,8 +114,14 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.max_batch_size, width, cfg.block_size,
                                        scratch_block=self.num_blocks, device=tp.device,
                                        compile_step=cfg.compile_decode)
-        # Wall time of every pass (seconds), for performance figures; read through engine.stats().
-        self.step_times = {"prefill": [], "decode": [], "vision": []}
+        # Wall time of recent passes (seconds), for performance figures, and how many there were;
+        # read through engine.stats(). Bounded: a server runs for days.
+        self.step_times = {k: collections.deque(maxlen=STEP_TIMES_KEPT) for k in ("prefill", "decode", "vision")}
+        self.step_counts = {k: 0 for k in self.step_times}
+
+    def _timed(self, kind: str, seconds: float) -> None:
+        self.step_times[kind].append(seconds)
+        self.step_counts[kind] += 1
 
     # ---- sizing -------------------------------------------------------------------------------
     def _cache_blocks(self, per_token: int) -> int:
@@ -124,6 +136,11 @@ class ModelRunner:
         else:
             free, _ = getattr(torch, dev.type).mem_get_info(dev)
         budget = int(free * c.kv_cache_fraction) // (per_token * c.block_size)
+        if self.tp.world_size > 1:
+            # Every rank must hold the same number of blocks (scheduling is replicated): the
+            # smallest budget wins, whatever each device had free when it looked.
+            t = torch.tensor([budget], dtype=torch.int64, device=dev if dev.type != "cpu" else "cpu")
+            budget = int(self.tp.all_reduce(t, op=torch.distributed.ReduceOp.MIN).item())
         if budget < 1:
             raise UserError(f"KV cache: not one {c.block_size}-token block fits in {c.kv_cache_fraction:.0%} of free "
                             "memory; use more devices (tensor parallel) or lower max_batch_size")
@@ -152,7 +169,7 @@ class ModelRunner:
         next_ids = self.sampler(self.model, reqs, h)
         synchronize(dev)
         now = time.perf_counter()
-        self.step_times["prefill"].append(now - start)
+        self._timed("prefill", now - start)
         for r, t in zip(reqs, next_ids):
             r.output_ids.append(int(t))
             r.prefill_time = now - start
@@ -186,7 +203,7 @@ class ModelRunner:
             next_ids = self.sampler(self.model, reqs, h)
             synchronize(dev)
         elapsed = time.perf_counter() - start
-        self.step_times["decode"].append(elapsed)
+        self._timed("decode", elapsed)
         for r, t in zip(reqs, next_ids):
             r.output_ids.append(int(t))
             r.decode_time += elapsed
@@ -233,7 +250,7 @@ class ModelRunner:
         grid = torch.cat(grids).to(dev)
         embeds = self.model.visual(torch.cat(pixels).to(dev), grid)
         synchronize(dev)
-        self.step_times["vision"].append(time.perf_counter() - start)
+        self._timed("vision", time.perf_counter() - start)
         return embeds, grid, kinds
 
     def _embed_with_vision(self, input_ids: torch.Tensor, reqs: List[Request]) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""The OpenAI chat-completions wire format: parse a request body into typed parts, build the
+response, stream chunk and error bodies. Imports nothing of the engine (SERVING.md §2-3).
+
+Every problem with a request raises `RequestError`, which the app answers with its HTTP status and
+an OpenAI-shaped body `{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+
+class RequestError(Exception):
+    """A request the server will not run: HTTP status, message, and the offending parameter."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.code = code or {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found",
+                             413: "request_too_large", 415: "unsupported_media_type",
+                             503: "unavailable"}.get(status, "error")
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_error"}
+
+
+def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+@dataclass
+class MediaPart:
+    kind: str                      # "image" | "video"
+    url: str                       # data:..., file://..., /abs/path, http(s)://..., or raw base64
+    param: str                     # where it was in the body, for error messages
+
+
+@dataclass
+class ChatMessage:
+    role: str                      # system | user | assistant
+    parts: List[Union[str, MediaPart]]   # text strings and media, in order
+
+
+@dataclass
+class ChatRequest:
+    model: Optional[str]
+    messages: List[ChatMessage]
+    max_tokens: Optional[int] = None
+    # None: the server's default (the model's generation_config.json, else OpenAI's 1.0 / 1.0 / off)
+    temperature: Optional[float] = None    # 0 = greedy
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None            # 0 or -1: no top-k cut
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def media(self) -> List[MediaPart]:
+        return [p for m in self.messages for p in m.parts if isinstance(p, MediaPart)]
+
+
+ROLES = ("system", "user", "assistant")
+MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
+# Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
+MM_KWARGS = {"fps": (int, float), "min_pixels": int, "max_pixels": int, "total_pixels": int,
+             "min_frames": int, "max_frames": int}
+
+
+def _number(body: Dict, key: str, kind, default, low=None, high=None):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise RequestError(400, f"'{key}' must be a {'number' if kind is not int else 'integer'}, got {value!r}", key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise RequestError(400, f"'{key}' must be {bounds}, got {value!r}", key)
+    return value
+
+
+def _media_url(part: Dict, key: str, param: str) -> str:
+    value = part.get(key)
+    if isinstance(value, dict):        # {"url": "..."} (OpenAI)
+        value = value.get("url")
+    if not isinstance(value, str) or not value:   # or the bare string MindIE accepts
+        raise RequestError(400, f"{param}: '{key}' needs a 'url' string", param)
+    return value
+
+
+def _parts(content: Any, param: str) -> List[Union[str, MediaPart]]:
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        raise RequestError(400, f"{param}: 'content' must be a string or a list of parts", param)
+    out: List[Union[str, MediaPart]] = []
+    for j, part in enumerate(content):
+        where = f"{param}.content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise RequestError(400, f"{where}: a content part must be an object with a 'type'", where)
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise RequestError(400, f"{where}: a text part needs a 'text' string", where)
+            out.append(part["text"])
+        elif kind in MEDIA_TYPES:
+            out.append(MediaPart(MEDIA_TYPES[kind], _media_url(part, kind, where), where))
+        else:
+            raise RequestError(400, f"{where}: unsupported content type '{kind}' (use text, image_url or video_url)",
+                               where)
+    return out
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """A chat-completions body (already JSON-decoded) -> ChatRequest, or RequestError(400)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
+    parsed = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(400, f"{where}: needs a 'role' of {', '.join(ROLES)}", where)
+        if "content" not in m or m["content"] is None:
+            raise RequestError(400, f"{where}: 'content' is required", where)
+        parsed.append(ChatMessage(m["role"], _parts(m["content"], where)))
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, "'model' must be a string", "model")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "'n' must be 1 (one choice per request)", "n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _number(body, key, int, None, low=1)
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(400, "'stop' must be a string or a list of non-empty strings", "stop")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise RequestError(400, "'stream_options' must be an object", "stream_options")
+    mm = body.get("mm_processor_kwargs") or {}
+    if not isinstance(mm, dict):
+        raise RequestError(400, "'mm_processor_kwargs' must be an object", "mm_processor_kwargs")
+    for k, v in mm.items():
+        if k not in MM_KWARGS:
+            raise RequestError(400, f"mm_processor_kwargs: unknown key '{k}' (known: {', '.join(MM_KWARGS)})",
+                               "mm_processor_kwargs")
+        if isinstance(v, bool) or not isinstance(v, MM_KWARGS[k]) or v <= 0:
+            raise RequestError(400, f"mm_processor_kwargs.{k} must be a positive number, got {v!r}",
+                               "mm_processor_kwargs")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    return ChatRequest(
+        model=model, messages=parsed, max_tokens=max_tokens,
+        temperature=_optional_float(_number(body, "temperature", (int, float), None, low=0, high=2)),
+        top_p=_optional_float(_number(body, "top_p", (int, float), None, low=0, high=1)),
+        top_k=_number(body, "top_k", int, None, low=-1), seed=seed, stop=stop,
+        ignore_eos=bool(body.get("ignore_eos", False)), stream=bool(body.get("stream", False)),
+        include_usage=bool(stream_options.get("include_usage", False)), mm_processor_kwargs=dict(mm))
+
+
+def _optional_float(x) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> Dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_body(rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None) -> Dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk_body(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> Dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def models_body(name: str, max_model_len: int, root: str) -> Dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "modeltest", "root": root, "max_model_len": max_model_len}]}

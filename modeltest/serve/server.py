@@ -1,0 +1,97 @@
+"""Start the server: load the engine (in its thread, so /health answers 503 meanwhile), run
+uvicorn on rank 0, follow rank 0's steps on every other tensor-parallel rank, and drain on SIGTERM."""
+from __future__ import annotations
+
+import socket
+import sys
+
+from ..backends import BackendSettings
+from ..backends.engine import engine_config
+from ..config.loader import resolve_data_type
+from ..config.schema import ModelConfig
+from ..device import resolve_device
+from ..engine.engine import LLMEngine
+from ..engine.loader import check_weight_files
+from ..engine.parallel import init_parallel
+from ..errors import UserError
+from .config import ServeConfig
+from .engine_loop import Channel, EngineLoop, follow
+from .metrics import ServerMetrics
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                            "choose another --port") from None
+
+
+def run_server(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from .app import Gatekeeper, ServerState, create_app
+    from .preprocess import Preprocessor
+
+    device = resolve_device(cfg.device)
+    model = ModelConfig(model_path=cfg.model_path, backend="engine", data_type=cfg.data_type,
+                        block_size=cfg.block_size)
+    model.data_type = resolve_data_type(model)
+    check_weight_files(cfg.model_path)
+    par = init_parallel(device, 1)
+    settings = BackendSettings(model=model, device=device, max_batch_size=cfg.max_batch_size,
+                               max_input_length=cfg.max_input_length, max_output_length=cfg.max_output_length)
+    tp = par.tp_ctx
+    channel = Channel(tp.group) if tp.world_size > 1 else None
+
+    def build() -> LLMEngine:
+        if tp.device.type != "cpu":   # the engine thread's current device (CUDA's is per thread)
+            import torch
+            getattr(torch, tp.device.type).set_device(tp.device)
+        return LLMEngine(engine_config(settings), tp)
+
+    if not par.is_main:
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # rank 0 drains, then tells this rank to stop
+        follow(build(), channel)
+        return 0
+
+    _check_port(cfg.host, cfg.port)
+    pre = Preprocessor(cfg)
+    state, metrics = ServerState(), ServerMetrics()
+    url = f"http://{cfg.host}:{cfg.port}"
+
+    def ready(_loop) -> None:
+        print(f"serving '{cfg.model_name}' at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
+
+    loop = EngineLoop(build, channel, on_ready=ready)
+    app = create_app(cfg, loop, pre, metrics, state)
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with /health turning 503 the moment SIGTERM/SIGINT arrives."""
+
+        def handle_exit(self, sig, frame):
+            if not state.draining:
+                state.draining = True
+                print(f"draining: finishing in-flight requests (up to {cfg.drain_timeout_s:g}s), then stopping",
+                      flush=True)
+            super().handle_exit(sig, frame)
+
+    where = f"{device} x {tp.world_size} (tensor parallel)" if tp.world_size > 1 else device
+    print(f"loading {cfg.model_path} ({model.data_type}) on {where} ...", flush=True)
+    loop.start()
+    server = DrainingServer(uvicorn.Config(Gatekeeper(app, cfg.api_key, cfg.max_body_bytes), host=cfg.host,
+                                           port=cfg.port, log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=int(max(1, cfg.drain_timeout_s))))
+    try:
+        server.run()
+    finally:
+        loop.stop()
+        app.state.pool.shutdown(wait=False, cancel_futures=True)
+    if loop.state == "dead":
+        print(f"modeltest serve: {loop.error}", file=sys.stderr)
+        return 1
+    print("stopped", flush=True)
+    return 0 if server.started else 1
