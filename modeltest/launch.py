@@ -90,7 +90,9 @@ def torchrun(worker_args: List[str], nnodes: int, nproc_per_node: int) -> None:
     os.environ[LAUNCHED_ENV] = "1"
     # The launcher's own log lines (a shutdown warning per signal, a failure table) repeat what
     # the workers and the caller say.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")] + \
+            ["torch.distributed.elastic"]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     run(parse_args(argv))
 
 

@@ -275,6 +275,12 @@ def create_app(cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: S
             return self.text.finish_reason(status, self.engine_req.max_new_tokens), completion
 
         async def complete(self):
+            try:
+                return await self._complete()
+            finally:
+                self.abort()      # cancelled while waiting (or already done: a no-op)
+
+        async def _complete(self):
             while True:
                 ev = await self.next_event()
                 if ev is None:

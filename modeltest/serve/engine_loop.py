@@ -100,6 +100,10 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._cmds.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Abort every request in the engine (the end of a drain): each gets its final event."""
+        self._cmds.put(("abort_all",))
+
     def stop(self, timeout: float = 30.0) -> None:
         """Abort whatever is still running, stop the followers, end the thread."""
         self._cmds.put(("stop",))
@@ -126,8 +130,10 @@ class EngineLoop:
             while True:
                 cmds = self._take(block=not self.engine.has_work())
                 stop = any(c[0] == "stop" for c in cmds)
-                if stop:   # abort every request first, so clients get an answer and blocks are freed
-                    cmds = [c for c in cmds if c[0] != "stop"] + [("abort", rid) for rid in self._tracked]
+                if stop or any(c[0] == "abort_all" for c in cmds):
+                    # abort every request, so its client gets an answer and its blocks are freed
+                    cmds = [c for c in cmds if c[0] not in ("stop", "abort_all")] + \
+                        [("abort", rid) for rid in self._tracked]
                 self._send([c[:2] for c in cmds] + ([("stop",)] if stop else []))
                 for c in cmds:
                     if c[0] == "add":

@@ -2,8 +2,11 @@
 uvicorn on rank 0, follow rank 0's steps on every other tensor-parallel rank, and drain on SIGTERM."""
 from __future__ import annotations
 
+import logging
+import signal
 import socket
 import sys
+import threading
 
 from ..backends import BackendSettings
 from ..backends.engine import engine_config
@@ -53,7 +56,6 @@ def run_server(cfg: ServeConfig) -> int:
         return LLMEngine(engine_config(settings), tp)
 
     if not par.is_main:
-        import signal
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # rank 0 drains, then tells this rank to stop
         follow(build(), channel)
         return 0
@@ -77,14 +79,27 @@ def run_server(cfg: ServeConfig) -> int:
                 state.draining = True
                 print(f"draining: finishing in-flight requests (up to {cfg.drain_timeout_s:g}s), then stopping",
                       flush=True)
+                # What is still running when the drain time is up is aborted in the engine, so its
+                # client gets an answer (finish_reason "abort") before uvicorn closes connections.
+                timer = threading.Timer(cfg.drain_timeout_s, loop.abort_all)
+                timer.daemon = True
+                timer.start()
             super().handle_exit(sig, frame)
 
+    # uvicorn handles SIGTERM/SIGINT while it runs, then restores the handlers it found and
+    # raises the signal again: with the defaults that would kill this process (SIGTERM) or raise
+    # KeyboardInterrupt (SIGINT) before the engine is stopped. Found handlers that only note the
+    # signal let the shutdown below finish.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    # uvicorn logs cancelling the requests a drain could not finish as an error; it is the plan.
+    logging.getLogger("uvicorn.error").addFilter(lambda r: "timeout graceful shutdown" not in r.getMessage())
     where = f"{device} x {tp.world_size} (tensor parallel)" if tp.world_size > 1 else device
     print(f"loading {cfg.model_path} ({model.data_type}) on {where} ...", flush=True)
     loop.start()
     server = DrainingServer(uvicorn.Config(Gatekeeper(app, cfg.api_key, cfg.max_body_bytes), host=cfg.host,
                                            port=cfg.port, log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=int(max(1, cfg.drain_timeout_s))))
+                                           timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 10))
     try:
         server.run()
     finally:

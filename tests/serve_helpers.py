@@ -1,0 +1,76 @@
+"""Start a real `modeltest serve` process on 127.0.0.1 and compute what the in-process engine
+answers to the same messages (the harness's preprocessing path)."""
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path, *args: str, env: Optional[dict] = None, wait: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.devnull, "w")
+        env = dict(os.environ, MASTER_PORT=str(free_port()), **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "modeltest", "serve", "--model_path", str(model),
+                                      "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                out, err = self.proc.communicate()
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{out}\n{err}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become healthy")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 120):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig) if sig == signal.SIGINT else self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+def data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def in_process_answer(engine, processor, content: List[dict], max_tokens: int):
+    """(text, prompt_tokens, completion_tokens) the in-process engine gives for one user turn
+    whose parts are qwen-vl-utils elements (local paths + options), greedily."""
+    from qwen_vl_utils import process_vision_info
+    from modeltest.backends.engine import engine_request
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    images, videos = process_vision_info(messages)
+    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
+    req = engine.generate([engine_request("x", inputs, max_tokens)])[0]
+    ids = req.generated_ids()
+    return (processor.tokenizer.decode(ids, skip_special_tokens=False), int(inputs["input_ids"].shape[1]),
+            len(req.output_ids))

@@ -1,0 +1,327 @@
+"""`modeltest serve`: a real server process on 127.0.0.1 with the tiny model, driven by the
+official `openai` client and by raw HTTP (httpx)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serve_helpers import ServerProcess, data_url, in_process_answer
+
+KEY = "test-key-123"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def media(demo, tmp_path_factory):
+    """The allowed media folder: demo images and a video, a corrupt video, a file outside it and
+    a symlink that points there."""
+    root = tmp_path_factory.mktemp("media")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    for name in ("demo_000.jpg", "demo_001.jpg", "demo_002.jpg"):
+        shutil.copy(demo.root / "textvqa" / "images" / name, allowed / name)
+    shutil.copy(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4", allowed / "clip.mp4")
+    (allowed / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 200)
+    secret = root / "secret.jpg"
+    shutil.copy(allowed / "demo_000.jpg", secret)
+    os.symlink(secret, allowed / "link.jpg")
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def server(demo, media):
+    s = ServerProcess(demo.model, "--api-key", KEY, "--allowed-local-media-path", str(media),
+                      "--max_batch_size", "4", "--max_input_length", "4096", "--max-body-mb", "4",
+                      "--max-images-per-request", "3")
+    yield s
+    rc, out, err = s.stop()
+    assert rc == 0 and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(demo):
+    """The in-process engine on the same weights (fp32, as the demo's config.json says)."""
+    import torch
+    from transformers import AutoProcessor
+    from modeltest.engine.engine import EngineConfig, LLMEngine
+    from modeltest.engine.parallel import TPContext
+    engine = LLMEngine(EngineConfig(model_path=str(demo.model), dtype=torch.float32, max_batch_size=4,
+                                    max_input_length=4096, max_output_length=64), TPContext())
+    return engine, AutoProcessor.from_pretrained(demo.model)
+
+
+def cases(media):
+    """name -> (OpenAI content parts, the same as qwen-vl-utils elements with the server's defaults)."""
+    from modeltest.serve.config import default_image_options, default_video_options
+    img, vid = default_image_options(), default_video_options()
+    q = {"type": "text", "text": "What is shown here?"}
+    return {
+        "text": ([{"type": "text", "text": "Hello, who are you?"}], [{"type": "text", "text": "Hello, who are you?"}]),
+        "image": ([{"type": "image_url", "image_url": {"url": data_url(media / "demo_000.jpg", "image/jpeg")}}, q],
+                  [{"type": "image", "image": str(media / "demo_000.jpg"), **img}, q]),
+        "two_images": ([{"type": "image_url", "image_url": {"url": f"file://{media / 'demo_001.jpg'}"}},
+                        {"type": "image_url", "image_url": str(media / "demo_002.jpg")}, q],
+                       [{"type": "image", "image": str(media / "demo_001.jpg"), **img},
+                        {"type": "image", "image": str(media / "demo_002.jpg"), **img}, q]),
+        "video": ([{"type": "video_url", "video_url": {"url": data_url(media / "clip.mp4", "video/mp4")}}, q],
+                  [{"type": "video", "video": str(media / "clip.mp4"), **vid}, q]),
+        "video_file": ([{"type": "video_url", "video_url": {"url": f"file://{media / 'clip.mp4'}"}}, q],
+                       [{"type": "video", "video": str(media / "clip.mp4"), **vid}, q]),
+    }
+
+
+def test_greedy_answers_equal_the_in_process_engine(client, media, reference):
+    engine, processor = reference
+    for name, (parts, elements) in cases(media).items():
+        want_text, prompt_tokens, completion_tokens = in_process_answer(engine, processor, elements, MAX_TOKENS)
+        r = client.chat.completions.create(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}],
+                                           max_tokens=MAX_TOKENS, temperature=0)
+        assert r.choices[0].message.content == want_text, name
+        assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == completion_tokens, name
+        assert r.choices[0].finish_reason in ("stop", "length")
+        # Streaming: the deltas join to the same text, one chunk carries finish_reason, usage last.
+        chunks = list(client.chat.completions.create(
+            model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}], max_tokens=MAX_TOKENS,
+            temperature=0, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == want_text, name
+        assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+        assert chunks[-1].usage.prompt_tokens == prompt_tokens and chunks[-1].choices == []
+
+
+def test_models_health_and_metrics(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"       # no key needed
+    models = httpx.get(server.url + "/v1/models", headers=h).json()
+    assert models["data"][0]["id"] == "Qwen2-VL-tiny-random"
+    text = httpx.get(server.url + "/metrics", headers=h).text
+    for name in ("modeltest_requests_total", "modeltest_prompt_tokens_total", "modeltest_generation_tokens_total",
+                 "modeltest_time_to_first_token_seconds_bucket", "modeltest_e2e_request_latency_seconds_bucket",
+                 "modeltest_num_requests_running", "modeltest_num_requests_waiting",
+                 "modeltest_kv_cache_blocks_used", "modeltest_kv_cache_blocks_free"):
+        assert name in text, name
+
+
+def test_sixteen_concurrent_streams_get_what_they_get_alone(client):
+    prompts = [f"Count to {i} please, item {i * 7}." for i in range(16)]
+
+    def ask(p, stream):
+        kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0)
+        if not stream:
+            return client.chat.completions.create(**kw).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    alone = [ask(p, False) for p in prompts]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda p: ask(p, True), prompts))
+    assert together == alone
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_a_client_that_disconnects_frees_its_blocks(server, client):
+    body = {"model": "Qwen2-VL-tiny-random", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
+    generated_before = metric(server, "modeltest_generation_tokens_total")
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}"}) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]          # a few chunks, then hang up
+            assert any("content" in line for line in got)
+            assert metric(server, "modeltest_kv_cache_blocks_used") > 0
+    deadline = time.time() + 10
+    while metric(server, "modeltest_kv_cache_blocks_used") > 0 or metric(server, "modeltest_num_requests_running") > 0:
+        assert time.time() < deadline, "the abandoned request kept its KV blocks"
+        time.sleep(0.1)
+    assert metric(server, "modeltest_generation_tokens_total") == generated_before   # it never ran to the end
+    r = client.chat.completions.create(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens >= 1
+
+
+def bad_requests(media):
+    """(description, request kwargs for httpx.post, status, text the message must contain)."""
+    good = {"model": "Qwen2-VL-tiny-random", "max_tokens": 2, "temperature": 0}
+
+    def chat(content, **extra):
+        return {"json": {**good, "messages": [{"role": "user", "content": content}], **extra}}
+    img = lambda url: {"type": "image_url", "image_url": {"url": url}}   # noqa: E731
+    return [
+        ("malformed JSON", {"content": b'{"messages": [', "headers": {"Content-Type": "application/json"}}, 400,
+         "not valid JSON"),
+        ("missing messages", {"json": {"model": "Qwen2-VL-tiny-random"}}, 400, "'messages' is required"),
+        ("unknown model", {"json": {**chat("hi")["json"], "model": "gpt-4"}}, 404, "model 'gpt-4' does not exist"),
+        ("wrong content type", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415,
+         "Content-Type must be application/json"),
+        ("undecodable base64", chat([img("data:image/png;base64,@@@not-base64@@@")]), 400, "cannot be decoded"),
+        ("missing file", chat([img(f"file://{media / 'nope.jpg'}")]), 400, "image file not found"),
+        ("undecodable video", chat([{"type": "video_url", "video_url": {"url": f"file://{media / 'broken.mp4'}"}}]),
+         400, "corrupt or unreadable video"),
+        ("frame-list video", chat([{"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,/9j/AA,/9j/AB"}}]),
+         400, "list of frames is not supported"),
+        ("too many images", chat([img(f"file://{media / 'demo_000.jpg'}")] * 4), 400, "at most 3"),
+        ("prompt over max_input_length", chat("hello " * 5000), 400, "over this server's max_input_length 4096"),
+        ("body over the limit", {"content": b'{"messages": "' + b"x" * (5 * 2 ** 20) + b'"}',
+                                 "headers": {"Content-Type": "application/json"}}, 413, "over this server's limit"),
+        ("outside the allowed folder", chat([img(f"file://{media.parent / 'secret.jpg'}")]), 400,
+         "outside --allowed-local-media-path"),
+        ("escape by ..", chat([img(f"file://{media}/../secret.jpg")]), 400, "outside --allowed-local-media-path"),
+        ("escape by symlink", chat([img(f"file://{media / 'link.jpg'}")]), 400, "outside --allowed-local-media-path"),
+        ("max_tokens over the limit", {"json": {**chat("hi")["json"], "max_tokens": 10 ** 6}}, 400,
+         "over this server's max_output_length"),
+    ]
+
+
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, media):
+    for what, kwargs, status, message in bad_requests(media):
+        headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
+        r = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=60, **kwargs)
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert message in err["message"], (what, err)
+        assert set(err) == {"message", "type", "param", "code"}, what
+    r = client.chat.completions.create(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=2, temperature=0)
+    assert r.choices[0].message.content is not None
+    # The official client raises the matching exception classes with our message.
+    import openai
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+
+
+def test_api_key_is_required_except_for_health(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, server.url + path, headers=headers, json={"messages": []})
+            assert r.status_code == 401, (headers, path)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_sampling_with_a_seed_is_reproducible(client):
+    kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Say something"}], max_tokens=10,
+              temperature=1.2, top_p=0.95, seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    c = client.chat.completions.create(**{**kw, "seed": 99}).choices[0].message.content
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_the_answer(client):
+    kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = client.chat.completions.create(**kw, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(**kw, stop=[stop], stream=True) if c.choices)
+    assert streamed == full[: full.find(stop)]
+
+
+def test_tensor_parallel_server_serves_the_tp1_tokens_and_drains_on_sigterm(demo, media, client):
+    """--tp 2 under gloo (torchrun from `modeltest serve`): the same answers as the tp=1 server;
+    SIGTERM with a request in flight ends it, and the server exits 0 without a traceback."""
+    from openai import OpenAI
+    tp2 = ServerProcess(demo.model, "--tp", "2", "--allowed-local-media-path", str(media), "--drain-timeout", "2",
+                        "--max_batch_size", "4", "--max_input_length", "4096")
+    try:
+        c2 = OpenAI(base_url=tp2.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        for name, (parts, _) in cases(media).items():
+            kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}], max_tokens=MAX_TOKENS,
+                      temperature=0)
+            assert c2.chat.completions.create(**kw).choices[0].message.content == \
+                client.chat.completions.create(**kw).choices[0].message.content, name
+        inflight = {}
+
+        def long_request():
+            try:
+                r = httpx.post(tp2.url + "/v1/chat/completions", timeout=60, json={
+                    "messages": [{"role": "user", "content": "A long story"}], "max_tokens": 2000,
+                    "ignore_eos": True, "temperature": 0})
+                inflight["status"] = r.status_code
+            except httpx.HTTPError as e:
+                inflight["error"] = type(e).__name__
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(1.0)
+    finally:
+        rc, out, err = tp2.stop(signal.SIGTERM)
+    t.join(30)
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert inflight, "the in-flight request got no answer"
+
+
+def test_sigterm_drains_a_single_process_server(demo):
+    s = ServerProcess(demo.model, "--drain-timeout", "1")
+    result = {}
+
+    def long_request():
+        try:
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "A long story"}], "max_tokens": 2000, "ignore_eos": True,
+                "temperature": 0})
+            result["status"] = r.status_code
+            result["finish"] = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else None
+        except httpx.HTTPError as e:
+            result["error"] = type(e).__name__
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    rc, out, err = s.stop(signal.SIGTERM)
+    t.join(30)
+    assert rc == 0 and "Traceback" not in err, err
+    assert "draining" in out and "stopped" in out
+    assert result.get("status") == 200 and result.get("finish") in ("abort", "length"), result
+
+
+def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):
+    """/health before the engine exists (loading), and after its load failed (dead); chat
+    requests get 503 with the reason meanwhile."""
+    from fastapi.testclient import TestClient
+    from modeltest.serve.app import ServerState, create_app
+    from modeltest.serve.config import ServeConfig
+    from modeltest.serve.engine_loop import EngineLoop
+    from modeltest.serve.metrics import ServerMetrics
+    from modeltest.serve.preprocess import Preprocessor
+    cfg = ServeConfig(model_path=str(demo.model))
+    release = threading.Event()
+
+    def slow_then_broken():
+        release.wait(30)
+        raise RuntimeError("out of memory while loading")
+    loop = EngineLoop(slow_then_broken)
+    app = create_app(cfg, loop, Preprocessor(cfg), ServerMetrics(), ServerState())
+    loop.start()
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 503 and http.get("/health").json()["status"] == "loading"
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
+        release.set()
+        deadline = time.time() + 10
+        while loop.state != "dead":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        h = http.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "dead" and "out of memory" in h.json()["error"]
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "no working engine" in r.json()["error"]["message"]
