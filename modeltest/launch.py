@@ -48,7 +48,9 @@ def plan_layout(cfg: EvalConfig) -> Layout:
     except ValueError:
         nnodes = 0
     dp = cfg.run.dp or 1
-    tp = cfg.run.tp or max(1, visible_devices() * max(nnodes, 1) // dp)
+    # Only the engine splits a model over devices; hf and a served model run one process per replica.
+    default_tp = max(1, visible_devices() * max(nnodes, 1) // dp) if cfg.model.backend == "engine" else 1
+    tp = cfg.run.tp or default_tp
     for name, v in (("tp", tp), ("dp", dp), ("NNODES", nnodes)):
         if v < 1:
             raise UserError(f"{name}={v} is not a positive integer")

@@ -37,8 +37,11 @@ def default_output_dir(model_name: str, today: Optional[dt.date] = None) -> Path
 DEFAULT_BACKEND = "engine"
 
 
-def run_variant(data_type: str, backend: str) -> str:
-    """The folder/file-name part that tells runs of one model apart: bf16, or bf16_hf."""
+def run_variant(data_type: Optional[str], backend: str) -> str:
+    """The folder/file-name part that tells runs of one model apart: bf16, bf16_hf, or openai (a
+    served model, whose data type is the server's)."""
+    if data_type is None:
+        return backend
     return str(data_type) if backend == DEFAULT_BACKEND else f"{data_type}_{backend}"
 
 
@@ -115,11 +118,25 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+SECRET = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """An override or command line without the value of an api_key."""
+    import re
+    return re.sub(r"((?:^|\s|\.)api_key=)\S+", r"\1" + SECRET, text)
+
+
 def config_record(cfg: EvalConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The saved configuration; an API key never appears in it."""
+    model = dataclasses.asdict(cfg.model)
+    if model.get("api_key"):
+        model["api_key"] = SECRET
     return {
-        "model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task),
+        "model": model, "task": dataclasses.asdict(cfg.task),
         "run": dataclasses.asdict(cfg.run), "model_file": cfg.model_file, "task_file": cfg.task_file,
-        "overrides": list(cfg.overrides), "command": " ".join(sys.argv), "versions": library_versions(), **extra,
+        "overrides": [redact(o) for o in cfg.overrides], "command": redact(" ".join(sys.argv)),
+        "versions": library_versions(), **extra,
     }
 
 

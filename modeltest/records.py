@@ -43,9 +43,15 @@ def model_identity(model_path: str) -> Dict[str, Any]:
 
 
 def run_identity(cfg, max_new_tokens: int) -> Dict[str, Any]:
-    """The settings shared by every sample of a run that can change an answer."""
+    """The settings shared by every sample of a run that can change an answer. A served model is
+    identified by what its server's /v1/models says (asked once, here)."""
     m = cfg.model
-    return {"task": cfg.task.task_name, "model": model_identity(m.model_path), "backend": m.backend,
+    if m.backend == "openai":
+        from .backends.openai import served_model_identity
+        model = served_model_identity(m)
+    else:
+        model = model_identity(m.model_path)
+    return {"task": cfg.task.task_name, "model": model, "backend": m.backend,
             "data_type": m.data_type, "use_chat_template": m.use_chat_template, "max_new_tokens": max_new_tokens,
             "max_input_length": cfg.task.requested_max_input_length, "decoding": "greedy"}
 
@@ -85,7 +91,10 @@ class RecordStore:
                         rec = SampleRecord.from_json(json.loads(line))
                     except ValueError:   # JSONDecodeError is one
                         continue
-                    out[rec.key] = rec
+                    # A sample computed again after a server error: its real record wins,
+                    # whichever shard holds which.
+                    if not (rec.transient and rec.key in out and not out[rec.key].transient):
+                        out[rec.key] = rec
         return out
 
     def append(self, record: SampleRecord) -> None:

@@ -89,6 +89,7 @@ def new_record(sample: Sample, key: str, output: Optional[GenerationOutput], err
     """What was computed for a sample, unscored (scores come from Task.score_record)."""
     def sec(x: Optional[float]) -> Optional[float]:
         return round(x, 6) if x is not None else None
+    transient = bool(output is not None and output.error and output.transient)
     if output is not None and output.error:
         error, output = output.error, None
     return SampleRecord(
@@ -98,9 +99,9 @@ def new_record(sample: Sample, key: str, output: Optional[GenerationOutput], err
         e2e_time=sec(output.e2e_time) if output else None, queue_time=sec(output.queue_time) if output else None,
         preprocess_time=sec(prepared.preprocess_time) if prepared else None,
         input_tokens=output.input_length if output else (prepared.input_length if prepared else None),
-        output_tokens=len(output.token_ids) if output else None,
+        output_tokens=output.output_tokens if output else None,
         prefill_time=sec(output.prefill_time) if output else None,
-        choices=sample.choices, key=key)
+        choices=sample.choices, transient=transient, key=key)
 
 
 class Evaluator:
@@ -122,9 +123,9 @@ class Evaluator:
         if cfg.run.tp is not None and cfg.run.tp != par.tp:
             raise UserError(f"tp={cfg.run.tp} but {par.world_size} process(es) started for dp={par.dp}; "
                             "start the run with `modeltest run` or scripts/mm_run.sh, which launch dp x tp processes")
-        if cfg.model.backend == "hf" and par.tp > 1:
-            raise UserError(f"backend hf runs one process per replica; tp={par.tp} needs model.backend=engine "
-                            "(or use dp= for several hf replicas)")
+        if cfg.model.backend in ("hf", "openai") and par.tp > 1:
+            raise UserError(f"backend {cfg.model.backend} runs one process per replica; tp={par.tp} needs "
+                            f"model.backend=engine (or use dp= for several {cfg.model.backend} replicas)")
         paths = RunPaths.for_run(cfg, tp=par.tp)
         if par.is_main:
             paths.create()
@@ -145,7 +146,8 @@ class Evaluator:
                 self.say(par, f"resume=false: earlier records moved to {aside}")
         par.barrier()
         done = store.load()
-        todo = [(s, k) for s, k in zip(samples, keys) if k not in done]
+        # A sample that failed on a server or network error (openai backend) is computed again.
+        todo = [(s, k) for s, k in zip(samples, keys) if k not in done or done[k].transient]
         mine = todo[par.dp_rank::par.dp]
         if len(todo) < len(samples):
             self.say(par, f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
@@ -178,6 +180,10 @@ class Evaluator:
         write_summary(paths, cfg, rows, records, computed=len(todo), elapsed=elapsed, tp=par.tp, dp=par.dp)
         if self.show_progress:
             print_summary(cfg, rows, records, paths, elapsed)
+            retry = sum(1 for r in records if r.transient)
+            if retry:
+                print(f"{retry} sample(s) failed on server or network errors (recorded as errors); run the same "
+                      "command again to retry only those")
         return RunResult(rows=rows, records=records, paths=paths)
 
     def _load_backend(self, par: ParallelContext, device: str, n_new: int) -> Backend:
@@ -214,9 +220,9 @@ class Evaluator:
         # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
         throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
         backend = self.backend
-        # Keep a batch waiting behind the running one, so a finished sequence's slot is refilled
-        # at once (engine) or the next batch is ready (hf).
-        keep = 2 * cfg.run.batch_size - 1
+        # Keep a batch waiting behind the running one (engine, hf), or `concurrency` requests in
+        # flight (a server): the backend says how many.
+        keep = backend.queue_depth(cfg.run.batch_size) - 1 if backend is not None else 0
 
         def update_bar():
             bar.n = count + (others.count() if others else 0)
@@ -256,6 +262,8 @@ class Evaluator:
         except KeyboardInterrupt:
             # A second Ctrl-C while the records are closed must not cut the message short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if backend is not None:
+                backend.close()
             raise Interrupted(f"interrupted: {count} finished sample(s) of this run are saved in {store.folder}; "
                               "run the same command again to resume") from None
         finally:

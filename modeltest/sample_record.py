@@ -18,6 +18,8 @@ Schema (version 2; one JSON object per line, keys in this order):
     prefill_time         seconds of the prefill pass the request was in (engine; null for hf)
     choices              (VideoBench) the options shown, letter -> text
     <task extras>        TextVQA: normalized; VideoBench: reference_rule_choice
+    transient            (only when true) the error was the server's or the network's, not the
+                         sample's: a resumed run computes the sample again
     key                  the resume key (records.py: what can change the answer)
     schema               this schema's version
 Version 1 (before queue_time and schema) is read as well: its e2e_time included queueing.
@@ -49,6 +51,9 @@ class SampleRecord:
     prefill_time: Optional[float] = None
     choices: Optional[Dict[str, str]] = None
     extra: Dict[str, Any] = field(default_factory=dict)   # the task's per-sample extras
+    # The error was the server's or the network's (unreachable, timeout, 429/5xx after retries),
+    # not the sample's: a resumed run computes the sample again. Written only when true.
+    transient: bool = False
     key: str = ""
     schema: int = SCHEMA_VERSION
 
@@ -60,12 +65,14 @@ class SampleRecord:
     def to_json(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "key", "schema"):
+            if f.name in ("extra", "key", "schema", "transient"):
                 continue
             if f.name == "choices" and self.choices is None:
                 continue
             d[f.name] = getattr(self, f.name)
         d.update(self.extra)
+        if self.transient:
+            d["transient"] = True
         d["key"] = self.key
         d["schema"] = self.schema
         return d

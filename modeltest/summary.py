@@ -19,7 +19,7 @@ def print_summary(cfg, rows: List[ResultRow], records: List[SampleRecord], paths
                       r.errors if is_acc else "", r.unparsed if is_acc else ""])
     head = ["Tasks", "Total", "Pass", "Metric", "Value (%)", "Errors", "Unparsed"]
     print()
-    print(colored(f"{cfg.task.task_name} | {cfg.model.model_name} | {cfg.model.backend} | {cfg.model.data_type} | "
+    print(colored(f"{cfg.task.task_name} | {cfg.model.model_name} | {cfg.model.backend} | {cfg.model.data_type or 'served'} | "
                   f"batch {cfg.run.batch_size} | {len(records)} samples in {elapsed:.1f}s", "cyan", attrs=["bold"]))
     text = tabulate(table, headers=head, tablefmt="github")
     lines = text.splitlines()

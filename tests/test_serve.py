@@ -40,7 +40,7 @@ def media(demo, tmp_path_factory):
 def server(demo, media):
     s = ServerProcess(demo.model, "--api-key", KEY, "--allowed-local-media-path", str(media),
                       "--max_batch_size", "4", "--max_input_length", "4096", "--max-body-mb", "4",
-                      "--max-images-per-request", "3")
+                      "--max-images-per-request", "3", "--allow-remote-media", "--max-remote-media-mb", "1")
     yield s
     rc, out, err = s.stop()
     assert rc == 0 and "Traceback" not in err, err
@@ -207,6 +207,38 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, med
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
 
+@pytest.fixture(scope="module")
+def web(media, tmp_path_factory):
+    """A plain HTTP server on 127.0.0.1 serving a demo image and a 2 MB file."""
+    import functools
+    import http.server
+    root = tmp_path_factory.mktemp("web")
+    shutil.copy(media / "demo_000.jpg", root / "photo.jpg")
+    (root / "huge.jpg").write_bytes(b"\xff" * (2 * 2 ** 20))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_remote_media_when_enabled_with_a_size_cap(client, media, web):
+    q = {"type": "text", "text": "What is shown here?"}
+
+    def ask(url):
+        return client.chat.completions.create(model="Qwen2-VL-tiny-random", max_tokens=MAX_TOKENS, temperature=0,
+                                              messages=[{"role": "user", "content": [
+                                                  {"type": "image_url", "image_url": {"url": url}}, q]}])
+    assert ask(f"{web}/photo.jpg").choices[0].message.content == \
+        ask(data_url(media / "demo_000.jpg", "image/jpeg")).choices[0].message.content
+    import openai
+    with pytest.raises(openai.BadRequestError, match="over the 1048576 byte limit for remote media"):
+        ask(f"{web}/huge.jpg")
+    with pytest.raises(openai.BadRequestError, match="cannot fetch"):
+        ask(f"{web}/missing.jpg")
+
+
 def test_api_key_is_required_except_for_health(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions")):
@@ -245,6 +277,10 @@ def test_tensor_parallel_server_serves_the_tp1_tokens_and_drains_on_sigterm(demo
                         "--max_batch_size", "4", "--max_input_length", "4096")
     try:
         c2 = OpenAI(base_url=tp2.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        import openai
+        with pytest.raises(openai.BadRequestError, match="remote media is off"):   # not enabled on this one
+            c2.chat.completions.create(model="Qwen2-VL-tiny-random", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.jpg"}}]}])
         for name, (parts, _) in cases(media).items():
             kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}], max_tokens=MAX_TOKENS,
                       temperature=0)

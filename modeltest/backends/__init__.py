@@ -9,6 +9,9 @@ def make_backend(settings: BackendSettings, tp_ctx=None) -> Backend:
     if settings.model.backend == "hf":
         from .hf import HFBackend
         return HFBackend(settings)
+    if settings.model.backend == "openai":
+        from .openai import OpenAIBackend
+        return OpenAIBackend(settings)
     if settings.model.backend == "engine":
         from .engine import EngineBackend
         return EngineBackend(settings, tp_ctx=tp_ctx)

@@ -48,6 +48,7 @@ class Prepared:
     images: Optional[list] = None      # PIL images from qwen-vl-utils (hf: processed with the batch)
     videos: Optional[list] = None      # float tensors [T, C, H, W] from qwen-vl-utils (hf)
     inputs: Optional[Dict[str, Any]] = None   # the processor's tensors for this sample alone (engine)
+    request: Optional[Dict[str, Any]] = None  # the chat request's messages and extra fields (openai)
     preprocess_time: float = 0.0
     input_length: int = 0              # prompt tokens with the vision placeholders expanded
 
@@ -64,6 +65,12 @@ class GenerationOutput:
     prefill_time: Optional[float] = None   # the prefill pass it was in (engine)
     decode_time: Optional[float] = None    # the decode passes it was in, summed (engine)
     error: Optional[str] = None        # this request failed alone (e.g. too long); others ran
+    num_tokens: Optional[int] = None   # generated tokens when token_ids are not known (a server's usage)
+    transient: bool = False            # the error is the server's/network's: retry the sample on resume
+
+    @property
+    def output_tokens(self) -> int:
+        return self.num_tokens if self.num_tokens is not None else len(self.token_ids)
 
 
 Completed = Tuple[Prepared, GenerationOutput]
@@ -77,7 +84,7 @@ class Backend(abc.ABC):
         self.model_cfg = settings.model
         self.device = settings.device
         self.data_type = settings.model.data_type
-        self.dtype = TORCH_DTYPES[self.data_type]
+        self.dtype = TORCH_DTYPES.get(self.data_type)   # None for a served model
 
     @property
     def rank(self) -> int:
@@ -104,6 +111,11 @@ class Backend(abc.ABC):
     def pending(self) -> int:
         """Submitted samples not yet returned by step()."""
 
+    def queue_depth(self, batch_size: int) -> int:
+        """How many submitted samples the harness keeps in the backend before it steps: a batch
+        running and one waiting, so a finished sequence's slot is refilled at once."""
+        return 2 * batch_size
+
     def generate(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool = False) -> List[GenerationOutput]:
         """Run `batch` to completion; outputs in the given order."""
         for p in batch:
@@ -113,6 +125,9 @@ class Backend(abc.ABC):
             for p, out in self.step():
                 done[id(p)] = out
         return [done[id(p)] for p in batch]
+
+    def close(self) -> None:
+        """Give up work not yet started (Ctrl-C): nothing to do for in-process backends."""
 
     def describe(self) -> Dict[str, Any]:
         """Facts about the loaded model for the saved configuration."""

@@ -18,7 +18,7 @@ from typing import List, Optional
 import yaml
 
 from ..errors import UserError
-from .schema import (BACKENDS, DATA_TYPES, ModelConfig, RunConfig, TaskConfig, build_dataclass,
+from .schema import (BACKENDS, DATA_TYPES, OPENAI_MEDIA, ModelConfig, RunConfig, TaskConfig, build_dataclass,
                      field_paths)
 
 TORCH_DTYPE_TO_DATA_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -133,6 +133,15 @@ def resolve_data_type(model: ModelConfig) -> str:
 def validate_paths(cfg: EvalConfig) -> None:
     """Fail before anything loads when a path is wrong."""
     m, t = cfg.model, cfg.task
+    if m.backend == "openai":     # the model is on a server: only the dataset is local
+        if not m.api_base:
+            raise UserError(f"{cfg.model_file}: backend openai needs 'api_base'; pass "
+                            "model.api_base=http://HOST:PORT/v1")
+        if not t.local_dataset_path:
+            raise UserError(f"{cfg.task_file}: 'local_dataset_path' is not set; pass task.local_dataset_path=/path")
+        if not Path(t.local_dataset_path).exists():
+            raise UserError(f"task.local_dataset_path: '{t.local_dataset_path}' does not exist; fix the path")
+        return
     if not m.model_path:
         raise UserError(f"{cfg.model_file}: 'model_path' is not set; set it in the file or pass model.model_path=/path/to/Qwen2-VL")
     mp = Path(m.model_path)
@@ -155,6 +164,16 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(f"limit: must be at least 1 (or null for all), got {cfg.run.limit}")
     if cfg.model.mm_model.infer_params.max_output_length < 1:
         raise UserError("model.mm_model.infer_params.max_output_length: must be at least 1")
+    m = cfg.model
+    if m.backend == "openai":
+        if m.media not in OPENAI_MEDIA:
+            raise UserError(f"model.media: '{m.media}' is not one of {', '.join(OPENAI_MEDIA)}")
+        if m.concurrency < 1 or m.max_retries < 0 or m.timeout <= 0:
+            raise UserError("model.concurrency must be at least 1, model.max_retries at least 0 and "
+                            "model.timeout positive")
+        if not m.use_chat_template:
+            raise UserError("model.use_chat_template=false cannot be sent to a server: the chat API applies "
+                            "the server's chat template")
     if cfg.task.metric.metric_type != "acc":
         raise UserError(f"task.metric.metric_type: '{cfg.task.metric.metric_type}' is not supported; use acc")
 
@@ -188,5 +207,6 @@ def load_config(task_name: str, model_name: str, overrides: Optional[List[str]] 
     validate_values(cfg)
     if check_paths:
         validate_paths(cfg)
-        cfg.model.data_type = resolve_data_type(cfg.model)
+        if cfg.model.backend != "openai":    # a served model's data type is the server's business
+            cfg.model.data_type = resolve_data_type(cfg.model)
     return cfg

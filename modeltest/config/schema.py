@@ -16,7 +16,8 @@ from ..device import TORCH_DTYPES
 from ..errors import UserError
 
 DATA_TYPES = tuple(TORCH_DTYPES)      # bf16, fp16, fp32
-BACKENDS = ("engine", "hf")
+BACKENDS = ("engine", "hf", "openai")
+OPENAI_MEDIA = ("data", "file")
 
 
 @dataclass
@@ -44,6 +45,18 @@ class ModelConfig:
     block_size: int = 128
     use_chat_template: bool = True
     mm_model: MMModelConfig = field(default_factory=MMModelConfig)
+    # ---- backend "openai": a served deployment (modeltest serve, vLLM, SGLang, MindIE Service) ----
+    api_base: Optional[str] = None           # e.g. http://127.0.0.1:8000/v1
+    # The key; null reads $OPENAI_API_KEY. Never written to the saved configuration or debug file.
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None  # null: the first model /v1/models lists
+    concurrency: int = 8                     # requests in flight
+    timeout: float = 600.0                   # seconds per request attempt
+    max_retries: int = 5                     # on connection errors, 429 and 5xx (never other 4xx)
+    retry_backoff: float = 1.0               # seconds before the first retry; doubles, with jitter
+    media: str = "data"                      # data: base64 data URLs (any server); file: file:// paths
+    # Send the task's pixel/fps options as mm_processor_kwargs (modeltest serve and vLLM read them).
+    send_preprocessing: bool = True
 
 
 @dataclass

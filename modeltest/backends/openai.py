@@ -1,0 +1,218 @@
+"""Backend `openai`: evaluate a served deployment — `modeltest serve`, vLLM, SGLang, MindIE
+Service, any OpenAI-compatible chat-completions endpoint (SERVING.md).
+
+Each sample becomes one chat request: its images, then its videos, then its prompt, as the
+in-process harness builds the conversation; media go as base64 data URLs (`media=data`, what
+every server accepts) or `file://` paths (`media=file`, when the server shares the filesystem),
+with the task's pixel/fps options as `mm_processor_kwargs`. Greedy (temperature 0). Requests
+stream, so each sample gets its time to first token; output tokens come from `usage` in
+whichever chunk carries it (else the content chunks are counted).
+
+Up to `concurrency` requests are in flight (a thread pool). A request that fails on a
+connection error, a timeout, 429 or a 5xx is retried with exponential back-off and jitter, up
+to `max_retries` times; any other 4xx is not retried. A request that still fails becomes that
+sample's `error` (never answer text that gets scored).
+"""
+from __future__ import annotations
+
+import base64
+import mimetypes
+import os
+import random
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..config.schema import ModelConfig
+from ..errors import SampleError, UserError, first_line
+from ..tasks.base import Sample
+from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
+
+API_KEY_ENV = "OPENAI_API_KEY"
+MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
+        ".mp4": "video/mp4", ".avi": "video/x-msvideo", ".wmv": "video/x-ms-wmv"}
+
+
+def api_key(m: ModelConfig) -> str:
+    # Servers started without a key accept any string; the openai client insists on one.
+    return m.api_key or os.environ.get(API_KEY_ENV) or "EMPTY"
+
+
+def server_error_message(body: Any, fallback: str = "") -> str:
+    """The message of an error body in any of the shapes servers send (SERVING.md §3):
+    {"error": {"message": ...}} (OpenAI, current vLLM), {"object": "error", "message": ...} (older
+    vLLM, SGLang), {"error": "<text>", "error_type": ...} (MindIE) — the openai client hands over
+    the inner "error" value when there is one."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return str(inner.get("message") or inner.get("detail") or fallback)
+        if isinstance(inner, str):
+            return inner
+        return str(body.get("message") or fallback)
+    if isinstance(body, str) and body:
+        return body
+    return fallback
+
+
+def served_model_identity(m: ModelConfig) -> Dict[str, Any]:
+    """What the server says it serves (GET /v1/models), for the resume key: resuming against
+    another model recomputes. A server that does not answer is a one-line error, before any
+    sample runs."""
+    import httpx
+    url = m.api_base.rstrip("/") + "/models"
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {api_key(m)}"}, timeout=min(m.timeout, 30))
+    except httpx.HTTPError as e:
+        raise UserError(f"model.api_base: no server answers at {url} ({type(e).__name__}); start it, or fix "
+                        "model.api_base (e.g. http://127.0.0.1:8000/v1)") from None
+    try:
+        body = r.json()
+    except ValueError:
+        body = r.text
+    if r.status_code == 401:
+        raise UserError(f"{url}: 401 unauthorized ({server_error_message(body)}); set {API_KEY_ENV} (or "
+                        "model.api_key) to the server's key")
+    if r.status_code != 200 or not isinstance(body, dict) or not body.get("data"):
+        raise UserError(f"{url}: HTTP {r.status_code}, not a model list ({server_error_message(body, str(body)[:120])});"
+                        " is model.api_base the server's /v1 address?")
+    models = [d for d in body["data"] if isinstance(d, dict) and "id" in d]
+    names = [d["id"] for d in models]
+    if m.served_model_name and m.served_model_name not in names:
+        raise UserError(f"model.served_model_name: '{m.served_model_name}' is not served at {m.api_base} "
+                        f"(it serves: {', '.join(names)})")
+    chosen = next(d for d in models if d["id"] == (m.served_model_name or names[0]))
+    # `created` changes with every restart of some servers: not part of the identity.
+    return {"served": {k: chosen.get(k) for k in ("id", "root", "max_model_len", "owned_by") if k in chosen}}
+
+
+class _Retryable(Exception):
+    pass
+
+
+class OpenAIBackend(Backend):
+    name = "openai"
+
+    def __init__(self, settings: BackendSettings):
+        super().__init__(settings)
+        from openai import OpenAI
+        m = self.model_cfg
+        self.identity = served_model_identity(m)
+        self.served_name = self.identity["served"]["id"]
+        # Retries are ours (which statuses, back-off with jitter, recorded errors), not the client's.
+        self.client = OpenAI(base_url=m.api_base, api_key=api_key(m), max_retries=0, timeout=m.timeout)
+        self.pool = ThreadPoolExecutor(max_workers=m.concurrency, thread_name_prefix="request")
+        self._inflight: Dict[Future, Prepared] = {}
+
+    # ---- the contract -----------------------------------------------------------------------
+    def prepare(self, sample: Sample) -> Prepared:
+        start = time.perf_counter()
+        content: List[Dict[str, Any]] = []
+        for kind, paths in (("image", sample.images), ("video", sample.videos)):
+            for path in paths:
+                content.append({"type": f"{kind}_url", f"{kind}_url": {"url": self._media_url(path, kind)}})
+        content.append({"type": "text", "text": sample.prompt})
+        return Prepared(sample=sample, text=sample.prompt, preprocess_time=time.perf_counter() - start,
+                        request={"messages": [{"role": "user", "content": content}], "extra": self._hints(sample)})
+
+    def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
+        fut = self.pool.submit(self._call, prepared, max_new_tokens, ignore_eos, time.perf_counter())
+        self._inflight[fut] = prepared
+
+    def step(self) -> List[Completed]:
+        if not self._inflight:
+            return []
+        done, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
+        return [(self._inflight.pop(f), f.result()) for f in done]
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def queue_depth(self, batch_size: int) -> int:
+        return self.model_cfg.concurrency
+
+    def describe(self) -> Dict[str, Any]:
+        m = self.model_cfg
+        return {"backend": self.name, "api_base": m.api_base, "served_model": self.identity["served"],
+                "media": m.media, "concurrency": m.concurrency, "max_retries": m.max_retries, "timeout": m.timeout}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- one request ------------------------------------------------------------------------
+    def _media_url(self, path: str, kind: str) -> str:
+        p = Path(path)
+        if not p.is_file():
+            raise SampleError(f"{kind} not found: {path}")
+        if p.stat().st_size == 0:
+            raise SampleError(f"{kind} is empty (0 bytes): {path}")
+        if self.model_cfg.media == "file":
+            return p.resolve().as_uri()
+        mime = MIME.get(p.suffix.lower()) or mimetypes.guess_type(p.name)[0] or f"{kind}/octet-stream"
+        return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+
+    def _hints(self, sample: Sample) -> Dict[str, Any]:
+        if not self.model_cfg.send_preprocessing:
+            return {}
+        opts = dict(sample.video_options if sample.videos else sample.image_options if sample.images else {})
+        return {"mm_processor_kwargs": {k: v for k, v in opts.items() if v is not None}} if opts else {}
+
+    def _call(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool, submitted: float) -> GenerationOutput:
+        m = self.model_cfg
+        error = "no attempt made"
+        for attempt in range(m.max_retries + 1):
+            if attempt:
+                time.sleep(m.retry_backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+            try:
+                return self._stream_once(prepared, max_new_tokens, ignore_eos, submitted)
+            except _Retryable as e:
+                error = str(e)
+            except _Final as e:
+                return GenerationOutput(text="", error=str(e))
+        return GenerationOutput(text="", error=f"{error} (after {m.max_retries} retries)", transient=True)
+
+    def _stream_once(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool,
+                     submitted: float) -> GenerationOutput:
+        import httpx
+        import openai
+        extra = dict(prepared.request["extra"])
+        if ignore_eos:
+            extra["ignore_eos"] = True
+        start = time.perf_counter()
+        first: Optional[float] = None
+        parts: List[str] = []
+        usage = None
+        chunks = 0
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.served_name, messages=prepared.request["messages"], max_tokens=max_new_tokens,
+                temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=extra or None)
+            for chunk in stream:
+                if getattr(chunk, "usage", None):
+                    usage = chunk.usage
+                for choice in chunk.choices or []:
+                    text = getattr(choice.delta, "content", None) if choice.delta else None
+                    if text:
+                        if first is None:
+                            first = time.perf_counter()
+                        parts.append(text)
+                        chunks += 1
+        except (openai.APIConnectionError, openai.APITimeoutError, httpx.TransportError) as e:
+            raise _Retryable(f"request failed: {first_line(e)}") from None
+        except openai.APIStatusError as e:
+            message = f"HTTP {e.status_code} from the server: {server_error_message(e.body, e.message)}"
+            if e.status_code == 429 or e.status_code >= 500:
+                raise _Retryable(message) from None
+            raise _Final(message) from None
+        end = time.perf_counter()
+        return GenerationOutput(
+            text="".join(parts), input_length=(usage.prompt_tokens if usage else 0) or 0,
+            num_tokens=usage.completion_tokens if usage and usage.completion_tokens is not None else chunks,
+            e2e_time=end - start, queue_time=start - submitted,
+            prefill_time=(first - start) if first is not None else None,
+            decode_time=(end - first) if first is not None else None)
+
+
+class _Final(Exception):
+    """A request error that retrying cannot fix (a 4xx other than 429)."""

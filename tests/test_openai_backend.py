@@ -1,0 +1,154 @@
+"""backend=openai: the harness against `modeltest serve` (a real server process on 127.0.0.1)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, read_csv, read_debug
+from serve_helpers import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    s = ServerProcess(demo.model, "--allowed-local-media-path", str(demo.root), "--max_batch_size", "4")
+    yield s
+    s.stop()
+
+
+def evaluate(demo, task, out, *extra):
+    from modeltest.config import load_config
+    from modeltest.runner import Evaluator
+    data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
+    overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", f"output_dir={out}",
+                 "max_output_length=6", *extra]
+    if task == "videobench":
+        overrides.append("task.subject_mapping=null")
+    return Evaluator(load_config(task, "qwen2_vl", overrides), show_progress=False).run()
+
+
+@pytest.mark.parametrize("task", ["textvqa", "videobench"])
+def test_served_results_equal_in_process_results(demo, server, tmp_path, task):
+    engine = evaluate(demo, task, tmp_path / "engine", "batch_size=4")
+    for media in ("data", "file"):
+        served = evaluate(demo, task, tmp_path / media, "backend=openai", f"model.api_base={server.url}/v1",
+                          f"model.media={media}", "model.concurrency=4")
+        assert served.paths.result_csv.read_text() == engine.paths.result_csv.read_text(), media
+        assert [(r.id, r.output, r.score, r.prediction, r.input_tokens) for r in served.records] == \
+            [(r.id, r.output, r.score, r.prediction, r.input_tokens) for r in engine.records], media
+        assert all(r.error is None and r.prefill_time is not None and r.e2e_time > 0 for r in served.records)
+        assert served.paths.result_csv.name == f"{task}_qwen2_vl_openai_batch1_tp1_result.csv"
+
+
+def test_api_key_is_never_saved_and_a_down_server_is_one_line(demo, tmp_path):
+    keyed = ServerProcess(demo.model, "--api-key", "sekret-42")
+    try:
+        out = tmp_path / "out"
+        env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
+        common = [f"task.local_dataset_path={demo.textvqa_jsonl}", f"output_dir={out}", "backend=openai",
+                  f"model.api_base={keyed.url}/v1", "limit=2", "max_output_length=3"]
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2 and "401 unauthorized" in proc.stderr and "OPENAI_API_KEY" in proc.stderr
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common,
+                               "model.api_key=sekret-42"], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
+                              capture_output=True, text=True, env=dict(env, OPENAI_API_KEY="sekret-42"), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        for f in list((out / "results").rglob("*")) + list((out / "debug").rglob("*")) + list((out / "records").rglob("*")):
+            if f.is_file():
+                assert "sekret-42" not in f.read_text(), f
+    finally:
+        keyed.stop()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no server answers at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server, tmp_path):
+    """429, 500 (MindIE's error shape), a dropped connection and a stall past the timeout are
+    retried with back-off; a 400 (older vLLM's shape) is not; what still fails is that sample's
+    error, not scored text, and only those samples are computed again on resume."""
+    from fault_proxy import FaultProxy
+    proxy = FaultProxy(server.url, {
+        "what does the sign say": ("429", 2),            # fine on the 3rd attempt
+        "what word is written on the door": ("500", 99),   # never fine: 1 + max_retries attempts
+        "what is the name of the shop": ("400", 99),       # not retried: 1 attempt
+        "what does the green sign read": ("drop", 1),
+        "what is on sale": ("stall", 1),
+    })
+    try:
+        extra = ["backend=openai", f"model.api_base={proxy.url}/v1", "model.max_retries=2", "model.retry_backoff=0.05",
+                 "model.timeout=4", "model.concurrency=3"]
+        result = evaluate(demo, "textvqa", tmp_path, *extra)
+        by_question = {r.input["prompt"].split(" Answer")[0]: r for r in result.records}
+        # (">=": on a loaded machine a forwarded attempt may itself time out and be retried)
+        assert proxy.attempts["what does the sign say"] >= 3 and by_question["what does the sign say?"].error is None
+        failed = by_question["what word is written on the door?"]
+        assert proxy.attempts["what word is written on the door"] == 3
+        assert failed.output is None and failed.score == 0 and failed.transient
+        assert "HTTP 500" in failed.error and "engine overloaded" in failed.error and "after 2 retries" in failed.error
+        bad = by_question["what is the name of the shop?"]
+        assert proxy.attempts["what is the name of the shop"] == 1 and "HTTP 400" in bad.error
+        assert "bad request: no" in bad.error and not bad.transient
+        assert proxy.attempts["what does the green sign read"] >= 2
+        assert by_question["what does the green sign read?"].error is None
+        assert proxy.attempts["what is on sale"] >= 2 and by_question["what is on sale?"].error is None
+        rows, _ = read_csv(tmp_path, "textvqa")
+        assert rows[0]["Errors"] == "2" and rows[0]["Total"] == "8"
+        # Resume: the server error is computed again (now fine), the 400 is kept as it is.
+        proxy.faults["what word is written on the door"] = ("500", 0)
+        again = evaluate(demo, "textvqa", tmp_path, *extra)
+        summary = json.loads(again.paths.summary_json.read_text())
+        assert summary["computed"] == 1 and summary["reused"] == 7
+        assert {r.input["prompt"].split(" Answer")[0]: r for r in again.records}[
+            "what word is written on the door?"].error is None
+    finally:
+        proxy.close()
+
+
+def test_server_killed_mid_run_and_restarted(demo, tmp_path):
+    """SIGKILL the server mid-run: the run goes on (the rest fail as server errors), the next run
+    against a restarted server computes exactly those, and every finished sample is reused once."""
+    first = ServerProcess(demo.model)
+    out = tmp_path / "out"
+    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, MODELTEST_SLOW_SAMPLE_S="0.7")
+    common = [f"task.local_dataset_path={demo.textvqa_jsonl}", f"output_dir={out}", "backend=openai",
+              "model.max_retries=1", "model.retry_backoff=0.05", "model.concurrency=1", "max_output_length=4"]
+    run = subprocess.Popen(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common,
+                            f"model.api_base={first.url}/v1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
+    deadline = time.time() + 120
+    while not list(out.rglob("records_dp0.jsonl")) or \
+            len(next(out.rglob("records_dp0.jsonl")).read_text().splitlines()) < 3:
+        assert time.time() < deadline and run.poll() is None
+        time.sleep(0.05)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert "run the same command again to retry only those" in stdout
+    records = read_debug(out, "textvqa")
+    finished = [r for r in records if r["error"] is None]
+    assert 3 <= len(finished) < 8 and all(r.get("transient") for r in records if r["error"])
+    second = ServerProcess(demo.model)
+    try:
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common,
+                               f"model.api_base={second.url}/v1"], capture_output=True, text=True,
+                              env=dict(env, MODELTEST_SLOW_SAMPLE_S="0"), timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        second.stop()
+    summary = json.loads(next((out / "results").rglob("*_summary.json")).read_text())
+    assert summary["reused"] == len(finished) and summary["computed"] == 8 - len(finished)
+    latest = sorted((out / "debug").rglob("output_*.txt"))[-1]            # the second run's debug file
+    again = [json.loads(line) for line in latest.read_text().splitlines()]
+    assert all(r["error"] is None for r in again) and len({r["id"] for r in again}) == 8
+    assert [r["output"] for r in again if r["id"] in {f["id"] for f in finished}] == [f["output"] for f in finished]
