@@ -152,3 +152,21 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
     again = [json.loads(line) for line in latest.read_text().splitlines()]
     assert all(r["error"] is None for r in again) and len({r["id"] for r in again}) == 8
     assert [r["output"] for r in again if r["id"] in {f["id"] for f in finished}] == [f["output"] for f in finished]
+
+
+def test_bench_serve_reports_consistent_figures(demo, server, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "modeltest", "bench-serve", "videobench", "qwen2_vl",
+                           f"task.local_dataset_path={demo.videobench_qa}", "task.subject_mapping=null",
+                           f"model.api_base={server.url}/v1", "--max-concurrency", "3", "--num-prompts", "12",
+                           "--max-tokens", "6", "--ignore-eos", "--request-rate", "50", "--goodput", "e2el:60000",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Serving Benchmark Result" in proc.stdout and "Request throughput" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["successful_requests"] == 12 and r["failed_requests"] == 0 and r["total_output_tokens"] == 72
+    assert r["request_throughput"] == pytest.approx(12 / r["duration_s"])
+    assert r["output_token_throughput"] == pytest.approx(72 / r["duration_s"])
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < r[name]["median_ms"] <= r[name]["p90_ms"] <= r[name]["p99_ms"], name
+    assert r["ttft"]["mean_ms"] <= r["e2el"]["mean_ms"] and r["goodput"]["good_requests"] == 12
