@@ -5,7 +5,9 @@ is recorded against its sample and the run goes on.
 """
 from __future__ import annotations
 
+import copy
 import os
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -52,6 +54,21 @@ def load_processor(model_path: str):
         raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
                         f"({first_line(e, 200, with_type=False)}); the folder needs the tokenizer and "
                         "preprocessor_config.json of a Qwen2-VL checkpoint") from None
+
+
+class PerThreadProcessor:
+    """One copy of a processor per thread: prepare() runs in worker threads, and a fast tokenizer
+    shared between threads can fail ("Already borrowed")."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._local = threading.local()
+
+    def get(self):
+        proc = getattr(self._local, "processor", None)
+        if proc is None:
+            proc = self._local.processor = copy.deepcopy(self.processor)
+        return proc
 
 
 def _check_file(path: str, kind: str) -> None:

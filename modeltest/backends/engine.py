@@ -9,15 +9,13 @@ Streaming: the harness keeps the engine fed, so a finished sequence's slot is re
 """
 from __future__ import annotations
 
-import copy
 import itertools
-import threading
 import time
 from typing import Dict, List
 
 from ..engine.engine import EngineConfig, LLMEngine, Request, RequestStatus, SamplingParams
 from ..engine.parallel import TPContext, init_distributed
-from ..media import load_processor, load_vision, prompt_text, require_qwen_vl_utils
+from ..media import PerThreadProcessor, load_processor, load_vision, prompt_text, require_qwen_vl_utils
 from ..device import TORCH_DTYPES
 from ..tasks.base import Sample
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
@@ -48,9 +46,7 @@ class EngineBackend(Backend):
         self.processor = load_processor(self.model_cfg.model_path)
         self.tp = tp_ctx if tp_ctx is not None else init_distributed(self.device)
         self.engine = LLMEngine(engine_config(settings), self.tp)
-        # prepare() runs in worker threads; a fast tokenizer shared between threads can fail
-        # ("Already borrowed"), so each thread gets its own processor copy.
-        self._local = threading.local()
+        self._processors = PerThreadProcessor(self.processor)
         self._inflight: Dict[int, Prepared] = {}   # request id -> Prepared, while the engine holds it
         self._ids = itertools.count()
 
@@ -62,16 +58,10 @@ class EngineBackend(Backend):
     def world_size(self) -> int:
         return self.tp.world_size
 
-    def _thread_processor(self):
-        proc = getattr(self._local, "processor", None)
-        if proc is None:
-            proc = self._local.processor = copy.deepcopy(self.processor)
-        return proc
-
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
         images, videos = load_vision(sample)
-        proc = self._thread_processor()
+        proc = self._processors.get()
         text = prompt_text(proc, sample, self.model_cfg.use_chat_template)
         inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")
         return Prepared(sample=sample, text=text, inputs=inputs, preprocess_time=time.perf_counter() - start,

@@ -8,15 +8,13 @@ a fast tokenizer shared between threads can fail ("Already borrowed").
 """
 from __future__ import annotations
 
-import copy
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
 from ..errors import SampleError
-from ..media import load_processor, require_qwen_vl_utils, vision_from_messages
+from ..media import PerThreadProcessor, load_processor, require_qwen_vl_utils, vision_from_messages
 from .config import ServeConfig
 from .media_urls import MediaResolver
 from .protocol import ChatRequest, MediaPart, RequestError
@@ -38,13 +36,7 @@ class Preprocessor:
         self.tokenizer = self.processor.tokenizer
         self.resolver = MediaResolver(cfg.allowed_local_media_path, cfg.allow_remote_media,
                                       cfg.remote_media_timeout_s, int(cfg.max_remote_media_mb * 2 ** 20))
-        self._local = threading.local()
-
-    def _thread_processor(self):
-        proc = getattr(self._local, "processor", None)
-        if proc is None:
-            proc = self._local.processor = copy.deepcopy(self.processor)
-        return proc
+        self._processors = PerThreadProcessor(self.processor)
 
     def check_counts(self, req: ChatRequest) -> None:
         media = req.media
@@ -64,7 +56,7 @@ class Preprocessor:
 
     def __call__(self, req: ChatRequest) -> ModelInput:
         self.check_counts(req)
-        proc = self._thread_processor()
+        proc = self._processors.get()
         with tempfile.TemporaryDirectory(prefix="modeltest-serve-") as work:
             messages: List[Dict[str, Any]] = []
             for m in req.messages:
