@@ -5,6 +5,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/scripts/setup_env.sh"
+bash "$repo/scripts/setup_browser.sh"
 cd "$repo"
 "$repo/.venv/bin/python" -m pytest -q "$@"
 if [[ $# -eq 0 && ${MODELTEST_SKIP_T5:-0} != 1 ]]; then

@@ -193,3 +193,6 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
     assert "mm_run.sh textvqa qwen2_vl" in proc.stdout and "mm_run.sh videobench qwen2_vl" in proc.stdout
     assert read_csv(out, "textvqa")[0][0]["Total"] == "8"
     assert read_csv(out, "videobench")[0][0]["Total"] == "11"
+    for task in ("textvqa", "videobench"):                 # and says where each run's report is
+        assert f"report: {out / 'report' / task / 'report.html'}" in proc.stdout
+        assert (out / "report" / task / "report.csv").is_file()

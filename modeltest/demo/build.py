@@ -71,4 +71,21 @@ def run_demo(paths: DemoPaths, extra: Optional[List[str]] = None) -> int:
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             return rc
+    # The review of each run: `modeltest report` (with a second run, it would compare them).
+    out = demo_output_dir(extra)
+    for task in ("textvqa", "videobench"):
+        cmd = [sys.executable, "-m", "modeltest", "report", str(out), "--task", task, "--out", str(out / "report" / task)]
+        print("$ " + " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0:
+            return rc
     return 0
+
+
+def demo_output_dir(extra: Optional[List[str]]) -> Path:
+    """Where the demo's runs write: an output_dir=... among the extra overrides, else the default."""
+    from ..outputs import default_output_dir
+    for item in extra or []:
+        if item.startswith(("output_dir=", "run.output_dir=")):
+            return Path(item.split("=", 1)[1])
+    return default_output_dir("qwen2_vl")

@@ -1,0 +1,153 @@
+"""`modeltest report`: figures against an independent computation, the HTML page in a real
+headless browser, the CI gate, bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+
+def evaluate(demo, data, out, task="textvqa"):
+    from modeltest.config import load_config
+    from modeltest.runner import Evaluator
+    path = data / "textvqa" / "textvqa_val.jsonl" if task == "textvqa" else data / "videobench" / "Eval_QA"
+    extra = ["task.subject_mapping=null"] if task == "videobench" else []
+    return Evaluator(load_config(task, "qwen2_vl", [f"model.model_path={demo.model}", f"task.local_dataset_path={path}",
+                                                    f"output_dir={out}", "max_output_length=4", *extra]),
+                     show_progress=False).run()
+
+
+def report(*argv):
+    from modeltest.cli import main
+    return main(["report", *argv])
+
+
+@pytest.fixture(scope="module")
+def two_runs(demo, tmp_path_factory):
+    """Run A; then run B on a copy whose answer key gives 6 of 8 questions A's own answers."""
+    root = tmp_path_factory.mktemp("report_runs")
+    data = root / "data"
+    shutil.copytree(demo.textvqa_jsonl.parent, data / "textvqa")
+    a = evaluate(demo, data, root / "A")
+    ann_path = data / "textvqa" / "textvqa_val_annotations.json"
+    ann = json.loads(ann_path.read_text())
+    predicted = {r.id: r.extra["normalized"] for r in a.records}
+    for entry in ann["annotations"][:6]:
+        entry["answers"] = [{"answer": predicted[str(entry["question_id"])]}] * 10
+    ann_path.write_text(json.dumps(ann))
+    evaluate(demo, data, root / "B")
+    return root
+
+
+def independent(root: str, run: str) -> pd.DataFrame:
+    debug = next((root / run / "debug").rglob("output_*.txt"))
+    return pd.read_json(debug, lines=True, dtype={"id": str})
+
+
+def test_report_csv_equals_an_independent_computation(two_runs, tmp_path):
+    out = tmp_path / "rep"
+    assert report(str(two_runs / "A"), str(two_runs / "B"), "--out", str(out)) == 0
+    csv = pd.read_csv(out / "report.csv")
+    assert list(csv.columns)[:8] == ["task", "subject", "run", "value", "total", "delta", "ci_low", "ci_high"]
+    a, b = independent(two_runs, "A"), independent(two_runs, "B")
+    row_a, row_b = csv[csv["run"] == "A"].iloc[0], csv[csv["run"] == "B"].iloc[0]
+    assert row_a["value"] == pytest.approx(a["score"].mean()) and row_a["total"] == len(a)
+    assert row_b["value"] == pytest.approx(b["score"].mean()) and row_b["value"] == pytest.approx(0.75)
+    assert row_b["delta"] == pytest.approx(b["score"].mean() - a["score"].mean())
+    paired = a.merge(b, on=["subject", "id"], suffixes=("_a", "_b"))
+    diff = (paired["score_b"] - paired["score_a"]).to_numpy()
+    means = diff[np.random.default_rng(0).integers(0, len(diff), size=(2000, len(diff)))].mean(axis=1)
+    assert row_b["ci_low"] == pytest.approx(np.percentile(means, 2.5), abs=1e-6)
+    assert row_b["ci_high"] == pytest.approx(np.percentile(means, 97.5), abs=1e-6)
+    assert bool(row_b["significant"]) and row_b["paired"] == 8
+    md = (out / "report.md").read_text()
+    assert "## Changed samples: A -> B" in md and md.count("| better") == 6
+    assert "## Configuration differences" in md and "run.output_dir" in md
+
+
+def test_gate_fails_on_a_planted_regression_and_passes_without(two_runs, tmp_path, capsys):
+    # B as the baseline: A lost 6 of 8 answers, significantly.
+    assert report(str(two_runs / "A"), str(two_runs / "B"), "--baseline", "B", "--fail-below", "all=0.01",
+                  "--out", str(tmp_path / "r1")) == 1
+    assert "GATE: A: textvqa dropped 0.7500" in capsys.readouterr().out
+    assert report(str(two_runs / "A"), str(two_runs / "B"), "--fail-below", "all=0.01",
+                  "--out", str(tmp_path / "r2")) == 0
+    assert report(str(two_runs / "A"), str(two_runs / "B"), "--baseline", "1", "--fail-below", "textvqa=0.8",
+                  "--out", str(tmp_path / "r3")) == 0          # a drop smaller than allowed
+
+
+def test_html_opens_in_a_headless_browser(two_runs, demo, tmp_path):
+    if os.environ.get("MODELTEST_NO_BROWSER") == "1":
+        pytest.skip("MODELTEST_NO_BROWSER=1: no browser on this machine (scripts/setup_browser.sh installs one)")
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: run scripts/setup_browser.sh (or set MODELTEST_NO_BROWSER=1)"
+    out = tmp_path / "rep"
+    report(str(two_runs / "A"), str(two_runs / "B"), "--out", str(out))
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "src=\"//" not in page   # nothing external
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", "--dump-dom", (out / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert "Uncaught" not in proc.stderr and "CONSOLE" not in proc.stderr.upper().replace("CONSOLE_", ""), \
+        proc.stderr[-2000:]
+    for plot in ("plot-scores", "plot-latency", "plot-length"):
+        assert f'id="{plot}"' in dom and "data:image/png;base64," in dom
+    for section in ("Scores", "Configuration differences", "Changed samples: A -&gt; B", "Errors by message",
+                    "Accuracy by input length", "Speed"):
+        assert f"<h2>{section}</h2>" in dom, section
+    assert dom.count("<table") >= 5 and dom.count('class="better"') == 6   # empty sections say (none)
+
+
+def test_videobench_report_has_the_confusion_and_weighted_scores(demo, tmp_path):
+    evaluate(demo, demo.root, tmp_path / "V", task="videobench")
+    assert report(str(tmp_path / "V"), "--out", str(tmp_path / "rep")) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Predicted vs gold letters: V" in md and "weighted_score" in md
+
+
+def test_bad_inputs_are_one_line_errors(two_runs, demo, tmp_path, capsys):
+    def error(*argv) -> str:
+        capsys.readouterr()
+        assert report(*argv, "--out", str(tmp_path / "r")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("modeltest: error: "), err
+        return err
+    (tmp_path / "empty").mkdir()
+    assert "no results here" in error(str(tmp_path / "empty"))
+    broken = tmp_path / "broken"
+    shutil.copytree(two_runs / "A", broken)
+    debug = next((broken / "debug").rglob("output_*.txt"))
+    summary = next((broken / "results").rglob("*_summary.json"))
+    s = json.loads(summary.read_text())
+    s["debug_file"] = str(debug)
+    summary.write_text(json.dumps(s))
+    text = debug.read_text()
+    debug.write_text(text[: len(text) - 40])                     # the last record cut short
+    assert ".txt:8: not a sample record" in error(str(broken))
+    both = tmp_path / "both"
+    shutil.copytree(two_runs / "A", both)
+    evaluate(demo, demo.root, both, task="videobench")
+    assert "runs of several tasks (textvqa, videobench); choose one with --task" in error(str(both))
+    assert "different tasks" in error(str(two_runs / "A"), str(both / "results" / "videobench"))
+    assert report(str(both), "--task", "videobench", "--out", str(tmp_path / "r")) == 0
+
+
+def test_bench_jsons_side_by_side(tmp_path):
+    rows = lambda sps: {"results": [{"backend": "engine", "workload": "textvqa", "batch_size": 8,   # noqa: E731
+                                     "samples_per_s": sps, "ttft_p50_ms": 100.0}]}
+    (tmp_path / "a.json").write_text(json.dumps(rows(2.0)))
+    (tmp_path / "b.json").write_text(json.dumps(rows(1.5)))
+    (tmp_path / "c.json").write_text(json.dumps(rows(2.05)))
+    assert report("--bench", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "r")) == 1
+    table = pd.read_csv(tmp_path / "r" / "bench_report.csv")
+    sps = table[table["figure"] == "samples_per_s"].iloc[0]
+    assert sps["ratio"] == pytest.approx(0.75) and bool(sps["regression"])
+    assert report("--bench", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "r")) == 0
