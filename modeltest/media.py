@@ -103,20 +103,38 @@ def require_qwen_vl_utils():
     return process_vision_info
 
 
-def load_vision(sample: Sample) -> Tuple[Optional[list], Optional[list]]:
-    """(images, videos) as qwen-vl-utils returns them: resized PIL images and float frame tensors."""
+def load_vision(sample: Sample, cache=None) -> Tuple[Optional[list], Optional[list]]:
+    """(images, videos) as qwen-vl-utils returns them: resized PIL images and float frame tensors
+    (through `cache`, a media_cache.MediaCache, when given)."""
     for path in sample.images:
         _check_file(path, "image")
     for path in sample.videos:
         _check_file(path, "video")
-    return vision_from_messages(build_messages(sample))
+    return vision_from_messages(build_messages(sample), cache)
 
 
-def vision_from_messages(messages: List[Dict[str, Any]]) -> Tuple[Optional[list], Optional[list]]:
+def _cached_vision_info(messages: List[Dict[str, Any]], cache) -> Tuple[Optional[list], Optional[list]]:
+    """process_vision_info's loop (each element in message order, images and videos apart), with
+    every element fetched through the cache."""
+    from qwen_vl_utils.vision_process import extract_vision_info
+    images, videos = [], []
+    for ele in extract_vision_info(messages):
+        if "image" in ele or "image_url" in ele:
+            images.append(cache.image(ele))
+        elif "video" in ele:
+            videos.append(cache.video(ele))
+        else:
+            raise ValueError("image, image_url or video should in content.")
+    return images or None, videos or None
+
+
+def vision_from_messages(messages: List[Dict[str, Any]], cache=None) -> Tuple[Optional[list], Optional[list]]:
     """qwen-vl-utils' process_vision_info on chat messages whose media are local files; a file
     it cannot read raises SampleError naming it."""
     process_vision_info = require_qwen_vl_utils()
     try:
+        if cache is not None:
+            return _cached_vision_info(messages, cache)
         return process_vision_info(messages)
     except Exception as e:
         parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]

@@ -158,7 +158,7 @@ def write_debug_file(path: Path, records: List[SampleRecord]) -> None:
 
 
 def write_summary(paths: RunPaths, cfg: EvalConfig, rows: List[ResultRow], records: List[SampleRecord],
-                  computed: int, elapsed: float, tp: int, dp: int) -> None:
+                  computed: int, elapsed: float, tp: int, dp: int, media_cache: Optional[dict] = None) -> None:
     write_json(paths.summary_json, {
         "task": cfg.task.task_name, "model_name": cfg.model.model_name, "backend": cfg.model.backend,
         "rows": [dataclasses.asdict(r) for r in rows], "samples": len(records),
@@ -166,7 +166,7 @@ def write_summary(paths: RunPaths, cfg: EvalConfig, rows: List[ResultRow], recor
         "errors": count_errors(records), "unparsed": count_unparsed(records),
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(computed / elapsed, 4) if elapsed and computed else None,
-        "tp": tp, "dp": dp, "record_schema": SCHEMA_VERSION,
+        "tp": tp, "dp": dp, "record_schema": SCHEMA_VERSION, "media_cache": media_cache,
         "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),
         "records_dir": str(paths.records_dir),
     })

@@ -110,6 +110,7 @@ class Evaluator:
         self.task: Task = TASKS[cfg.task.task_name](cfg.task, cfg.model)
         self.backend = backend
         self.show_progress = show_progress
+        self.media_cache = None
 
     def say(self, par: ParallelContext, text: str) -> None:
         if par.is_main and self.show_progress:
@@ -177,21 +178,41 @@ class Evaluator:
         write_result_csv(paths.result_csv, rows)
         write_debug_file(paths.debug_file, records)
         elapsed = time.time() - started
-        write_summary(paths, cfg, rows, records, computed=len(todo), elapsed=elapsed, tp=par.tp, dp=par.dp)
+        cache = self.media_cache.summary() if self.media_cache is not None else None
+        write_summary(paths, cfg, rows, records, computed=len(todo), elapsed=elapsed, tp=par.tp, dp=par.dp,
+                      media_cache=cache)
         if self.show_progress:
             print_summary(cfg, rows, records, paths, elapsed)
+            if cache is not None:
+                print(f"media cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['folder']}"
+                      + (" (this rank)" if par.dp > 1 else ""))
             retry = sum(1 for r in records if r.transient)
             if retry:
                 print(f"{retry} sample(s) failed on server or network errors (recorded as errors); run the same "
                       "command again to retry only those")
         return RunResult(rows=rows, records=records, paths=paths)
 
+    def _media_cache(self):
+        """The run's media cache (None: off, or a backend that decodes nothing here)."""
+        from .media_cache import MediaCache, default_cache_dir
+        run = self.cfg.run
+        if run.media_cache in ("off", "", None, False) or self.cfg.model.backend == "openai":
+            return None
+        folder = default_cache_dir() if run.media_cache == "default" else Path(run.media_cache)
+        try:
+            return MediaCache(folder, int(run.media_cache_gb * 2 ** 30))
+        except OSError as e:
+            raise UserError(f"media_cache: cannot use '{folder}' ({e.strerror}); pass media_cache=/a/writable/folder "
+                            "or media_cache=off") from None
+
     def _load_backend(self, par: ParallelContext, device: str, n_new: int) -> Backend:
         m = self.cfg.model
         where = f"{device} x {par.world_size} (tp={par.tp}, dp={par.dp})" if par.world_size > 1 else device
         self.say(par, f"loading {m.model_path} ({m.backend} backend, {m.data_type}) on {where} ...")
         t0 = time.time()
-        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new), tp_ctx=par.tp_ctx)
+        self.media_cache = self._media_cache()
+        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new, self.media_cache),
+                               tp_ctx=par.tp_ctx)
         self.say(par, f"loaded in {time.time() - t0:.1f}s")
         return backend
 

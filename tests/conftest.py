@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs started by the tests keep their preprocessed-media cache out of the user's ~/.cache.
+if "MODELTEST_MEDIA_CACHE" not in os.environ:
+    import tempfile
+    os.environ["MODELTEST_MEDIA_CACHE"] = tempfile.mkdtemp(prefix="modeltest-media-cache-")
 
 
 @pytest.fixture(scope="session")

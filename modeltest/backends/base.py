@@ -32,12 +32,14 @@ class BackendSettings:
     max_batch_size: int = 8
     max_input_length: int = 4096
     max_output_length: int = 256
+    media_cache: Optional[Any] = None     # a media_cache.MediaCache, or None: decode every time
 
     @classmethod
-    def from_eval(cls, cfg, device: str, max_new_tokens: int) -> "BackendSettings":
+    def from_eval(cls, cfg, device: str, max_new_tokens: int, media_cache=None) -> "BackendSettings":
         """cfg: an EvalConfig. The batch size is the run's; the limits are the task's."""
         return cls(model=cfg.model, device=device, max_batch_size=cfg.run.batch_size,
-                   max_input_length=cfg.task.requested_max_input_length, max_output_length=max_new_tokens)
+                   max_input_length=cfg.task.requested_max_input_length, max_output_length=max_new_tokens,
+                   media_cache=media_cache)
 
 
 @dataclass

@@ -60,7 +60,7 @@ class EngineBackend(Backend):
 
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        images, videos = load_vision(sample)
+        images, videos = load_vision(sample, self.settings.media_cache)
         proc = self._processors.get()
         text = prompt_text(proc, sample, self.model_cfg.use_chat_template)
         inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")

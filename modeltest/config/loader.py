@@ -164,6 +164,11 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(f"limit: must be at least 1 (or null for all), got {cfg.run.limit}")
     if cfg.model.mm_model.infer_params.max_output_length < 1:
         raise UserError("model.mm_model.infer_params.max_output_length: must be at least 1")
+    mc = cfg.run.media_cache
+    if not (mc is None or mc is False or isinstance(mc, str)):
+        raise UserError(f"media_cache: '{mc}' must be default, off or a folder")
+    if cfg.run.media_cache_gb <= 0:
+        raise UserError(f"media_cache_gb: must be positive, got {cfg.run.media_cache_gb}")
     m = cfg.model
     if m.backend == "openai":
         if m.media not in OPENAI_MEDIA:

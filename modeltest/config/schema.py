@@ -93,6 +93,11 @@ class RunConfig:
     dp: Optional[int] = None
     # Reuse the finished samples recorded under output_dir by an earlier run of the same command.
     resume: bool = True
+    # Preprocessed images/videos kept on disk (media_cache.py): "default"
+    # (~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off (YAML reads `off`
+    # as false, hence Any; config/loader.py checks it).
+    media_cache: Any = "default"
+    media_cache_gb: float = 50.0
 
 
 def _type_name(tp: Any) -> str:

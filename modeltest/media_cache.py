@@ -1,0 +1,209 @@
+"""A persistent cache of preprocessed media: what qwen-vl-utils returns for an image or a video,
+stored losslessly, so a second model evaluated on the same dataset (or a resumed run, or the next
+question on the same clip) decodes nothing.
+
+Why lossless is possible: qwen-vl-utils resizes decord's uint8 frames (and PIL's uint8 images)
+with torchvision/PIL on uint8 data, so every value it returns is an integer in 0..255; a uint8
+array holds it exactly and the model input is bit-identical (tests compare with torch.equal).
+An entry whose values are not so (another qwen-vl-utils) is simply not cached.
+
+Key: the file's content (sha256), every option that changes the frames (fps, frame and pixel
+bounds — the element's keys), and the versions of the libraries that produce them. Entries are
+written to a temporary file and renamed (atomic: data-parallel ranks can share the folder; two
+ranks writing the same entry write the same bytes); each carries the sha256 of its payload, so a
+corrupt or truncated entry is detected, removed and computed again. The folder is kept under a
+size bound by removing the least recently used entries.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+MAGIC = b"MTMC1\n"
+FORMAT_VERSION = 1
+MEMO_ENTRIES = 8            # decoded media kept in memory (the next questions on the same clip)
+
+
+def library_versions() -> Dict[str, str]:
+    from importlib import metadata
+    out = {"format": str(FORMAT_VERSION)}
+    for name in ("qwen-vl-utils", "decord", "torchvision", "torch", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "none"
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MODELTEST_MEDIA_CACHE", Path.home() / ".cache" / "modeltest" / "media"))
+
+
+class MediaCache:
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.versions = library_versions()
+        self.hits = self.misses = self.uncacheable = 0
+        self._lock = threading.Lock()
+        self._digests: Dict[Tuple[str, int, int], str] = {}
+        self._memo: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+        self._total: Optional[int] = None      # bytes on disk, scanned at the first write
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    # ---- the two kinds ------------------------------------------------------------------------
+    def image(self, ele: Dict[str, Any]):
+        """fetch_image(ele) (a resized RGB PIL image), from the cache when there."""
+        from PIL import Image
+        from qwen_vl_utils.vision_process import fetch_image
+        key = self.key(ele, "image")
+        arr = self._get(key)
+        if arr is not None:
+            return Image.fromarray(arr, "RGB")
+        image = fetch_image(ele)
+        arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        self._put(key, arr if image.mode == "RGB" else None)
+        return image
+
+    def video(self, ele: Dict[str, Any]):
+        """fetch_video(ele) (float frames [T, C, H, W]), from the cache when there."""
+        import torch
+        from qwen_vl_utils.vision_process import fetch_video
+        key = self.key(ele, "video")
+        arr = self._get(key)
+        if arr is not None:
+            return torch.from_numpy(arr.copy()).float()
+        video = fetch_video(ele)
+        exact = isinstance(video, torch.Tensor) and bool(((video >= 0) & (video <= 255) & (video == video.round())).all())
+        self._put(key, video.to(torch.uint8).numpy() if exact else None)
+        return video
+
+    # ---- keys -----------------------------------------------------------------------------------
+    def key(self, ele: Dict[str, Any], kind: str) -> str:
+        path = str(ele.get(kind) or ele.get(f"{kind}_url"))
+        if path.startswith("file://"):
+            path = path[len("file://"):]
+        options = {k: v for k, v in ele.items() if k not in ("type", kind, f"{kind}_url")}
+        payload = {"kind": kind, "content": self._digest(path), "options": options, "versions": self.versions}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _digest(self, path: str) -> str:
+        st = os.stat(path)
+        ident = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if ident in self._digests:
+                return self._digests[ident]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        with self._lock:
+            self._digests[ident] = h.hexdigest()
+        return h.hexdigest()
+
+    # ---- entries ------------------------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.bin"
+
+    def _get(self, key: str) -> Optional[np.ndarray]:
+        with self._lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                self.hits += 1
+                return self._memo[key]
+        arr = self._read(self._path(key))
+        with self._lock:
+            if arr is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._remember(key, arr)
+        return arr
+
+    def _put(self, key: str, arr: Optional[np.ndarray]) -> None:
+        if arr is None:
+            with self._lock:
+                self.uncacheable += 1
+            return
+        arr = np.ascontiguousarray(arr, dtype=np.uint8)
+        with self._lock:
+            self._remember(key, arr)
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = arr.tobytes()
+        header = json.dumps({"shape": list(arr.shape), "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)    # a full disk costs the cache entry, never the run
+            return
+        with self._lock:
+            if self._total is None:
+                self._total = sum(p.stat().st_size for p in self.folder.glob("*/*.bin"))
+            else:
+                self._total += path.stat().st_size
+            over = self._total > self.max_bytes
+        if over:
+            self._evict()
+
+    def _remember(self, key: str, arr: np.ndarray) -> None:
+        self._memo[key] = arr
+        self._memo.move_to_end(key)
+        while len(self._memo) > MEMO_ENTRIES:
+            self._memo.popitem(last=False)
+
+    @staticmethod
+    def _read(path: Path) -> Optional[np.ndarray]:
+        """The entry's array, or None if it is missing, truncated or corrupt (then removed)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            if not data.startswith(MAGIC):
+                raise ValueError("bad magic")
+            n = struct.unpack("<I", data[len(MAGIC): len(MAGIC) + 4])[0]
+            start = len(MAGIC) + 4
+            header = json.loads(data[start: start + n])
+            payload = data[start + n:]
+            if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+                raise ValueError("checksum mismatch")
+            arr = np.frombuffer(payload, dtype=np.uint8).reshape(header["shape"])
+        except (ValueError, KeyError, struct.error):
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)          # recently used: evicted last
+        return arr
+
+    def _evict(self) -> None:
+        """Remove the least recently used entries until the folder is under 90% of the bound."""
+        entries = []
+        for p in self.folder.glob("*/*.bin"):
+            try:
+                st = p.stat()
+            except OSError:      # another rank removed it
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries):
+            if total <= 0.9 * self.max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            total -= size
+        with self._lock:
+            self._total = total
+
+    def summary(self) -> Dict[str, Any]:
+        return {"folder": str(self.folder), "hits": self.hits, "misses": self.misses, "uncacheable": self.uncacheable}
