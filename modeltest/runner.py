@@ -8,7 +8,6 @@ Scores are computed at the end from the stored outputs (Task.score_record), neve
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import signal
 import time

@@ -14,5 +14,11 @@ if [[ $(id -u) -ne 0 ]]; then
     fi
 fi
 echo "[setup] installing Debian's chromium (for the report's browser test)"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+for attempt in 1 2; do     # a mirror hiccup gets one more try
+    if $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null; then
+        exit 0
+    fi
+    sleep 5
+done
+echo "[setup] error: apt-get could not install chromium" >&2
+exit 1

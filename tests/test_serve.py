@@ -2,7 +2,6 @@
 official `openai` client and by raw HTTP (httpx)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

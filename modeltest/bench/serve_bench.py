@@ -155,7 +155,7 @@ def print_report(r: dict) -> None:
                         ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
         s = r[name]
         rows.append([colored(title, attrs=["bold"]), ""])
-        rows += [[f"  mean / median (ms)", f"{f(s['mean_ms'])} / {f(s['median_ms'])}"]]
+        rows += [["  mean / median (ms)", f"{f(s['mean_ms'])} / {f(s['median_ms'])}"]]
         rows += [[f"  p{p} (ms)", f(s[f"p{p}_ms"])] for p in PERCENTILES[1:]]
     print(colored("\n============ Serving Benchmark Result ============", "cyan", attrs=["bold"]))
     print(tabulate(rows, tablefmt="plain"))

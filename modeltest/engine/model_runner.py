@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed

@@ -7,7 +7,7 @@ scored (matched by subject and id), with a fixed seed so the report is reproduci
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pandas as pd
