@@ -15,6 +15,9 @@ if [[ $# -eq 0 && ${MODELTEST_SKIP_T5:-0} != 1 ]]; then
         tests/test_engine.py::test_matches_transformers_logits_and_greedy_tokens \
         tests/test_engine.py::test_newer_checkpoint_naming_loads \
         tests/test_prompt_golden.py tests/test_bench.py tests/test_batch_invariance.py \
-        tests/test_end_to_end.py tests/test_engine_harness.py tests/test_run_pa.py \
+        tests/test_end_to_end.py::test_textvqa_end_to_end tests/test_end_to_end.py::test_videobench_end_to_end \
+        tests/test_end_to_end.py::test_demo_command_builds_and_runs_both_tasks \
+        tests/test_end_to_end.py::test_corrupt_weights_are_one_line_naming_the_file \
+        tests/test_engine_harness.py tests/test_run_pa.py \
         tests/test_serve.py::test_greedy_answers_equal_the_in_process_engine
 fi
