@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
     from .bench.serve_bench import add_parser as add_bench_serve
     add_bench_serve(sub)
+    from .bench.prep import add_parser as add_bench_prep
+    add_bench_prep(sub)
     from .report.cli import add_parser as add_report
     add_report(sub)
     from .serve.config import add_serve_parser

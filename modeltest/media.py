@@ -145,3 +145,11 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None) -> Tuple[Op
                 raise SampleError(problem) from None
         media = ", ".join(str(p.get("image") or p.get("video")) for p in parts if p.get("type") in ("image", "video"))
         raise SampleError(f"could not preprocess {media}: {first_line(e, 200, with_type=False)}") from None
+
+
+def processor_inputs(processor, sample: Sample, use_chat_template: bool, cache=None):
+    """(prompt text, the processor's tensors) of one sample: qwen-vl-utils (through `cache`),
+    the chat template, the transformers processor — the engine backend's preprocessing."""
+    images, videos = load_vision(sample, cache)
+    text = prompt_text(processor, sample, use_chat_template)
+    return text, processor(text=[text], images=images, videos=videos, return_tensors="pt")

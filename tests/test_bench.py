@@ -177,3 +177,23 @@ def test_half_built_preset_folder_is_rebuilt(tmp_path, monkeypatch):
         presets.preset_checkpoint("tiny", 1)
     assert not (tmp_path / "tiny-seed1").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bench_prep_reports_the_split_and_the_cache(tmp_path, monkeypatch):
+    """bench-prep on tiny generated media: every medium timed, the warm cache decodes nothing."""
+    monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
+    out = tmp_path / "prep.json"
+    assert run_bench_prep(["--photos", "2", "--photo-size", "320x240", "--clips", "2x160x120",
+                           "--questions-per-clip", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["samples"] == 4 and set(r["per_medium"]) == {"photo_0_320x240.jpg", "photo_1_320x240.jpg",
+                                                          "clip_2s_160x120.mp4"}
+    assert all(v["decode_s"] > 0 and v["processor_s"] > 0 for v in r["per_medium"].values())
+    assert set(r["pipeline_samples_per_s"]) == {"cache off", "cache cold", "cache warm"}
+    assert r["cache"]["warm"]["misses"] == 0 and r["cache"]["warm"]["hits"] == 4
+    assert r["cache"]["cold"]["misses"] == 3                 # the clip's second question hit the memo
+
+
+def run_bench_prep(argv):
+    args = build_parser().parse_args(["bench-prep", *argv])
+    return args.func(args)

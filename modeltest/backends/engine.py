@@ -15,7 +15,7 @@ from typing import Dict, List
 
 from ..engine.engine import EngineConfig, LLMEngine, Request, RequestStatus, SamplingParams
 from ..engine.parallel import TPContext, init_distributed
-from ..media import PerThreadProcessor, load_processor, load_vision, prompt_text, require_qwen_vl_utils
+from ..media import PerThreadProcessor, load_processor, processor_inputs, require_qwen_vl_utils
 from ..device import TORCH_DTYPES
 from ..tasks.base import Sample
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
@@ -60,10 +60,8 @@ class EngineBackend(Backend):
 
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        images, videos = load_vision(sample, self.settings.media_cache)
-        proc = self._processors.get()
-        text = prompt_text(proc, sample, self.model_cfg.use_chat_template)
-        inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")
+        text, inputs = processor_inputs(self._processors.get(), sample, self.model_cfg.use_chat_template,
+                                        self.settings.media_cache)
         return Prepared(sample=sample, text=text, inputs=inputs, preprocess_time=time.perf_counter() - start,
                         input_length=int(inputs["input_ids"].shape[1]))
 

@@ -1,0 +1,163 @@
+"""`modeltest bench-prep`: what preprocessing real-size media costs the host, with inference
+left out — so a user sees whether a run will wait on its host (MEDIA.md).
+
+Generates (once, cached beside the bench checkpoints) 1024x768 JPEG photos and H.264 clips at
+30 fps with ordinary GOPs, several questions per clip as in VideoBench, then reports:
+  * per sample, one thread: qwen-vl-utils' decode + resize, and the transformers processor;
+  * the preprocessing pipeline's samples/s in `--threads` threads (the harness uses 2), with the
+    media cache off, cold (first run) and warm (a second model's run on the same data).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+from tabulate import tabulate
+from termcolor import colored
+
+from ..errors import UserError
+from ..tasks.base import Sample
+from ..tasks.textvqa import TextVQATaskConfig
+from ..tasks.videobench import VideoBenchTaskConfig
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench-prep", help="host preprocessing cost on real-size media (no inference)")
+    b.add_argument("--photos", type=int, default=8, help="1024x768 JPEG photos (TextVQA-like)")
+    b.add_argument("--photo-size", default="1024x768")
+    b.add_argument("--clips", default="10x640x360,60x640x360,180x1280x720",
+                   help="comma list of SECONDSxWxH clips (30 fps H.264)")
+    b.add_argument("--questions-per-clip", type=int, default=3)
+    b.add_argument("--threads", type=int, default=2, help="preprocessing threads (the harness uses 2)")
+    b.add_argument("--preset", default="tiny", help="whose processor files to use (the same for every Qwen2-VL)")
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=main)
+
+
+def _parse_clips(text: str) -> List[Tuple[int, int, int]]:
+    try:
+        return [tuple(int(v) for v in c.lower().split("x")) for c in text.split(",") if c]   # type: ignore
+    except ValueError:
+        raise UserError(f"--clips {text!r}: expected SECONDSxWxH,... e.g. 60x640x360") from None
+
+
+def build_media(folder: Path, photos: int, photo_size: Tuple[int, int], clips: List[Tuple[int, int, int]]):
+    """Photos and clips under `folder` (kept: building a 3-minute 720p clip takes a while)."""
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths_p, paths_v = [], []
+    for i in range(photos):
+        p = folder / f"photo_{i}_{photo_size[0]}x{photo_size[1]}.jpg"
+        if not p.is_file():
+            arr = rng.integers(0, 255, size=(photo_size[1] // 8, photo_size[0] // 8, 3), dtype=np.uint8)
+            img = Image.fromarray(arr).resize(photo_size, Image.BILINEAR)
+            ImageDraw.Draw(img).text((40, 40), f"SIGN {i}", fill=(255, 255, 255))
+            img.save(p, quality=90)
+        paths_p.append(p)
+    for seconds, w, h in clips:
+        p = folder / f"clip_{seconds}s_{w}x{h}.mp4"
+        if not p.is_file():
+            print(f"[bench-prep] writing a {seconds} s {w}x{h} clip ...", flush=True)
+            _write_clip(p, seconds, w, h)
+        paths_v.append(p)
+    return paths_p, paths_v
+
+
+def _write_clip(path: Path, seconds: int, width: int, height: int, fps: int = 30) -> None:
+    import av
+    tmp = path.with_suffix(".part.mp4")
+    rng = np.random.default_rng(seconds * 1000 + width)
+    base = rng.integers(0, 255, size=(height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    with av.open(str(tmp), "w") as out:
+        stream = out.add_stream("h264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"g": str(2 * fps), "preset": "veryfast"}
+        for i in range(seconds * fps):
+            frame = np.roll(base, 4 * i, axis=1)            # moving content: real P-frames
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    tmp.rename(path)
+
+
+def samples_for(photos: List[Path], clips: List[Path], questions: int) -> List[Sample]:
+    t, v = TextVQATaskConfig(), VideoBenchTaskConfig()
+    image_opts = {"min_pixels": t.min_pixels, "max_pixels": t.max_pixels}
+    video_opts = {"fps": v.fps, "min_frames": v.min_frames, "max_frames": v.max_frames, "min_pixels": v.min_pixels,
+                  "max_pixels": v.max_pixels, "total_pixels": v.total_pixels}
+    out = [Sample(id=f"p{i}", subject="photo", prompt="what does the sign say?", images=[str(p)],
+                  image_options=image_opts) for i, p in enumerate(photos)]
+    for c in clips:
+        out += [Sample(id=f"{c.stem}_{q}", subject=c.stem, prompt=f"question {q} about this clip?", videos=[str(c)],
+                       video_options=video_opts) for q in range(questions)]
+    return out
+
+
+def split_times(processor, samples: List[Sample]) -> Dict[str, Dict[str, float]]:
+    """Per distinct medium, one thread: decode + resize (qwen-vl-utils), then the processor."""
+    from ..media import build_messages, prompt_text, vision_from_messages
+    seen, out = set(), {}
+    for s in samples:
+        media = tuple(s.images + s.videos)
+        if media in seen:
+            continue
+        seen.add(media)
+        t0 = time.perf_counter()
+        images, videos = vision_from_messages(build_messages(s))
+        t1 = time.perf_counter()
+        text = prompt_text(processor, s, True)
+        processor(text=[text], images=images, videos=videos, return_tensors="pt")
+        t2 = time.perf_counter()
+        out[Path(media[0]).name] = {"decode_s": t1 - t0, "processor_s": t2 - t1}
+    return out
+
+
+def pipeline_rate(processor, samples: List[Sample], threads: int, cache) -> float:
+    """samples/s of preparing every sample in `threads` threads (the harness's prepare step)."""
+    from ..media import PerThreadProcessor, processor_inputs
+    procs = PerThreadProcessor(processor)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda s: processor_inputs(procs.get(), s, True, cache), samples))
+    return len(samples) / (time.perf_counter() - start)
+
+
+def main(args) -> int:
+    import torch
+    from transformers import AutoProcessor
+    from ..media_cache import MediaCache
+    from .presets import cache_root, preset_checkpoint
+    w, h = (int(x) for x in args.photo_size.lower().split("x"))
+    clips = _parse_clips(args.clips)
+    photos, videos = build_media(cache_root() / "prep-media", args.photos, (w, h), clips)
+    processor = AutoProcessor.from_pretrained(preset_checkpoint(args.preset))
+    samples = samples_for(photos, videos, args.questions_per_clip)
+    torch.set_num_threads(1)          # what each preprocessing thread of the harness gets
+    split = split_times(processor, samples)
+    with tempfile.TemporaryDirectory(prefix="bench-prep-cache-") as tmp:
+        rates = {"cache off": pipeline_rate(processor, samples, args.threads, None)}
+        cold = MediaCache(Path(tmp), 1 << 40)
+        rates["cache cold"] = pipeline_rate(processor, samples, args.threads, cold)
+        warm = MediaCache(Path(tmp), 1 << 40)
+        rates["cache warm"] = pipeline_rate(processor, samples, args.threads, warm)
+        hits = {"cold": cold.summary(), "warm": warm.summary()}
+    report = {"samples": len(samples), "threads": args.threads, "photos": args.photos, "clips": args.clips,
+              "questions_per_clip": args.questions_per_clip, "per_medium": split,
+              "pipeline_samples_per_s": rates, "cache": hits}
+    rows = [[name, f"{t['decode_s']:.3f}", f"{t['processor_s']:.3f}"] for name, t in split.items()]
+    print(colored("\nper medium, one thread (seconds)", "cyan", attrs=["bold"]))
+    print(tabulate(rows, headers=["medium", "decode + resize", "processor"], tablefmt="github"))
+    print(colored(f"\npreprocessing pipeline, {args.threads} threads, {len(samples)} samples", "cyan", attrs=["bold"]))
+    print(tabulate([[k, f"{v:.2f}"] for k, v in rates.items()], headers=["media cache", "samples/s"],
+                   tablefmt="github"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"json: {args.json}")
+    return 0
