@@ -58,6 +58,8 @@ class MediaCache:
         self._digests: Dict[Tuple[str, int, int], str] = {}
         self._memo: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
         self._total: Optional[int] = None      # bytes on disk, scanned at the first write
+        self._pending: Dict[str, threading.Event] = {}   # keys being computed by some thread
+        self._uncacheable: set = set()
         self.folder.mkdir(parents=True, exist_ok=True)
 
     # ---- the two kinds ------------------------------------------------------------------------
@@ -65,27 +67,55 @@ class MediaCache:
         """fetch_image(ele) (a resized RGB PIL image), from the cache when there."""
         from PIL import Image
         from qwen_vl_utils.vision_process import fetch_image
-        key = self.key(ele, "image")
-        arr = self._get(key)
-        if arr is not None:
-            return Image.fromarray(arr, "RGB")
-        image = fetch_image(ele)
-        arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
-        self._put(key, arr if image.mode == "RGB" else None)
-        return image
+
+        def compute():
+            image = fetch_image(ele)
+            return image, (np.asarray(image) if image.mode == "RGB" else None)
+        arr, fresh = self._fetch(self.key(ele, "image"), compute)
+        return fresh if fresh is not None else Image.fromarray(arr, "RGB")
 
     def video(self, ele: Dict[str, Any]):
         """fetch_video(ele) (float frames [T, C, H, W]), from the cache when there."""
         import torch
         from qwen_vl_utils.vision_process import fetch_video
-        key = self.key(ele, "video")
-        arr = self._get(key)
-        if arr is not None:
-            return torch.from_numpy(arr.copy()).float()
-        video = fetch_video(ele)
-        exact = isinstance(video, torch.Tensor) and bool(((video >= 0) & (video <= 255) & (video == video.round())).all())
-        self._put(key, video.to(torch.uint8).numpy() if exact else None)
-        return video
+
+        def compute():
+            video = fetch_video(ele)
+            exact = isinstance(video, torch.Tensor) and bool(
+                ((video >= 0) & (video <= 255) & (video == video.round())).all())
+            return video, (video.to(torch.uint8).numpy() if exact else None)
+        arr, fresh = self._fetch(self.key(ele, "video"), compute)
+        return fresh if fresh is not None else torch.from_numpy(arr.copy()).float()
+
+    def _fetch(self, key: str, compute):
+        """(cached array, None) on a hit; (array or None, the freshly computed value) on a miss.
+        Threads asking for the same key while it is being computed wait for it: each medium is
+        decoded once per run, whatever the number of preprocessing threads."""
+        while True:
+            arr = self._lookup(key)
+            if arr is not None:
+                with self._lock:
+                    self.hits += 1
+                return arr, None
+            with self._lock:
+                waiting_on = self._pending.get(key)
+                if waiting_on is None:
+                    self._pending[key] = threading.Event()
+            if waiting_on is None:
+                break
+            waiting_on.wait()
+            if key not in self._uncacheable:
+                continue          # computed and stored by the other thread: read it
+            break
+        try:
+            with self._lock:
+                self.misses += 1
+            fresh, arr = compute()
+            self._put(key, arr)
+            return arr, fresh
+        finally:
+            with self._lock:
+                self._pending.pop(key).set()
 
     # ---- keys -----------------------------------------------------------------------------------
     def key(self, ele: Dict[str, Any], kind: str) -> str:
@@ -114,18 +144,15 @@ class MediaCache:
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.bin"
 
-    def _get(self, key: str) -> Optional[np.ndarray]:
+    def _lookup(self, key: str) -> Optional[np.ndarray]:
+        """The entry from memory or disk, or None."""
         with self._lock:
             if key in self._memo:
                 self._memo.move_to_end(key)
-                self.hits += 1
                 return self._memo[key]
         arr = self._read(self._path(key))
-        with self._lock:
-            if arr is None:
-                self.misses += 1
-            else:
-                self.hits += 1
+        if arr is not None:
+            with self._lock:
                 self._remember(key, arr)
         return arr
 
@@ -133,6 +160,7 @@ class MediaCache:
         if arr is None:
             with self._lock:
                 self.uncacheable += 1
+                self._uncacheable.add(key)
             return
         arr = np.ascontiguousarray(arr, dtype=np.uint8)
         with self._lock:
