@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """transformers 4.46 warns about its own deprecations on every model build; users cannot act on it."""
+    """transformers 4.46 warns about its own deprecations on every model build, and qwen-vl-utils
+    warns on every video whose max_pixels exceeds the per-frame limit it computes (it then uses
+    that limit, as the reference does): once per sample, through a progress bar, for nothing a
+    user can act on."""
+    import logging
+    logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
