@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -46,14 +46,21 @@ def open_safetensors(path: Path):
                         "truncated or corrupt: download it again") from None
 
 
+def _index(root: Path) -> Optional[Dict[str, str]]:
+    """tensor name -> file name from model.safetensors.index.json, or None without an index."""
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{index}: not a safetensors index ({first_line(e, 150)}); download it again") from None
+
+
 def weight_files(root: Path) -> List[Path]:
     """The checkpoint's safetensors files: those the index names, else every *.safetensors."""
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a safetensors index ({first_line(e, 150)}); download it again") from None
+    weight_map = _index(root)
+    if weight_map is not None:
         return sorted({root / f for f in weight_map.values()})
     return sorted(root.glob("*.safetensors"))
 
@@ -69,17 +76,16 @@ def check_weight_files(model_path: str | Path) -> None:
 class CheckpointReader:
     def __init__(self, model_path: str | Path):
         root = Path(model_path)
-        index = root / "model.safetensors.index.json"
-        check_weight_files(root)
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _index(root)
+        if weight_map is not None:
+            check_weight_files(root)
             files = {name: root / f for name, f in weight_map.items()}
         else:
-            singles = weight_files(root)
+            singles = sorted(root.glob("*.safetensors"))
             if not singles:
                 raise UserError(f"model.model_path: no *.safetensors in '{root}'; the engine backend reads safetensors weights")
             files = {}
-            for f in singles:
+            for f in singles:          # opening a file reads (and checks) its header
                 with open_safetensors(f) as h:
                     for name in h.keys():
                         files[name] = f

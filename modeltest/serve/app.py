@@ -72,7 +72,11 @@ def error_response(status: int, message: str, param: Optional[str] = None, code:
 class TextAssembler:
     """Token ids -> text for one request: the stop token left out (as in-process runs decode),
     `stop` strings cut, and in streaming only text that can no longer change is emitted (an
-    incomplete UTF-8 character or a possible start of a stop string is held back)."""
+    incomplete UTF-8 character or a possible start of a stop string is held back).
+
+    Decoding is incremental (each step decodes its new tokens with the few before them, as vLLM
+    does), so a long answer costs the event loop linear, not quadratic, work; the final text is
+    one full decode, exactly what the in-process engine returns."""
 
     def __init__(self, tokenizer, stop: List[str], ignore_eos: bool):
         self.tokenizer, self.stop, self.ignore_eos = tokenizer, stop, ignore_eos
@@ -80,29 +84,48 @@ class TextAssembler:
         self.sent = ""
         self.stopped_by_string = False
         self._text = ""
+        self._decoded = ""          # text of the visible ids[:_read]
+        self._prefix = self._read = 0
+        self._longest_stop = max((len(s) for s in stop), default=0)
 
     def _visible(self) -> List[int]:
         if self.ids and not self.ignore_eos and self.ids[-1] in STOP_TOKEN_IDS:
             return self.ids[:-1]
         return self.ids
 
+    def _decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _decode_new(self) -> None:
+        ids = self._visible()
+        before = self._decode(ids[self._prefix:self._read])
+        now = self._decode(ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):   # a whole new character
+            self._decoded += now[len(before):]
+            self._prefix, self._read = self._read, len(ids)
+
+    def _cut_at_stop(self, text: str, start: int) -> str:
+        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped_by_string = True
+            return text[:cut]
+        return text
+
     def add(self, token_ids: List[int]) -> str:
         """Take new tokens; return the text delta safe to send now."""
         self.ids += token_ids
-        text = self.tokenizer.decode(self._visible(), skip_special_tokens=False)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped_by_string = text[:cut], True
-        self._text = text
+        searched = max(0, len(self._decoded) - self._longest_stop + 1)
+        self._decode_new()
+        text = self._text = self._cut_at_stop(self._decoded, searched)
         if self.stopped_by_string:
             return self._delta(text)
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        safe = text[: len(text) - hold] if hold else text
-        if safe.endswith("\ufffd"):
-            return ""
+        safe = text[: len(text) - (self._longest_stop - 1)] if self._longest_stop > 1 else text
         return self._delta(safe)
 
     def finish(self) -> str:
+        """The rest of the text once the request has ended (the final text: one full decode)."""
+        if not self.stopped_by_string:
+            self._text = self._cut_at_stop(self._decode(self._visible()), 0)
         return self._delta(self._text)
 
     def _delta(self, text: str) -> str:
@@ -289,6 +312,7 @@ def create_app(cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: S
                 if ev.done:
                     if ev.status is RequestStatus.FAILED:
                         return self.failed(ev)
+                    self.text.finish()
                     reason, completion = self.finished(ev.status)
                     return completion_body(self.engine_req.id, model_name, self.text.text, reason,
                                            self.prompt_tokens, completion)
