@@ -43,10 +43,11 @@ def visible_devices() -> int:
 
 def plan_layout(cfg: EvalConfig) -> Layout:
     """tp and dp of a run: as given, else dp=1 and tp = visible devices x nodes / dp (1 if none)."""
+    raw = os.environ.get("NNODES", "1")
     try:
-        nnodes = int(os.environ.get("NNODES", "1"))
+        nnodes = int(raw)
     except ValueError:
-        nnodes = 0
+        raise UserError(f"NNODES={raw!r} is not a positive integer; export NNODES=<number of nodes>") from None
     dp = cfg.run.dp or 1
     # Only the engine splits a model over devices; hf and a served model run one process per replica.
     default_tp = max(1, visible_devices() * max(nnodes, 1) // dp) if cfg.model.backend == "engine" else 1

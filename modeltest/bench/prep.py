@@ -134,7 +134,10 @@ def main(args) -> int:
     from transformers import AutoProcessor
     from ..media_cache import MediaCache
     from .presets import cache_root, preset_checkpoint
-    w, h = (int(x) for x in args.photo_size.lower().split("x"))
+    try:
+        w, h = (int(x) for x in args.photo_size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--photo-size {args.photo_size!r}: expected WxH, e.g. 1024x768") from None
     clips = _parse_clips(args.clips)
     photos, videos = build_media(cache_root() / "prep-media", args.photos, (w, h), clips)
     processor = AutoProcessor.from_pretrained(preset_checkpoint(args.preset))

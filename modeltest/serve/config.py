@@ -123,5 +123,5 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if f.name.startswith("max_") and isinstance(v, (int, float)) and v <= 0:
-            raise UserError(f"--{f.name}: must be positive, got {v}")
+            raise UserError(f"--{f.name.replace('_', '-')}: must be positive, got {v}")
     return cfg

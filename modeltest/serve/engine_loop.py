@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ..engine.engine import LLMEngine
 from ..engine.request import Request, RequestStatus
-from ..errors import first_line
+from ..errors import UserError, first_line
 
 IDLE_HEARTBEAT_S = 1.0
 
@@ -80,8 +80,9 @@ def follow(engine: LLMEngine, channel: Channel) -> None:
 
 class EngineLoop:
     def __init__(self, build_engine: Callable[[], LLMEngine], channel: Optional[Channel] = None,
-                 on_ready: Optional[Callable[["EngineLoop"], None]] = None):
-        self._build, self._channel, self._on_ready = build_engine, channel, on_ready
+                 on_ready: Optional[Callable[["EngineLoop"], None]] = None,
+                 on_dead: Optional[Callable[["EngineLoop"], None]] = None):
+        self._build, self._channel, self._on_ready, self._on_dead = build_engine, channel, on_ready, on_dead
         self._cmds: "queue.Queue[tuple]" = queue.Queue()
         self._tracked: Dict[str, Tuple[Request, Deliver, int]] = {}
         self.state = "loading"          # loading -> ready -> stopped; or dead
@@ -118,9 +119,12 @@ class EngineLoop:
         try:
             self.engine = self._build()
         except BaseException as e:   # noqa: B036 — a failed load must reach /health, not vanish
-            self.state, self.error = "dead", f"the model failed to load: {first_line(e)}"
+            # a UserError is already a sentence for the user; anything else keeps its type name
+            self.state, self.error = "dead", f"the model failed to load: {first_line(e, with_type=not isinstance(e, UserError))}"
             if self._channel is not None:
                 self._send([("stop",)])
+            if self._on_dead:
+                self._on_dead(self)
             return
         self.state = "ready"
         self._publish_snapshot()
@@ -151,6 +155,8 @@ class EngineLoop:
             for req, deliver, _ in self._tracked.values():
                 deliver(TokenEvent([], done=True, status=RequestStatus.FAILED, error=self.error))
             self._tracked.clear()
+            if self._on_dead:
+                self._on_dead(self)
 
     def _take(self, block: bool) -> List[tuple]:
         cmds = []

@@ -68,7 +68,16 @@ def run_server(cfg: ServeConfig) -> int:
     def ready(_loop) -> None:
         print(f"serving '{cfg.model_name}' at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
 
-    loop = EngineLoop(build, channel, on_ready=ready)
+    server_box = []
+
+    def dead(loop_) -> None:
+        # A server without a working engine only answers 503: say why now and stop, so that a
+        # supervisor restarts it (requests in flight already got their error).
+        print(f"modeltest serve: error: {loop_.error}; stopping", file=sys.stderr, flush=True)
+        if server_box:
+            server_box[0].should_exit = True
+
+    loop = EngineLoop(build, channel, on_ready=ready, on_dead=dead)
     app = create_app(cfg, loop, pre, metrics, state)
 
     class DrainingServer(uvicorn.Server):
@@ -100,13 +109,15 @@ def run_server(cfg: ServeConfig) -> int:
     server = DrainingServer(uvicorn.Config(Gatekeeper(app, cfg.api_key, cfg.max_body_bytes), host=cfg.host,
                                            port=cfg.port, log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 10))
+    server_box.append(server)
+    if loop.state == "dead":      # it died before the server existed
+        server.should_exit = True
     try:
         server.run()
     finally:
         loop.stop()
         app.state.pool.shutdown(wait=False, cancel_futures=True)
     if loop.state == "dead":
-        print(f"modeltest serve: {loop.error}", file=sys.stderr)
         return 1
     print("stopped", flush=True)
     return 0 if server.started else 1
