@@ -11,7 +11,9 @@ class UserError(Exception):
 
 
 class SampleError(Exception):
-    """A problem confined to one sample (missing image, corrupt video): recorded, run goes on."""
+    """A problem confined to one sample (missing image, corrupt video): recorded, run goes on.
+    A transient one (a decode that timed out, a crashed worker) is computed again on resume."""
+    transient = False
 
 
 class Interrupted(Exception):

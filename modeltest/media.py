@@ -5,6 +5,7 @@ is recorded against its sample and the run goes on.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import os
 import threading
@@ -43,13 +44,16 @@ def prompt_text(processor, sample: Sample, use_chat_template: bool) -> str:
             + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
 
 
-def load_processor(model_path: str):
-    """transformers' Qwen2-VL processor (tokenizer, chat template, image processor) from the weights folder."""
+def load_processor(model_path: str, fast: bool = False):
+    """transformers' Qwen2-VL processor (tokenizer, chat template, image processor) from the
+    weights folder; fast=True gives it fast_processor's bit-identical image processor."""
     from transformers import AutoProcessor
 
+    from . import fast_processor
     from .errors import UserError
     try:
-        return AutoProcessor.from_pretrained(model_path)
+        processor = AutoProcessor.from_pretrained(model_path)
+        return fast_processor.install(processor) if fast else processor
     except Exception as e:
         raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
                         f"({first_line(e, 200, with_type=False)}); the folder needs the tokenizer and "
@@ -103,17 +107,58 @@ def require_qwen_vl_utils():
     return process_vision_info
 
 
-def load_vision(sample: Sample, cache=None) -> Tuple[Optional[list], Optional[list]]:
-    """(images, videos) as qwen-vl-utils returns them: resized PIL images and float frame tensors
-    (through `cache`, a media_cache.MediaCache, when given)."""
+Vision = Tuple[Optional[list], Optional[list]]     # (images, videos) as qwen-vl-utils returns them
+
+
+class MediaSource(abc.ABC):
+    """Where a backend's images and videos come from: decoded here (`InProcessMedia`, through the
+    media cache when there is one) or in worker processes (media_workers.WorkerMedia). Either way
+    the values are qwen-vl-utils' own."""
+
+    @abc.abstractmethod
+    def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
+        """(resized PIL images, video frames [T, C, H, W]) of the messages' media, or None for a
+        kind with none: float frames as qwen-vl-utils returns them, or (uint8=True) uint8 frames
+        where those hold the same values. Raises SampleError naming a file it cannot read."""
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        """The media cache's hits and misses, or None without a cache."""
+        return None
+
+    def parallelism(self) -> int:
+        """How many samples it decodes at once (0: in the caller's thread)."""
+        return 0
+
+    def close(self) -> None:
+        """Stop background work (worker processes)."""
+
+
+class InProcessMedia(MediaSource):
+    def __init__(self, cache=None):
+        self.cache = cache        # a media_cache.MediaCache, or None: decode every time
+
+    def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
+        return vision_from_messages(messages, self.cache, uint8)
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        return self.cache.summary() if self.cache is not None else None
+
+
+def check_files(sample: Sample) -> None:
     for path in sample.images:
         _check_file(path, "image")
     for path in sample.videos:
         _check_file(path, "video")
-    return vision_from_messages(build_messages(sample), cache)
 
 
-def _cached_vision_info(messages: List[Dict[str, Any]], cache) -> Tuple[Optional[list], Optional[list]]:
+def load_vision(sample: Sample, media: Optional[MediaSource] = None, uint8: bool = False) -> Vision:
+    """(images, videos) of a sample as qwen-vl-utils returns them: resized PIL images and frame
+    tensors (float; uint8 where exact with uint8=True), from `media` (default: decoded here)."""
+    check_files(sample)
+    return (media or InProcessMedia()).vision(build_messages(sample), uint8)
+
+
+def _cached_vision_info(messages: List[Dict[str, Any]], cache, uint8: bool) -> Vision:
     """process_vision_info's loop (each element in message order, images and videos apart), with
     every element fetched through the cache."""
     from qwen_vl_utils.vision_process import extract_vision_info
@@ -122,20 +167,24 @@ def _cached_vision_info(messages: List[Dict[str, Any]], cache) -> Tuple[Optional
         if "image" in ele or "image_url" in ele:
             images.append(cache.image(ele))
         elif "video" in ele:
-            videos.append(cache.video(ele))
+            videos.append(cache.video(ele, uint8=uint8))
         else:
             raise ValueError("image, image_url or video should in content.")
     return images or None, videos or None
 
 
-def vision_from_messages(messages: List[Dict[str, Any]], cache=None) -> Tuple[Optional[list], Optional[list]]:
-    """qwen-vl-utils' process_vision_info on chat messages whose media are local files; a file
-    it cannot read raises SampleError naming it."""
+def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool = False) -> Vision:
+    """qwen-vl-utils' process_vision_info on chat messages whose media are local files (through
+    `cache` when given); a file it cannot read raises SampleError naming it."""
+    from .media_cache import exact_uint8
     process_vision_info = require_qwen_vl_utils()
     try:
         if cache is not None:
-            return _cached_vision_info(messages, cache)
-        return process_vision_info(messages)
+            return _cached_vision_info(messages, cache, uint8)
+        images, videos = process_vision_info(messages)
+        if uint8 and videos:
+            videos = [_or(exact_uint8(v), v) for v in videos]
+        return images, videos
     except Exception as e:
         parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
         videos = [p["video"] for p in parts if p.get("type") == "video"]
@@ -147,9 +196,15 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None) -> Tuple[Op
         raise SampleError(f"could not preprocess {media}: {first_line(e, 200, with_type=False)}") from None
 
 
-def processor_inputs(processor, sample: Sample, use_chat_template: bool, cache=None):
-    """(prompt text, the processor's tensors) of one sample: qwen-vl-utils (through `cache`),
-    the chat template, the transformers processor — the engine backend's preprocessing."""
-    images, videos = load_vision(sample, cache)
+def processor_inputs(processor, sample: Sample, use_chat_template: bool, media: Optional[MediaSource] = None):
+    """(prompt text, the processor's tensors) of one sample: qwen-vl-utils (from `media`), the
+    chat template, the transformers processor — the engine backend's preprocessing. With the
+    fast image processor installed, exact video frames travel as uint8 (a quarter the bytes)."""
+    from . import fast_processor
+    images, videos = load_vision(sample, media, uint8=fast_processor.installed(processor))
     text = prompt_text(processor, sample, use_chat_template)
     return text, processor(text=[text], images=images, videos=videos, return_tensors="pt")
+
+
+def _or(value, default):
+    return value if value is not None else default

@@ -44,14 +44,29 @@ def library_versions() -> Dict[str, str]:
     return out
 
 
+def exact_uint8(video):
+    """`video` (qwen-vl-utils' float frames) as a uint8 tensor holding the same values, or None
+    where some value is not an integer in 0..255."""
+    import torch
+    if not isinstance(video, torch.Tensor):
+        return None
+    if video.dtype == torch.uint8:
+        return video
+    if not video.is_floating_point():
+        return None
+    u8 = video.to(torch.uint8)
+    return u8 if torch.equal(u8.to(video.dtype), video) else None
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MODELTEST_MEDIA_CACHE", Path.home() / ".cache" / "modeltest" / "media"))
 
 
 class MediaCache:
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, max_bytes: int, memo_entries: int = MEMO_ENTRIES):
         self.folder = Path(folder)
         self.max_bytes = max_bytes
+        self.memo_entries = memo_entries
         self.versions = library_versions()
         self.hits = self.misses = self.uncacheable = 0
         self._lock = threading.Lock()
@@ -74,18 +89,22 @@ class MediaCache:
         arr, fresh = self._fetch(self.key(ele, "image"), compute)
         return fresh if fresh is not None else Image.fromarray(arr, "RGB")
 
-    def video(self, ele: Dict[str, Any]):
-        """fetch_video(ele) (float frames [T, C, H, W]), from the cache when there."""
+    def video(self, ele: Dict[str, Any], uint8: bool = False):
+        """fetch_video(ele) (float frames [T, C, H, W]), from the cache when there. uint8=True:
+        the same values as a uint8 tensor where they are exact (always, from an entry)."""
         import torch
         from qwen_vl_utils.vision_process import fetch_video
 
         def compute():
             video = fetch_video(ele)
-            exact = isinstance(video, torch.Tensor) and bool(
-                ((video >= 0) & (video <= 255) & (video == video.round())).all())
-            return video, (video.to(torch.uint8).numpy() if exact else None)
+            exact = exact_uint8(video)
+            return video, (exact.numpy() if exact is not None else None)
         arr, fresh = self._fetch(self.key(ele, "video"), compute)
-        return fresh if fresh is not None else torch.from_numpy(arr.copy()).float()
+        if fresh is not None:
+            exact = exact_uint8(fresh) if uint8 else None
+            return exact if exact is not None else fresh
+        frames = torch.from_numpy(arr.copy())
+        return frames if uint8 else frames.float()
 
     def _fetch(self, key: str, compute):
         """(cached array, None) on a hit; (array or None, the freshly computed value) on a miss.
@@ -189,7 +208,7 @@ class MediaCache:
     def _remember(self, key: str, arr: np.ndarray) -> None:
         self._memo[key] = arr
         self._memo.move_to_end(key)
-        while len(self._memo) > MEMO_ENTRIES:
+        while len(self._memo) > self.memo_entries:
             self._memo.popitem(last=False)
 
     @staticmethod

@@ -23,6 +23,7 @@ from .config.loader import EvalConfig
 from .device import resolve_device
 from .engine.parallel import ParallelContext, init_parallel
 from .errors import Interrupted, SampleError, UserError, first_line
+from .media import InProcessMedia, MediaSource
 from .outputs import (RunPaths, config_record, read_json, write_debug_file, write_json, write_result_csv,
                       write_summary)
 from .records import RecordStore, ShardProgress, file_digest, run_identity, sample_key
@@ -48,23 +49,33 @@ def max_new_tokens(cfg: EvalConfig) -> int:
     return min(cfg.model.mm_model.infer_params.max_output_length, cfg.task.requested_max_output_length)
 
 
+@dataclass
+class PrepOutcome:
+    sample: Sample
+    prepared: Optional[Prepared]
+    error: Optional[str] = None
+    transient: bool = False          # the error may go away (a timed-out decode): retried on resume
+
+
 def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: int,
-                    workers: int = 2, ahead: int = 8) -> Iterator[Tuple[Sample, Optional[Prepared], Optional[str]]]:
-    """Yield (sample, prepared or None, error or None) in order, preparing up to `ahead` samples
-    in background threads so image/video decoding overlaps with inference."""
-    def prepare(sample: Sample):
+                    threads: int = 2, ahead: int = 8) -> Iterator[PrepOutcome]:
+    """Yield each sample's outcome in order, preparing up to `ahead` samples in `threads`
+    background threads (which hand decoding to the media workers, when there are some) so
+    image/video decoding overlaps with inference."""
+    def prepare(sample: Sample) -> PrepOutcome:
         if sample.load_error:
-            return None, sample.load_error
+            return PrepOutcome(sample, None, sample.load_error)
         try:
             prepared = backend.prepare(sample)
         except SampleError as e:
-            return None, str(e)
+            return PrepOutcome(sample, None, str(e), e.transient)
         if prepared.input_length > max_input_length:
-            return None, (f"input is {prepared.input_length} tokens, over requested_max_input_length "
-                          f"{max_input_length}; lower the task's max_pixels/fps or raise the limit")
-        return prepared, None
+            return PrepOutcome(sample, None, f"input is {prepared.input_length} tokens, over requested_max_input_length "
+                                             f"{max_input_length}; lower the task's max_pixels/fps or raise the limit")
+        return PrepOutcome(sample, prepared)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess") as pool:
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
+    try:
         queue: collections.deque = collections.deque()
         it = iter(samples)
         for sample in it:
@@ -77,18 +88,21 @@ def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: i
             if nxt is not None:
                 queue.append((nxt, pool.submit(prepare, nxt)))
             try:
-                prepared, error = fut.result()
+                outcome = fut.result()
             except Exception as e:  # a preprocessing bug must not end the run either
-                prepared, error = None, f"preprocessing failed: {first_line(e)}"
-            yield sample, prepared, error
+                outcome = PrepOutcome(sample, None, f"preprocessing failed: {first_line(e)}")
+            yield outcome
+    finally:
+        # Interrupted: do not wait for decodes in flight (closing the media source ends them).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def new_record(sample: Sample, key: str, output: Optional[GenerationOutput], error: Optional[str],
-               prepared: Optional[Prepared]) -> SampleRecord:
+               prepared: Optional[Prepared], transient: bool = False) -> SampleRecord:
     """What was computed for a sample, unscored (scores come from Task.score_record)."""
     def sec(x: Optional[float]) -> Optional[float]:
         return round(x, 6) if x is not None else None
-    transient = bool(output is not None and output.error and output.transient)
+    transient = transient or bool(output is not None and output.error and output.transient)
     if output is not None and output.error:
         error, output = output.error, None
     return SampleRecord(
@@ -103,13 +117,39 @@ def new_record(sample: Sample, key: str, output: Optional[GenerationOutput], err
         choices=sample.choices, transient=transient, key=key)
 
 
+def media_source(cfg: EvalConfig) -> MediaSource:
+    """Where this rank's images and videos are decoded: in `prep_workers` processes or in the
+    harness's threads, through the media cache unless it is off. The openai backend decodes
+    nothing here (the server does)."""
+    from .media_cache import MediaCache, default_cache_dir
+    from .media_workers import WorkerMedia, auto_workers
+    run = cfg.run
+    if cfg.model.backend == "openai":
+        return InProcessMedia(None)
+    folder = None
+    if run.media_cache not in ("off", "", None, False):
+        folder = default_cache_dir() if run.media_cache == "default" else Path(run.media_cache)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise UserError(f"media_cache: cannot use '{folder}' ({e.strerror}); pass "
+                            "media_cache=/a/writable/folder or media_cache=off") from None
+    max_bytes = int(run.media_cache_gb * 2 ** 30)
+    workers = auto_workers() if run.prep_workers == "auto" else int(run.prep_workers)
+    if workers == 0:
+        return InProcessMedia(MediaCache(folder, max_bytes) if folder is not None else None)
+    return WorkerMedia(workers, run.prep_timeout_s, str(folder) if folder is not None else None, max_bytes)
+
+
 class Evaluator:
     def __init__(self, cfg: EvalConfig, backend: Optional[Backend] = None, show_progress: bool = True):
         self.cfg = cfg
         self.task: Task = TASKS[cfg.task.task_name](cfg.task, cfg.model)
         self.backend = backend
         self.show_progress = show_progress
-        self.media_cache = None
+        self.media: Optional[MediaSource] = None
 
     def say(self, par: ParallelContext, text: str) -> None:
         if par.is_main and self.show_progress:
@@ -162,7 +202,11 @@ class Evaluator:
                 "samples": len(samples), "tp": par.tp, "dp": par.dp}))
         progress = ShardProgress(paths.records_dir, [f"dp{r}" for r in range(par.dp) if r != par.dp_rank]) \
             if par.is_main and par.dp > 1 else None
-        self._compute(mine, store, par, n_new, total=len(todo), others=progress)
+        try:
+            self._compute(mine, store, par, n_new, total=len(todo), others=progress)
+        finally:
+            if self.media is not None:
+                self.media.close()
         par.barrier()
         if not par.is_main:
             return RunResult(rows=[], records=[], paths=paths)
@@ -177,40 +221,30 @@ class Evaluator:
         write_result_csv(paths.result_csv, rows)
         write_debug_file(paths.debug_file, records)
         elapsed = time.time() - started
-        cache = self.media_cache.summary() if self.media_cache is not None else None
+        cache = self.media.summary() if self.media is not None else None
         write_summary(paths, cfg, rows, records, computed=len(todo), elapsed=elapsed, tp=par.tp, dp=par.dp,
                       media_cache=cache)
         if self.show_progress:
             print_summary(cfg, rows, records, paths, elapsed)
             if cache is not None:
+                workers = f"; {cache['workers']} decoding worker(s)" if cache.get("workers") else ""
+                replaced = f", {cache['workers_replaced']} replaced after a hang or crash" \
+                    if cache.get("workers_replaced") else ""
                 print(f"media cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['folder']}"
-                      + (" (this rank)" if par.dp > 1 else ""))
+                      + workers + replaced + (" (this rank)" if par.dp > 1 else ""))
             retry = sum(1 for r in records if r.transient)
             if retry:
-                print(f"{retry} sample(s) failed on server or network errors (recorded as errors); run the same "
-                      "command again to retry only those")
+                print(f"{retry} sample(s) failed on transient errors (server, network, or a media decode that "
+                      "timed out or crashed; recorded as errors); run the same command again to retry only those")
         return RunResult(rows=rows, records=records, paths=paths)
-
-    def _media_cache(self):
-        """The run's media cache (None: off, or a backend that decodes nothing here)."""
-        from .media_cache import MediaCache, default_cache_dir
-        run = self.cfg.run
-        if run.media_cache in ("off", "", None, False) or self.cfg.model.backend == "openai":
-            return None
-        folder = default_cache_dir() if run.media_cache == "default" else Path(run.media_cache)
-        try:
-            return MediaCache(folder, int(run.media_cache_gb * 2 ** 30))
-        except OSError as e:
-            raise UserError(f"media_cache: cannot use '{folder}' ({e.strerror}); pass media_cache=/a/writable/folder "
-                            "or media_cache=off") from None
 
     def _load_backend(self, par: ParallelContext, device: str, n_new: int) -> Backend:
         m = self.cfg.model
         where = f"{device} x {par.world_size} (tp={par.tp}, dp={par.dp})" if par.world_size > 1 else device
         self.say(par, f"loading {m.model_path} ({m.backend} backend, {m.data_type}) on {where} ...")
         t0 = time.time()
-        self.media_cache = self._media_cache()
-        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new, self.media_cache),
+        self.media = media_source(self.cfg)
+        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new, self.media),
                                tp_ctx=par.tp_ctx)
         self.say(par, f"loaded in {time.time() - t0:.1f}s")
         return backend
@@ -249,9 +283,9 @@ class Evaluator:
             bar.refresh()
 
         def finish(sample: Sample, output: Optional[GenerationOutput], error: Optional[str],
-                   prepared: Optional[Prepared]) -> None:
+                   prepared: Optional[Prepared], transient: bool = False) -> None:
             nonlocal count
-            rec = new_record(sample, key_of[id(sample)], output, error, prepared)
+            rec = new_record(sample, key_of[id(sample)], output, error, prepared, transient)
             if par.is_replica_leader:
                 store.append(rec)
             count += 1
@@ -267,12 +301,14 @@ class Evaluator:
 
         try:
             if mine:
-                for sample, prepared, error in prepared_stream([s for s, _ in mine], backend,
-                                                               cfg.task.requested_max_input_length):
-                    if prepared is None:
-                        finish(sample, None, error, None)
+                media = backend.settings.media
+                threads = 2 if media is None else max(2, media.parallelism() + 1)
+                for o in prepared_stream([s for s, _ in mine], backend, cfg.task.requested_max_input_length,
+                                         threads=threads, ahead=max(8, 2 * threads)):
+                    if o.prepared is None:
+                        finish(o.sample, None, o.error, None, o.transient)
                         continue
-                    backend.submit(prepared, n_new)
+                    backend.submit(o.prepared, n_new)
                     drain(keep)
                 drain(0)
             # Rank 0 keeps the bar moving until every replica has finished its share.
@@ -284,6 +320,8 @@ class Evaluator:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             if backend is not None:
                 backend.close()
+            if self.media is not None:
+                self.media.close()
             raise Interrupted(f"interrupted: {count} finished sample(s) of this run are saved in {store.folder}; "
                               "run the same command again to resume") from None
         finally:

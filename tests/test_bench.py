@@ -179,17 +179,27 @@ def test_half_built_preset_folder_is_rebuilt(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_bench_prep_reports_the_split_and_the_cache(tmp_path, monkeypatch):
-    """bench-prep on tiny generated media: every medium timed, the warm cache decodes nothing."""
+def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, monkeypatch):
+    """bench-prep on tiny generated media: every medium timed, the warm cache decodes nothing,
+    worker processes measured, and (--infer) the harness next to the engine alone."""
     monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
     out = tmp_path / "prep.json"
     assert run_bench_prep(["--photos", "2", "--photo-size", "320x240", "--clips", "2x160x120",
-                           "--questions-per-clip", "2", "--json", str(out)]) == 0
+                           "--questions-per-clip", "2", "--infer", "tiny", "--device", "cpu", "--batch-size", "2",
+                           "--new-tokens", "2", "--prep-workers", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["samples"] == 4 and set(r["per_medium"]) == {"photo_0_320x240.jpg", "photo_1_320x240.jpg",
                                                           "clip_2s_160x120.mp4"}
-    assert all(v["decode_s"] > 0 and v["processor_s"] > 0 for v in r["per_medium"].values())
-    assert set(r["pipeline_samples_per_s"]) == {"cache off", "cache cold", "cache warm"}
+    assert all(v["decode_s"] > 0 and v["processor_s"] > 0 and v["fast_processor_s"] > 0 and v["warm_question_s"] > 0
+               for v in r["per_medium"].values())
+    assert set(r["pipeline_samples_per_s"]) == {
+        "2 threads, transformers' processor, cache off", "2 threads, cache off", "2 threads, cache cold",
+        "2 threads, cache warm", "1 worker(s), cache cold", "1 worker(s), cache warm", "2 worker(s), cache cold",
+        "2 worker(s), cache warm"}
+    tasks = r["infer"]["tasks"]
+    assert set(tasks) == {"textvqa", "videobench"} and tasks["textvqa"]["samples"] == 2
+    assert tasks["videobench"]["samples"] == 2
+    assert all(t[k] > 0 for t in tasks.values() for k in ("engine_only", "harness_cold", "harness_warm"))
     assert r["cache"]["warm"]["misses"] == 0 and r["cache"]["warm"]["hits"] == 4
     # Cold: each medium decoded once, even when both threads start on the clip's two questions.
     assert r["cache"]["cold"]["misses"] == 3 and r["cache"]["cold"]["hits"] == 1

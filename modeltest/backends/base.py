@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..config.schema import ModelConfig
 from ..device import TORCH_DTYPES
+from ..media import MediaSource
 from ..tasks.base import Sample
 
 
@@ -32,14 +33,16 @@ class BackendSettings:
     max_batch_size: int = 8
     max_input_length: int = 4096
     max_output_length: int = 256
-    media_cache: Optional[Any] = None     # a media_cache.MediaCache, or None: decode every time
+    # Where images/videos are decoded (media.MediaSource); None: here, without a cache.
+    media: Optional[MediaSource] = None
+    fast_processor: bool = True           # fast_processor.py's bit-identical image processor (engine)
 
     @classmethod
-    def from_eval(cls, cfg, device: str, max_new_tokens: int, media_cache=None) -> "BackendSettings":
+    def from_eval(cls, cfg, device: str, max_new_tokens: int, media: Optional[MediaSource] = None) -> "BackendSettings":
         """cfg: an EvalConfig. The batch size is the run's; the limits are the task's."""
         return cls(model=cfg.model, device=device, max_batch_size=cfg.run.batch_size,
                    max_input_length=cfg.task.requested_max_input_length, max_output_length=max_new_tokens,
-                   media_cache=media_cache)
+                   media=media, fast_processor=cfg.run.fast_processor)
 
 
 @dataclass

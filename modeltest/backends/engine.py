@@ -43,7 +43,7 @@ class EngineBackend(Backend):
     def __init__(self, settings: BackendSettings, tp_ctx: TPContext = None):
         super().__init__(settings)
         require_qwen_vl_utils()   # fail before loading weights, not on every sample
-        self.processor = load_processor(self.model_cfg.model_path)
+        self.processor = load_processor(self.model_cfg.model_path, fast=settings.fast_processor)
         self.tp = tp_ctx if tp_ctx is not None else init_distributed(self.device)
         self.engine = LLMEngine(engine_config(settings), self.tp)
         self._processors = PerThreadProcessor(self.processor)
@@ -61,7 +61,7 @@ class EngineBackend(Backend):
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
         text, inputs = processor_inputs(self._processors.get(), sample, self.model_cfg.use_chat_template,
-                                        self.settings.media_cache)
+                                        self.settings.media)
         return Prepared(sample=sample, text=text, inputs=inputs, preprocess_time=time.perf_counter() - start,
                         input_length=int(inputs["input_ids"].shape[1]))
 

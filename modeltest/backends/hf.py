@@ -73,7 +73,7 @@ class HFBackend(Backend):
 
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        images, videos = load_vision(sample, self.settings.media_cache)
+        images, videos = load_vision(sample, self.settings.media)
         text = prompt_text(self.processor, sample, self.model_cfg.use_chat_template)
         return Prepared(sample=sample, text=text, images=images, videos=videos,
                         preprocess_time=time.perf_counter() - start,

@@ -3,9 +3,12 @@ left out — so a user sees whether a run will wait on its host (MEDIA.md).
 
 Generates (once, cached beside the bench checkpoints) 1024x768 JPEG photos and H.264 clips at
 30 fps with ordinary GOPs, several questions per clip as in VideoBench, then reports:
-  * per sample, one thread: qwen-vl-utils' decode + resize, and the transformers processor;
-  * the preprocessing pipeline's samples/s in `--threads` threads (the harness uses 2), with the
-    media cache off, cold (first run) and warm (a second model's run on the same data).
+  * per medium, one thread: qwen-vl-utils' decode + resize; transformers' processor; the fast
+    (bit-identical) processor; and a warm question (media cache read + fast processor);
+  * the preprocessing pipeline's samples/s: in `--threads` threads (cache off, cold, warm) and in
+    1 and `--workers` worker processes (cold, warm) — inference left out;
+  * with --infer PRESET: the harness's end-to-end samples/s against the engine alone on the same
+    inputs (bench/harness_rate.py).
 """
 from __future__ import annotations
 
@@ -33,8 +36,17 @@ def add_parser(sub) -> None:
     b.add_argument("--clips", default="10x640x360,60x640x360,180x1280x720",
                    help="comma list of SECONDSxWxH clips (30 fps H.264)")
     b.add_argument("--questions-per-clip", type=int, default=3)
-    b.add_argument("--threads", type=int, default=2, help="preprocessing threads (the harness uses 2)")
+    b.add_argument("--threads", type=int, default=2, help="preprocessing threads (prep_workers=0)")
+    b.add_argument("--workers", type=int, default=2, help="worker processes to compare with one")
     b.add_argument("--preset", default="tiny", help="whose processor files to use (the same for every Qwen2-VL)")
+    b.add_argument("--infer", default=None, metavar="PRESET",
+                   help="also run the harness end to end and the engine alone on this preset (tiny, mid, 2b, 7b)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default=None, help="--infer's data type (default: bf16 on a GPU/NPU, fp32 on CPU)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--new-tokens", type=int, default=8)
+    b.add_argument("--prep-workers", default="auto", help="--infer's harness prep_workers")
+    b.add_argument("--skip-pipeline", action="store_true", help="only --infer (no per-medium or pipeline figures)")
     b.add_argument("--json", default=None)
     b.set_defaults(func=main)
 
@@ -100,9 +112,12 @@ def samples_for(photos: List[Path], clips: List[Path], questions: int) -> List[S
     return out
 
 
-def split_times(processor, samples: List[Sample]) -> Dict[str, Dict[str, float]]:
-    """Per distinct medium, one thread: decode + resize (qwen-vl-utils), then the processor."""
-    from ..media import build_messages, prompt_text, vision_from_messages
+def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict[str, Dict[str, float]]:
+    """Per distinct medium, one thread: decode + resize (qwen-vl-utils), transformers' processor,
+    the fast processor, and a warm question: the entry read from the media cache (a new process's
+    view: from disk) + the fast processor."""
+    from ..media import InProcessMedia, build_messages, processor_inputs, prompt_text, vision_from_messages
+    from ..media_cache import MediaCache
     seen, out = set(), {}
     for s in samples:
         media = tuple(s.images + s.videos)
@@ -115,23 +130,50 @@ def split_times(processor, samples: List[Sample]) -> Dict[str, Dict[str, float]]
         text = prompt_text(processor, s, True)
         processor(text=[text], images=images, videos=videos, return_tensors="pt")
         t2 = time.perf_counter()
-        out[Path(media[0]).name] = {"decode_s": t1 - t0, "processor_s": t2 - t1}
+        fast(text=[text], images=images, videos=videos, return_tensors="pt")
+        t3 = time.perf_counter()
+        processor_inputs(fast, s, True, InProcessMedia(MediaCache(cache_dir, 1 << 40)))    # fill the entry
+        t4 = time.perf_counter()
+        processor_inputs(fast, s, True, InProcessMedia(MediaCache(cache_dir, 1 << 40)))
+        t5 = time.perf_counter()
+        out[Path(media[0]).name] = {"decode_s": t1 - t0, "processor_s": t2 - t1, "fast_processor_s": t3 - t2,
+                                    "warm_question_s": t5 - t4, "today_s": t2 - t0}
     return out
 
 
-def pipeline_rate(processor, samples: List[Sample], threads: int, cache) -> float:
-    """samples/s of preparing every sample in `threads` threads (the harness's prepare step)."""
+def pipeline_rate(processor, samples: List[Sample], threads: int, media) -> float:
+    """samples/s of preparing every sample in `threads` threads (the harness's prepare step),
+    decoding through `media` (a media.MediaSource)."""
     from ..media import PerThreadProcessor, processor_inputs
     procs = PerThreadProcessor(processor)
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda s: processor_inputs(procs.get(), s, True, cache), samples))
+        list(pool.map(lambda s: processor_inputs(procs.get(), s, True, media), samples))
     return len(samples) / (time.perf_counter() - start)
 
 
+def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dict[str, float]:
+    """The pipeline with decoding in `workers` processes (threads = workers + 1, as the harness),
+    cold (an empty cache) then warm."""
+    from ..media_workers import WorkerMedia
+    out = {}
+    for state in ("cold", "warm"):
+        media = WorkerMedia(workers, 3600, str(folder), 1 << 40)
+        try:
+            media.vision([{"role": "user", "content": [{"type": "text", "text": ""}]}])   # workers up first
+            out[state] = pipeline_rate(fast, samples, workers + 1, media)
+        finally:
+            media.close()
+    return out
+
+
 def main(args) -> int:
+    import copy
+
     import torch
-    from transformers import AutoProcessor
+
+    from ..device import resolve_device
+    from ..media import InProcessMedia, load_processor
     from ..media_cache import MediaCache
     from .presets import cache_root, preset_checkpoint
     try:
@@ -140,26 +182,54 @@ def main(args) -> int:
         raise UserError(f"--photo-size {args.photo_size!r}: expected WxH, e.g. 1024x768") from None
     clips = _parse_clips(args.clips)
     photos, videos = build_media(cache_root() / "prep-media", args.photos, (w, h), clips)
-    processor = AutoProcessor.from_pretrained(preset_checkpoint(args.preset))
-    samples = samples_for(photos, videos, args.questions_per_clip)
-    torch.set_num_threads(1)          # what each preprocessing thread of the harness gets
-    split = split_times(processor, samples)
-    with tempfile.TemporaryDirectory(prefix="bench-prep-cache-") as tmp:
-        rates = {"cache off": pipeline_rate(processor, samples, args.threads, None)}
-        cold = MediaCache(Path(tmp), 1 << 40)
-        rates["cache cold"] = pipeline_rate(processor, samples, args.threads, cold)
-        warm = MediaCache(Path(tmp), 1 << 40)
-        rates["cache warm"] = pipeline_rate(processor, samples, args.threads, warm)
-        hits = {"cold": cold.summary(), "warm": warm.summary()}
-    report = {"samples": len(samples), "threads": args.threads, "photos": args.photos, "clips": args.clips,
-              "questions_per_clip": args.questions_per_clip, "per_medium": split,
-              "pipeline_samples_per_s": rates, "cache": hits}
-    rows = [[name, f"{t['decode_s']:.3f}", f"{t['processor_s']:.3f}"] for name, t in split.items()]
-    print(colored("\nper medium, one thread (seconds)", "cyan", attrs=["bold"]))
-    print(tabulate(rows, headers=["medium", "decode + resize", "processor"], tablefmt="github"))
-    print(colored(f"\npreprocessing pipeline, {args.threads} threads, {len(samples)} samples", "cyan", attrs=["bold"]))
-    print(tabulate([[k, f"{v:.2f}"] for k, v in rates.items()], headers=["media cache", "samples/s"],
-                   tablefmt="github"))
+    report: Dict = {"photos": args.photos, "clips": args.clips, "questions_per_clip": args.questions_per_clip}
+    if not args.skip_pipeline:
+        processor = load_processor(str(preset_checkpoint(args.preset)))
+        fast = load_processor(str(preset_checkpoint(args.preset)), fast=True)
+        samples = samples_for(photos, videos, args.questions_per_clip)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)          # what each preprocessing thread or worker gets
+        with tempfile.TemporaryDirectory(prefix="bench-prep-cache-") as tmp:
+            split = split_times(processor, fast, samples, Path(tmp) / "split")
+            rates = {f"{args.threads} threads, transformers' processor, cache off":
+                     pipeline_rate(processor, samples, args.threads, InProcessMedia(None)),
+                     f"{args.threads} threads, cache off": pipeline_rate(fast, samples, args.threads, InProcessMedia(None))}
+            cold = MediaCache(Path(tmp) / "threads", 1 << 40)
+            rates[f"{args.threads} threads, cache cold"] = pipeline_rate(fast, samples, args.threads, InProcessMedia(cold))
+            warm = MediaCache(Path(tmp) / "threads", 1 << 40)
+            rates[f"{args.threads} threads, cache warm"] = pipeline_rate(fast, samples, args.threads, InProcessMedia(warm))
+            for n in sorted({1, args.workers}):
+                r = worker_rates(copy.deepcopy(fast), samples, n, Path(tmp) / f"workers{n}")
+                rates[f"{n} worker(s), cache cold"] = r["cold"]
+                rates[f"{n} worker(s), cache warm"] = r["warm"]
+        torch.set_num_threads(threads)
+        report.update(samples=len(samples), threads=args.threads, per_medium=split, pipeline_samples_per_s=rates,
+                      cache={"cold": cold.summary(), "warm": warm.summary()})
+        rows = [[name, f"{t['decode_s']:.3f}", f"{t['processor_s']:.3f}", f"{t['fast_processor_s']:.3f}",
+                 f"{t['today_s']:.3f}", f"{t['warm_question_s']:.3f}", f"{t['today_s'] / t['warm_question_s']:.1f}x"]
+                for name, t in split.items()]
+        print(colored("\nper medium, one thread (seconds)", "cyan", attrs=["bold"]))
+        print(tabulate(rows, headers=["medium", "decode + resize", "processor", "fast processor",
+                                      "decode + processor", "warm question", "speed-up"], tablefmt="github"))
+        print(colored(f"\npreprocessing pipeline, {len(samples)} samples, no inference", "cyan", attrs=["bold"]))
+        print(tabulate([[k, f"{v:.2f}"] for k, v in rates.items()], headers=["how", "samples/s"], tablefmt="github"))
+    if args.infer:
+        from .harness_rate import harness_vs_engine, write_datasets
+        device = resolve_device(args.device)
+        dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+        with tempfile.TemporaryDirectory(prefix="bench-prep-data-") as tmp:
+            tv, vb = write_datasets(Path(tmp), photos, videos, args.questions_per_clip)
+            infer = harness_vs_engine(preset_checkpoint(args.infer), tv, vb, device, dtype, args.batch_size,
+                                      args.new_tokens, args.prep_workers)
+        report["infer"] = {"preset": args.infer, "device": device, "data_type": dtype, "batch_size": args.batch_size,
+                           "new_tokens": args.new_tokens, "prep_workers": args.prep_workers, "tasks": infer}
+        print(colored(f"\nharness end to end vs the engine alone ({args.infer}, {device}, {dtype}, "
+                      f"batch {args.batch_size}, {args.new_tokens} new tokens)", "cyan", attrs=["bold"]))
+        print(tabulate([[t, r["samples"], f"{r['engine_only']:.2f}", f"{r['harness_cold']:.2f}",
+                         f"{r['harness_warm']:.2f}", f"{r['cold_over_engine']:.2f}", f"{r['warm_over_engine']:.2f}"]
+                        for t, r in infer.items()],
+                       headers=["task", "samples", "engine only /s", "harness cold /s", "harness warm /s",
+                                "cold / engine", "warm / engine"], tablefmt="github"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"json: {args.json}")

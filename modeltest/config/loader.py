@@ -169,6 +169,12 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(f"media_cache: '{mc}' must be default, off or a folder")
     if cfg.run.media_cache_gb <= 0:
         raise UserError(f"media_cache_gb: must be positive, got {cfg.run.media_cache_gb}")
+    pw = cfg.run.prep_workers
+    if pw != "auto" and not (isinstance(pw, int) and not isinstance(pw, bool) and pw >= 0):
+        raise UserError(f"prep_workers: '{pw}' must be auto or a number of processes >= 0 (0: decode in the "
+                        "harness's threads)")
+    if cfg.run.prep_timeout_s <= 0:
+        raise UserError(f"prep_timeout_s: must be positive, got {cfg.run.prep_timeout_s}")
     m = cfg.model
     if m.backend == "openai":
         if m.media not in OPENAI_MEDIA:

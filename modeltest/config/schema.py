@@ -98,6 +98,14 @@ class RunConfig:
     # as false, hence Any; config/loader.py checks it).
     media_cache: Any = "default"
     media_cache_gb: float = 50.0
+    # Processes that decode this rank's images and videos (media_workers.py): "auto" (the cores
+    # this rank may use: CPU affinity / LOCAL_WORLD_SIZE), a number, or 0 (the harness's threads).
+    prep_workers: Any = "auto"
+    # A decode running longer is stopped and recorded as that sample's error (retried on resume).
+    prep_timeout_s: float = 300.0
+    # The image processor's work by table lookup + one permute (fast_processor.py): bit-identical
+    # to transformers' processor; false runs transformers' own.
+    fast_processor: bool = True
 
 
 def _type_name(tp: Any) -> str:

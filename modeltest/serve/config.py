@@ -50,6 +50,7 @@ class ServeConfig:
     max_images_per_request: int = 16
     max_videos_per_request: int = 2
     preprocess_workers: int = 2              # threads decoding media and running the processor
+    fast_processor: bool = True              # fast_processor.py's bit-identical image processor
     drain_timeout_s: float = 30.0            # SIGTERM: in-flight requests get this long, then are aborted
     image_options: Dict[str, Any] = field(default_factory=default_image_options)
     video_options: Dict[str, Any] = field(default_factory=default_video_options)
@@ -88,6 +89,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-images-per-request", type=int, default=16)
     s.add_argument("--max-videos-per-request", type=int, default=2)
     s.add_argument("--preprocess-workers", type=int, default=2)
+    s.add_argument("--reference-processor", action="store_true",
+                   help="run transformers' image processor itself (the default fast one is bit-identical)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may take before they are aborted")
     s.add_argument("--image-options", default=None, help='JSON, e.g. {"max_pixels": 1003520} (default: TextVQA\'s)')
@@ -105,7 +108,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         remote_media_timeout_s=args.remote_media_timeout, max_remote_media_mb=args.max_remote_media_mb,
         max_body_mb=args.max_body_mb, max_images_per_request=args.max_images_per_request,
         max_videos_per_request=args.max_videos_per_request, preprocess_workers=args.preprocess_workers,
-        drain_timeout_s=args.drain_timeout)
+        drain_timeout_s=args.drain_timeout, fast_processor=not args.reference_processor)
     for name in ("image_options", "video_options"):
         raw = getattr(args, name)
         if raw:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .. import fast_processor
 from ..errors import SampleError
 from ..media import PerThreadProcessor, load_processor, require_qwen_vl_utils, vision_from_messages
 from .config import ServeConfig
@@ -32,7 +33,7 @@ class Preprocessor:
     def __init__(self, cfg: ServeConfig):
         require_qwen_vl_utils()
         self.cfg = cfg
-        self.processor = load_processor(cfg.model_path)
+        self.processor = load_processor(cfg.model_path, fast=cfg.fast_processor)
         self.tokenizer = self.processor.tokenizer
         self.resolver = MediaResolver(cfg.allowed_local_media_path, cfg.allow_remote_media,
                                       cfg.remote_media_timeout_s, int(cfg.max_remote_media_mb * 2 ** 20))
@@ -70,7 +71,8 @@ class Preprocessor:
                 messages.append({"role": m.role, "content": content})
             text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             try:
-                images, videos = vision_from_messages(messages) if req.media else (None, None)
+                images, videos = vision_from_messages(messages, uint8=fast_processor.installed(proc)) \
+                    if req.media else (None, None)
             except SampleError as e:
                 raise RequestError(400, f"media: {e}", "messages") from None
             inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")

@@ -1,0 +1,394 @@
+"""Image and video decoding in worker processes, so a real VideoBench run is not bound by one
+Python process's host work, and a decode that hangs or crashes costs one sample, not the run.
+
+`WorkerPool` runs a function on tasks in N processes, one task per process at a time:
+
+  * processes come from a forkserver (a clean process that has imported torch, qwen-vl-utils and
+    decord once), never forked from the harness (its threads, OpenMP pools and a CUDA/NPU
+    context must not be copied);
+  * a task running past `timeout_s` has its process killed; the task fails with a SampleError
+    that names its media, and a fresh process takes the slot (decord is known to hang on some
+    files);
+  * a process that dies (segfault, OOM killer) fails its task the same way and is replaced;
+  * tasks for the same media go to the process already holding them, so questions on one clip
+    share one decode (the process's media cache keeps the last few decoded media in memory).
+
+`WorkerMedia` is the media.MediaSource on top: each worker decodes with one decoding thread
+through the shared media cache (atomic entries: workers and data-parallel ranks can fill one
+folder) and sends the frames back as uint8 where they are exact.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from .errors import SampleError, first_line
+from .media import MediaSource, Vision
+
+WORKER_MEMO_ENTRIES = 2       # decoded media a worker keeps in memory (its current clip, the next)
+# Tests only: "hang:SUBSTRING,die:SUBSTRING" makes a worker hang on (or be killed by) media whose
+# path contains SUBSTRING, so the harness's handling of a stuck or crashed decode can be proven.
+FAULT_ENV = "MODELTEST_TEST_MEDIA_FAULT"
+_CONTEXT_LOCK = threading.Lock()
+_CONTEXT = None
+
+
+def _context():
+    """The forkserver context, its server preloaded with what every worker imports (once per
+    harness process; each worker is then a cheap fork of a process without threads)."""
+    global _CONTEXT
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "decord", "qwen_vl_utils.vision_process", __name__])
+            _CONTEXT = ctx
+        return _CONTEXT
+
+
+def auto_workers() -> int:
+    """The cores this rank may use: the process's CPU affinity divided among the ranks torchrun
+    started on this node (LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:          # not Linux
+        cores = os.cpu_count() or 1
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, ranks))
+
+
+class TaskFailed(SampleError):
+    """The task's process hung past the timeout or died: the sample is retried when the run is
+    resumed (raise prep_timeout_s first if the media is only slow)."""
+    transient = True
+
+
+# ---- the worker process ----------------------------------------------------------------------
+def _worker_main(conn, init: Optional[Callable], init_args: tuple, fn: Callable) -> None:
+    # The harness reports Ctrl-C and stops the workers; a worker must not print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    state = init(*init_args) if init is not None else None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        task_id, task = msg
+        try:
+            reply = (task_id, "ok", fn(state, task))
+        except SampleError as e:
+            reply = (task_id, "sample_error", str(e))
+        except Exception as e:
+            reply = (task_id, "error", first_line(e))
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+# ---- the pool ----------------------------------------------------------------------------------
+@dataclass
+class _Task:
+    id: int
+    payload: Any
+    affinity: Optional[str]            # tasks with the same key go to one worker
+    what: str                          # named in errors: the media
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    queue: Deque[_Task] = field(default_factory=collections.deque)
+    running: Optional[_Task] = None
+    started: float = 0.0
+
+
+class WorkerPool:
+    def __init__(self, fn: Callable, workers: int, timeout_s: float, init: Optional[Callable] = None,
+                 init_args: tuple = ()):
+        """fn(state, payload) -> result runs in the workers (state = init(*init_args), once per
+        process); both must be importable module-level functions."""
+        self.fn, self.init, self.init_args = fn, init, init_args
+        self.timeout_s = timeout_s
+        self.replaced = 0                       # processes started again after a hang or a death
+        self._ctx = _context()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._inbox: Deque[_Task] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        self._owner: Dict[str, Tuple[int, int]] = {}     # affinity key -> (worker index, tasks)
+        self._size = max(1, workers)
+        self._workers: List[_Worker] = []     # started by the dispatcher thread: the harness goes on
+        self._thread = threading.Thread(target=self._loop, name="media-workers", daemon=True)
+        self._thread.start()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def submit(self, payload: Any, affinity: Optional[str], what: str) -> Future:
+        task = _Task(next(self._ids), payload, affinity, what)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker pool is closed")
+            self._inbox.append(task)
+        os.write(self._wake_w, b"x")
+        return task.future
+
+    def close(self) -> None:
+        """Stop every worker (pending tasks fail); safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=30)
+        for w in list(self._workers):
+            self._stop(w, kill=True)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ---- processes ----------------------------------------------------------------------------
+    def _start(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        p = self._ctx.Process(target=_worker_main, args=(child, self.init, self.init_args, self.fn),
+                              name="modeltest-media-worker", daemon=True)
+        p.start()
+        child.close()
+        return _Worker(process=p, conn=parent)
+
+    @staticmethod
+    def _stop(w: _Worker, kill: bool) -> None:
+        try:
+            if kill:
+                w.process.kill()
+            else:
+                w.conn.send(None)
+        except (OSError, ValueError, BrokenPipeError):
+            pass
+        w.process.join(timeout=5)
+        w.conn.close()
+
+    # ---- the dispatcher thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            self._dispatch()
+        finally:
+            error = SampleError("media workers stopped")
+            for w in self._workers:
+                for t in ([w.running] if w.running else []) + list(w.queue):
+                    if not t.future.done():
+                        t.future.set_exception(error)
+            with self._lock:
+                for t in self._inbox:
+                    t.future.set_exception(error)
+
+    def _dispatch(self) -> None:
+        # The first start launches the forkserver (a few seconds of imports), meanwhile the
+        # harness loads its model.
+        for _ in range(self._size):
+            self._workers.append(self._start())
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                new = list(self._inbox)
+                self._inbox.clear()
+            for t in new:
+                self._assign(t)
+            for i, w in enumerate(self._workers):
+                if w.running is None and w.queue:
+                    self._send(i, w.queue.popleft())
+            busy = [w for w in self._workers if w.running is not None]
+            deadline = min((w.started + self.timeout_s for w in busy), default=None)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            handles = [self._wake_r] + [w.conn for w in busy] + [w.process.sentinel for w in busy]
+            ready = wait(handles, timeout)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            for i, w in enumerate(self._workers):
+                if w.running is None:
+                    continue
+                if w.conn in ready:
+                    self._receive(i, w)
+                elif w.process.sentinel in ready:
+                    self._fail_and_replace(i, f"the preprocessing worker died ({self._how(w)}) while reading "
+                                              f"{w.running.what}")
+                elif time.monotonic() >= w.started + self.timeout_s:
+                    self._fail_and_replace(i, f"reading {w.running.what} took over {self.timeout_s:g} s "
+                                              "(prep_timeout_s); the worker was stopped")
+
+    @staticmethod
+    def _how(w: _Worker) -> str:
+        w.process.join(timeout=5)      # its pipe closed: the exit status follows at once
+        code = w.process.exitcode
+        return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+
+    def _assign(self, t: _Task) -> None:
+        if t.affinity is not None and t.affinity in self._owner:
+            index, n = self._owner[t.affinity]
+        else:
+            index = min(range(len(self._workers)),
+                        key=lambda i: len(self._workers[i].queue) + (self._workers[i].running is not None))
+            n = 0
+        if t.affinity is not None:
+            self._owner[t.affinity] = (index, n + 1)
+        self._workers[index].queue.append(t)
+
+    def _send(self, index: int, t: _Task, retry: bool = True) -> None:
+        w = self._workers[index]
+        w.running, w.started = t, time.monotonic()
+        try:
+            w.conn.send((t.id, t.payload))
+        except (BrokenPipeError, OSError):
+            if not retry:
+                self._fail_and_replace(index, f"the preprocessing worker died before reading {t.what}")
+                return
+            w.running = None            # it died while idle: not this task's fault
+            self._replace(index)
+            self._send(index, t, retry=False)
+
+    def _receive(self, index: int, w: _Worker) -> None:
+        t = w.running
+        try:
+            task_id, status, value = w.conn.recv()
+        except (EOFError, OSError):
+            self._fail_and_replace(index, f"the preprocessing worker died ({self._how(w)}) while reading {t.what}")
+            return
+        self._finish(t)
+        w.running = None
+        if status == "ok":
+            t.future.set_result(value)
+        elif status == "sample_error":
+            t.future.set_exception(SampleError(value))
+        else:
+            t.future.set_exception(SampleError(f"preprocessing failed on {t.what}: {value}"))
+
+    def _finish(self, t: _Task) -> None:
+        if t.affinity is not None and t.affinity in self._owner:
+            index, n = self._owner[t.affinity]
+            if n <= 1:
+                del self._owner[t.affinity]
+            else:
+                self._owner[t.affinity] = (index, n - 1)
+
+    def _replace(self, index: int) -> None:
+        w = self._workers[index]
+        self._stop(w, kill=True)
+        fresh = self._start()
+        fresh.queue = w.queue          # its waiting tasks stay in line, on the new process
+        self._workers[index] = fresh
+        self.replaced += 1
+
+    def _fail_and_replace(self, index: int, message: str) -> None:
+        t = self._workers[index].running
+        self._replace(index)
+        if t is not None:
+            self._finish(t)
+            t.future.set_exception(TaskFailed(message))
+
+
+# ---- media on top of the pool ----------------------------------------------------------------
+@dataclass
+class _MediaTask:
+    messages: List[Dict[str, Any]]
+    uint8: bool
+
+
+@dataclass
+class _WorkerState:
+    cache: Any                              # a MediaCache, or None
+    faults: List[Tuple[str, str]]           # (hang | die, path substring): tests only
+
+
+def _media_init(cache_folder: Optional[str], cache_bytes: int, faults: List[Tuple[str, str]]) -> _WorkerState:
+    """Each worker: one torch thread, one decoding thread, its own handle on the shared cache."""
+    import torch
+
+    import decord
+    from .media_cache import MediaCache
+    torch.set_num_threads(1)
+    reader = decord.VideoReader
+    # qwen-vl-utils opens `decord.VideoReader(path)`, whose default uses every core; a worker
+    # takes one (FFmpeg decodes bit-identically with any number of threads).
+    decord.VideoReader = lambda *a, **k: reader(*a, **{"num_threads": 1, **k})
+    cache = MediaCache(cache_folder, cache_bytes, memo_entries=WORKER_MEMO_ENTRIES) if cache_folder else None
+    return _WorkerState(cache, faults)
+
+
+def _media_work(state: _WorkerState, task: _MediaTask):
+    """(images, videos as numpy arrays, cache hits, cache misses) — numpy, so the frames are
+    pickled as bytes rather than shared as torch tensors through file descriptors."""
+    from .media import vision_from_messages
+    for kind, part in state.faults:
+        if any(part in str(p.get("image") or p.get("video")) for m in task.messages
+               if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)):
+            if kind == "hang":
+                time.sleep(1e6)
+            os.kill(os.getpid(), signal.SIGKILL)
+    cache = state.cache
+    hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
+    images, videos = vision_from_messages(task.messages, cache, task.uint8)
+    videos = [v.numpy() for v in videos] if videos else None
+    if cache is None:
+        return images, videos, 0, 0
+    return images, videos, cache.hits - hits, cache.misses - misses
+
+
+def _media_key(messages: List[Dict[str, Any]]) -> Optional[str]:
+    """The videos of a message list and their options: the affinity of its task (images are
+    cheap enough to go to any worker)."""
+    parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+             if isinstance(p, dict) and p.get("type") == "video"]
+    return repr(sorted((str(p.get("video")), sorted((k, repr(v)) for k, v in p.items())) for p in parts)) \
+        if parts else None
+
+
+class WorkerMedia(MediaSource):
+    def __init__(self, workers: int, timeout_s: float, cache_folder: Optional[str], cache_bytes: int):
+        self.cache_folder = cache_folder
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        faults = [tuple(f.split(":", 1)) for f in os.environ.get(FAULT_ENV, "").split(",") if ":" in f]
+        self.pool = WorkerPool(_media_work, workers, timeout_s, init=_media_init,
+                               init_args=(cache_folder, cache_bytes, faults))
+
+    def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
+        import torch
+        media = ", ".join(str(p.get("image") or p.get("video")) for m in messages
+                          if isinstance(m.get("content"), list) for p in m["content"]
+                          if isinstance(p, dict) and p.get("type") in ("image", "video"))
+        images, videos, hits, misses = self.pool.submit(_MediaTask(messages, uint8), _media_key(messages),
+                                                        media or "the sample's media").result()
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+        return images, ([torch.from_numpy(v) for v in videos] if videos else None)
+
+    def parallelism(self) -> int:
+        return self.pool.size
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        if self.cache_folder is None:
+            return None
+        return {"folder": self.cache_folder, "hits": self.hits, "misses": self.misses,
+                "workers": self.pool.size, "workers_replaced": self.pool.replaced}
+
+    def close(self) -> None:
+        self.pool.close()
