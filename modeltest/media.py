@@ -6,6 +6,7 @@ is recorded against its sample and the run goes on.
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import os
 import threading
@@ -60,19 +61,29 @@ def load_processor(model_path: str, fast: bool = False):
                         "preprocessor_config.json of a Qwen2-VL checkpoint") from None
 
 
-class PerThreadProcessor:
-    """One copy of a processor per thread: prepare() runs in worker threads, and a fast tokenizer
-    shared between threads can fail ("Already borrowed")."""
+class ProcessorCopies:
+    """Copies of a processor, each lent to one thread at a time: prepare() runs in background
+    threads, and a fast tokenizer shared between threads can fail ("Already borrowed").
+
+    A copy costs about a second (the tokenizer), so copies are kept and lent again — across the
+    thread pools of successive runs too — rather than made per thread. They are made from a
+    master that is never lent (copying a tokenizer while another thread encodes with it can fail
+    the same way)."""
 
     def __init__(self, processor):
         self.processor = processor
-        self._local = threading.local()
+        self._free: List[Any] = []
+        self._lock = threading.Lock()
 
-    def get(self):
-        proc = getattr(self._local, "processor", None)
-        if proc is None:
-            proc = self._local.processor = copy.deepcopy(self.processor)
-        return proc
+    @contextlib.contextmanager
+    def borrow(self):
+        with self._lock:
+            proc = self._free.pop() if self._free else copy.deepcopy(self.processor)
+        try:
+            yield proc
+        finally:
+            with self._lock:
+                self._free.append(proc)
 
 
 def _check_file(path: str, kind: str) -> None:
@@ -128,6 +139,10 @@ class MediaSource(abc.ABC):
     def parallelism(self) -> int:
         """How many samples it decodes at once (0: in the caller's thread)."""
         return 0
+
+    def prefetch(self, messages: List[Dict[str, Any]], uint8: bool = False) -> None:
+        """Start decoding what a later vision(messages, uint8) will ask for (worker processes);
+        nothing to do where decoding happens in the caller's thread."""
 
     def close(self) -> None:
         """Stop background work (worker processes)."""
@@ -194,6 +209,12 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool
                 raise SampleError(problem) from None
         media = ", ".join(str(p.get("image") or p.get("video")) for p in parts if p.get("type") in ("image", "video"))
         raise SampleError(f"could not preprocess {media}: {first_line(e, 200, with_type=False)}") from None
+
+
+def prefetch_vision(sample: Sample, media: Optional[MediaSource], uint8: bool = False) -> None:
+    """Have `media` start decoding the sample's images and videos (load_vision then collects)."""
+    if media is not None and (sample.images or sample.videos) and not sample.load_error:
+        media.prefetch(build_messages(sample), uint8)
 
 
 def processor_inputs(processor, sample: Sample, use_chat_template: bool, media: Optional[MediaSource] = None):

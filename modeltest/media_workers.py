@@ -365,17 +365,32 @@ class WorkerMedia(MediaSource):
         self.cache_folder = cache_folder
         self.hits = self.misses = 0
         self._lock = threading.Lock()
+        self._prefetched: Dict[str, List[Future]] = {}     # decodes started ahead of vision()
         faults = [tuple(f.split(":", 1)) for f in os.environ.get(FAULT_ENV, "").split(",") if ":" in f]
         self.pool = WorkerPool(_media_work, workers, timeout_s, init=_media_init,
                                init_args=(cache_folder, cache_bytes, faults))
 
-    def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
-        import torch
+    def prefetch(self, messages: List[Dict[str, Any]], uint8: bool = False) -> None:
+        future = self._submit(messages, uint8)
+        with self._lock:
+            self._prefetched.setdefault(repr((messages, uint8)), []).append(future)
+
+    def _submit(self, messages: List[Dict[str, Any]], uint8: bool) -> Future:
         media = ", ".join(str(p.get("image") or p.get("video")) for m in messages
                           if isinstance(m.get("content"), list) for p in m["content"]
                           if isinstance(p, dict) and p.get("type") in ("image", "video"))
-        images, videos, hits, misses = self.pool.submit(_MediaTask(messages, uint8), _media_key(messages),
-                                                        media or "the sample's media").result()
+        return self.pool.submit(_MediaTask(messages, uint8), _media_key(messages), media or "the sample's media")
+
+    def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
+        import torch
+        with self._lock:
+            waiting = self._prefetched.get(repr((messages, uint8)))
+            future = waiting.pop(0) if waiting else None
+            if waiting == []:
+                del self._prefetched[repr((messages, uint8))]
+        if future is None:
+            future = self._submit(messages, uint8)
+        images, videos, hits, misses = future.result()
         with self._lock:
             self.hits += hits
             self.misses += misses

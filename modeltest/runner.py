@@ -60,8 +60,9 @@ class PrepOutcome:
 def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: int,
                     threads: int = 2, ahead: int = 8) -> Iterator[PrepOutcome]:
     """Yield each sample's outcome in order, preparing up to `ahead` samples in `threads`
-    background threads (which hand decoding to the media workers, when there are some) so
-    image/video decoding overlaps with inference."""
+    background threads so image/video decoding overlaps with inference. With media workers, every
+    sample in the window is decoding in them at once (backend.prefetch); the threads only run
+    the processor on what comes back."""
     def prepare(sample: Sample) -> PrepOutcome:
         if sample.load_error:
             return PrepOutcome(sample, None, sample.load_error)
@@ -74,19 +75,23 @@ def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: i
                                              f"{max_input_length}; lower the task's max_pixels/fps or raise the limit")
         return PrepOutcome(sample, prepared)
 
+    def start(sample: Sample):
+        backend.prefetch(sample)          # decoding starts now in the media workers, if any
+        return sample, pool.submit(prepare, sample)
+
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
     try:
         queue: collections.deque = collections.deque()
         it = iter(samples)
         for sample in it:
-            queue.append((sample, pool.submit(prepare, sample)))
+            queue.append(start(sample))
             if len(queue) >= ahead:
                 break
         while queue:
             sample, fut = queue.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                queue.append((nxt, pool.submit(prepare, nxt)))
+                queue.append(start(nxt))
             try:
                 outcome = fut.result()
             except Exception as e:  # a preprocessing bug must not end the run either
@@ -301,10 +306,12 @@ class Evaluator:
 
         try:
             if mine:
-                media = backend.settings.media
-                threads = 2 if media is None else max(2, media.parallelism() + 1)
+                # Processor threads (each holds a processor copy, about a second to make): 2, or up to
+                # 4 beside media workers; the window keeps every worker busy with a sample to spare.
+                workers = backend.settings.media.parallelism() if backend.settings.media is not None else 0
+                threads = min(4, max(2, workers))
                 for o in prepared_stream([s for s, _ in mine], backend, cfg.task.requested_max_input_length,
-                                         threads=threads, ahead=max(8, 2 * threads)):
+                                         threads=threads, ahead=max(8, 2 * workers + threads)):
                     if o.prepared is None:
                         finish(o.sample, None, o.error, None, o.transient)
                         continue

@@ -104,6 +104,10 @@ class Backend(abc.ABC):
     def prepare(self, sample: Sample) -> Prepared:
         """The model input of one sample; raises SampleError for a bad image/video."""
 
+    def prefetch(self, sample: Sample) -> None:
+        """Start decoding the sample's media in the background (worker processes); prepare()
+        collects it. Nothing to do for a backend that decodes nothing here."""
+
     @abc.abstractmethod
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         """Queue one sample; `ignore_eos` forces exactly max_new_tokens tokens (benchmarks)."""

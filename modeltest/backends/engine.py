@@ -15,7 +15,8 @@ from typing import Dict, List
 
 from ..engine.engine import EngineConfig, LLMEngine, Request, RequestStatus, SamplingParams
 from ..engine.parallel import TPContext, init_distributed
-from ..media import PerThreadProcessor, load_processor, processor_inputs, require_qwen_vl_utils
+from .. import fast_processor
+from ..media import ProcessorCopies, load_processor, prefetch_vision, processor_inputs, require_qwen_vl_utils
 from ..device import TORCH_DTYPES
 from ..tasks.base import Sample
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
@@ -46,7 +47,7 @@ class EngineBackend(Backend):
         self.processor = load_processor(self.model_cfg.model_path, fast=settings.fast_processor)
         self.tp = tp_ctx if tp_ctx is not None else init_distributed(self.device)
         self.engine = LLMEngine(engine_config(settings), self.tp)
-        self._processors = PerThreadProcessor(self.processor)
+        self._processors = ProcessorCopies(self.processor)
         self._inflight: Dict[int, Prepared] = {}   # request id -> Prepared, while the engine holds it
         self._ids = itertools.count()
 
@@ -60,10 +61,13 @@ class EngineBackend(Backend):
 
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        text, inputs = processor_inputs(self._processors.get(), sample, self.model_cfg.use_chat_template,
-                                        self.settings.media)
+        with self._processors.borrow() as processor:
+            text, inputs = processor_inputs(processor, sample, self.model_cfg.use_chat_template, self.settings.media)
         return Prepared(sample=sample, text=text, inputs=inputs, preprocess_time=time.perf_counter() - start,
                         input_length=int(inputs["input_ids"].shape[1]))
+
+    def prefetch(self, sample: Sample) -> None:
+        prefetch_vision(sample, self.settings.media, uint8=fast_processor.installed(self.processor))
 
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         rid = next(self._ids)

@@ -18,7 +18,7 @@ import torch
 from ..device import synchronize
 from ..engine.loader import check_weight_files
 from ..errors import UserError, first_line
-from ..media import load_processor, load_vision, prompt_text, require_qwen_vl_utils
+from ..media import load_processor, load_vision, prefetch_vision, prompt_text, require_qwen_vl_utils
 from ..tasks.base import Sample
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
 
@@ -91,6 +91,9 @@ class HFBackend(Backend):
             t, _, h, w = v.shape
             n += max(1, t // 2) * (h // patch) * (w // patch) // (merge * merge) - 1
         return n
+
+    def prefetch(self, sample: Sample) -> None:
+        prefetch_vision(sample, self.settings.media)
 
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         self._queue.append((prepared, max_new_tokens, ignore_eos, time.perf_counter()))

@@ -12,6 +12,7 @@ Generates (once, cached beside the bench checkpoints) 1024x768 JPEG photos and H
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -34,7 +35,7 @@ def add_parser(sub) -> None:
     b.add_argument("--photos", type=int, default=8, help="1024x768 JPEG photos (TextVQA-like)")
     b.add_argument("--photo-size", default="1024x768")
     b.add_argument("--clips", default="10x640x360,60x640x360,180x1280x720",
-                   help="comma list of SECONDSxWxH clips (30 fps H.264)")
+                   help="comma list of [COUNT*]SECONDSxWxH clips (30 fps H.264; COUNT distinct clips of that kind)")
     b.add_argument("--questions-per-clip", type=int, default=3)
     b.add_argument("--threads", type=int, default=2, help="preprocessing threads (prep_workers=0)")
     b.add_argument("--workers", type=int, default=2, help="worker processes to compare with one")
@@ -51,14 +52,23 @@ def add_parser(sub) -> None:
     b.set_defaults(func=main)
 
 
-def _parse_clips(text: str) -> List[Tuple[int, int, int]]:
+def _parse_clips(text: str) -> List[Tuple[int, int, int, int]]:
+    """"4*60x640x360,180x1280x720" -> [(60, 640, 360, k) for k in 0..3] + [(180, 1280, 720, 0)]:
+    a count makes that many distinct clips (different content, as a real dataset's)."""
+    out = []
     try:
-        return [tuple(int(v) for v in c.lower().split("x")) for c in text.split(",") if c]   # type: ignore
+        for c in text.split(","):
+            if not c:
+                continue
+            count, _, spec = c.rpartition("*")
+            seconds, w, h = (int(v) for v in spec.lower().split("x"))
+            out += [(seconds, w, h, k) for k in range(int(count) if count else 1)]
     except ValueError:
-        raise UserError(f"--clips {text!r}: expected SECONDSxWxH,... e.g. 60x640x360") from None
+        raise UserError(f"--clips {text!r}: expected [COUNT*]SECONDSxWxH,... e.g. 4*60x640x360,180x1280x720") from None
+    return out
 
 
-def build_media(folder: Path, photos: int, photo_size: Tuple[int, int], clips: List[Tuple[int, int, int]]):
+def build_media(folder: Path, photos: int, photo_size: Tuple[int, int], clips: List[Tuple[int, int, int, int]]):
     """Photos and clips under `folder` (kept: building a 3-minute 720p clip takes a while)."""
     from PIL import Image, ImageDraw
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,19 +82,19 @@ def build_media(folder: Path, photos: int, photo_size: Tuple[int, int], clips: L
             ImageDraw.Draw(img).text((40, 40), f"SIGN {i}", fill=(255, 255, 255))
             img.save(p, quality=90)
         paths_p.append(p)
-    for seconds, w, h in clips:
-        p = folder / f"clip_{seconds}s_{w}x{h}.mp4"
+    for seconds, w, h, k in clips:
+        p = folder / (f"clip_{seconds}s_{w}x{h}.mp4" if k == 0 else f"clip_{seconds}s_{w}x{h}_{k}.mp4")
         if not p.is_file():
             print(f"[bench-prep] writing a {seconds} s {w}x{h} clip ...", flush=True)
-            _write_clip(p, seconds, w, h)
+            _write_clip(p, seconds, w, h, seed=k)
         paths_v.append(p)
     return paths_p, paths_v
 
 
-def _write_clip(path: Path, seconds: int, width: int, height: int, fps: int = 30) -> None:
+def _write_clip(path: Path, seconds: int, width: int, height: int, fps: int = 30, seed: int = 0) -> None:
     import av
     tmp = path.with_suffix(".part.mp4")
-    rng = np.random.default_rng(seconds * 1000 + width)
+    rng = np.random.default_rng(seconds * 1000 + width + 7919 * seed)
     base = rng.integers(0, 255, size=(height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
     with av.open(str(tmp), "w") as out:
         stream = out.add_stream("h264", rate=fps)
@@ -144,11 +154,18 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
 def pipeline_rate(processor, samples: List[Sample], threads: int, media) -> float:
     """samples/s of preparing every sample in `threads` threads (the harness's prepare step),
     decoding through `media` (a media.MediaSource)."""
-    from ..media import PerThreadProcessor, processor_inputs
-    procs = PerThreadProcessor(processor)
+    from ..media import ProcessorCopies, processor_inputs
+
+    def prepare(s: Sample):
+        with procs.borrow() as proc:
+            return processor_inputs(proc, s, True, media)
+    procs = ProcessorCopies(processor)
+    with contextlib.ExitStack() as stack:     # the copies exist before the clock (a run makes them once)
+        for _ in range(threads):
+            stack.enter_context(procs.borrow())
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda s: processor_inputs(procs.get(), s, True, media), samples))
+        list(pool.map(prepare, samples))
     return len(samples) / (time.perf_counter() - start)
 
 

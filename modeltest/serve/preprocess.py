@@ -3,8 +3,9 @@ qwen-vl-utils (decord for video) with the task configs' pixel and fps options, t
 then transformers' Qwen2-VL processor. The same single-turn request therefore hands the engine
 bit-identical pixels and tokens to an evaluation run.
 
-Runs in worker threads (never on the event loop): each thread has its own processor copy, since
-a fast tokenizer shared between threads can fail ("Already borrowed").
+Runs in worker threads (never on the event loop): each call borrows its own processor copy
+(media.ProcessorCopies), since a fast tokenizer shared between threads can fail ("Already
+borrowed").
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Dict, List
 
 from .. import fast_processor
 from ..errors import SampleError
-from ..media import PerThreadProcessor, load_processor, require_qwen_vl_utils, vision_from_messages
+from ..media import ProcessorCopies, load_processor, require_qwen_vl_utils, vision_from_messages
 from .config import ServeConfig
 from .media_urls import MediaResolver
 from .protocol import ChatRequest, MediaPart, RequestError
@@ -37,7 +38,7 @@ class Preprocessor:
         self.tokenizer = self.processor.tokenizer
         self.resolver = MediaResolver(cfg.allowed_local_media_path, cfg.allow_remote_media,
                                       cfg.remote_media_timeout_s, int(cfg.max_remote_media_mb * 2 ** 20))
-        self._processors = PerThreadProcessor(self.processor)
+        self._processors = ProcessorCopies(self.processor)
 
     def check_counts(self, req: ChatRequest) -> None:
         media = req.media
@@ -57,7 +58,10 @@ class Preprocessor:
 
     def __call__(self, req: ChatRequest) -> ModelInput:
         self.check_counts(req)
-        proc = self._processors.get()
+        with self._processors.borrow() as proc:
+            return self._inputs(req, proc)
+
+    def _inputs(self, req: ChatRequest, proc) -> ModelInput:
         with tempfile.TemporaryDirectory(prefix="modeltest-serve-") as work:
             messages: List[Dict[str, Any]] = []
             for m in req.messages:
