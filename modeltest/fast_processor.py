@@ -93,6 +93,8 @@ class ExactFastImageProcessor:
                 videos = [v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 else v for v in videos]
             return self.reference(images=images, videos=videos, **kwargs)
         self.fast_calls += 1
+        if kwargs.get("return_tensors") != "pt":
+            out = {k: v.numpy() for k, v in out.items()}
         return BatchFeature(data=out, tensor_type=kwargs.get("return_tensors"))
 
     # ---- the two kinds ------------------------------------------------------------------------
@@ -139,7 +141,8 @@ class ExactFastImageProcessor:
             pieces.append(patches.reshape(n, -1))
             grids.append(grid)
         values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        return {values_key: values, grid_key: np.array(grids)}
+        # torch tensors already: BatchFeature would copy numpy arrays into new tensors.
+        return {values_key: torch.from_numpy(values), grid_key: torch.tensor(grids)}
 
     # ---- conditions and tables ------------------------------------------------------------------
     def _size_kept(self, h: int, w: int) -> bool:

@@ -213,8 +213,13 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool
 
 def prefetch_vision(sample: Sample, media: Optional[MediaSource], uint8: bool = False) -> None:
     """Have `media` start decoding the sample's images and videos (load_vision then collects)."""
-    if media is not None and (sample.images or sample.videos) and not sample.load_error:
-        media.prefetch(build_messages(sample), uint8)
+    if media is None or not (sample.images or sample.videos) or sample.load_error:
+        return
+    try:
+        check_files(sample)
+    except SampleError:
+        return                   # load_vision reports it
+    media.prefetch(build_messages(sample), uint8)
 
 
 def processor_inputs(processor, sample: Sample, use_chat_template: bool, media: Optional[MediaSource] = None):

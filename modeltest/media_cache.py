@@ -23,6 +23,7 @@ import os
 import struct
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -89,10 +90,30 @@ class MediaCache:
         arr, fresh = self._fetch(self.key(ele, "image"), compute)
         return fresh if fresh is not None else Image.fromarray(arr, "RGB")
 
+    def cached(self, ele: Dict[str, Any], uint8: bool = False):
+        """image(ele) or video(ele, uint8) from memory or disk, or None where there is no (valid)
+        entry: nothing is decoded."""
+        from PIL import Image
+        kind = "image" if ("image" in ele or "image_url" in ele) else "video"
+        arr = self._lookup(self.key(ele, kind))
+        if arr is None:
+            return None
+        with self._lock:
+            self.hits += 1
+        return Image.fromarray(arr, "RGB") if kind == "image" else self._frames(arr, uint8)
+
+    def has(self, ele: Dict[str, Any]) -> bool:
+        """Whether an entry exists (in memory or on disk; not read or verified)."""
+        kind = "image" if ("image" in ele or "image_url" in ele) else "video"
+        key = self.key(ele, kind)
+        with self._lock:
+            if key in self._memo:
+                return True
+        return self._path(key).is_file()
+
     def video(self, ele: Dict[str, Any], uint8: bool = False):
         """fetch_video(ele) (float frames [T, C, H, W]), from the cache when there. uint8=True:
         the same values as a uint8 tensor where they are exact (always, from an entry)."""
-        import torch
         from qwen_vl_utils.vision_process import fetch_video
 
         def compute():
@@ -103,7 +124,16 @@ class MediaCache:
         if fresh is not None:
             exact = exact_uint8(fresh) if uint8 else None
             return exact if exact is not None else fresh
-        frames = torch.from_numpy(arr.copy())
+        return self._frames(arr, uint8)
+
+    @staticmethod
+    def _frames(arr: np.ndarray, uint8: bool):
+        """An entry's frames: its read-only memory, shared with the memo, as uint8 without a copy
+        (nothing writes to them), or as qwen-vl-utils' float frames (a new tensor)."""
+        import torch
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            frames = torch.from_numpy(arr)
         return frames if uint8 else frames.float()
 
     def _fetch(self, key: str, compute):
@@ -224,7 +254,7 @@ class MediaCache:
             n = struct.unpack("<I", data[len(MAGIC): len(MAGIC) + 4])[0]
             start = len(MAGIC) + 4
             header = json.loads(data[start: start + n])
-            payload = data[start + n:]
+            payload = memoryview(data)[start + n:]         # no copy of the frames
             if hashlib.sha256(payload).hexdigest() != header["sha256"]:
                 raise ValueError("checksum mismatch")
             arr = np.frombuffer(payload, dtype=np.uint8).reshape(header["shape"])

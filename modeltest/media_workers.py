@@ -361,8 +361,14 @@ def _media_key(messages: List[Dict[str, Any]]) -> Optional[str]:
 
 
 class WorkerMedia(MediaSource):
+    """With a cache, the workers fill it and this process reads it: a medium already there is read
+    here (memory or disk, checksum verified) without a worker or a pipe; only a miss is decoded in
+    a worker, which writes the entry and sends the frames back."""
+
     def __init__(self, workers: int, timeout_s: float, cache_folder: Optional[str], cache_bytes: int):
+        from .media_cache import MediaCache
         self.cache_folder = cache_folder
+        self.cache = MediaCache(cache_folder, cache_bytes) if cache_folder else None   # this process's reader
         self.hits = self.misses = 0
         self._lock = threading.Lock()
         self._prefetched: Dict[str, List[Future]] = {}     # decodes started ahead of vision()
@@ -370,7 +376,34 @@ class WorkerMedia(MediaSource):
         self.pool = WorkerPool(_media_work, workers, timeout_s, init=_media_init,
                                init_args=(cache_folder, cache_bytes, faults))
 
+    def _elements(self, messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        from qwen_vl_utils.vision_process import extract_vision_info
+        return extract_vision_info(messages)
+
+    def _all_cached(self, messages: List[Dict[str, Any]]) -> bool:
+        try:
+            return self.cache is not None and all(self.cache.has(e) for e in self._elements(messages))
+        except OSError:          # a missing file: the worker's decode names it
+            return False
+
+    def _from_cache(self, messages: List[Dict[str, Any]], uint8: bool) -> Optional[Vision]:
+        """Every medium of the messages from the cache, or None if one is not there."""
+        if self.cache is None:
+            return None
+        images, videos = [], []
+        try:
+            for ele in self._elements(messages):
+                got = self.cache.cached(ele, uint8)
+                if got is None:
+                    return None
+                (videos if "video" in ele else images).append(got)
+        except OSError:
+            return None
+        return images or None, videos or None
+
     def prefetch(self, messages: List[Dict[str, Any]], uint8: bool = False) -> None:
+        if self._all_cached(messages):
+            return                   # vision() reads it here
         future = self._submit(messages, uint8)
         with self._lock:
             self._prefetched.setdefault(repr((messages, uint8)), []).append(future)
@@ -389,6 +422,9 @@ class WorkerMedia(MediaSource):
             if waiting == []:
                 del self._prefetched[repr((messages, uint8))]
         if future is None:
+            got = self._from_cache(messages, uint8)
+            if got is not None:
+                return got
             future = self._submit(messages, uint8)
         images, videos, hits, misses = future.result()
         with self._lock:
@@ -402,7 +438,7 @@ class WorkerMedia(MediaSource):
     def summary(self) -> Optional[Dict[str, Any]]:
         if self.cache_folder is None:
             return None
-        return {"folder": self.cache_folder, "hits": self.hits, "misses": self.misses,
+        return {"folder": self.cache_folder, "hits": self.hits + self.cache.hits, "misses": self.misses,
                 "workers": self.pool.size, "workers_replaced": self.pool.replaced}
 
     def close(self) -> None:

@@ -195,7 +195,7 @@ def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, 
     assert set(r["pipeline_samples_per_s"]) == {
         "2 threads, transformers' processor, cache off", "2 threads, cache off", "2 threads, cache cold",
         "2 threads, cache warm", "1 worker(s), cache cold", "1 worker(s), cache warm", "2 worker(s), cache cold",
-        "2 worker(s), cache warm"}
+        "2 worker(s), cache warm", "1 worker(s), decode only, cache cold", "2 worker(s), decode only, cache cold"}
     tasks = r["infer"]["tasks"]
     assert set(tasks) == {"textvqa", "videobench"} and tasks["textvqa"]["samples"] == 2
     assert tasks["videobench"]["samples"] == 2

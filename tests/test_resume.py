@@ -52,17 +52,22 @@ def reference(demo, tmp_path_factory):
 
 
 def test_sigkill_then_resume_recomputes_only_unfinished(demo, tmp_path, reference):
-    out = tmp_path / "out"
-    proc = start(demo, out)
+    out, cache = tmp_path / "out", tmp_path / "media-cache"
+    proc = start(demo, out, f"media_cache={cache}", "prep_workers=2")
     wait_for_records(proc, out, 3)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)           # the harness and its decoding workers
     proc.wait()
     finished = shard_lines(out)
     assert 3 <= finished < 8
     shard = next((out / "records").rglob("records_dp0.jsonl"))
     with open(shard, "a") as f:
         f.write('{"key": "torn-by-a-cra')          # a line cut short by the crash
-    run_mm("textvqa", overrides(demo, out))
+    # The cache as a crash can leave it: an entry cut short and a temporary file never renamed.
+    entries = sorted(cache.glob("*/*.bin"))
+    assert entries
+    entries[0].write_bytes(entries[0].read_bytes()[:-50])
+    (entries[-1].parent / ".tmp-left-by-a-crash").write_bytes(b"MTMC1\n partial")
+    run_mm("textvqa", overrides(demo, out, f"media_cache={cache}", "prep_workers=2"))
     s = summary(out)
     assert s["reused"] == finished and s["computed"] == 8 - finished
     assert read_csv(out, "textvqa")[1].read_text() == read_csv(reference, "textvqa")[1].read_text()

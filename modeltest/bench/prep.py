@@ -151,10 +151,11 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
     return out
 
 
-def pipeline_rate(processor, samples: List[Sample], threads: int, media) -> float:
+def pipeline_rate(processor, samples: List[Sample], threads: int, media, prefetch: bool = False) -> float:
     """samples/s of preparing every sample in `threads` threads (the harness's prepare step),
-    decoding through `media` (a media.MediaSource)."""
-    from ..media import ProcessorCopies, processor_inputs
+    decoding through `media` (a media.MediaSource; prefetch: every sample's media asked for at
+    once first, as the harness does with worker processes)."""
+    from ..media import ProcessorCopies, prefetch_vision, processor_inputs
 
     def prepare(s: Sample):
         with procs.borrow() as proc:
@@ -164,21 +165,35 @@ def pipeline_rate(processor, samples: List[Sample], threads: int, media) -> floa
         for _ in range(threads):
             stack.enter_context(procs.borrow())
     start = time.perf_counter()
+    if prefetch:
+        for s in samples:
+            prefetch_vision(s, media, uint8=True)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(prepare, samples))
     return len(samples) / (time.perf_counter() - start)
 
 
 def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dict[str, float]:
-    """The pipeline with decoding in `workers` processes (threads = workers + 1, as the harness),
-    cold (an empty cache) then warm."""
+    """With decoding in `workers` processes: the decode alone (cold, every sample's media asked
+    for at once, as the harness's prefetch does), then the pipeline with the processor in the
+    harness's threads (min(4, max(2, workers))), cold (an empty cache) then warm."""
+    from ..media import build_messages, prefetch_vision
     from ..media_workers import WorkerMedia
     out = {}
-    for state in ("cold", "warm"):
-        media = WorkerMedia(workers, 3600, str(folder), 1 << 40)
+    for state in ("decode only, cold", "cold", "warm"):
+        where = folder / ("decode" if state.startswith("decode") else "pipeline")
+        media = WorkerMedia(workers, 3600, str(where), 1 << 40)
         try:
             media.vision([{"role": "user", "content": [{"type": "text", "text": ""}]}])   # workers up first
-            out[state] = pipeline_rate(fast, samples, workers + 1, media)
+            if state.startswith("decode"):
+                start = time.perf_counter()
+                for s in samples:
+                    prefetch_vision(s, media, uint8=True)
+                for s in samples:
+                    media.vision(build_messages(s), uint8=True)
+                out[state] = len(samples) / (time.perf_counter() - start)
+            else:
+                out[state] = pipeline_rate(fast, samples, min(4, max(2, workers)), media, prefetch=True)
         finally:
             media.close()
     return out
@@ -217,6 +232,7 @@ def main(args) -> int:
             rates[f"{args.threads} threads, cache warm"] = pipeline_rate(fast, samples, args.threads, InProcessMedia(warm))
             for n in sorted({1, args.workers}):
                 r = worker_rates(copy.deepcopy(fast), samples, n, Path(tmp) / f"workers{n}")
+                rates[f"{n} worker(s), decode only, cache cold"] = r["decode only, cold"]
                 rates[f"{n} worker(s), cache cold"] = r["cold"]
                 rates[f"{n} worker(s), cache warm"] = r["warm"]
         torch.set_num_threads(threads)
