@@ -21,13 +21,41 @@ every shape the tests use; docs/PERFORMANCE.md has the speed.
 """
 from __future__ import annotations
 
+import collections
 import threading
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 ACCEPTED_KWARGS = {"return_tensors"}
+MEMO_VIDEOS = 2       # processed videos kept: the next questions on a clip reuse its patches
+
+# uint8 frame tensors whose memory never changes (the media cache's read-only entries): only
+# these may be recognised by identity and their patches reused.
+# (A WeakSet would compare tensors with ==; this keys by identity.)
+_IMMUTABLE: Dict[int, "weakref.ref[torch.Tensor]"] = {}
+_IMMUTABLE_LOCK = threading.Lock()
+
+
+def mark_immutable(frames: torch.Tensor) -> torch.Tensor:
+    """Declare that `frames`' values never change (read-only memory that nothing writes to)."""
+    key = id(frames)
+
+    def forget(_ref, key=key):
+        with _IMMUTABLE_LOCK:
+            if _IMMUTABLE.get(key) is _ref:
+                del _IMMUTABLE[key]
+    with _IMMUTABLE_LOCK:
+        _IMMUTABLE[key] = weakref.ref(frames, forget)
+    return frames
+
+
+def is_immutable(frames: torch.Tensor) -> bool:
+    with _IMMUTABLE_LOCK:
+        ref = _IMMUTABLE.get(id(frames))
+    return ref is not None and ref() is frames
 
 
 def _major_version() -> int:
@@ -61,6 +89,10 @@ class ExactFastImageProcessor:
         self.reference = reference
         self._luts: Dict[str, torch.Tensor] = {}       # "image" | "video" -> [C, 256] float32
         self._lock = threading.Lock()
+        # id(frames) -> (frames, patches, grid) for immutable frames; holding `frames` keeps the
+        # id from being reused by another tensor while the entry lives.
+        self._memo: "collections.OrderedDict[int, Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, int]]]" = \
+            collections.OrderedDict()
         self.fast_calls = self.reference_calls = 0
         ip = reference
         self.enabled = (_major_version() == 4 and type(ip).__name__ == "Qwen2VLImageProcessor"
@@ -74,6 +106,8 @@ class ExactFastImageProcessor:
         import copy
         other = ExactFastImageProcessor(copy.deepcopy(self.reference, memo))
         other._luts = dict(self._luts)
+        other._memo = self._memo        # copies (one per preprocessing thread) share the reuse
+        other._lock = self._lock
         return other
 
     # ---- public ---------------------------------------------------------------------------------
@@ -108,28 +142,41 @@ class ExactFastImageProcessor:
             if not self._size_kept(arr.shape[0], arr.shape[1]):
                 return None
             frames.append(arr.transpose(2, 0, 1)[None])            # [1, 3, H, W] (a view)
-        return self._patches(frames, "image", "pixel_values", "image_grid_thw")
+        return self._patches(frames, "image", "pixel_values", "image_grid_thw", [None] * len(frames))
 
     def _videos(self, videos) -> Optional[Dict[str, Any]]:
-        clips = []
+        clips, known = [], []
         for v in videos:
             if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[1] != 3:
                 return None
             if v.shape[0] % self.reference.temporal_patch_size or not self._size_kept(v.shape[2], v.shape[3]):
                 return None
+            known.append(v if v.dtype == torch.uint8 and is_immutable(v) else None)
             if v.dtype != torch.uint8:       # qwen-vl-utils' float frames: integers 0..255 only
                 u8 = v.to(torch.uint8)
                 if not v.is_floating_point() or not torch.equal(u8.to(v.dtype), v):
                     return None
                 v = u8
-            clips.append(v.numpy())                                # [T, 3, H, W] uint8
-        return self._patches(clips, "video", "pixel_values_videos", "video_grid_thw")
+            clips.append(v)                                        # [T, 3, H, W] uint8
+        return self._patches(clips, "video", "pixel_values_videos", "video_grid_thw", known)
 
-    def _patches(self, items: List[np.ndarray], kind: str, values_key: str, grid_key: str) -> Dict[str, Any]:
+    def _patches(self, items: list, kind: str, values_key: str, grid_key: str,
+                 known: List[Optional[torch.Tensor]]) -> Dict[str, Any]:
+        """items: uint8 frames [T, 3, H, W] (numpy or torch); known[i]: items[i] if it is an
+        immutable tensor whose patches may be reused, else None."""
         lut = self._lut(kind).numpy()                              # [3, 256]
         ip = self.reference
         pieces, grids = [], []
-        for src in items:                                          # [T, 3, H, W] uint8
+        for item, frames in zip(items, known):
+            if frames is not None:
+                with self._lock:
+                    hit = self._memo.get(id(frames))
+                    if hit is not None and hit[0] is frames:
+                        self._memo.move_to_end(id(frames))
+                        pieces.append(hit[1].numpy())
+                        grids.append(hit[2])
+                        continue
+            src = item.numpy() if isinstance(item, torch.Tensor) else item   # [T, 3, H, W] uint8
             # Patchify the uint8 values (a quarter of the bytes), then look each one up in its
             # channel's table straight into the output: channel c owns columns c*k .. (c+1)*k-1.
             u8, grid = patchify(src, ip.temporal_patch_size, ip.patch_size, ip.merge_size)   # [N, 3*k]
@@ -140,6 +187,12 @@ class ExactFastImageProcessor:
                 patches[:, c] = lut[c][u8[:, c]]
             pieces.append(patches.reshape(n, -1))
             grids.append(grid)
+            if frames is not None:
+                with self._lock:
+                    self._memo[id(frames)] = (frames, torch.from_numpy(pieces[-1]), grid)
+                    while len(self._memo) > MEMO_VIDEOS:
+                        self._memo.popitem(last=False)
+        # One piece: handed over as it is (several requests may share it; nothing writes to model inputs).
         values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         # torch tensors already: BatchFeature would copy numpy arrays into new tensors.
         return {values_key: torch.from_numpy(values), grid_key: torch.tensor(grids)}

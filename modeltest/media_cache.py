@@ -73,6 +73,7 @@ class MediaCache:
         self._lock = threading.Lock()
         self._digests: Dict[Tuple[str, int, int], str] = {}
         self._memo: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+        self._views: Dict[str, Any] = {}       # key -> the uint8 tensor over a remembered entry
         self._total: Optional[int] = None      # bytes on disk, scanned at the first write
         self._pending: Dict[str, threading.Event] = {}   # keys being computed by some thread
         self._uncacheable: set = set()
@@ -95,12 +96,13 @@ class MediaCache:
         entry: nothing is decoded."""
         from PIL import Image
         kind = "image" if ("image" in ele or "image_url" in ele) else "video"
-        arr = self._lookup(self.key(ele, kind))
+        key = self.key(ele, kind)
+        arr = self._lookup(key)
         if arr is None:
             return None
         with self._lock:
             self.hits += 1
-        return Image.fromarray(arr, "RGB") if kind == "image" else self._frames(arr, uint8)
+        return Image.fromarray(arr, "RGB") if kind == "image" else self._frames(key, arr, uint8)
 
     def has(self, ele: Dict[str, Any]) -> bool:
         """Whether an entry exists (in memory or on disk; not read or verified)."""
@@ -120,21 +122,33 @@ class MediaCache:
             video = fetch_video(ele)
             exact = exact_uint8(video)
             return video, (exact.numpy() if exact is not None else None)
-        arr, fresh = self._fetch(self.key(ele, "video"), compute)
+        key = self.key(ele, "video")
+        arr, fresh = self._fetch(key, compute)
         if fresh is not None:
             exact = exact_uint8(fresh) if uint8 else None
             return exact if exact is not None else fresh
-        return self._frames(arr, uint8)
+        return self._frames(key, arr, uint8)
 
-    @staticmethod
-    def _frames(arr: np.ndarray, uint8: bool):
-        """An entry's frames: its read-only memory, shared with the memo, as uint8 without a copy
-        (nothing writes to them), or as qwen-vl-utils' float frames (a new tensor)."""
+    def _frames(self, key: str, arr: np.ndarray, uint8: bool):
+        """An entry's frames as qwen-vl-utils' float frames (a new tensor), or (uint8) its
+        read-only memory without a copy — one tensor per entry while it is remembered, marked
+        immutable, so the fast processor reuses its patches for the clip's next questions."""
         import torch
+
+        from .fast_processor import mark_immutable
+        if not uint8:
+            return torch.from_numpy(arr.copy()).float()    # (the copy: a writable source, no warning)
+        with self._lock:
+            view = self._views.get(key)
+            if view is not None and view.data_ptr() == arr.ctypes.data:
+                return view
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            frames = torch.from_numpy(arr)
-        return frames if uint8 else frames.float()
+            view = mark_immutable(torch.from_numpy(arr))
+        with self._lock:
+            if key in self._memo:
+                self._views[key] = view
+        return view
 
     def _fetch(self, key: str, compute):
         """(cached array, None) on a hit; (array or None, the freshly computed value) on a miss.
@@ -239,7 +253,8 @@ class MediaCache:
         self._memo[key] = arr
         self._memo.move_to_end(key)
         while len(self._memo) > self.memo_entries:
-            self._memo.popitem(last=False)
+            gone, _ = self._memo.popitem(last=False)
+            self._views.pop(gone, None)
 
     @staticmethod
     def _read(path: Path) -> Optional[np.ndarray]:

@@ -191,6 +191,7 @@ def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, 
     assert r["samples"] == 4 and set(r["per_medium"]) == {"photo_0_320x240.jpg", "photo_1_320x240.jpg",
                                                           "clip_2s_160x120.mp4"}
     assert all(v["decode_s"] > 0 and v["processor_s"] > 0 and v["fast_processor_s"] > 0 and v["warm_question_s"] > 0
+               and v["warm_next_question_s"] > 0
                for v in r["per_medium"].values())
     assert set(r["pipeline_samples_per_s"]) == {
         "2 threads, transformers' processor, cache off", "2 threads, cache off", "2 threads, cache cold",

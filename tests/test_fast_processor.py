@@ -99,3 +99,28 @@ def test_patchify_matches_the_processor_layout():
     # The second patch is to its right (within the 2x2 merge window), the third below.
     assert np.array_equal(patches[1].reshape(3, 2, 14, 14)[0, 0], frames[0, 0, :14, 14:28])
     assert np.array_equal(patches[2].reshape(3, 2, 14, 14)[0, 0], frames[0, 0, 14:28, :14])
+
+
+def test_the_next_question_on_a_cached_clip_reuses_its_patches_and_nothing_else_is_reused(processors, demo,
+                                                                                        tmp_path):
+    from modeltest.media_cache import MediaCache
+    reference, fast = processors
+    video = {"type": "video", "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
+             "fps": 0.5, "min_frames": 4, "max_frames": 768, "min_pixels": 100352, "max_pixels": 602112}
+    cache = MediaCache(tmp_path, 1 << 30)
+    cache.video(dict(video))                                        # the entry exists
+    first, second = cache.video(dict(video), uint8=True), cache.video(dict(video), uint8=True)
+    assert first is second and fast_processor.is_immutable(first)  # one immutable tensor per entry
+    ip = fast.image_processor
+    a = fast(text=[VID], videos=[first], return_tensors="pt")
+    hits_before = len(ip._memo)
+    b = fast(text=[VID + " again"], videos=[second], return_tensors="pt")
+    assert len(ip._memo) == hits_before and torch.equal(a["pixel_values_videos"], b["pixel_values_videos"])
+    assert_same(reference, fast, VID + " again", videos=[second])
+    # A writable tensor with the same values is never recognised by identity: changed in place,
+    # its new values are what the model gets.
+    mine = first.clone()
+    assert not fast_processor.is_immutable(mine)
+    assert_same(reference, fast, VID, videos=[mine])
+    mine[0, 0, 0, 0] = 255 - int(mine[0, 0, 0, 0])
+    assert_same(reference, fast, VID, videos=[mine])

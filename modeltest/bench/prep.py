@@ -143,11 +143,15 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
         fast(text=[text], images=images, videos=videos, return_tensors="pt")
         t3 = time.perf_counter()
         processor_inputs(fast, s, True, InProcessMedia(MediaCache(cache_dir, 1 << 40)))    # fill the entry
+        warm = InProcessMedia(MediaCache(cache_dir, 1 << 40))     # a later run's view: from disk
         t4 = time.perf_counter()
-        processor_inputs(fast, s, True, InProcessMedia(MediaCache(cache_dir, 1 << 40)))
+        processor_inputs(fast, s, True, warm)
         t5 = time.perf_counter()
+        processor_inputs(fast, s, True, warm)                       # the next question on it
+        t6 = time.perf_counter()
         out[Path(media[0]).name] = {"decode_s": t1 - t0, "processor_s": t2 - t1, "fast_processor_s": t3 - t2,
-                                    "warm_question_s": t5 - t4, "today_s": t2 - t0}
+                                    "warm_question_s": t5 - t4, "warm_next_question_s": t6 - t5,
+                                    "today_s": t2 - t0}
     return out
 
 
@@ -239,11 +243,13 @@ def main(args) -> int:
         report.update(samples=len(samples), threads=args.threads, per_medium=split, pipeline_samples_per_s=rates,
                       cache={"cold": cold.summary(), "warm": warm.summary()})
         rows = [[name, f"{t['decode_s']:.3f}", f"{t['processor_s']:.3f}", f"{t['fast_processor_s']:.3f}",
-                 f"{t['today_s']:.3f}", f"{t['warm_question_s']:.3f}", f"{t['today_s'] / t['warm_question_s']:.1f}x"]
+                 f"{t['today_s']:.3f}", f"{t['warm_question_s']:.3f}", f"{t['warm_next_question_s']:.3f}",
+                 f"{t['today_s'] / t['warm_question_s']:.1f}x", f"{t['today_s'] / t['warm_next_question_s']:.1f}x"]
                 for name, t in split.items()]
         print(colored("\nper medium, one thread (seconds)", "cyan", attrs=["bold"]))
         print(tabulate(rows, headers=["medium", "decode + resize", "processor", "fast processor",
-                                      "decode + processor", "warm question", "speed-up"], tablefmt="github"))
+                                      "decode + processor", "warm: 1st question", "warm: next question",
+                                      "speed-up 1st", "speed-up next"], tablefmt="github"))
         print(colored(f"\npreprocessing pipeline, {len(samples)} samples, no inference", "cyan", attrs=["bold"]))
         print(tabulate([[k, f"{v:.2f}"] for k, v in rates.items()], headers=["how", "samples/s"], tablefmt="github"))
     if args.infer:
