@@ -130,14 +130,20 @@ class WorkerPool:
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._owner: Dict[str, Tuple[int, int]] = {}     # affinity key -> (worker index, tasks)
+        self._waiting: Deque[_Task] = collections.deque()   # tasks no worker owns yet: the next idle one takes
         self._size = max(1, workers)
         self._workers: List[_Worker] = []     # started by the dispatcher thread: the harness goes on
+        self._started = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="media-workers", daemon=True)
         self._thread.start()
 
     @property
     def size(self) -> int:
         return self._size
+
+    def wait_started(self, timeout: Optional[float] = None) -> bool:
+        """Block until every worker process is running (benchmarks start their clocks after)."""
+        return self._started.wait(timeout)
 
     def submit(self, payload: Any, affinity: Optional[str], what: str) -> Future:
         task = _Task(next(self._ids), payload, affinity, what)
@@ -195,6 +201,8 @@ class WorkerPool:
                 for t in ([w.running] if w.running else []) + list(w.queue):
                     if not t.future.done():
                         t.future.set_exception(error)
+            for t in self._waiting:
+                t.future.set_exception(error)
             with self._lock:
                 for t in self._inbox:
                     t.future.set_exception(error)
@@ -204,6 +212,7 @@ class WorkerPool:
         # harness loads its model.
         for _ in range(self._size):
             self._workers.append(self._start())
+        self._started.set()
         while True:
             with self._lock:
                 if self._closed:
@@ -213,8 +222,8 @@ class WorkerPool:
             for t in new:
                 self._assign(t)
             for i, w in enumerate(self._workers):
-                if w.running is None and w.queue:
-                    self._send(i, w.queue.popleft())
+                if w.running is None and (w.queue or self._waiting):
+                    self._send(i, w.queue.popleft() if w.queue else self._take(i))
             busy = [w for w in self._workers if w.running is not None]
             deadline = min((w.started + self.timeout_s for w in busy), default=None)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -241,15 +250,26 @@ class WorkerPool:
         return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
     def _assign(self, t: _Task) -> None:
+        """A task for media a worker already has joins that worker's line; any other waits for
+        the first idle worker (so long decodes spread by time, not by count)."""
         if t.affinity is not None and t.affinity in self._owner:
             index, n = self._owner[t.affinity]
-        else:
-            index = min(range(len(self._workers)),
-                        key=lambda i: len(self._workers[i].queue) + (self._workers[i].running is not None))
-            n = 0
-        if t.affinity is not None:
             self._owner[t.affinity] = (index, n + 1)
-        self._workers[index].queue.append(t)
+            self._workers[index].queue.append(t)
+        else:
+            self._waiting.append(t)
+
+    def _take(self, index: int) -> _Task:
+        """The oldest waiting task for idle worker `index`, which becomes the owner of its media:
+        the other waiting tasks for the same media join its line."""
+        t = self._waiting.popleft()
+        if t.affinity is not None:
+            same = [o for o in self._waiting if o.affinity == t.affinity]
+            for o in same:
+                self._waiting.remove(o)
+                self._workers[index].queue.append(o)
+            self._owner[t.affinity] = (index, 1 + len(same))
+        return t
 
     def _send(self, index: int, t: _Task, retry: bool = True) -> None:
         w = self._workers[index]

@@ -59,6 +59,7 @@ def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device:
     from ..backends import BackendSettings, make_backend
     from ..config import load_config
     from ..media import InProcessMedia
+    from ..media_workers import WorkerMedia
     from ..runner import Evaluator, max_new_tokens, media_source
     out: Dict[str, Dict[str, float]] = {}
     for task, data in (("textvqa", textvqa), ("videobench", videobench)):
@@ -80,7 +81,8 @@ def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device:
                 backend.generate([backend.prepare(s) for s in samples[:2]], n_new)
                 backend.settings.media = media_source(cfg)
                 # Worker processes up before the clock: a real run starts them while it loads the model.
-                backend.settings.media.vision([{"role": "user", "content": [{"type": "text", "text": ""}]}])
+                if isinstance(backend.settings.media, WorkerMedia):
+                    backend.settings.media.pool.wait_started()
                 t0 = time.perf_counter()
                 Evaluator(cfg, backend=backend, show_progress=False).run()
                 cold = len(samples) / (time.perf_counter() - t0)

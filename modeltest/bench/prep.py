@@ -188,7 +188,7 @@ def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dic
         where = folder / ("decode" if state.startswith("decode") else "pipeline")
         media = WorkerMedia(workers, 3600, str(where), 1 << 40)
         try:
-            media.vision([{"role": "user", "content": [{"type": "text", "text": ""}]}])   # workers up first
+            media.pool.wait_started()               # workers up before the clock
             if state.startswith("decode"):
                 start = time.perf_counter()
                 for s in samples:
