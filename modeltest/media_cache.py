@@ -91,17 +91,18 @@ class MediaCache:
         arr, fresh = self._fetch(self.key(ele, "image"), compute)
         return fresh if fresh is not None else Image.fromarray(arr, "RGB")
 
-    def cached(self, ele: Dict[str, Any], uint8: bool = False):
+    def cached(self, ele: Dict[str, Any], uint8: bool = False, count: bool = True):
         """image(ele) or video(ele, uint8) from memory or disk, or None where there is no (valid)
-        entry: nothing is decoded."""
+        entry: nothing is decoded. count=False: not a hit (the miss that wrote it was counted)."""
         from PIL import Image
         kind = "image" if ("image" in ele or "image_url" in ele) else "video"
         key = self.key(ele, kind)
         arr = self._lookup(key)
         if arr is None:
             return None
-        with self._lock:
-            self.hits += 1
+        if count:
+            with self._lock:
+                self.hits += 1
         return Image.fromarray(arr, "RGB") if kind == "image" else self._frames(key, arr, uint8)
 
     def has(self, ele: Dict[str, Any]) -> bool:

@@ -329,6 +329,16 @@ class WorkerPool:
 class _MediaTask:
     messages: List[Dict[str, Any]]
     uint8: bool
+    send_frames: bool = False      # even when they are in the cache
+
+
+@dataclass
+class _MediaResult:
+    images: Optional[list]         # PIL images, or None
+    videos: Optional[list]         # numpy frames, or None
+    hits: int
+    misses: int
+    in_cache: bool = False         # not sent: every medium is in the cache, read it there
 
 
 @dataclass
@@ -352,9 +362,11 @@ def _media_init(cache_folder: Optional[str], cache_bytes: int, faults: List[Tupl
     return _WorkerState(cache, faults)
 
 
-def _media_work(state: _WorkerState, task: _MediaTask):
-    """(images, videos as numpy arrays, cache hits, cache misses) — numpy, so the frames are
-    pickled as bytes rather than shared as torch tensors through file descriptors."""
+def _media_work(state: _WorkerState, task: _MediaTask) -> _MediaResult:
+    """Decode (through the cache). Where every medium is then in the cache, say so rather than
+    send the frames (the harness reads the entry it shares: no 20 MB per question through a
+    pipe); else the frames as numpy arrays, pickled as bytes (not shared as torch tensors
+    through file descriptors)."""
     from .media import vision_from_messages
     for kind, part in state.faults:
         if any(part in str(p.get("image") or p.get("video")) for m in task.messages
@@ -365,10 +377,13 @@ def _media_work(state: _WorkerState, task: _MediaTask):
     cache = state.cache
     hits, misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
     images, videos = vision_from_messages(task.messages, cache, task.uint8)
-    videos = [v.numpy() for v in videos] if videos else None
     if cache is None:
-        return images, videos, 0, 0
-    return images, videos, cache.hits - hits, cache.misses - misses
+        return _MediaResult(images, [v.numpy() for v in videos] if videos else None, 0, 0)
+    from qwen_vl_utils.vision_process import extract_vision_info
+    counts = cache.hits - hits, cache.misses - misses
+    if not task.send_frames and all(cache.has(e) for e in extract_vision_info(task.messages)):
+        return _MediaResult(None, None, *counts, in_cache=True)
+    return _MediaResult(images, [v.numpy() for v in videos] if videos else None, *counts)
 
 
 def _media_key(messages: List[Dict[str, Any]]) -> Optional[str]:
@@ -406,14 +421,14 @@ class WorkerMedia(MediaSource):
         except OSError:          # a missing file: the worker's decode names it
             return False
 
-    def _from_cache(self, messages: List[Dict[str, Any]], uint8: bool) -> Optional[Vision]:
+    def _from_cache(self, messages: List[Dict[str, Any]], uint8: bool, count: bool = True) -> Optional[Vision]:
         """Every medium of the messages from the cache, or None if one is not there."""
         if self.cache is None:
             return None
         images, videos = [], []
         try:
             for ele in self._elements(messages):
-                got = self.cache.cached(ele, uint8)
+                got = self.cache.cached(ele, uint8, count)
                 if got is None:
                     return None
                 (videos if "video" in ele else images).append(got)
@@ -428,11 +443,12 @@ class WorkerMedia(MediaSource):
         with self._lock:
             self._prefetched.setdefault(repr((messages, uint8)), []).append(future)
 
-    def _submit(self, messages: List[Dict[str, Any]], uint8: bool) -> Future:
+    def _submit(self, messages: List[Dict[str, Any]], uint8: bool, send_frames: bool = False) -> Future:
         media = ", ".join(str(p.get("image") or p.get("video")) for m in messages
                           if isinstance(m.get("content"), list) for p in m["content"]
                           if isinstance(p, dict) and p.get("type") in ("image", "video"))
-        return self.pool.submit(_MediaTask(messages, uint8), _media_key(messages), media or "the sample's media")
+        return self.pool.submit(_MediaTask(messages, uint8, send_frames), _media_key(messages),
+                                media or "the sample's media")
 
     def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
         import torch
@@ -446,11 +462,17 @@ class WorkerMedia(MediaSource):
             if got is not None:
                 return got
             future = self._submit(messages, uint8)
-        images, videos, hits, misses = future.result()
+        result: _MediaResult = future.result()
         with self._lock:
-            self.hits += hits
-            self.misses += misses
-        return images, ([torch.from_numpy(v) for v in videos] if videos else None)
+            self.hits += result.hits
+            self.misses += result.misses
+        if result.in_cache:
+            got = self._from_cache(messages, uint8, count=False)     # the worker counted it
+            if got is not None:
+                return got
+            # The entry went in between (evicted, corrupted): have the frames sent this time.
+            result = self._submit(messages, uint8, send_frames=True).result()
+        return result.images, ([torch.from_numpy(v) for v in result.videos] if result.videos else None)
 
     def parallelism(self) -> int:
         return self.pool.size
