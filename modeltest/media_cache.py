@@ -13,6 +13,11 @@ written to a temporary file and renamed (atomic: data-parallel ranks can share t
 ranks writing the same entry write the same bytes); each carries the sha256 of its payload, so a
 corrupt or truncated entry is detected, removed and computed again. The folder is kept under a
 size bound by removing the least recently used entries.
+
+Decoded once across processes too: the ranks of a tensor-parallel replica build the same inputs
+at the same moment, and worker processes may ask for one clip together. Whoever creates an
+entry's lock file (O_EXCL) decodes; the others wait for the entry — or take over once the lock's
+process is gone (same host) or the lock is older than STALE_LOCK_S (another host's).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ import collections
 import hashlib
 import json
 import os
+import socket
 import struct
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -32,6 +39,8 @@ import numpy as np
 MAGIC = b"MTMC1\n"
 FORMAT_VERSION = 1
 MEMO_ENTRIES = 8            # decoded media kept in memory (the next questions on the same clip)
+LOCK_POLL_S = 0.05          # how often a process waiting for another's decode looks
+STALE_LOCK_S = 3600.0       # a lock from another host older than this is abandoned
 
 
 def library_versions() -> Dict[str, str]:
@@ -172,14 +181,79 @@ class MediaCache:
                 continue          # computed and stored by the other thread: read it
             break
         try:
-            with self._lock:
-                self.misses += 1
-            fresh, arr = compute()
-            self._put(key, arr)
-            return arr, fresh
+            # Other processes (the ranks of a tensor-parallel replica, other workers) may want the
+            # same entry now: the one that creates its lock file decodes, the others wait for it.
+            while not self._lock_entry(key):
+                arr = self._wait_for_other_process(key)
+                if arr is not None:
+                    with self._lock:
+                        self.hits += 1
+                    return arr, None
+            try:
+                with self._lock:
+                    self.misses += 1
+                fresh, arr = compute()
+                self._put(key, arr)
+                return arr, fresh
+            finally:
+                self._lock_path(key).unlink(missing_ok=True)
         finally:
             with self._lock:
                 self._pending.pop(key).set()
+
+    # ---- one decode across processes ------------------------------------------------------------
+    def _lock_path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.lock"
+
+    def _lock_entry(self, key: str) -> bool:
+        """Create the entry's lock file (atomically: one process wins); False if another has it."""
+        path = self._lock_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError:
+            return True            # a read-only or odd folder: decode without the lock
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+
+    def _wait_for_other_process(self, key: str) -> Optional[np.ndarray]:
+        """Wait while another live process holds the entry's lock: its entry, or None once the
+        lock is gone without one (it could not cache it, or died: then this process decodes)."""
+        lock = self._lock_path(key)
+        while True:
+            arr = self._lookup(key)
+            if arr is not None:
+                return arr
+            try:
+                owner = lock.read_text().split()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                return self._lookup(key)        # the lock just went: the entry, or decode here
+            if self._stale(owner, age):
+                lock.unlink(missing_ok=True)
+                return None
+            time.sleep(LOCK_POLL_S)
+
+    @staticmethod
+    def _stale(owner: list, age: float) -> bool:
+        """A lock whose process is gone (same host), or older than STALE_LOCK_S (another host)."""
+        if len(owner) != 2:
+            return age > 60            # written in the instant after its creation, or garbage
+        host, pid = owner
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except ValueError:
+                return True            # not a pid: garbage
+            except PermissionError:
+                return False           # alive, another user's
+            return False
+        return age > STALE_LOCK_S
 
     # ---- keys -----------------------------------------------------------------------------------
     def key(self, ele: Dict[str, Any], kind: str) -> str:

@@ -18,8 +18,9 @@ Schema (version 2; one JSON object per line, keys in this order):
     prefill_time         seconds of the prefill pass the request was in (engine; null for hf)
     choices              (VideoBench) the options shown, letter -> text
     <task extras>        TextVQA: normalized; VideoBench: reference_rule_choice
-    transient            (only when true) the error was the server's or the network's, not the
-                         sample's: a resumed run computes the sample again
+    transient            (only when true) the error may not be the sample's — a server or network
+                         fault, a media decode that timed out or whose worker crashed: a
+                         resumed run computes the sample again
     key                  the resume key (records.py: what can change the answer)
     schema               this schema's version
 Version 1 (before queue_time and schema) is read as well: its e2e_time included queueing.

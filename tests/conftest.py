@@ -33,7 +33,14 @@ def data_copy(demo, tmp_path):
 
 
 def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `bash scripts/mm_run.sh TASK qwen2_vl ...` as a user would."""
+    """Run `bash scripts/mm_run.sh TASK qwen2_vl ...` as a user would.
+
+    Unless the test sets prep_workers, these runs decode in the harness's threads
+    (prep_workers=0): each new process would otherwise start a forkserver for its media workers
+    (seconds of imports on CI's two cores, ~40 runs). The worker path has its own tests
+    (test_media_workers, test_resume's SIGKILL and Ctrl-C runs, test_bench, the demo command)."""
+    if not any(str(o).startswith("prep_workers=") for o in overrides):
+        overrides = [*overrides, "prep_workers=0"]
     env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), task, "qwen2_vl", *overrides],
                           capture_output=True, text=True, env=env, timeout=600)

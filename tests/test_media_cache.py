@@ -67,3 +67,39 @@ def test_harness_runs_reuse_the_cache_and_answer_identically(demo, tmp_path, tas
     outputs = lambda r: [(x.id, x.output, x.input_tokens) for x in r.records]   # noqa: E731
     assert outputs(first) == outputs(off) == outputs(second)
     assert first.paths.result_csv.read_text() == off.paths.result_csv.read_text()
+
+
+def test_another_process_decoding_an_entry_is_waited_for_and_a_dead_ones_lock_is_taken_over(demo, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from qwen_vl_utils.vision_process import fetch_video
+    _, video = elements(demo)
+    reference = fetch_video(dict(video))
+    first = MediaCache(tmp_path, 1 << 30)
+    key = first.key(dict(video), "video")
+    lock = first._lock_path(key)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # A live process (this one, as another MediaCache) holds the lock and writes the entry later.
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+    def finish_elsewhere():
+        time.sleep(0.5)
+        first._put(key, reference.to(torch.uint8).numpy())
+        lock.unlink()
+    threading.Thread(target=finish_elsewhere).start()
+    waiter = MediaCache(tmp_path, 1 << 30)
+    assert torch.equal(waiter.video(dict(video)), reference)
+    assert waiter.misses == 0 and waiter.hits == 1                     # waited, decoded nothing
+    # A lock left by a process that died mid-decode (SIGKILL) is taken over.
+    for p in tmp_path.glob("*/*.bin"):
+        p.unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(f"{socket.gethostname()} {dead.pid}\n")
+    taker = MediaCache(tmp_path, 1 << 30)
+    assert torch.equal(taker.video(dict(video)), reference) and taker.misses == 1
+    assert not lock.exists()
