@@ -163,7 +163,7 @@ class WorkerPool:
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=30)
         for w in list(self._workers):
-            self._stop(w, kill=True)
+            self._stop(w)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -180,13 +180,11 @@ class WorkerPool:
         return _Worker(process=p, conn=parent)
 
     @staticmethod
-    def _stop(w: _Worker, kill: bool) -> None:
+    def _stop(w: _Worker) -> None:
+        """Kill the process (its task, if any, is abandoned) and reap it."""
         try:
-            if kill:
-                w.process.kill()
-            else:
-                w.conn.send(None)
-        except (OSError, ValueError, BrokenPipeError):
+            w.process.kill()
+        except (OSError, ValueError):
             pass
         w.process.join(timeout=5)
         w.conn.close()
@@ -310,7 +308,7 @@ class WorkerPool:
 
     def _replace(self, index: int) -> None:
         w = self._workers[index]
-        self._stop(w, kill=True)
+        self._stop(w)
         fresh = self._start()
         fresh.queue = w.queue          # its waiting tasks stay in line, on the new process
         self._workers[index] = fresh

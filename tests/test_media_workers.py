@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import worker_helpers
+from test_media_cache import elements
 from modeltest.errors import SampleError
 from modeltest.media import InProcessMedia, vision_from_messages
 from modeltest.media_cache import MediaCache
@@ -42,11 +43,7 @@ def test_a_hanging_or_dying_task_fails_alone_and_its_worker_is_replaced():
 
 
 def demo_messages(demo):
-    image = {"type": "image", "image": str(demo.root / "textvqa" / "images" / "demo_003.jpg"),
-             "min_pixels": 3136, "max_pixels": 12845056}
-    video = {"type": "video", "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
-             "fps": 0.5, "min_frames": 4, "max_frames": 768, "min_pixels": 100352, "max_pixels": 602112,
-             "total_pixels": 19267584}
+    image, video = elements(demo)
     return [{"role": "user", "content": [image, video, {"type": "text", "text": "q"}]}]
 
 
