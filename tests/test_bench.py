@@ -185,8 +185,8 @@ def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, 
     monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
     out = tmp_path / "prep.json"
     assert run_bench_prep(["--photos", "2", "--photo-size", "320x240", "--clips", "2x160x120",
-                           "--questions-per-clip", "2", "--infer", "tiny", "--device", "cpu", "--batch-size", "2",
-                           "--new-tokens", "2", "--prep-workers", "1", "--json", str(out)]) == 0
+                           "--questions-per-clip", "2", "--workers", "1", "--infer", "tiny", "--device", "cpu",
+                           "--batch-size", "2", "--new-tokens", "2", "--prep-workers", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["samples"] == 4 and set(r["per_medium"]) == {"photo_0_320x240.jpg", "photo_1_320x240.jpg",
                                                           "clip_2s_160x120.mp4"}
@@ -195,8 +195,8 @@ def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, 
                for v in r["per_medium"].values())
     assert set(r["pipeline_samples_per_s"]) == {
         "2 threads, transformers' processor, cache off", "2 threads, cache off", "2 threads, cache cold",
-        "2 threads, cache warm", "1 worker(s), cache cold", "1 worker(s), cache warm", "2 worker(s), cache cold",
-        "2 worker(s), cache warm", "1 worker(s), decode only, cache cold", "2 worker(s), decode only, cache cold"}
+        "2 threads, cache warm", "1 worker(s), cache cold", "1 worker(s), cache warm",
+        "1 worker(s), decode only, cache cold"}
     tasks = r["infer"]["tasks"]
     assert set(tasks) == {"textvqa", "videobench"} and tasks["textvqa"]["samples"] == 2
     assert tasks["videobench"]["samples"] == 2
