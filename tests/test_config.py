@@ -130,6 +130,11 @@ def test_bad_values(cfg_dir):
         load(cfg_dir, ["model.backend=vllm"], check_paths=False)
     with pytest.raises(UserError, match=r"not key=value"):
         load(cfg_dir, ["batch_size"], check_paths=False)
+    with pytest.raises(UserError, match=r"prep_workers: '-1' must be auto or a number of processes >= 0"):
+        load(cfg_dir, ["prep_workers=-1"], check_paths=False)
+    with pytest.raises(UserError, match=r"prep_timeout_s: must be positive, got 0"):
+        load(cfg_dir, ["prep_timeout_s=0"], check_paths=False)
+    assert load(cfg_dir, ["prep_workers=3", "fast_processor=false"], check_paths=False).run.prep_workers == 3
 
 
 def test_subject_mapping_override_and_task_specific_keys(cfg_dir):
