@@ -201,14 +201,23 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool
             videos = [_or(exact_uint8(v), v) for v in videos]
         return images, videos
     except Exception as e:
-        parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
-        videos = [p["video"] for p in parts if p.get("type") == "video"]
-        for path in videos:
-            problem = _probe_video(path)
+        for part in media_parts(messages):
+            problem = _probe_video(part["video"]) if part.get("type") == "video" else None
             if problem:
                 raise SampleError(problem) from None
-        media = ", ".join(str(p.get("image") or p.get("video")) for p in parts if p.get("type") in ("image", "video"))
-        raise SampleError(f"could not preprocess {media}: {first_line(e, 200, with_type=False)}") from None
+        raise SampleError(f"could not preprocess {media_names(messages)}: "
+                          f"{first_line(e, 200, with_type=False)}") from None
+
+
+def media_parts(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The image and video elements of chat messages, in order."""
+    return [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+            if isinstance(p, dict) and p.get("type") in ("image", "video")]
+
+
+def media_names(messages: List[Dict[str, Any]]) -> str:
+    """Their files, for messages: "a.jpg, b.mp4"."""
+    return ", ".join(str(p.get("image") or p.get("video")) for p in media_parts(messages))
 
 
 def prefetch_vision(sample: Sample, media: Optional[MediaSource], uint8: bool = False) -> None:

@@ -32,7 +32,7 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from .errors import SampleError, first_line
-from .media import MediaSource, Vision
+from .media import MediaSource, Vision, media_names, media_parts
 
 WORKER_MEMO_ENTRIES = 2       # decoded media a worker keeps in memory (its current clip, the next)
 # Tests only: "hang:SUBSTRING,die:SUBSTRING" makes a worker hang on (or be killed by) media whose
@@ -238,8 +238,8 @@ class WorkerPool:
                     self._fail_and_replace(i, f"the preprocessing worker died ({self._how(w)}) while reading "
                                               f"{w.running.what}")
                 elif time.monotonic() >= w.started + self.timeout_s:
-                    self._fail_and_replace(i, f"reading {w.running.what} took over {self.timeout_s:g} s "
-                                              "(prep_timeout_s); the worker was stopped")
+                    self._fail_and_replace(i, f"reading {w.running.what} took over {self.timeout_s:g} s and was "
+                                              "stopped (raise prep_timeout_s if the file is only slow)")
 
     @staticmethod
     def _how(w: _Worker) -> str:
@@ -319,7 +319,7 @@ class WorkerPool:
         self._replace(index)
         if t is not None:
             self._finish(t)
-            t.future.set_exception(TaskFailed(message))
+            t.future.set_exception(TaskFailed(f"{message}; the next run of the command retries this sample"))
 
 
 # ---- media on top of the pool ----------------------------------------------------------------
@@ -367,8 +367,7 @@ def _media_work(state: _WorkerState, task: _MediaTask) -> _MediaResult:
     through file descriptors)."""
     from .media import vision_from_messages
     for kind, part in state.faults:
-        if any(part in str(p.get("image") or p.get("video")) for m in task.messages
-               if isinstance(m.get("content"), list) for p in m["content"] if isinstance(p, dict)):
+        if part in media_names(task.messages):
             if kind == "hang":
                 time.sleep(1e6)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -387,8 +386,7 @@ def _media_work(state: _WorkerState, task: _MediaTask) -> _MediaResult:
 def _media_key(messages: List[Dict[str, Any]]) -> Optional[str]:
     """The videos of a message list and their options: the affinity of its task (images are
     cheap enough to go to any worker)."""
-    parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]
-             if isinstance(p, dict) and p.get("type") == "video"]
+    parts = [p for p in media_parts(messages) if p["type"] == "video"]
     return repr(sorted((str(p.get("video")), sorted((k, repr(v)) for k, v in p.items())) for p in parts)) \
         if parts else None
 
@@ -442,11 +440,8 @@ class WorkerMedia(MediaSource):
             self._prefetched.setdefault(repr((messages, uint8)), []).append(future)
 
     def _submit(self, messages: List[Dict[str, Any]], uint8: bool, send_frames: bool = False) -> Future:
-        media = ", ".join(str(p.get("image") or p.get("video")) for m in messages
-                          if isinstance(m.get("content"), list) for p in m["content"]
-                          if isinstance(p, dict) and p.get("type") in ("image", "video"))
         return self.pool.submit(_MediaTask(messages, uint8, send_frames), _media_key(messages),
-                                media or "the sample's media")
+                                media_names(messages) or "the sample's media")
 
     def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
         import torch
