@@ -16,8 +16,9 @@ def _cmd_run(args) -> int:
     from .config import load_config
     from .launch import inside_torchrun, launch, plan_layout
     from .runner import Evaluator
+    from .tasks import TASKS
 
-    cfg = load_config(args.task, args.model, args.overrides)
+    cfg = load_config(TASKS, args.task, args.model, args.overrides)
     if not inside_torchrun():
         layout = plan_layout(cfg)
         if layout.procs > 1:
@@ -30,8 +31,9 @@ def _cmd_check(args) -> int:
     """Validate a run without running it: config, paths, and the parallel layout."""
     from .config import load_config
     from .launch import check_layout, plan_layout
+    from .tasks import TASKS
 
-    cfg = load_config(args.task, args.model, args.overrides)
+    cfg = load_config(TASKS, args.task, args.model, args.overrides)
     layout = plan_layout(cfg)
     check_layout(cfg, layout.tp, layout.dp)
     return 0
@@ -85,8 +87,21 @@ def _cmd_demo(args) -> int:
     return run_demo(paths, extra=args.overrides)
 
 
+def version() -> str:
+    """The installed distribution's version (the source tree's pyproject when not installed)."""
+    from importlib import metadata
+    try:
+        return metadata.version("modeltest")
+    except metadata.PackageNotFoundError:
+        import re
+        from pathlib import Path
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+        return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modeltest", description="Accuracy and speed evaluation of Qwen2-VL.")
+    p.add_argument("--version", action="version", version=f"modeltest {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="evaluate MODEL on TASK (configs/task/TASK.yaml, configs/model/MODEL.yaml)")
     r.add_argument("task")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Set
 
+from .backends.traits import traits
 from .config.loader import EvalConfig
 from .errors import UserError
 from .runner import LAUNCHED_ENV
@@ -50,7 +51,7 @@ def plan_layout(cfg: EvalConfig) -> Layout:
         raise UserError(f"NNODES={raw!r} is not a positive integer; export NNODES=<number of nodes>") from None
     dp = cfg.run.dp or 1
     # Only the engine splits a model over devices; hf and a served model run one process per replica.
-    default_tp = max(1, visible_devices() * max(nnodes, 1) // dp) if cfg.model.backend == "engine" else 1
+    default_tp = max(1, visible_devices() * max(nnodes, 1) // dp) if traits(cfg.model.backend).tensor_parallel else 1
     tp = cfg.run.tp or default_tp
     for name, v in (("tp", tp), ("dp", dp), ("NNODES", nnodes)):
         if v < 1:
@@ -68,8 +69,9 @@ def check_layout(cfg: EvalConfig, tp: int, dp: int) -> None:
     if tp < 1 or dp < 1:
         raise UserError(f"tp={tp} dp={dp}: both must be at least 1")
     if tp > 1:
-        if cfg.model.backend != "engine":
-            raise UserError(f"tp={tp} needs model.backend=engine (hf runs one process per replica; use dp=)")
+        if not traits(cfg.model.backend).tensor_parallel:
+            raise UserError(f"tp={tp} needs model.backend=engine ({cfg.model.backend} runs one process per "
+                            "replica; use dp=)")
         mc = Qwen2VLConfig.from_path(cfg.model.model_path)
         head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)
         if mc.intermediate_size % tp:

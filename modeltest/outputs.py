@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .backends.traits import DEFAULT_BACKEND
 from .config.loader import EvalConfig, default_config_dir
+from .core import SCHEMA_VERSION, ResultRow, SampleRecord, count_errors, count_unparsed
 from .errors import UserError
-from .sample_record import SCHEMA_VERSION, SampleRecord, count_errors, count_unparsed
-from .tasks.base import ResultRow
 
 CSV_COLUMNS = ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value", "Errors", "Unparsed"]
 
@@ -32,9 +32,6 @@ CSV_COLUMNS = ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value", "Errors", 
 def default_output_dir(model_name: str, today: Optional[dt.date] = None) -> Path:
     today = today or dt.date.today()
     return default_config_dir().parent / "output" / today.isoformat() / "modeltest" / model_name / "precision_result"
-
-
-DEFAULT_BACKEND = "engine"
 
 
 def run_variant(data_type: Optional[str], backend: str) -> str:
@@ -158,13 +155,16 @@ def write_debug_file(path: Path, records: List[SampleRecord]) -> None:
 
 
 def write_summary(paths: RunPaths, cfg: EvalConfig, rows: List[ResultRow], records: List[SampleRecord],
-                  computed: int, elapsed: float, tp: int, dp: int, media_cache: Optional[dict] = None) -> None:
+                  computed: int, elapsed: float, tp: int, dp: int, media_cache: Optional[dict] = None,
+                  load_s: Optional[float] = None) -> None:
+    """elapsed: seconds of evaluation (samples_per_s is computed/elapsed); load_s: seconds spent
+    loading the model before it (None: nothing was loaded, every sample was reused)."""
     write_json(paths.summary_json, {
         "task": cfg.task.task_name, "model_name": cfg.model.model_name, "backend": cfg.model.backend,
         "rows": [dataclasses.asdict(r) for r in rows], "samples": len(records),
         "computed": computed, "reused": len(records) - computed,
         "errors": count_errors(records), "unparsed": count_unparsed(records),
-        "elapsed_s": round(elapsed, 3),
+        "elapsed_s": round(elapsed, 3), "load_s": round(load_s, 3) if load_s is not None else None,
         "samples_per_s": round(computed / elapsed, 4) if elapsed and computed else None,
         "tp": tp, "dp": dp, "record_schema": SCHEMA_VERSION, "media_cache": media_cache,
         "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),

@@ -21,9 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .core import Sample, SampleRecord
 from .errors import UserError
-from .sample_record import SampleRecord
-from .tasks.base import Sample
 
 
 def file_digest(path: Path) -> str:
@@ -34,23 +33,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(model_path: str) -> Dict[str, Any]:
-    """What identifies weights without reading them: config.json's content and the weight files' sizes."""
-    root = Path(model_path)
-    weights = sorted((p.name, p.stat().st_size) for p in root.glob("*.safetensors"))
-    weights += sorted((p.name, p.stat().st_size) for p in root.glob("*.bin"))
-    return {"config": file_digest(root / "config.json"), "weights": weights}
-
-
-def run_identity(cfg, max_new_tokens: int) -> Dict[str, Any]:
-    """The settings shared by every sample of a run that can change an answer. A served model is
-    identified by what its server's /v1/models says (asked once, here)."""
+def run_identity(cfg, max_new_tokens: int, model: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings shared by every sample of a run that can change an answer. `model`: what
+    identifies the model (backends.model_identity: the checkpoint's files, or what a server says
+    it serves)."""
     m = cfg.model
-    if m.backend == "openai":
-        from .backends.openai import served_model_identity
-        model = served_model_identity(m)
-    else:
-        model = model_identity(m.model_path)
     return {"task": cfg.task.task_name, "model": model, "backend": m.backend,
             "data_type": m.data_type, "use_chat_template": m.use_chat_template, "max_new_tokens": max_new_tokens,
             "max_input_length": cfg.task.requested_max_input_length, "decoding": "greedy"}

@@ -23,8 +23,9 @@ from typing import Dict, List
 
 from .backends.base import Prepared
 from .config.schema import ModelConfig
+from .core import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Sample
+from .engine.request import DEFAULT_MAX_INPUT_LENGTH, DEFAULT_MAX_OUTPUT_LENGTH
 from .errors import SampleError, UserError
-from .tasks.base import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Sample
 
 BENCH_COLUMNS = ["batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
                  "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
@@ -39,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--dataset_path", help="a folder: every image/video file in it is one request")
     p.add_argument("--input_text", default=None, help="the question (default: describe the image/video)")
     p.add_argument("--max_batch_size", type=int, default=1)
-    p.add_argument("--max_input_length", type=int, default=4096)
-    p.add_argument("--max_output_length", type=int, default=256)
+    p.add_argument("--max_input_length", type=int, default=DEFAULT_MAX_INPUT_LENGTH)
+    p.add_argument("--max_output_length", type=int, default=DEFAULT_MAX_OUTPUT_LENGTH)
     p.add_argument("--results_save_path", default="./results.json")
     p.add_argument("--backend", choices=("engine", "hf"), default="engine")
     p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
@@ -100,19 +101,22 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from .backends import BackendSettings, make_backend
+    from .backends import make_backend, traits
+    from .backends.base import BackendSettings
     from .config.loader import resolve_data_type
     from .device import resolve_device
+    from .engine.config import read_checkpoint_config
 
     model_path = Path(args.model_path)
     if not (model_path / "config.json").is_file():
         raise UserError(f"--model_path: '{model_path}' has no config.json; point it at a Qwen2-VL weights folder")
+    read_checkpoint_config(model_path)
     mcfg = ModelConfig(model_path=str(model_path), backend=args.backend, data_type=args.data_type,
                        block_size=args.block_size)
     mcfg.data_type = resolve_data_type(mcfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.backend == "hf" and world > 1:
-        raise UserError("--backend hf runs in one process; use --backend engine for --world_size > 1")
+    if not traits(args.backend).tensor_parallel and world > 1:
+        raise UserError(f"--backend {args.backend} runs in one process; use --backend engine for --world_size > 1")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     samples = build_samples(args)
     settings = BackendSettings(model=mcfg, device=resolve_device(args.device), max_batch_size=args.max_batch_size,
@@ -172,7 +176,7 @@ def run(args) -> int:
 
 
 def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
-    """The reference's performance line and CSV (FORMATS.md §7)."""
+    """The reference's performance line and CSV (README "scripts/run_pa.sh")."""
     from .backends.engine import EngineBackend
     if isinstance(backend, EngineBackend):
         stats = backend.engine.stats()

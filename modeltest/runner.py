@@ -18,20 +18,21 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from .backends import Backend, BackendSettings, GenerationOutput, Prepared, make_backend
+from .backends import make_backend, model_identity, traits
+from .backends.base import Backend, BackendSettings, GenerationOutput, Prepared
 from .config.loader import EvalConfig
+from .core import ResultRow, Sample, SampleRecord
 from .device import resolve_device
 from .engine.parallel import ParallelContext, init_parallel
 from .errors import Interrupted, SampleError, UserError, first_line
-from .media import InProcessMedia, MediaSource
-from .outputs import (RunPaths, config_record, read_json, write_debug_file, write_json, write_result_csv,
-                      write_summary)
+from .media import InProcessMedia, MediaSource, open_media_source
+from .outputs import RunPaths, config_record, read_json, write_debug_file, write_json, write_result_csv, write_summary
 from .records import RecordStore, ShardProgress, file_digest, run_identity, sample_key
-from .sample_record import SampleRecord
 from .summary import print_summary
 from .tasks import TASKS
-from .tasks.base import ResultRow, Sample, Task
+from .tasks.base import Task
 
+MAX_ERROR_LINES = 20          # sample errors printed as they happen (all are in the debug file)
 # Set by modeltest's launcher (launch.py) in the processes it starts: the launcher reports an
 # interruption once, for every rank, so the workers stay quiet about it.
 LAUNCHED_ENV = "MODELTEST_LAUNCHED"
@@ -126,26 +127,10 @@ def media_source(cfg: EvalConfig) -> MediaSource:
     """Where this rank's images and videos are decoded: in `prep_workers` processes or in the
     harness's threads, through the media cache unless it is off. The openai backend decodes
     nothing here (the server does)."""
-    from .media_cache import MediaCache, default_cache_dir
-    from .media_workers import WorkerMedia, auto_workers
     run = cfg.run
-    if cfg.model.backend == "openai":
+    if not traits(cfg.model.backend).local_media:
         return InProcessMedia(None)
-    folder = None
-    if run.media_cache not in ("off", "", None, False):
-        folder = default_cache_dir() if run.media_cache == "default" else Path(run.media_cache)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if not os.access(folder, os.W_OK):
-                raise PermissionError(13, "Permission denied")
-        except OSError as e:
-            raise UserError(f"media_cache: cannot use '{folder}' ({e.strerror}); pass "
-                            "media_cache=/a/writable/folder or media_cache=off") from None
-    max_bytes = int(run.media_cache_gb * 2 ** 30)
-    workers = auto_workers() if run.prep_workers == "auto" else int(run.prep_workers)
-    if workers == 0:
-        return InProcessMedia(MediaCache(folder, max_bytes) if folder is not None else None)
-    return WorkerMedia(workers, run.prep_timeout_s, str(folder) if folder is not None else None, max_bytes)
+    return open_media_source(run.media_cache, run.media_cache_gb, run.prep_workers, run.prep_timeout_s)
 
 
 class Evaluator:
@@ -163,44 +148,27 @@ class Evaluator:
     def run(self) -> RunResult:
         cfg = self.cfg
         samples = self.task.load_samples(cfg.run.limit)
+        if not samples:
+            raise UserError(f"task.local_dataset_path: '{cfg.task.local_dataset_path}' has no {cfg.task.task_name} "
+                            "questions (an empty file, or every subject empty); nothing to evaluate")
         device = resolve_device(cfg.run.device)
-        par = init_parallel(device, cfg.run.dp)
-        if cfg.run.tp is not None and cfg.run.tp != par.tp:
-            raise UserError(f"tp={cfg.run.tp} but {par.world_size} process(es) started for dp={par.dp}; "
-                            "start the run with `modeltest run` or scripts/mm_run.sh, which launch dp x tp processes")
-        if cfg.model.backend in ("hf", "openai") and par.tp > 1:
-            raise UserError(f"backend {cfg.model.backend} runs one process per replica; tp={par.tp} needs "
-                            f"model.backend=engine (or use dp= for several {cfg.model.backend} replicas)")
+        par = self._parallel(device)
         paths = RunPaths.for_run(cfg, tp=par.tp)
         if par.is_main:
             paths.create()
         n_new = max_new_tokens(cfg)
-
-        # Which samples are already finished (by any earlier run, whatever its dp/tp/batch size)?
-        run_id = run_identity(cfg, n_new)
-        digests: Dict[str, str] = {}
-        keys = []
-        for s in samples:
-            if s.source not in digests:
-                digests[s.source] = file_digest(Path(s.source)) if s.source else ""
-            keys.append(sample_key(run_id, s, digests[s.source]))
+        keys = self._keys(samples, n_new)
         store = RecordStore(paths.records_dir, shard=f"dp{par.dp_rank}")
-        if not cfg.run.resume and par.is_main:
-            aside = store.reset()
-            if aside:
-                self.say(par, f"resume=false: earlier records moved to {aside}")
-        par.barrier()
-        done = store.load()
-        # A sample that failed on a server or network error (openai backend) is computed again.
-        todo = [(s, k) for s, k in zip(samples, keys) if k not in done or done[k].transient]
+        todo = self._unfinished(samples, keys, store, par)
         mine = todo[par.dp_rank::par.dp]
-        if len(todo) < len(samples):
-            self.say(par, f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
-                          f"{paths.records_dir}; computing {len(todo)}")
 
-        started = time.time()
+        load_s = None
         if mine and self.backend is None:
+            t0 = time.time()
             self.backend = self._load_backend(par, device, n_new)
+            load_s = time.time() - t0
+        # The run's speed is its evaluation time: loading the model is reported on its own.
+        started = time.time()
         if par.is_main:
             write_json(paths.config_json, config_record(cfg, {
                 "backend": self._backend_facts(paths, device), "max_new_tokens": n_new,
@@ -215,7 +183,52 @@ class Evaluator:
         par.barrier()
         if not par.is_main:
             return RunResult(rows=[], records=[], paths=paths)
+        return self._finish(samples, keys, store, paths, par, computed=len(todo), elapsed=time.time() - started,
+                            load_s=load_s)
 
+    def _parallel(self, device: str) -> ParallelContext:
+        """This process's place among the dp x tp processes, checked against the configuration."""
+        cfg = self.cfg
+        par = init_parallel(device, cfg.run.dp)
+        if cfg.run.tp is not None and cfg.run.tp != par.tp:
+            raise UserError(f"tp={cfg.run.tp} but {par.world_size} process(es) started for dp={par.dp}; "
+                            "start the run with `modeltest run` or scripts/mm_run.sh, which launch dp x tp processes")
+        if not traits(cfg.model.backend).tensor_parallel and par.tp > 1:
+            raise UserError(f"backend {cfg.model.backend} runs one process per replica; tp={par.tp} needs "
+                            f"model.backend=engine (or use dp= for several {cfg.model.backend} replicas)")
+        return par
+
+    def _keys(self, samples: List[Sample], n_new: int) -> List[str]:
+        """Each sample's resume key: what can change its answer (records.py)."""
+        run_id = run_identity(self.cfg, n_new, model_identity(self.cfg.model))
+        digests: Dict[str, str] = {}
+        keys = []
+        for s in samples:
+            if s.source not in digests:
+                digests[s.source] = file_digest(Path(s.source)) if s.source else ""
+            keys.append(sample_key(run_id, s, digests[s.source]))
+        return keys
+
+    def _unfinished(self, samples: List[Sample], keys: List[str], store: RecordStore,
+                    par: ParallelContext) -> List[Tuple[Sample, str]]:
+        """The samples no earlier run finished (whatever its dp/tp/batch size), with their keys; a
+        sample that failed on a transient error (a server, a timed-out decode) is computed again."""
+        if not self.cfg.run.resume and par.is_main:
+            aside = store.reset()
+            if aside:
+                self.say(par, f"resume=false: earlier records moved to {aside}")
+        par.barrier()
+        done = store.load()
+        todo = [(s, k) for s, k in zip(samples, keys) if k not in done or done[k].transient]
+        if len(todo) < len(samples):
+            self.say(par, f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
+                          f"{store.folder}; computing {len(todo)}")
+        return todo
+
+    def _finish(self, samples: List[Sample], keys: List[str], store: RecordStore, paths: RunPaths,
+                par: ParallelContext, computed: int, elapsed: float, load_s: Optional[float]) -> RunResult:
+        """Rank 0, once every replica is done: score every record, write the result files, say so."""
+        cfg = self.cfg
         done = store.load()
         missing = [s.id for s, k in zip(samples, keys) if k not in done]
         if missing:
@@ -225,12 +238,11 @@ class Evaluator:
         rows = self.task.aggregate(records)
         write_result_csv(paths.result_csv, rows)
         write_debug_file(paths.debug_file, records)
-        elapsed = time.time() - started
         cache = self.media.summary() if self.media is not None else None
-        write_summary(paths, cfg, rows, records, computed=len(todo), elapsed=elapsed, tp=par.tp, dp=par.dp,
-                      media_cache=cache)
+        write_summary(paths, cfg, rows, records, computed=computed, elapsed=elapsed, tp=par.tp, dp=par.dp,
+                      media_cache=cache, load_s=load_s)
         if self.show_progress:
-            print_summary(cfg, rows, records, paths, elapsed)
+            print_summary(cfg, rows, records, paths, elapsed, computed=computed, load_s=load_s)
             if cache is not None:
                 workers = f"; {cache['workers']} decoding worker(s)" if cache.get("workers") else ""
                 replaced = f", {cache['workers_replaced']} replaced after a hang or crash" \
@@ -246,7 +258,11 @@ class Evaluator:
     def _load_backend(self, par: ParallelContext, device: str, n_new: int) -> Backend:
         m = self.cfg.model
         where = f"{device} x {par.world_size} (tp={par.tp}, dp={par.dp})" if par.world_size > 1 else device
-        self.say(par, f"loading {m.model_path} ({m.backend} backend, {m.data_type}) on {where} ...")
+        if traits(m.backend).served:
+            served = m.served_model_name or "the model it serves"
+            self.say(par, f"evaluating {served} at {m.api_base} (openai backend, {m.concurrency} request(s) at once) ...")
+        else:
+            self.say(par, f"loading {m.model_path} ({m.backend} backend, {m.data_type}) on {where} ...")
         t0 = time.time()
         self.media = media_source(self.cfg)
         backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new, self.media),
@@ -276,6 +292,7 @@ class Evaluator:
         bar = tqdm(total=total, desc=f"{cfg.task.task_name}", unit="sample", dynamic_ncols=True,
                    disable=not (self.show_progress and par.is_main) or not total)
         count = 0
+        errors_shown = [0]
         # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
         throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
         backend = self.backend
@@ -293,6 +310,12 @@ class Evaluator:
             rec = new_record(sample, key_of[id(sample)], output, error, prepared, transient)
             if par.is_replica_leader:
                 store.append(rec)
+            if rec.error and par.is_main and self.show_progress:
+                errors_shown[0] += 1
+                if errors_shown[0] <= MAX_ERROR_LINES:
+                    bar.write(f"sample {sample.id}: {rec.error}")
+                elif errors_shown[0] == MAX_ERROR_LINES + 1:
+                    bar.write("... more sample errors: see 'error' in the debug file")
             count += 1
             update_bar()
             if throttle:

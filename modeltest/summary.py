@@ -1,16 +1,17 @@
 """The coloured end-of-run table."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from tabulate import tabulate
 from termcolor import colored
 
-from .sample_record import SampleRecord, count_errors
-from .tasks.base import ResultRow
+from .core import ResultRow, SampleRecord, count_errors
 
 
-def print_summary(cfg, rows: List[ResultRow], records: List[SampleRecord], paths, elapsed: float) -> None:
+def print_summary(cfg, rows: List[ResultRow], records: List[SampleRecord], paths, elapsed: float, computed: int,
+                  load_s: Optional[float] = None) -> None:
+    """elapsed: seconds of evaluation (model loading, load_s, is shown apart)."""
     table = []
     for r in rows:
         value = "" if r.value is None else f"{100 * r.value:.2f}"
@@ -20,7 +21,8 @@ def print_summary(cfg, rows: List[ResultRow], records: List[SampleRecord], paths
     head = ["Tasks", "Total", "Pass", "Metric", "Value (%)", "Errors", "Unparsed"]
     print()
     print(colored(f"{cfg.task.task_name} | {cfg.model.model_name} | {cfg.model.backend} | {cfg.model.data_type or 'served'} | "
-                  f"batch {cfg.run.batch_size} | {len(records)} samples in {elapsed:.1f}s", "cyan", attrs=["bold"]))
+                  f"batch {cfg.run.batch_size} | {len(records)} samples, {computed} computed in {elapsed:.1f}s"
+                  + (f" (+ {load_s:.1f}s loading the model)" if load_s is not None else ""), "cyan", attrs=["bold"]))
     text = tabulate(table, headers=head, tablefmt="github")
     lines = text.splitlines()
     if len(lines) > 2:

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: set up .venv, run pytest; then, with no arguments,
-# run the transformers-facing tests again with transformers 5 (.venv-t5, see
-# scripts/setup_compat_env.sh). Arguments go to the first pytest run only (and skip the second).
+# The whole test suite, from a fresh clone: set up .venv, check lint and formatting (ruff), run
+# pytest; then, with no arguments, run the transformers-facing tests again with transformers 5
+# (.venv-t5, see scripts/setup_compat_env.sh). Arguments go to the first pytest run only (and skip
+# the second).
+#   bash scripts/test.sh --fast    the unit layer only (no model-loading subprocesses, no servers,
+#                                  no benchmarks): the inner loop, a few minutes on 2 cores
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/scripts/setup_env.sh"
-bash "$repo/scripts/setup_browser.sh"
 cd "$repo"
+"$repo/.venv/bin/ruff" check modeltest tests docs
+if [[ ${1:-} == --fast ]]; then
+    shift
+    exec "$repo/.venv/bin/python" -m pytest -q -m "not slow and not subprocess" "$@"
+fi
+bash "$repo/scripts/setup_browser.sh"
 "$repo/.venv/bin/python" -m pytest -q "$@"
 if [[ $# -eq 0 && ${MODELTEST_SKIP_T5:-0} != 1 ]]; then
     bash "$repo/scripts/setup_compat_env.sh"

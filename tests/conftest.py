@@ -20,8 +20,12 @@ if "MODELTEST_MEDIA_CACHE" not in os.environ:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
+    """The demo model and datasets, built for this session — or, with MODELTEST_TEST_DEMO set, a
+    demo folder built earlier by `modeltest demo --build-only` (a machine without the demo's
+    build dependencies, such as a lent GPU, runs the tests on one built elsewhere)."""
     from modeltest.demo.build import build_demo
-    return build_demo(tmp_path_factory.mktemp("demo"), seed=0)
+    prebuilt = os.environ.get("MODELTEST_TEST_DEMO")
+    return build_demo(prebuilt if prebuilt else tmp_path_factory.mktemp("demo"), seed=0)
 
 
 @pytest.fixture
@@ -61,3 +65,15 @@ def read_csv(out_dir: Path, task: str):
     assert len(files) == 1, files
     with open(files[0], newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f)), files[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped (with the reason) where there is none. The
+    other markers (`slow`, `subprocess`) only select: `bash scripts/test.sh --fast` leaves them out."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run the gpu-marked tests where one is lent)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

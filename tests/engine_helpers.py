@@ -19,16 +19,16 @@ def case_messages(demo_root: Path) -> Dict[str, list]:
 
 
 def processor_inputs(processor, content) -> dict:
-    from qwen_vl_utils import process_vision_info
-    msgs = [{"role": "user", "content": content}]
-    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    images, videos = process_vision_info(msgs)
-    return processor(text=[text], images=images, videos=videos, return_tensors="pt")
+    """The processor's tensors for one user turn, by the one conversation -> model-input path."""
+    from modeltest.inputs import model_input
+    return model_input(processor, [{"role": "user", "content": content}]).inputs
 
 
 def make_request(name, inputs, max_new_tokens: int, ignore_eos: bool = True):
-    from modeltest.backends.engine import engine_request
-    return engine_request(name, inputs, max_new_tokens, ignore_eos)
+    from modeltest.engine.request import SamplingParams
+    from modeltest.inputs import ModelInput, engine_request
+    return engine_request(name, ModelInput(text="", inputs=dict(inputs)),
+                          SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
 
 
 def prompt_logits(engine, req):

@@ -64,13 +64,9 @@ def data_url(path: Path, mime: str) -> str:
 def in_process_answer(engine, processor, content: List[dict], max_tokens: int):
     """(text, prompt_tokens, completion_tokens) the in-process engine gives for one user turn
     whose parts are qwen-vl-utils elements (local paths + options), greedily."""
-    from qwen_vl_utils import process_vision_info
-    from modeltest.backends.engine import engine_request
-    messages = [{"role": "user", "content": content}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    images, videos = process_vision_info(messages)
-    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
-    req = engine.generate([engine_request("x", inputs, max_tokens)])[0]
+    from modeltest.engine.request import SamplingParams
+    from modeltest.inputs import engine_request, model_input
+    mi = model_input(processor, [{"role": "user", "content": content}])
+    req = engine.generate([engine_request("x", mi, SamplingParams(max_new_tokens=max_tokens))])[0]
     ids = req.generated_ids()
-    return (processor.tokenizer.decode(ids, skip_special_tokens=False), int(inputs["input_ids"].shape[1]),
-            len(req.output_ids))
+    return processor.tokenizer.decode(ids, skip_special_tokens=False), mi.prompt_tokens, len(req.output_ids)

@@ -1,16 +1,19 @@
 """Outputs must not depend on the batch size (left padding, mixed lengths, mixed media sizes)."""
 import pytest
 
-from modeltest.backends import BackendSettings
+from modeltest.backends.base import BackendSettings
 from modeltest.backends.hf import HFBackend
 from modeltest.config import load_config
 from modeltest.runner import Evaluator
+from modeltest.tasks import TASKS
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def backends(demo):
     """batch size -> an fp32 hf backend that runs batches of that size."""
-    cfg = load_config("textvqa", "qwen2_vl", [f"model.model_path={demo.model}",
+    cfg = load_config(TASKS, "textvqa", "qwen2_vl", [f"model.model_path={demo.model}",
                                               f"task.local_dataset_path={demo.textvqa_jsonl}"])
     cfg.model.data_type = "fp32"
     made = {}
@@ -29,7 +32,7 @@ def outputs(demo, backends, tmp_path, task, batch_size):
                  f"output_dir={tmp_path / f'{task}_{batch_size}'}", "max_output_length=8"]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
-    cfg = load_config(task, "qwen2_vl", overrides)
+    cfg = load_config(TASKS, task, "qwen2_vl", overrides)
     result = Evaluator(cfg, backend=backend, show_progress=False).run()
     return {r.id: (r.output, r.score) for r in result.records}, result.rows
 

@@ -5,6 +5,8 @@ import pytest
 
 from modeltest.cli import build_parser
 
+pytestmark = pytest.mark.slow
+
 ROW_KEYS = {"backend", "workload", "preset", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
             "ttft_p90_ms", "decode_ms_per_token", "peak_host_mb", "peak_device_mb"}
 
@@ -110,6 +112,7 @@ def test_paired_order_interleaves_backends_and_pairs_the_ratios(bench_cache, tmp
 
 def test_out_of_memory_with_both_backends_loaded_says_what_to_do(bench_cache, monkeypatch):
     import torch
+
     from modeltest.bench import runners
     from modeltest.errors import UserError
 
@@ -177,6 +180,25 @@ def test_half_built_preset_folder_is_rebuilt(tmp_path, monkeypatch):
         presets.preset_checkpoint("tiny", 1)
     assert not (tmp_path / "tiny-seed1").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_cached_preset_damaged_after_it_was_built_is_rebuilt(tmp_path, monkeypatch, capsys):
+    from modeltest.bench import presets
+    monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
+    out = presets.preset_checkpoint("tiny", 0)
+    assert presets.checkpoint_damage(out) is None
+    built = (out / "model.safetensors").stat().st_mtime_ns
+    assert presets.preset_checkpoint("tiny", 0) == out and (out / "model.safetensors").stat().st_mtime_ns == built
+    (out / "tokenizer.json").unlink()
+    assert presets.checkpoint_damage(out) == "tokenizer.json is missing"
+    capsys.readouterr()
+    assert presets.preset_checkpoint("tiny", 0) == out and (out / "tokenizer.json").is_file()
+    assert f"[bench] {out}: tokenizer.json is missing; rebuilding it" in capsys.readouterr().out
+    with open(out / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert presets.checkpoint_damage(out).startswith("model.safetensors is 100 bytes")
+    presets.preset_checkpoint("tiny", 0)
+    assert presets.checkpoint_damage(out) is None
 
 
 def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """Both tasks end to end on the tiny demo model, through scripts/mm_run.sh as a user runs them."""
 import json
+from pathlib import Path
 
 import pytest
+from conftest import read_csv, read_debug, run_mm
 
 from modeltest.metrics import extract_choice, vqa_accuracy
 
-from conftest import read_csv, read_debug, run_mm
+pytestmark = pytest.mark.subprocess
 
 DEBUG_KEYS = {"id", "subject", "input", "output", "prediction", "gold", "score", "error", "e2e_time", "queue_time",
               "preprocess_time", "input_tokens", "output_tokens", "prefill_time", "key", "schema"}
@@ -92,10 +94,15 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
     sqa["sqa_green_1"]["choices"] = {"A": None, "B": None}
     (qa / "SQA3D_QA_new.json").write_text(json.dumps(sqa))
     out = tmp_path / "vb"
-    run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={qa}",
-                          "task.subject_mapping=null", f"output_dir={out}", "batch_size=3", "max_output_length=3"])
+    proc = run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={qa}",
+                                 "task.subject_mapping=null", f"output_dir={out}", "batch_size=3",
+                                 "max_output_length=3"])
     records = {r["id"]: r for r in read_debug(out, "videobench")}
     assert len(records) == 11
+    # each failed sample is one line as it happens; the libraries' chatter stays out of sight
+    for sid in ("v_demo_blue_1", "msvd_yellow_0", "nba_red_1", "sqa_blue_0", "sqa_green_1"):
+        assert f"sample {sid}: {records[sid]['error']}" in proc.stdout
+    assert "qwen-vl-utils using" not in proc.stderr and "moov atom" not in proc.stderr
     assert "corrupt or unreadable video" in records["v_demo_blue_1"]["error"]
     assert "empty" in records["msvd_yellow_0"]["error"]
     assert "list of frames" in records["nba_red_1"]["error"]
@@ -132,6 +139,7 @@ def test_corrupt_weights_are_one_line_naming_the_file(demo, tmp_path):
     import shutil
     import subprocess
     import sys
+
     from conftest import REPO
     broken = tmp_path / "weights"
     shutil.copytree(demo.model, broken)
@@ -157,6 +165,23 @@ def test_loading_says_what_and_where(demo, tmp_path):
                               f"output_dir={tmp_path}", "limit=1", "max_output_length=2"])
     assert f"loading {demo.model} (engine backend, fp32) on cpu ..." in proc.stdout
     assert "loaded in" in proc.stdout
+    # Loading is reported on its own: the run's time and speed are its evaluation only.
+    summary = json.loads(next((tmp_path / "results").rglob("*_summary.json")).read_text())
+    assert summary["load_s"] > 0 and summary["elapsed_s"] > 0
+    loaded = float(proc.stdout.split("loaded in ")[1].split("s")[0])
+    assert abs(summary["load_s"] - loaded) < 0.15
+    assert f"(+ {summary['load_s']:.1f}s loading the model)" in proc.stdout
+
+
+def test_an_empty_dataset_is_one_line_and_a_failure(demo, tmp_path):
+    empty = tmp_path / "textvqa_val.jsonl"
+    empty.write_text("")
+    (tmp_path / "textvqa_val_annotations.json").write_text('{"annotations": []}')
+    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={empty}",
+                              f"output_dir={tmp_path / 'out'}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"modeltest: error: task.local_dataset_path: '{empty}' has no textvqa questions "
+                                   "(an empty file, or every subject empty); nothing to evaluate")
 
 
 def test_e2e_time_is_the_requests_own_time_and_queue_time_is_separate(demo, tmp_path):
@@ -196,3 +221,9 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
     for task in ("textvqa", "videobench"):                 # and says where each run's report is
         assert f"report: {out / 'report' / task / 'report.html'}" in proc.stdout
         assert (out / "report" / task / "report.csv").is_file()
+    # and ends with the next commands to try, each one that works as printed
+    assert "Next, try:" in proc.stdout and f"report {out}" in proc.stdout
+    assert f"serve --model_path {tmp_path / 'demo' / 'Qwen2-VL-tiny-random'}" in proc.stdout
+    exe = Path(sys.executable).parent / "modeltest"
+    if exe.is_file():           # the console script the printed commands name
+        assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).returncode == 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from engine_helpers import all_blocks_free, all_inputs, make_request, prompt_logits, record_steps
+
 from modeltest.engine.engine import EngineConfig, LLMEngine
 from modeltest.engine.parallel import TPContext, head_layout
 from modeltest.errors import UserError
@@ -51,11 +51,12 @@ def hf_prefill_positions(hf, inp) -> dict:
 
 def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, demo):
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
     from modeltest.backends.hf import dtype_kwarg
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(torch.float32)).eval()
     engine = make_engine(model_path)
     steps = {}
-    record_steps(engine, lambda reqs, logits: [steps.setdefault(r.id, []).append(l) for r, l in zip(reqs, logits)])
+    record_steps(engine, lambda reqs, logits: [steps.setdefault(r.id, []).append(lg) for r, lg in zip(reqs, logits)])
     n_new = 8
     for name, inp in all_inputs(processor, demo.root).items():
         with torch.no_grad():
@@ -110,6 +111,7 @@ def test_onednn_packed_weights_match_plain_weights(demo, dtype):
     """CPU engines pack linear weights for oneDNN by default; the plain path (F.linear, what GPUs
     run) must agree with it on logits and greedy tokens."""
     from transformers import AutoProcessor
+
     from modeltest.engine.layers import _Linear, onednn_packing_works
     if not onednn_packing_works(dtype):
         pytest.skip(f"this PyTorch build cannot pack {dtype} weights for oneDNN")
@@ -146,6 +148,7 @@ def test_abort_frees_blocks_and_leaves_the_others_alone(demo):
     """abort() of a waiting and of a running request: both come back ABORTED from the next step
     with their KV blocks freed; the remaining request's tokens are those it gets alone."""
     from transformers import AutoProcessor
+
     from modeltest.engine.request import RequestStatus
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     alone = make_engine(demo.model).generate([make_request("text", inputs["text"], 6)])[0].output_ids
@@ -272,6 +275,7 @@ def _torchrun(n, model, demo_root, out):
 
 
 @pytest.mark.parametrize("which,worlds", [("odd", (2, 4)), ("demo", (2,))])
+@pytest.mark.subprocess      # torchrun worlds of 2 and 4 gloo processes
 def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, tmp_path):
     model = odd_model if which == "odd" else demo.model
     base = _torchrun(1, model, demo.root, tmp_path / "w1.pt")

@@ -5,6 +5,9 @@ import pytest
 
 from modeltest.config import load_config
 from modeltest.runner import Evaluator
+from modeltest.tasks import TASKS
+
+pytestmark = pytest.mark.subprocess
 
 
 def run(demo, tmp_path, task, backend):
@@ -13,7 +16,7 @@ def run(demo, tmp_path, task, backend):
                  f"output_dir={tmp_path}", "max_output_length=6", f"model.backend={backend}"]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
-    result = Evaluator(load_config(task, "qwen2_vl", overrides), show_progress=False).run()
+    result = Evaluator(load_config(TASKS, task, "qwen2_vl", overrides), show_progress=False).run()
     return result
 
 

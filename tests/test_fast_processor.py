@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modeltest import fast_processor
-from modeltest.media import load_processor
+from modeltest.media import fast_processor
+from modeltest.media.processor import load_processor
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,11 @@ def test_videos_are_bit_identical_as_float_and_as_uint8(processors, frames, h, w
     rng = np.random.default_rng(frames)
     u8 = torch.from_numpy(rng.integers(0, 256, size=(frames, 3, h, w), dtype=np.uint8))
     assert_same(*processors, VID + " what happens?", videos=[u8.float()])      # qwen-vl-utils' form
-    assert_same(*processors, VID + " what happens?", videos=[u8])              # media.py's exact form
+    assert_same(*processors, VID + " what happens?", videos=[u8])              # media/decode.py's exact form
 
 
 def test_two_videos_and_the_demo_media(processors, demo):
-    from modeltest.media import vision_from_messages
+    from modeltest.media.decode import vision_from_messages
     video = {"type": "video", "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
              "fps": 0.5, "min_frames": 4, "max_frames": 768, "min_pixels": 100352, "max_pixels": 602112}
     image = {"type": "image", "image": str(demo.root / "textvqa" / "images" / "demo_003.jpg")}
@@ -83,9 +83,9 @@ def test_the_reference_runs_where_the_fast_path_would_not_be_exact(processors):
     frac = torch.from_numpy(rng.random((2, 3, 56, 56), dtype=np.float32))
     assert_same(reference, fast, VID, videos=[frac], fast_expected=False)
     # An odd number of frames (the reference's own error, not ours).
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 — whatever the reference raises, the fast one raises too
         reference(text=[VID], videos=[torch.zeros(3, 3, 56, 56)], return_tensors="pt")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 — whatever the reference raises, the fast one raises too
         fast(text=[VID], videos=[torch.zeros(3, 3, 56, 56)], return_tensors="pt")
 
 
@@ -103,7 +103,7 @@ def test_patchify_matches_the_processor_layout():
 
 def test_the_next_question_on_a_cached_clip_reuses_its_patches_and_nothing_else_is_reused(processors, demo,
                                                                                         tmp_path):
-    from modeltest.media_cache import MediaCache
+    from modeltest.media.cache import MediaCache
     reference, fast = processors
     video = {"type": "video", "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
              "fps": 0.5, "min_frames": 4, "max_frames": 768, "min_pixels": 100352, "max_pixels": 602112}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeltest.media_cache import MediaCache
+from modeltest.media.cache import MediaCache
 
 
 def elements(demo):
@@ -52,9 +52,10 @@ def test_size_bound_evicts_least_recently_used(demo, tmp_path):
 def test_harness_runs_reuse_the_cache_and_answer_identically(demo, tmp_path, task):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
+    from modeltest.tasks import TASKS
 
     def run(out, cache):
-        cfg = load_config(task, "qwen2_vl", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}",
+        cfg = load_config(TASKS, task, "qwen2_vl", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}",
                                              "task.subject_mapping=null", f"output_dir={out}", "max_output_length=4",
                                              f"media_cache={cache}"])
         result = Evaluator(cfg, show_progress=False).run()

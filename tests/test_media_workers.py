@@ -6,13 +6,17 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 import worker_helpers
 from test_media_cache import elements
+
 from modeltest.errors import SampleError
-from modeltest.media import InProcessMedia, vision_from_messages
-from modeltest.media_cache import MediaCache
-from modeltest.media_workers import FAULT_ENV, TaskFailed, WorkerMedia, WorkerPool
+from modeltest.media import InProcessMedia
+from modeltest.media.cache import MediaCache
+from modeltest.media.decode import vision_from_messages
+from modeltest.media.pool import TaskFailed, WorkerPool
+from modeltest.media.workers import FAULT_ENV, WorkerMedia
+
+pytestmark = pytest.mark.subprocess
 
 
 def test_a_hanging_or_dying_task_fails_alone_and_its_worker_is_replaced():
@@ -94,7 +98,8 @@ def test_workers_hand_over_what_qwen_vl_utils_returns_and_two_ranks_share_one_ca
 def harness(demo, out, *extra):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
-    cfg = load_config("videobench", "qwen2_vl", [
+    from modeltest.tasks import TASKS
+    cfg = load_config(TASKS, "videobench", "qwen2_vl", [
         f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}", "task.subject_mapping=null",
         f"output_dir={out}", "max_output_length=4", *extra])
     return Evaluator(cfg, show_progress=False).run()

@@ -9,9 +9,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, read_csv, read_debug
 from serve_helpers import ServerProcess
+
+pytestmark = pytest.mark.subprocess
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +25,13 @@ def server(demo):
 def evaluate(demo, task, out, *extra):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
+    from modeltest.tasks import TASKS
     data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
     overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", f"output_dir={out}",
                  "max_output_length=6", *extra]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
-    return Evaluator(load_config(task, "qwen2_vl", overrides), show_progress=False).run()
+    return Evaluator(load_config(TASKS, task, "qwen2_vl", overrides), show_progress=False).run()
 
 
 @pytest.mark.parametrize("task", ["textvqa", "videobench"])
@@ -135,6 +137,9 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
     assert "run the same command again to retry only those" in stdout
+    # what is evaluated, and where: no weights folder or data type of its own (the server has them)
+    assert f"evaluating the model it serves at {first.url}/v1 (openai backend, 1 request(s) at once)" in stdout
+    assert "loading None" not in stdout
     records = read_debug(out, "textvqa")
     finished = [r for r in records if r["error"] is None]
     assert 3 <= len(finished) < 8 and all(r.get("transient") for r in records if r["error"])

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 
 from modeltest.config.schema import ModelConfig
-from modeltest.tasks.textvqa import TextVQATaskConfig
-from modeltest.tasks.videobench import VideoBenchTaskConfig
-from modeltest.media import load_processor, load_vision, prompt_text
-from modeltest.tasks.textvqa import TextVQATask
-from modeltest.tasks.videobench import VideoBenchTask
+from modeltest.inputs import decoded_media, prompt_text, sample_messages
+from modeltest.media.processor import load_processor
+from modeltest.tasks.textvqa import TextVQATask, TextVQATaskConfig
+from modeltest.tasks.videobench import VideoBenchTask, VideoBenchTaskConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "model_inputs.json"
 PAD_IDS = {151655, 151656}   # <|image_pad|>, <|video_pad|>: repeated once per merged patch
 
 
 def model_input(processor, sample) -> dict:
-    images, videos = load_vision(sample)
-    text = prompt_text(processor, sample, use_chat_template=True)
+    messages = sample_messages(sample)
+    images, videos = decoded_media(messages)
+    text = prompt_text(processor, messages, use_chat_template=True)
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     grids = {k: inputs[k].tolist() for k in ("image_grid_thw", "video_grid_thw") if k in inputs}

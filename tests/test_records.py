@@ -1,8 +1,8 @@
 """The typed per-sample record: its JSON form, older records read for resuming, newer ones skipped."""
 import json
 
+from modeltest.core import SCHEMA_VERSION, SampleRecord
 from modeltest.records import RecordStore
-from modeltest.sample_record import SCHEMA_VERSION, SampleRecord
 
 
 def test_round_trip_keeps_key_order_and_task_extras():

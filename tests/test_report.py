@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 
-
 def evaluate(demo, data, out, task="textvqa"):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
+    from modeltest.tasks import TASKS
     path = data / "textvqa" / "textvqa_val.jsonl" if task == "textvqa" else data / "videobench" / "Eval_QA"
     extra = ["task.subject_mapping=null"] if task == "videobench" else []
-    return Evaluator(load_config(task, "qwen2_vl", [f"model.model_path={demo.model}", f"task.local_dataset_path={path}",
+    return Evaluator(load_config(TASKS, task, "qwen2_vl", [f"model.model_path={demo.model}", f"task.local_dataset_path={path}",
                                                     f"output_dir={out}", "max_output_length=4", *extra]),
                      show_progress=False).run()
 
@@ -82,6 +82,7 @@ def test_gate_fails_on_a_planted_regression_and_passes_without(two_runs, tmp_pat
                   "--out", str(tmp_path / "r3")) == 0          # a drop smaller than allowed
 
 
+@pytest.mark.subprocess     # a headless chromium (scripts/setup_browser.sh installs it)
 def test_html_opens_in_a_headless_browser(two_runs, demo, tmp_path):
     if os.environ.get("MODELTEST_NO_BROWSER") == "1":
         pytest.skip("MODELTEST_NO_BROWSER=1: no browser on this machine (scripts/setup_browser.sh installs one)")
@@ -151,3 +152,30 @@ def test_bench_jsons_side_by_side(tmp_path):
     sps = table[table["figure"] == "samples_per_s"].iloc[0]
     assert sps["ratio"] == pytest.approx(0.75) and bool(sps["regression"])
     assert report("--bench", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "r")) == 0
+
+
+def test_runs_are_labelled_by_what_differs_and_a_textvqa_report_shows_only_its_sections(demo, data_copy, tmp_path,
+                                                                                       capsys):
+    """Two runs in the default layout's folder name (precision_result) on different backends: the
+    tables call them by backend, not precision_result and precision_result#2; no VideoBench
+    section in a TextVQA report; no <NA> cells; charts in the tables' unit."""
+    from modeltest.config import load_config
+    from modeltest.runner import Evaluator
+    from modeltest.tasks import TASKS
+    for backend in ("engine", "hf"):
+        out = tmp_path / backend / "precision_result"
+        Evaluator(load_config(TASKS, "textvqa", "qwen2_vl", [
+            f"model.model_path={demo.model}", f"task.local_dataset_path={data_copy / 'textvqa' / 'textvqa_val.jsonl'}",
+            f"output_dir={out}", "max_output_length=4", f"model.backend={backend}", "limit=3"]),
+            show_progress=False).run()
+    rep = tmp_path / "rep"
+    assert report(str(tmp_path / "engine" / "precision_result"), str(tmp_path / "hf" / "precision_result"),
+                  "--out", str(rep)) == 0
+    csv = pd.read_csv(rep / "report.csv")
+    assert set(csv["run"]) == {"engine", "hf"}
+    md = (rep / "report.md").read_text()
+    assert "# textvqa: engine vs hf" in md and "precision_result" not in md.split("\n")[0]
+    assert "VideoBench" not in md and "<NA>" not in md and "nan" not in md.split("## Configuration")[0]
+    # one run alone in the default layout: named by its model, backend and data type
+    assert report(str(tmp_path / "hf" / "precision_result"), "--out", str(tmp_path / "one")) == 0
+    assert (tmp_path / "one" / "report.md").read_text().startswith("# textvqa: qwen2_vl hf fp32")

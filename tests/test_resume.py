@@ -7,8 +7,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, read_csv, read_debug, run_mm
+
+pytestmark = pytest.mark.subprocess
 
 
 def overrides(demo, out, *extra):
@@ -177,6 +178,7 @@ def test_disk_full_is_a_clear_error_and_keeps_what_was_saved(demo, tmp_path, mon
     from modeltest.config import load_config
     from modeltest.errors import UserError
     from modeltest.runner import Evaluator
+    from modeltest.tasks import TASKS
 
     calls = {"n": 0}
     real_fsync = os.fsync
@@ -189,12 +191,12 @@ def test_disk_full_is_a_clear_error_and_keeps_what_was_saved(demo, tmp_path, mon
 
     monkeypatch.setattr(records.os, "fsync", fsync)
     out = tmp_path / "out"
-    cfg = load_config("textvqa", "qwen2_vl", overrides(demo, out, "batch_size=1"))
+    cfg = load_config(TASKS, "textvqa", "qwen2_vl", overrides(demo, out, "batch_size=1"))
     with pytest.raises(UserError, match=r"records_dp0.jsonl: cannot save a finished sample \(the disk is full\).*"
                                         r"run the same command again"):
         Evaluator(cfg, show_progress=False).run()
     monkeypatch.setattr(records.os, "fsync", real_fsync)
-    result = Evaluator(load_config("textvqa", "qwen2_vl", overrides(demo, out, "batch_size=1")),
+    result = Evaluator(load_config(TASKS, "textvqa", "qwen2_vl", overrides(demo, out, "batch_size=1")),
                        show_progress=False).run()
     assert len(result.records) == 8
     assert json.loads(next((out / "results").rglob("*_summary.json")).read_text())["reused"] >= 2

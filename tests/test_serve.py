@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from serve_helpers import ServerProcess, data_url, in_process_answer
+
+pytestmark = pytest.mark.subprocess
 
 KEY = "test-key-123"
 MAX_TOKENS = 8
@@ -56,6 +57,7 @@ def reference(demo):
     """The in-process engine on the same weights (fp32, as the demo's config.json says)."""
     import torch
     from transformers import AutoProcessor
+
     from modeltest.engine.engine import EngineConfig, LLMEngine
     from modeltest.engine.parallel import TPContext
     engine = LLMEngine(EngineConfig(model_path=str(demo.model), dtype=torch.float32, max_batch_size=4,
@@ -333,6 +335,7 @@ def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):
     """/health before the engine exists (loading), and after its load failed (dead); chat
     requests get 503 with the reason meanwhile."""
     from fastapi.testclient import TestClient
+
     from modeltest.serve.app import ServerState, create_app
     from modeltest.serve.config import ServeConfig
     from modeltest.serve.engine_loop import EngineLoop

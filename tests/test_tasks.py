@@ -4,11 +4,9 @@ import json
 import pytest
 
 from modeltest.config.schema import ModelConfig
-from modeltest.tasks.textvqa import TextVQATaskConfig
-from modeltest.tasks.videobench import VideoBenchTaskConfig
 from modeltest.errors import UserError
-from modeltest.tasks.textvqa import TextVQATask
-from modeltest.tasks.videobench import VideoBenchTask, build_prompt
+from modeltest.tasks.textvqa import TextVQATask, TextVQATaskConfig
+from modeltest.tasks.videobench import VideoBenchTask, VideoBenchTaskConfig, build_prompt
 
 
 def textvqa(path, **kw):

@@ -92,6 +92,7 @@ def vision_rope_and_attention_math():
 def engine_textvqa_profile():
     from torch.profiler import profile
     from transformers import AutoProcessor
+
     from modeltest.bench.presets import preset_checkpoint
     from modeltest.bench.runners import EngineRunner
     from modeltest.bench.workloads import WorkloadSpec, build_inputs

@@ -39,7 +39,8 @@ def main() -> None:
     os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
     import torch
     from qwen_vl_utils.vision_process import fetch_video
-    from modeltest.media_cache import MediaCache
+
+    from modeltest.media.cache import MediaCache
     from modeltest.serve.config import default_video_options
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=60)

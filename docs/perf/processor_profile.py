@@ -22,6 +22,7 @@ def main() -> None:
     import torch
     from qwen_vl_utils.vision_process import fetch_video
     from transformers import AutoProcessor
+
     from modeltest.bench.presets import cache_root, preset_checkpoint
     from modeltest.serve.config import default_video_options
     ap = argparse.ArgumentParser()

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..config.schema import ModelConfig
+from ..core import Sample
 from ..device import TORCH_DTYPES
+from ..engine.request import DEFAULT_MAX_INPUT_LENGTH, DEFAULT_MAX_OUTPUT_LENGTH
+from ..inputs import ModelInput
 from ..media import MediaSource
-from ..tasks.base import Sample
+from .traits import BackendTraits
+
+if TYPE_CHECKING:     # annotations only: the config layer imports backends' traits, not the reverse
+    from ..config.schema import ModelConfig
 
 
 @dataclass
@@ -31,11 +36,11 @@ class BackendSettings:
     model: ModelConfig            # model_path, backend, data_type (resolved), block_size, chat template
     device: str                   # npu | cuda | cpu (resolved)
     max_batch_size: int = 8
-    max_input_length: int = 4096
-    max_output_length: int = 256
+    max_input_length: int = DEFAULT_MAX_INPUT_LENGTH
+    max_output_length: int = DEFAULT_MAX_OUTPUT_LENGTH
     # Where images/videos are decoded (media.MediaSource); None: here, without a cache.
     media: Optional[MediaSource] = None
-    fast_processor: bool = True           # fast_processor.py's bit-identical image processor (engine)
+    fast_processor: bool = True           # media/fast_processor.py's bit-identical image processor (engine)
 
     @classmethod
     def from_eval(cls, cfg, device: str, max_new_tokens: int, media: Optional[MediaSource] = None) -> "BackendSettings":
@@ -52,7 +57,7 @@ class Prepared:
     text: str                          # the prompt after the chat template, placeholders unexpanded
     images: Optional[list] = None      # PIL images from qwen-vl-utils (hf: processed with the batch)
     videos: Optional[list] = None      # float tensors [T, C, H, W] from qwen-vl-utils (hf)
-    inputs: Optional[Dict[str, Any]] = None   # the processor's tensors for this sample alone (engine)
+    model_input: Optional[ModelInput] = None  # the processor's tensors for this sample alone (engine)
     request: Optional[Dict[str, Any]] = None  # the chat request's messages and extra fields (openai)
     preprocess_time: float = 0.0
     input_length: int = 0              # prompt tokens with the vision placeholders expanded
@@ -83,6 +88,7 @@ Completed = Tuple[Prepared, GenerationOutput]
 
 class Backend(abc.ABC):
     name = ""
+    traits: BackendTraits            # what this backend can do (traits.py), declared by each subclass
 
     def __init__(self, settings: BackendSettings):
         self.settings = settings

@@ -13,13 +13,16 @@ import itertools
 import time
 from typing import Dict, List
 
+from ..core import Sample
+from ..device import TORCH_DTYPES
 from ..engine.engine import EngineConfig, LLMEngine, Request, RequestStatus, SamplingParams
 from ..engine.parallel import TPContext, init_distributed
-from .. import fast_processor
-from ..media import ProcessorCopies, load_processor, prefetch_vision, processor_inputs, require_qwen_vl_utils
-from ..device import TORCH_DTYPES
-from ..tasks.base import Sample
+from ..inputs import engine_request, model_input, prefetch_media, sample_messages
+from ..media import fast_processor
+from ..media.decode import require_qwen_vl_utils
+from ..media.processor import ProcessorCopies, load_processor
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
+from .traits import TRAITS
 
 
 def engine_config(settings: BackendSettings) -> EngineConfig:
@@ -30,16 +33,9 @@ def engine_config(settings: BackendSettings) -> EngineConfig:
                         max_output_length=settings.max_output_length, block_size=m.block_size)
 
 
-def engine_request(rid, inputs: Dict, max_new_tokens: int, ignore_eos: bool = False) -> Request:
-    """An engine request from the processor's tensors of one sample."""
-    return Request(id=rid, input_ids=inputs["input_ids"][0].tolist(),
-                   params=SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos),
-                   pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
-                   pixel_values_videos=inputs.get("pixel_values_videos"), video_grid_thw=inputs.get("video_grid_thw"))
-
-
 class EngineBackend(Backend):
     name = "engine"
+    traits = TRAITS["engine"]
 
     def __init__(self, settings: BackendSettings, tp_ctx: TPContext = None):
         super().__init__(settings)
@@ -62,17 +58,19 @@ class EngineBackend(Backend):
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
         with self._processors.borrow() as processor:
-            text, inputs = processor_inputs(processor, sample, self.model_cfg.use_chat_template, self.settings.media)
-        return Prepared(sample=sample, text=text, inputs=inputs, preprocess_time=time.perf_counter() - start,
-                        input_length=int(inputs["input_ids"].shape[1]))
+            mi = model_input(processor, sample_messages(sample), self.settings.media, self.model_cfg.use_chat_template)
+        return Prepared(sample=sample, text=mi.text, model_input=mi, preprocess_time=time.perf_counter() - start,
+                        input_length=mi.prompt_tokens)
 
     def prefetch(self, sample: Sample) -> None:
-        prefetch_vision(sample, self.settings.media, uint8=fast_processor.installed(self.processor))
+        if not sample.load_error:
+            prefetch_media(sample_messages(sample), self.settings.media, uint8=fast_processor.installed(self.processor))
 
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         rid = next(self._ids)
         self._inflight[rid] = prepared
-        self.engine.add_request(engine_request(rid, prepared.inputs, max_new_tokens, ignore_eos))
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+        self.engine.add_request(engine_request(rid, prepared.model_input, params))
 
     def pending(self) -> int:
         return len(self._inflight)

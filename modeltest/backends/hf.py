@@ -15,12 +15,17 @@ from typing import Deque, List, Tuple
 
 import torch
 
+from ..core import Sample
 from ..device import synchronize
+from ..engine.config import checkpoint_stop_ids
 from ..engine.loader import check_weight_files
 from ..errors import UserError, first_line
-from ..media import load_processor, load_vision, prefetch_vision, prompt_text, require_qwen_vl_utils
-from ..tasks.base import Sample
+from ..inputs import decoded_media, prefetch_media, prompt_text, sample_messages
+from ..media.decode import require_qwen_vl_utils
+from ..media.processor import load_processor
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
+from .traits import TRAITS
+
 
 def device_for(device: str) -> torch.device:
     if device == "cpu":
@@ -38,6 +43,7 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 
 class HFBackend(Backend):
     name = "hf"
+    traits = TRAITS["hf"]
 
     def __init__(self, settings: BackendSettings):
         super().__init__(settings)
@@ -58,9 +64,8 @@ class HFBackend(Backend):
                             f"({first_line(e, 200)})") from None
         self.model.to(self.torch_device).eval()
         tok = self.processor.tokenizer
-        self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"),
-                                     tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None]
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[-1]
+        self.stop_ids = list(checkpoint_stop_ids(path))       # the engine's, from the checkpoint
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
         # prepare() runs in background threads while generate() pads with the processor's own
         # tokenizer; a fast tokenizer used from two threads can fail ("Already borrowed"), so
         # counting uses a private copy behind a lock.
@@ -73,8 +78,9 @@ class HFBackend(Backend):
 
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        images, videos = load_vision(sample, self.settings.media)
-        text = prompt_text(self.processor, sample, self.model_cfg.use_chat_template)
+        messages = sample_messages(sample)
+        images, videos = decoded_media(messages, self.settings.media)
+        text = prompt_text(self.processor, messages, self.model_cfg.use_chat_template)
         return Prepared(sample=sample, text=text, images=images, videos=videos,
                         preprocess_time=time.perf_counter() - start,
                         input_length=self.count_input_tokens(text, images, videos))
@@ -93,7 +99,8 @@ class HFBackend(Backend):
         return n
 
     def prefetch(self, sample: Sample) -> None:
-        prefetch_vision(sample, self.settings.media)
+        if not sample.load_error:
+            prefetch_media(sample_messages(sample), self.settings.media)
 
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         self._queue.append((prepared, max_new_tokens, ignore_eos, time.perf_counter()))

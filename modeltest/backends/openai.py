@@ -1,5 +1,5 @@
 """Backend `openai`: evaluate a served deployment — `modeltest serve`, vLLM, SGLang, MindIE
-Service, any OpenAI-compatible chat-completions endpoint (SERVING.md).
+Service, any OpenAI-compatible chat-completions endpoint.
 
 Each sample becomes one chat request: its images, then its videos, then its prompt, as the
 in-process harness builds the conversation; media go as base64 data URLs (`media=data`, what
@@ -22,12 +22,17 @@ import random
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ..config.schema import ModelConfig
+from ..core import Sample
 from ..errors import SampleError, UserError, first_line
-from ..tasks.base import Sample
+from ..inputs import sample_messages
+from ..media.decode import media_parts
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
+from .traits import TRAITS
+
+if TYPE_CHECKING:     # annotations only: the config layer imports backends' traits, not the reverse
+    from ..config.schema import ModelConfig
 
 API_KEY_ENV = "OPENAI_API_KEY"
 MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
@@ -40,7 +45,7 @@ def api_key(m: ModelConfig) -> str:
 
 
 def server_error_message(body: Any, fallback: str = "") -> str:
-    """The message of an error body in any of the shapes servers send (SERVING.md §3):
+    """The message of an error body in any of the shapes servers send:
     {"error": {"message": ...}} (OpenAI, current vLLM), {"object": "error", "message": ...} (older
     vLLM, SGLang), {"error": "<text>", "error_type": ...} (MindIE) — the openai client hands over
     the inner "error" value when there is one."""
@@ -93,6 +98,7 @@ class _Retryable(Exception):
 
 class OpenAIBackend(Backend):
     name = "openai"
+    traits = TRAITS["openai"]
 
     def __init__(self, settings: BackendSettings):
         super().__init__(settings)
@@ -108,13 +114,10 @@ class OpenAIBackend(Backend):
     # ---- the contract -----------------------------------------------------------------------
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        content: List[Dict[str, Any]] = []
-        for kind, paths in (("image", sample.images), ("video", sample.videos)):
-            for path in paths:
-                content.append({"type": f"{kind}_url", f"{kind}_url": {"url": self._media_url(path, kind)}})
-        content.append({"type": "text", "text": sample.prompt})
+        conversation = sample_messages(sample)        # what an in-process backend hands the processor
+        messages = [{"role": m["role"], "content": [self._part(p) for p in m["content"]]} for m in conversation]
         return Prepared(sample=sample, text=sample.prompt, preprocess_time=time.perf_counter() - start,
-                        request={"messages": [{"role": "user", "content": content}], "extra": self._hints(sample)})
+                        request={"messages": messages, "extra": self._hints(conversation)})
 
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         fut = self.pool.submit(self._call, prepared, max_new_tokens, ignore_eos, time.perf_counter())
@@ -152,11 +155,23 @@ class OpenAIBackend(Backend):
         mime = MIME.get(p.suffix.lower()) or mimetypes.guess_type(p.name)[0] or f"{kind}/octet-stream"
         return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
 
-    def _hints(self, sample: Sample) -> Dict[str, Any]:
+    def _part(self, part: Dict[str, Any]) -> Dict[str, Any]:
+        """A conversation part in the OpenAI chat format: text as it is, a local medium as an
+        image_url / video_url (its options travel once per request, as mm_processor_kwargs)."""
+        kind = part["type"]
+        if kind == "text":
+            return {"type": "text", "text": part["text"]}
+        return {"type": f"{kind}_url", f"{kind}_url": {"url": self._media_url(str(part[kind]), kind)}}
+
+    def _hints(self, conversation: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """The media parts' preprocessing options (videos' where there are videos: they carry the
+        pixel bounds too), as vLLM's `mm_processor_kwargs`."""
         if not self.model_cfg.send_preprocessing:
             return {}
-        opts = dict(sample.video_options if sample.videos else sample.image_options if sample.images else {})
-        return {"mm_processor_kwargs": {k: v for k, v in opts.items() if v is not None}} if opts else {}
+        parts = media_parts(conversation)
+        part = next((p for p in parts if p["type"] == "video"), parts[0] if parts else None)
+        opts = {k: v for k, v in (part or {}).items() if k not in ("type", "image", "video") and v is not None}
+        return {"mm_processor_kwargs": opts} if opts else {}
 
     def _call(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool, submitted: float) -> GenerationOutput:
         m = self.model_cfg

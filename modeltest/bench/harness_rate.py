@@ -2,7 +2,7 @@
 real-size media (cold media cache, then warm) against the engine alone on the same prepared
 inputs, one loaded model for all three (`modeltest bench-prep --infer PRESET`).
 
-The media become TextVQA- and VideoBench-format datasets (the on-disk formats of FORMATS.md),
+The media become TextVQA- and VideoBench-format datasets (the on-disk formats the tasks read),
 so the harness run is the one `scripts/mm_run.sh` makes: its loader, its preprocessing (worker
 processes, media cache, fast processor), its records.
 """
@@ -56,11 +56,13 @@ def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device:
                       batch_size: int, new_tokens: int, prep_workers: str) -> Dict[str, Dict[str, float]]:
     """Per task: engine-only samples/s, harness samples/s (cold and warm media cache) and their
     ratios, from one loaded model."""
-    from ..backends import BackendSettings, make_backend
+    from ..backends import make_backend
+    from ..backends.base import BackendSettings
     from ..config import load_config
     from ..media import InProcessMedia
-    from ..media_workers import WorkerMedia
+    from ..media.workers import WorkerMedia
     from ..runner import Evaluator, max_new_tokens, media_source
+    from ..tasks import TASKS
     out: Dict[str, Dict[str, float]] = {}
     for task, data in (("textvqa", textvqa), ("videobench", videobench)):
         with tempfile.TemporaryDirectory(prefix=f"bench-harness-{task}-") as tmp:
@@ -70,7 +72,7 @@ def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device:
                          f"prep_workers={prep_workers}", "resume=false"]
             if task == "videobench":
                 overrides.append("task.subject_mapping=null")
-            cfg = load_config(task, "qwen2_vl", overrides)
+            cfg = load_config(TASKS, task, "qwen2_vl", overrides)
             n_new = max_new_tokens(cfg)
             print(f"[bench-prep] loading {checkpoint.name} on {device} for {task} ...", flush=True)
             backend = make_backend(BackendSettings.from_eval(cfg, device, n_new, InProcessMedia(None)))

@@ -1,5 +1,5 @@
 """`modeltest bench-prep`: what preprocessing real-size media costs the host, with inference
-left out — so a user sees whether a run will wait on its host (MEDIA.md).
+left out — so a user sees whether a run will wait on its host.
 
 Generates (once, cached beside the bench checkpoints) 1024x768 JPEG photos and H.264 clips at
 30 fps with ordinary GOPs, several questions per clip as in VideoBench, then reports:
@@ -24,8 +24,8 @@ import numpy as np
 from tabulate import tabulate
 from termcolor import colored
 
+from ..core import Sample
 from ..errors import UserError
-from ..tasks.base import Sample
 from ..tasks.textvqa import TextVQATaskConfig
 from ..tasks.videobench import VideoBenchTaskConfig
 
@@ -126,8 +126,10 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
     """Per distinct medium, one thread: decode + resize (qwen-vl-utils), transformers' processor,
     the fast processor, and a warm question: the entry read from the media cache (a new process's
     view: from disk) + the fast processor."""
-    from ..media import InProcessMedia, build_messages, processor_inputs, prompt_text, vision_from_messages
-    from ..media_cache import MediaCache
+    from ..inputs import model_input, prompt_text, sample_messages
+    from ..media import InProcessMedia
+    from ..media.cache import MediaCache
+    from ..media.decode import vision_from_messages
     seen, out = set(), {}
     for s in samples:
         media = tuple(s.images + s.videos)
@@ -135,19 +137,20 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
             continue
         seen.add(media)
         t0 = time.perf_counter()
-        images, videos = vision_from_messages(build_messages(s))
+        messages = sample_messages(s)
+        images, videos = vision_from_messages(messages)
         t1 = time.perf_counter()
-        text = prompt_text(processor, s, True)
+        text = prompt_text(processor, messages, True)
         processor(text=[text], images=images, videos=videos, return_tensors="pt")
         t2 = time.perf_counter()
         fast(text=[text], images=images, videos=videos, return_tensors="pt")
         t3 = time.perf_counter()
-        processor_inputs(fast, s, True, InProcessMedia(MediaCache(cache_dir, 1 << 40)))    # fill the entry
+        model_input(fast, messages, InProcessMedia(MediaCache(cache_dir, 1 << 40)))    # fill the entry
         warm = InProcessMedia(MediaCache(cache_dir, 1 << 40))     # a later run's view: from disk
         t4 = time.perf_counter()
-        processor_inputs(fast, s, True, warm)
+        model_input(fast, messages, warm)
         t5 = time.perf_counter()
-        processor_inputs(fast, s, True, warm)                       # the next question on it
+        model_input(fast, messages, warm)                           # the next question on it
         t6 = time.perf_counter()
         out[Path(media[0]).name] = {"decode_s": t1 - t0, "processor_s": t2 - t1, "fast_processor_s": t3 - t2,
                                     "warm_question_s": t5 - t4, "warm_next_question_s": t6 - t5,
@@ -159,11 +162,12 @@ def pipeline_rate(processor, samples: List[Sample], threads: int, media, prefetc
     """samples/s of preparing every sample in `threads` threads (the harness's prepare step),
     decoding through `media` (a media.MediaSource; prefetch: every sample's media asked for at
     once first, as the harness does with worker processes)."""
-    from ..media import ProcessorCopies, prefetch_vision, processor_inputs
+    from ..inputs import model_input, prefetch_media, sample_messages
+    from ..media.processor import ProcessorCopies
 
     def prepare(s: Sample):
         with procs.borrow() as proc:
-            return processor_inputs(proc, s, True, media)
+            return model_input(proc, sample_messages(s), media)
     procs = ProcessorCopies(processor)
     with contextlib.ExitStack() as stack:     # the copies exist before the clock (a run makes them once)
         for _ in range(threads):
@@ -171,7 +175,7 @@ def pipeline_rate(processor, samples: List[Sample], threads: int, media, prefetc
     start = time.perf_counter()
     if prefetch:
         for s in samples:
-            prefetch_vision(s, media, uint8=True)
+            prefetch_media(sample_messages(s), media, uint8=True)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(prepare, samples))
     return len(samples) / (time.perf_counter() - start)
@@ -181,8 +185,8 @@ def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dic
     """With decoding in `workers` processes: the decode alone (cold, every sample's media asked
     for at once, as the harness's prefetch does), then the pipeline with the processor in the
     harness's threads (min(4, max(2, workers))), cold (an empty cache) then warm."""
-    from ..media import build_messages, prefetch_vision
-    from ..media_workers import WorkerMedia
+    from ..inputs import prefetch_media, sample_messages
+    from ..media.workers import WorkerMedia
     out = {}
     for state in ("decode only, cold", "cold", "warm"):
         where = folder / ("decode" if state.startswith("decode") else "pipeline")
@@ -192,9 +196,9 @@ def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dic
             if state.startswith("decode"):
                 start = time.perf_counter()
                 for s in samples:
-                    prefetch_vision(s, media, uint8=True)
+                    prefetch_media(sample_messages(s), media, uint8=True)
                 for s in samples:
-                    media.vision(build_messages(s), uint8=True)
+                    media.vision(sample_messages(s), uint8=True)
                 out[state] = len(samples) / (time.perf_counter() - start)
             else:
                 out[state] = pipeline_rate(fast, samples, min(4, max(2, workers)), media, prefetch=True)
@@ -209,8 +213,9 @@ def main(args) -> int:
     import torch
 
     from ..device import resolve_device
-    from ..media import InProcessMedia, load_processor
-    from ..media_cache import MediaCache
+    from ..media import InProcessMedia
+    from ..media.cache import MediaCache
+    from ..media.processor import load_processor
     from .presets import cache_root, preset_checkpoint
     try:
         w, h = (int(x) for x in args.photo_size.lower().split("x"))

@@ -1,15 +1,16 @@
 """Model shapes for the benchmark, and building a random-weight checkpoint of one (cached on disk)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from ..demo.tiny_model import QWEN2VL_VOCAB, TinyShape, build_tiny_qwen2vl
 
-# name -> (language model + vision shape, vocab). 2b and 7b are the published configs (FORMATS.md §8).
+# name -> (language model + vision shape, vocab). 2b and 7b are the published configs (Qwen2-VL-2B/7B-Instruct's config.json).
 PRESETS: Dict[str, dict] = {
     "tiny": dict(shape=TinyShape(), vocab=QWEN2VL_VOCAB),
     "mid": dict(shape=TinyShape(hidden_size=768, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12,
@@ -35,27 +36,51 @@ def cache_root() -> Path:
 COMPLETE_MARKER = ".modeltest-complete"
 
 
+def checkpoint_damage(folder: Path) -> Optional[str]:
+    """Why a cached checkpoint cannot be used as it is (None: complete and intact): no completion
+    marker (an interrupted build), or a file the marker lists missing or of another size (deleted
+    or truncated since)."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return "incomplete (an interrupted build?)"
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except ValueError:
+        files = None
+    if not isinstance(files, dict):
+        return "built by an older modeltest without a file list"
+    for fname, size in files.items():
+        f = folder / fname
+        if not f.is_file():
+            return f"{fname} is missing"
+        if f.stat().st_size != size:
+            return f"{fname} is {f.stat().st_size} bytes, {size} when built"
+    return None
+
+
 def preset_checkpoint(name: str, seed: int = 0) -> Path:
     """A random-weight checkpoint of the preset (built once, then reused).
 
     It is built in a temporary folder beside its place and renamed into place when complete, so
-    an interrupted build never leaves a folder that looks finished; a folder without the
-    completion marker (an older modeltest's interrupted build) is rebuilt."""
+    an interrupted build never leaves a folder that looks finished; a folder that is incomplete or
+    damaged since (checkpoint_damage) is rebuilt."""
     if name not in PRESETS:
         from ..errors import UserError
         raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
     out = cache_root() / f"{name}-seed{seed}"
-    if (out / COMPLETE_MARKER).is_file():
+    damage = checkpoint_damage(out)
+    if damage is None:
         return out
     p = PRESETS[name]
     if out.exists():
-        print(f"[bench] {out} is incomplete (an interrupted build?); rebuilding it", flush=True)
+        print(f"[bench] {out}: {damage}; rebuilding it", flush=True)
     print(f"[bench] building a random-weight '{name}' checkpoint in {out} ...", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         build_tiny_qwen2vl(tmp, p["shape"], seed=seed, vocab_size=p["vocab"])
-        (tmp / COMPLETE_MARKER).write_text(f"{name} seed {seed}\n")
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"preset": name, "seed": seed, "files": files}, indent=1))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

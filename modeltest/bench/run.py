@@ -121,8 +121,9 @@ def measure_together(runners: dict, workloads, inputs, specs, batch_sizes, repea
 
 
 def main(args) -> int:
-    from ..device import resolve_device
     from transformers import AutoProcessor
+
+    from ..device import resolve_device
 
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: must be at least 1")

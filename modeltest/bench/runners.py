@@ -13,7 +13,6 @@ from typing import Dict, List, Optional
 import torch
 
 from ..device import synchronize
-
 from .measure import PeakRSS, VisionTimer, device_allocated_mb, measured_run
 
 
@@ -50,7 +49,7 @@ class EngineRunner:
     name = "engine"
 
     def __init__(self, model_path, data_type: str, device: str, max_batch_size: int, max_input: int, max_output: int):
-        from ..backends import BackendSettings
+        from ..backends.base import BackendSettings
         from ..backends.engine import engine_config
         from ..config.schema import ModelConfig
         from ..engine.engine import LLMEngine
@@ -68,10 +67,12 @@ class EngineRunner:
         self.load_device_mb = device_allocated_mb(self.device) - before   # weights + KV cache
 
     def run(self, inputs: List[dict], new_tokens: int, batch_size: int) -> Measurement:
-        from ..backends.engine import engine_request
+        from ..engine.request import SamplingParams
+        from ..inputs import ModelInput, engine_request
         eng = self.engine
         eng.limit_batch_size(batch_size)
-        reqs = [engine_request(i, x, new_tokens, ignore_eos=True) for i, x in enumerate(inputs)]
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        reqs = [engine_request(i, ModelInput(text="", inputs=dict(x)), params) for i, x in enumerate(inputs)]
         before = eng.stats(timings=False)
         with measured_run(self.device) as run:
             eng.generate(reqs)
@@ -107,6 +108,7 @@ class HFRunner:
 
     def __init__(self, model_path, dtype, device: str):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
         from ..backends.hf import dtype_kwarg
         self.device = torch.device(device if device == "cpu" else f"{device}:0")
         before = device_allocated_mb(self.device)

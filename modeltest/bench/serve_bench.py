@@ -97,7 +97,7 @@ async def drive(args, api_base: str, api_key: str, model: str, requests: List[di
 
 
 def main(args) -> int:
-    from ..backends import BackendSettings
+    from ..backends.base import BackendSettings
     from ..backends.openai import OpenAIBackend, api_key
     from ..config import load_config
     from ..runner import max_new_tokens
@@ -105,10 +105,12 @@ def main(args) -> int:
 
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise UserError(f"--max-concurrency {args.max_concurrency}: must be at least 1")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise UserError(f"--num-prompts {args.num_prompts}: must be at least 1 (leave it out to send every sample once)")
     if not args.request_rate > 0:
         raise UserError(f"--request-rate {args.request_rate}: must be above 0 (inf: all at once)")
     slo = parse_goodput(args.goodput)
-    cfg = load_config(args.task, args.model, [*args.overrides, "backend=openai"])
+    cfg = load_config(TASKS, args.task, args.model, [*args.overrides, "backend=openai"])
     task = TASKS[cfg.task.task_name](cfg.task, cfg.model)
     n_new = args.max_tokens or max_new_tokens(cfg)
     backend = OpenAIBackend(BackendSettings.from_eval(cfg, "cpu", n_new))

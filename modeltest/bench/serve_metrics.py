@@ -1,6 +1,6 @@
 """The figures `vllm bench serve` reports, from per-request measurements (pure functions).
 
-Definitions (SERVING.md §5): TTFT = time to the first chunk that carries content; ITL = the gaps
+Definitions (as `vllm bench serve` reports them): TTFT = time to the first chunk that carries content; ITL = the gaps
 between successive content chunks, pooled over requests; TPOT = (E2EL - TTFT) / (output tokens - 1)
 per request with more than one output token; E2EL = time to the last chunk. Throughputs are per
 second of the whole run (first request sent to last answer). Goodput counts the successful
@@ -88,7 +88,9 @@ def parse_goodput(items: List[str]) -> Dict[str, float]:
     from ..errors import UserError
     slo = {}
     for item in items or []:
-        name, _, value = item.partition(":")
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise UserError(f"--goodput {item}: expected NAME:MILLISECONDS, e.g. ttft:500")
         if name not in ("ttft", "tpot", "e2el"):
             raise UserError(f"--goodput {item}: the SLO name must be ttft, tpot or e2el")
         try:

@@ -13,13 +13,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Mapping, Optional
 
 import yaml
 
+from ..backends.traits import BACKENDS, traits
+from ..engine.config import read_checkpoint_config
 from ..errors import UserError
-from .schema import (BACKENDS, DATA_TYPES, OPENAI_MEDIA, ModelConfig, RunConfig, TaskConfig, build_dataclass,
-                     field_paths)
+from ..media.options import option_problem
+from .schema import DATA_TYPES, OPENAI_MEDIA, ModelConfig, RunConfig, TaskConfig, build_dataclass, field_paths
 
 TORCH_DTYPE_TO_DATA_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -133,7 +135,7 @@ def resolve_data_type(model: ModelConfig) -> str:
 def validate_paths(cfg: EvalConfig) -> None:
     """Fail before anything loads when a path is wrong."""
     m, t = cfg.model, cfg.task
-    if m.backend == "openai":     # the model is on a server: only the dataset is local
+    if traits(m.backend).served:     # the model is on a server: only the dataset is local
         if not m.api_base:
             raise UserError(f"{cfg.model_file}: backend openai needs 'api_base'; pass "
                             "model.api_base=http://HOST:PORT/v1")
@@ -149,6 +151,7 @@ def validate_paths(cfg: EvalConfig) -> None:
         raise UserError(f"model.model_path: '{mp}' is not a folder; point it at the weights folder (holding config.json)")
     if not (mp / "config.json").is_file():
         raise UserError(f"model.model_path: '{mp}' has no config.json; point it at a Hugging Face Qwen2-VL weights folder")
+    read_checkpoint_config(mp)       # a checkpoint of another family: one line, before anything loads
     if not t.local_dataset_path:
         raise UserError(f"{cfg.task_file}: 'local_dataset_path' is not set; pass task.local_dataset_path=/path")
     if not Path(t.local_dataset_path).exists():
@@ -176,7 +179,7 @@ def validate_values(cfg: EvalConfig) -> None:
     if cfg.run.prep_timeout_s <= 0:
         raise UserError(f"prep_timeout_s: must be positive, got {cfg.run.prep_timeout_s}")
     m = cfg.model
-    if m.backend == "openai":
+    if traits(m.backend).served:
         if m.media not in OPENAI_MEDIA:
             raise UserError(f"model.media: '{m.media}' is not one of {', '.join(OPENAI_MEDIA)}")
         if m.concurrency < 1 or m.max_retries < 0 or m.timeout <= 0:
@@ -185,13 +188,19 @@ def validate_values(cfg: EvalConfig) -> None:
         if not m.use_chat_template:
             raise UserError("model.use_chat_template=false cannot be sent to a server: the chat API applies "
                             "the server's chat template")
+    for kind, options in cfg.task.media_options().items():
+        problem = option_problem(options, kind)
+        if problem:
+            raise UserError(f"task.{problem}")
     if cfg.task.metric.metric_type != "acc":
         raise UserError(f"task.metric.metric_type: '{cfg.task.metric.metric_type}' is not supported; use acc")
 
 
-def load_config(task_name: str, model_name: str, overrides: Optional[List[str]] = None,
+def load_config(tasks: Mapping[str, Any], task_name: str, model_name: str, overrides: Optional[List[str]] = None,
                 config_dir: Optional[Path] = None, check_paths: bool = True) -> EvalConfig:
-    from ..tasks import TASKS  # local import: tasks import config
+    """tasks: the task registry (modeltest.tasks.TASKS: name -> Task class, whose config_class
+    the task's YAML is read into), handed in so that config imports no task."""
+    TASKS = tasks
 
     config_dir = Path(config_dir) if config_dir else default_config_dir()
     overrides = list(overrides or [])
@@ -218,6 +227,6 @@ def load_config(task_name: str, model_name: str, overrides: Optional[List[str]] 
     validate_values(cfg)
     if check_paths:
         validate_paths(cfg)
-        if cfg.model.backend != "openai":    # a served model's data type is the server's business
+        if traits(cfg.model.backend).local_weights:    # a served model's data type is the server's business
             cfg.model.data_type = resolve_data_type(cfg.model)
     return cfg

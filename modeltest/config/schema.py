@@ -16,13 +16,12 @@ from ..device import TORCH_DTYPES
 from ..errors import UserError
 
 DATA_TYPES = tuple(TORCH_DTYPES)      # bf16, fp16, fp32
-BACKENDS = ("engine", "hf", "openai")
 OPENAI_MEDIA = ("data", "file")
 
 
 @dataclass
 class InferParams:
-    max_output_length: int = 100
+    max_output_length: int = 100      # the reference evaluation's (engine/request.py says why the others differ)
 
 
 @dataclass
@@ -76,6 +75,11 @@ class TaskConfig:
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 16384 * 28 * 28
 
+    def media_options(self) -> Dict[str, Dict[str, Any]]:
+        """What this task hands qwen-vl-utils with each medium, by kind (checked when the config
+        loads: media/options.py)."""
+        return {"image": {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}}
+
 
 @dataclass
 class RunConfig:
@@ -93,17 +97,17 @@ class RunConfig:
     dp: Optional[int] = None
     # Reuse the finished samples recorded under output_dir by an earlier run of the same command.
     resume: bool = True
-    # Preprocessed images/videos kept on disk (media_cache.py): "default"
+    # Preprocessed images/videos kept on disk (media/cache.py): "default"
     # (~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off (YAML reads `off`
     # as false, hence Any; config/loader.py checks it).
     media_cache: Any = "default"
     media_cache_gb: float = 50.0
-    # Processes that decode this rank's images and videos (media_workers.py): "auto" (the cores
+    # Processes that decode this rank's images and videos (media/workers.py): "auto" (the cores
     # this rank may use: CPU affinity / LOCAL_WORLD_SIZE), a number, or 0 (the harness's threads).
     prep_workers: Any = "auto"
     # A decode running longer is stopped and recorded as that sample's error (retried on resume).
     prep_timeout_s: float = 300.0
-    # The image processor's work by table lookup + one permute (fast_processor.py): bit-identical
+    # The image processor's work by table lookup + one permute (media/fast_processor.py): bit-identical
     # to transformers' processor; false runs transformers' own.
     fast_processor: bool = True
 

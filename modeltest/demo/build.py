@@ -79,7 +79,25 @@ def run_demo(paths: DemoPaths, extra: Optional[List[str]] = None) -> int:
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             return rc
+    print(next_steps(paths, out), flush=True)
     return 0
+
+
+def next_steps(paths: DemoPaths, out: Path) -> str:
+    """What to try after the demo, as commands that work as written: `modeltest` is the console
+    script of the environment this demo ran in (.venv/bin/modeltest after scripts/demo.sh)."""
+    exe = Path(sys.executable).parent / "modeltest"
+    activate = Path(sys.executable).parent / "activate"
+    prefix = f"source {activate}   # puts `modeltest` on your PATH\n  " if activate.is_file() else ""
+    cli = "modeltest" if activate.is_file() or not exe.is_file() else str(exe)
+    return (
+        "\nScores are 0: the weights are random, so the answers are nonsense. Next, try:\n"
+        f"  {prefix}"
+        f"{cli} report {out}                          # the review page of these runs\n"
+        f"  {cli} serve --model_path {paths.model} --port 8000 &\n"
+        f"  {cli} bench-serve textvqa qwen2_vl model.api_base=http://127.0.0.1:8000/v1 "
+        f"task.local_dataset_path={paths.textvqa_jsonl} --num-prompts 8   # benchmark the server\n"
+        f"  {cli} --help                              # every command")
 
 
 def demo_output_dir(extra: Optional[List[str]]) -> Path:

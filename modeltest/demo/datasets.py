@@ -1,4 +1,4 @@
-"""Small TextVQA- and VideoBench-format datasets in the exact on-disk formats (FORMATS.md §3-4)."""
+"""Small TextVQA- and VideoBench-format datasets in the exact on-disk formats (README "Running on real weights and data")."""
 from __future__ import annotations
 
 import json

@@ -36,9 +36,9 @@ ODD_HEADS = TinyShape(hidden_size=96, intermediate_size=192, num_attention_heads
 
 def _no_init_weights():
     try:
-        from transformers.initialization import no_init_weights       # transformers 5
+        from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:
-        from transformers.modeling_utils import no_init_weights       # transformers 4
+        from transformers.modeling_utils import no_init_weights  # transformers 4
     return no_init_weights()
 
 
@@ -49,7 +49,7 @@ def _initialise(model, seed: int) -> None:
     seed). Matrices ~ N(0, 1/fan_in) (LeCun: activations keep their scale through the layers, so
     a tiny random model still gives different answers to different prompts), norm scales 1,
     biases 0."""
-    from ..engine.loader import canonical_name   # the same order whatever the version's names
+    from ..engine.loader import canonical_name  # the same order whatever the version's names
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted((canonical_name(n), p) for n, p in model.named_parameters()):
         if p.ndim == 1:
@@ -62,8 +62,13 @@ def _initialise(model, seed: int) -> None:
 def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0,
                        vocab_size: int = QWEN2VL_VOCAB) -> Path:
     """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, AutoTokenizer)
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
 
     out_dir = Path(out_dir)
     head_dim = shape.hidden_size // shape.num_attention_heads

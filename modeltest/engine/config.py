@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from ..errors import UserError
 
@@ -74,8 +74,55 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_path(cls, model_path: str | Path) -> "Qwen2VLConfig":
-        path = Path(model_path) / "config.json"
+        return cls.from_dict(read_checkpoint_config(model_path))
+
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")   # a chat turn's end, the document's end
+
+
+def checkpoint_stop_ids(model_path: str | Path) -> Tuple[int, ...]:
+    """The tokens that end an answer, from the checkpoint itself: generation_config.json's
+    eos_token_id(s) and the tokenizer's <|im_end|> and <|endoftext|> (tokenizer_config.json's
+    added tokens); Qwen2's two where a checkpoint names neither. One source for the engine, the
+    hf backend, the server and the benchmark."""
+    root = Path(model_path)
+    ids: List[int] = []
+
+    def read(name: str) -> dict:
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: cannot read the model config ({e})") from None
+            d = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) else {}
+    eos = read("generation_config.json").get("eos_token_id")
+    ids += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    added = read("tokenizer_config.json").get("added_tokens_decoder") or {}
+    by_content = {v.get("content"): int(k) for k, v in added.items() if isinstance(v, dict) and str(k).isdigit()}
+    ids += [by_content[t] for t in STOP_TOKENS if t in by_content]
+    if not ids:
+        from .request import STOP_TOKEN_IDS
+        ids = list(STOP_TOKEN_IDS)
+    return tuple(dict.fromkeys(ids))
+
+
+def read_checkpoint_config(model_path: str | Path) -> dict:
+    """A checkpoint's config.json, checked to be a model this project runs: one line naming what
+    was found otherwise (a text-only Qwen2, another family), before any weight is read."""
+    path = Path(model_path) / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the model config ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: not a model config (a JSON object is expected)")
+    model_type = d.get("model_type")
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        found = f"model_type '{model_type}'" if model_type else "no model_type"
+        raise UserError(f"{path}: {found}; modeltest runs Qwen2-VL checkpoints (model_type {supported}), "
+                        "e.g. Qwen2-VL-7B-Instruct")
+    if not isinstance(d.get("vision_config"), dict):
+        raise UserError(f"{path}: model_type '{model_type}' but no vision_config; this is not a complete "
+                        "Qwen2-VL checkpoint (a text-only model cannot read images or videos)")
+    return d

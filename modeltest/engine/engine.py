@@ -12,6 +12,7 @@ included) or decodes one token for every running request.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -19,9 +20,17 @@ from typing import List, Optional
 import torch
 
 from ..errors import first_line
+from .config import checkpoint_stop_ids
 from .model_runner import ModelRunner
 from .parallel import TPContext
-from .request import STOP_TOKEN_IDS, Request, RequestStatus, SamplingParams  # noqa: F401 (re-exported)
+from .request import (  # noqa: F401 (re-exported)
+    DEFAULT_MAX_INPUT_LENGTH,
+    DEFAULT_MAX_OUTPUT_LENGTH,
+    STOP_TOKEN_IDS,
+    Request,
+    RequestStatus,
+    SamplingParams,
+)
 from .scheduler import Scheduler, SchedulerConfig
 
 
@@ -30,8 +39,8 @@ class EngineConfig:
     model_path: str
     dtype: torch.dtype = torch.bfloat16
     max_batch_size: int = 8
-    max_input_length: int = 4096
-    max_output_length: int = 256
+    max_input_length: int = DEFAULT_MAX_INPUT_LENGTH
+    max_output_length: int = DEFAULT_MAX_OUTPUT_LENGTH
     block_size: int = 128
     # KV cache size in tokens; None: enough for max_batch_size full-length requests, within
     # `kv_cache_fraction` of free device memory (or of host memory on CPU).
@@ -75,6 +84,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, tp: TPContext):
         self.cfg, self.tp = cfg, tp
+        self.stop_token_ids = checkpoint_stop_ids(cfg.model_path)
         self.runner = ModelRunner(cfg, tp)
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_size=cfg.max_batch_size, max_input_length=cfg.max_input_length,
@@ -82,7 +92,10 @@ class LLMEngine:
             num_blocks=self.runner.num_blocks, max_prefill_tokens=cfg.max_prefill_tokens))
 
     def add_request(self, req: Request) -> None:
-        """Queue a request; one the engine cannot take ends FAILED at the next step, with why."""
+        """Queue a request; one the engine cannot take ends FAILED at the next step, with why. A
+        request that names no stop tokens gets the checkpoint's."""
+        if req.params.stop_token_ids is None:
+            req.params = dataclasses.replace(req.params, stop_token_ids=self.stop_token_ids)
         self.scheduler.add(req)
 
     def abort(self, request_id) -> bool:

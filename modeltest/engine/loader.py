@@ -65,6 +65,17 @@ def weight_files(root: Path) -> List[Path]:
     return sorted(root.glob("*.safetensors"))
 
 
+def checkpoint_identity(model_path: str | Path) -> Dict[str, object]:
+    """What identifies a checkpoint without reading its weights: config.json's content and the
+    weight files' names and sizes (the resume keys' model part)."""
+    import hashlib
+    root = Path(model_path)
+    digest = hashlib.sha256((root / "config.json").read_bytes()).hexdigest()[:16]
+    weights = sorted((p.name, p.stat().st_size) for p in root.glob("*.safetensors"))
+    weights += sorted((p.name, p.stat().st_size) for p in root.glob("*.bin"))
+    return {"config": digest, "weights": weights}
+
+
 def check_weight_files(model_path: str | Path) -> None:
     """Open every weight file's header: a truncated or corrupt file is a one-line error naming
     it, before any loading starts (for any backend)."""

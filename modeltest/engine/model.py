@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2VLConfig
-from .layers import _Linear, ColumnLinear, LMHead, RMSNorm, RowLinear, Shard, VocabEmbedding
+from .layers import ColumnLinear, LMHead, RMSNorm, RowLinear, Shard, VocabEmbedding, _Linear
 from .loader import CheckpointReader
 from .parallel import HeadLayout, TPContext, head_layout, split_range
 from .rope import MRoPE, apply_rope

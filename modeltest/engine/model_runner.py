@@ -24,7 +24,6 @@ from .parallel import TPContext
 from .request import Request, SamplingParams
 from .rope import rope_index
 
-
 STEP_TIMES_KEPT = 1 << 16
 
 

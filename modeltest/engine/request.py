@@ -14,11 +14,25 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-STOP_TOKEN_IDS = (151645, 151643)   # <|im_end|>, <|endoftext|>
+# The output-length limit where a caller names none: the reference runner's default (run_pa.sh).
+# Evaluation runs take the model config's max_output_length (100, the reference's), and
+# `modeltest serve` its own --max-output-length (2048: a chat server's answers run longer).
+DEFAULT_MAX_OUTPUT_LENGTH = 256
+DEFAULT_MAX_INPUT_LENGTH = 4096
+STOP_TOKEN_IDS = (151645, 151643)   # Qwen2's <|im_end|>, <|endoftext|>: where a checkpoint names none
+
+
+def visible_ids(ids: Sequence[int], stop_token_ids: Sequence[int], ignore_eos: bool) -> List[int]:
+    """The one stop-token rule: the tokens a user reads are the generated ones without a final stop
+    token (kept with ignore_eos, where stop tokens do not stop)."""
+    ids = list(ids)
+    if ids and not ignore_eos and ids[-1] in stop_token_ids:
+        ids = ids[:-1]
+    return ids
 
 
 class RequestStatus(enum.Enum):
@@ -42,13 +56,14 @@ class SamplingParams:
     that depends on `seed` and the token's index only (model_runner.sample_token): the same seed
     gives the same tokens whatever else is in the batch.
     """
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_OUTPUT_LENGTH
     ignore_eos: bool = False          # generate exactly max_new_tokens (benchmarks)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0                    # 0: no top-k cut
     seed: Optional[int] = None
-    stop_token_ids: tuple = STOP_TOKEN_IDS
+    # None: the checkpoint's (engine/config.checkpoint_stop_ids), filled in by the engine on arrival.
+    stop_token_ids: Optional[Tuple[int, ...]] = None
 
     @property
     def greedy(self) -> bool:
@@ -95,14 +110,11 @@ class Request:
         if len(self.output_ids) >= self.params.max_new_tokens:
             return True
         return (not self.params.ignore_eos and bool(self.output_ids)
-                and self.output_ids[-1] in self.params.stop_token_ids)
+                and self.output_ids[-1] in (self.params.stop_token_ids or ()))
 
     def generated_ids(self) -> List[int]:
         """Output tokens without the final stop token (what a user reads)."""
-        ids = list(self.output_ids)
-        if ids and not self.params.ignore_eos and ids[-1] in self.params.stop_token_ids:
-            ids = ids[:-1]
-        return ids
+        return visible_ids(self.output_ids, self.params.stop_token_ids or (), self.params.ignore_eos)
 
     @property
     def queue_time(self) -> float:

@@ -21,7 +21,6 @@ from .loader import CheckpointReader, set_param
 from .parallel import TPContext
 from .rope import apply_vision_rope, vision_rope_cos_sin, vision_rotary_freqs
 
-
 # Row chunk for the vision rope on CPU: its fp32 temporaries then stay in the cores' L2 (a
 # [256, 2, 16, 80] fp32 chunk is 2.6 MB; a whole batch's are tens of MB, streamed from DRAM at
 # every step). At mid textvqa shape, 8 blocks: 71 -> 43 ms (docs/perf/cpu_kernels.py). On

@@ -1,4 +1,4 @@
-"""VideoBench's three-group weighted score (FORMATS.md §4, from the benchmark's paper)."""
+"""VideoBench's three-group weighted score (from the benchmark's paper; README "Metrics")."""
 from __future__ import annotations
 
 from typing import Dict, Optional

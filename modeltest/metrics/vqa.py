@@ -1,6 +1,6 @@
 """VQA accuracy as used by Qwen-VL's TextVQA evaluation and the reference harness.
 
-Pure functions; the definition is FORMATS.md §3 (the standard VQA evaluation normalisation):
+Pure functions; the definition is the standard VQA evaluation's normalisation (README "Metrics"):
 the prediction goes through the punctuation step and the digit/article step, the ten human
 answers through the punctuation step only and only when they are not all identical, and one
 question scores the mean over the ten leave-one-out subsets of min(1, matches / 3).

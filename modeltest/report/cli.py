@@ -28,9 +28,19 @@ def main(args) -> int:
     out = Path(args.out)
     if args.bench is not None:
         return bench_main(args, out)
-    from .compare import (changed_samples, config_diff, confusion, error_groups, gate_failures, length_bins,
-                          parse_gate, score_table, speed, weighted_rows)
-    from .load import load_run
+    from .compare import (
+        changed_samples,
+        config_diff,
+        confusion,
+        error_groups,
+        gate_failures,
+        length_bins,
+        parse_gate,
+        score_table,
+        speed,
+        weighted_rows,
+    )
+    from .load import load_run, name_runs
     from .render import plots, print_terminal, write_csv, write_html, write_markdown
     if not args.runs:
         raise UserError("report: give at least one run (an output_dir), or --bench A.json B.json")
@@ -38,7 +48,7 @@ def main(args) -> int:
     if len(labels) != len(args.runs):
         raise UserError(f"--labels: {len(labels)} names for {len(args.runs)} runs")
     runs = [load_run(p, args.task, label) for p, label in zip(args.runs, labels)]
-    _unique_labels(runs)
+    name_runs(runs, args.runs)
     tasks = {r.task for r in runs}
     if len(tasks) > 1:
         raise UserError(f"report: the runs are of different tasks ({', '.join(sorted(tasks))}); choose one with --task")
@@ -46,8 +56,10 @@ def main(args) -> int:
     runs = [runs[baseline]] + [r for i, r in enumerate(runs) if i != baseline]
     scores = score_table(runs)
     lengths = length_bins(runs)
-    sections = {"Scores": scores, "Weighted scores (VideoBench)": weighted_rows(runs),
-                "Configuration differences": config_diff(runs)}
+    sections = {"Scores": scores}
+    if runs[0].task == "videobench":
+        sections["Weighted scores (VideoBench)"] = weighted_rows(runs)
+    sections["Configuration differences"] = config_diff(runs)
     for other in runs[1:]:
         sections[f"Changed samples: {runs[0].label} -> {other.label}"] = changed_samples(runs[0], other)
     sections["Errors by message"] = error_groups(runs)
@@ -67,15 +79,6 @@ def main(args) -> int:
     return 1 if failures else 0
 
 
-def _unique_labels(runs) -> None:
-    seen = {}
-    for r in runs:
-        n = seen.get(r.label, 0)
-        seen[r.label] = n + 1
-        if n:
-            r.label = f"{r.label}#{n + 1}"
-
-
 def _baseline_index(choice, paths, runs) -> int:
     if choice is None:
         return 0
@@ -90,6 +93,7 @@ def _baseline_index(choice, paths, runs) -> int:
 def bench_main(args, out: Path) -> int:
     from tabulate import tabulate
     from termcolor import colored
+
     from .bench import compare_bench
     if len(args.bench) < 2:
         raise UserError("--bench: give at least two JSONs (the first is the baseline)")

@@ -1,15 +1,16 @@
 """Find a run's files under an output_dir (or from its result CSV / summary JSON) and read them."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pandas as pd
 
+from ..core import SCHEMA_VERSION, SampleRecord
 from ..errors import UserError
-from ..sample_record import SCHEMA_VERSION, SampleRecord
 
 
 @dataclass
@@ -110,5 +111,41 @@ def load_run(path: str, task: Optional[str] = None, label: Optional[str] = None)
     except (OSError, ValueError):
         config = {}
     records = read_records(debug_file_of(summary_path, summary))
-    return Run(label=label or Path(path).name or str(path), task=summary["task"], summary=summary, config=config,
+    return Run(label=label or "", task=summary["task"], summary=summary, config=config,
                records=records, summary_path=summary_path)
+
+
+def facets(run: Run) -> Dict[str, str]:
+    """What can tell one run from another, as short strings: the model, backend, data type, tp,
+    batch size and the day it ran."""
+    model = run.config.get("model") or {}
+    backend = run.config.get("backend") or {}
+    day = run.summary_path.stat().st_mtime
+    return {"model": str(run.summary.get("model_name") or model.get("model_name") or ""),
+            "backend": str(run.summary.get("backend") or model.get("backend") or ""),
+            "data_type": str(backend.get("data_type") or model.get("data_type") or ""),
+            "tp": f"tp{run.summary.get('tp')}" if run.summary.get("tp") else "",
+            "batch": f"batch{(run.config.get('run') or {}).get('batch_size')}" if run.config.get("run") else "",
+            "date": dt.date.fromtimestamp(day).isoformat()}
+
+
+def name_runs(runs: List[Run], paths: List[str]) -> None:
+    """Label each unlabelled run by what differs between the runs (backend, model, data type, tp,
+    batch size, date); where nothing does, by its folder; then number repeats (#2, #3)."""
+    fs = [facets(r) for r in runs]
+    differing = [k for k in fs[0] if len({f[k] for f in fs}) > 1] if len(runs) > 1 else []
+    for run, f, path in zip(runs, fs, paths):
+        if run.label:
+            continue
+        if differing:
+            run.label = " ".join(f[k] for k in differing if f[k])
+        else:
+            name = Path(path).name or str(path)
+            generic = name in ("precision_result", "results", "output", ".", "")
+            run.label = " ".join(v for v in (f["model"], f["backend"], f["data_type"]) if v) if generic else name
+    seen: Dict[str, int] = {}
+    for r in runs:
+        n = seen.get(r.label, 0)
+        seen[r.label] = n + 1
+        if n:
+            r.label = f"{r.label}#{n + 1}"

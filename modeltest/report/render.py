@@ -56,9 +56,16 @@ def write_markdown(title: str, sections: Dict[str, pd.DataFrame], path: Path) ->
         if df is None or df.empty:
             parts.append("\n(none)\n")
             continue
-        parts.append("\n" + tabulate(df.map(lambda v: fmt(v) if isinstance(v, float) else v).values.tolist(),
+        parts.append("\n" + tabulate(df.map(_cell).values.tolist(),
                                      headers=list(df.columns), tablefmt="github") + "\n")
     path.write_text("".join(parts), encoding="utf-8")
+
+
+def _cell(v):
+    """A table cell as text: floats to 4 digits, missing values (None, NaN, pandas' NA) empty."""
+    if v is None or v is pd.NA or isinstance(v, float):
+        return fmt(v)
+    return v
 
 
 def _png(fig) -> str:
@@ -89,10 +96,10 @@ def plots(scores: pd.DataFrame, runs, lengths: pd.DataFrame) -> Dict[str, str]:
             # whiskers: the baseline-relative interval, drawn around this run's score
             lo = (s["delta"] - s["ci_low"]).fillna(0).to_numpy(float)
             hi = (s["ci_high"] - s["delta"]).fillna(0).to_numpy(float)
-            err = np.vstack([lo, hi]) * 100
-        ax.bar(x, s["value"].to_numpy(float) * 100, width, yerr=err, capsize=3, label=label)
+            err = np.vstack([lo, hi])
+        ax.bar(x, s["value"].to_numpy(float), width, yerr=err, capsize=3, label=label)
     ax.set_xticks(np.arange(len(subjects)) + width * (len(labels) - 1) / 2, subjects, rotation=30, ha="right")
-    ax.set_ylabel("score (%)")
+    ax.set_ylabel("score (fraction correct, as in the tables)")
     ax.legend(fontsize=8)
     out["scores"] = _png(fig)
 
@@ -108,10 +115,10 @@ def plots(scores: pd.DataFrame, runs, lengths: pd.DataFrame) -> Dict[str, str]:
 
     fig, ax = plt.subplots(figsize=(6, 3))
     for label in labels:
-        l = lengths[lengths["run"] == label]
-        ax.plot(l["tokens"], l["accuracy"].astype(float) * 100, marker="o", label=label)
+        runs = lengths[lengths["run"] == label]
+        ax.plot(runs["tokens"], runs["accuracy"].astype(float), marker="o", label=label)
     ax.set_xlabel("input tokens")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (fraction)")
     ax.legend(fontsize=8)
     out["length"] = _png(fig)
     return out

@@ -6,9 +6,11 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..device import TORCH_DTYPES
+from ..engine.config import read_checkpoint_config
+from ..media.options import option_problem
 from ..tasks.textvqa import TextVQATaskConfig
 from ..tasks.videobench import VideoBenchTaskConfig
 
@@ -18,42 +20,59 @@ API_KEY_ENV = "MODELTEST_API_KEY"
 def default_image_options() -> Dict[str, Any]:
     """The TextVQA task's image bounds (the reference's), so a served image is preprocessed as in
     an evaluation run."""
-    t = TextVQATaskConfig()
-    return {"min_pixels": t.min_pixels, "max_pixels": t.max_pixels}
+    return TextVQATaskConfig().media_options()["image"]
 
 
 def default_video_options() -> Dict[str, Any]:
     """The VideoBench task's frame sampling (fps 0.5) and pixel bounds."""
-    t = VideoBenchTaskConfig()
-    return {"fps": t.fps, "min_frames": t.min_frames, "max_frames": t.max_frames, "min_pixels": t.min_pixels,
-            "max_pixels": t.max_pixels, "total_pixels": t.total_pixels}
+    return VideoBenchTaskConfig().media_options()["video"]
+
+
+def opt(default: Any, help: str = "", flag: Optional[str] = None, choices=None, **kw):
+    """A ServeConfig field with what its command-line option needs: help, the option's name where
+    it is not the field's (--name-with-dashes, and --name_with_underscores for the reference's
+    spelling), choices."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if "default_factory" in kw:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
 class ServeConfig:
-    model_path: str
-    host: str = "127.0.0.1"                 # loopback unless told otherwise
-    port: int = 8000
-    served_model_name: Optional[str] = None  # default: the weights folder's name
-    max_batch_size: int = 8
-    max_input_length: int = 32768            # prompt tokens, vision placeholders expanded
-    max_output_length: int = 2048
-    data_type: Optional[str] = None          # bf16 | fp16 | fp32; null: config.json's torch_dtype
-    block_size: int = 128
-    device: str = "auto"
-    api_key: Optional[str] = None            # or $MODELTEST_API_KEY
-    allowed_local_media_path: Optional[str] = None
-    allow_remote_media: bool = False
-    remote_media_timeout_s: float = 10.0
-    max_remote_media_mb: float = 256.0
-    max_body_mb: float = 256.0               # base64 videos are large; 413 above this
-    max_images_per_request: int = 16
-    max_videos_per_request: int = 2
-    preprocess_workers: int = 2              # threads decoding media and running the processor
-    fast_processor: bool = True              # fast_processor.py's bit-identical image processor
-    drain_timeout_s: float = 30.0            # SIGTERM: in-flight requests get this long, then are aborted
-    image_options: Dict[str, Any] = field(default_factory=default_image_options)
-    video_options: Dict[str, Any] = field(default_factory=default_video_options)
+    """Every setting of `modeltest serve`; the command line is generated from these fields
+    (add_serve_parser), so a default is written once."""
+    model_path: str = opt(None, "the Qwen2-VL weights folder (config.json, safetensors, tokenizer)")
+    host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)")
+    port: int = opt(8000, "TCP port")
+    served_model_name: Optional[str] = opt(None, "the name clients send as 'model' (default: the weights folder's name)")
+    max_batch_size: int = opt(8, "sequences decoding together")
+    max_input_length: int = opt(32768, "prompt tokens at most, vision placeholders expanded")
+    max_output_length: int = opt(2048, "max_tokens at most (and its default)")
+    data_type: Optional[str] = opt(None, "default: config.json's torch_dtype", choices=tuple(TORCH_DTYPES))
+    block_size: int = opt(128, "KV cache block size, in tokens")
+    device: str = opt("auto", "where the model runs", choices=("auto", "npu", "cuda", "cpu"))
+    api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                       f"(or ${API_KEY_ENV})")
+    allowed_local_media_path: Optional[str] = opt(None, "serve file:// and absolute-path media only from under this folder")
+    allow_remote_media: bool = opt(False, "fetch http(s):// media URLs")
+    remote_media_timeout_s: float = opt(10.0, "seconds", flag="--remote-media-timeout")
+    max_remote_media_mb: float = opt(256.0, "a remote medium larger than this is refused")
+    max_body_mb: float = opt(256.0, "larger request bodies get 413 (base64 videos are large)")
+    max_images_per_request: int = opt(16, "")
+    max_videos_per_request: int = opt(2, "")
+    preprocess_workers: int = opt(2, "threads decoding media and running the processor")
+    fast_processor: bool = opt(True, "run transformers' image processor itself (the default fast one is "
+                                     "bit-identical)", flag="--reference-processor")
+    media_cache: str = opt("default", "decoded images/videos kept on disk across requests (lossless): default "
+                                      "(~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off")
+    media_cache_gb: float = opt(50.0, "the media cache's size bound")
+    drain_timeout_s: float = opt(30.0, "on SIGTERM, seconds in-flight requests may take before they are aborted",
+                                 flag="--drain-timeout")
+    image_options: Dict[str, Any] = opt(None, 'JSON, e.g. {"max_pixels": 1003520}, over TextVQA\'s',
+                                        default_factory=default_image_options)
+    video_options: Dict[str, Any] = opt(None, 'JSON, e.g. {"fps": 1.0}, over VideoBench\'s (fps 0.5)',
+                                        default_factory=default_video_options)
 
     @property
     def model_name(self) -> str:
@@ -64,51 +83,37 @@ class ServeConfig:
         return int(self.max_body_mb * 2 ** 20)
 
 
+def _flags(f) -> List[str]:
+    if f.metadata.get("flag"):
+        return [f.metadata["flag"]]
+    dashed = "--" + f.name.replace("_", "-")
+    return [dashed, "--" + f.name] if "_" in f.name else [dashed]
+
+
 def add_serve_parser(sub) -> None:
+    """`modeltest serve`'s options, one per ServeConfig field (plus --tp, the launcher's)."""
     s = sub.add_parser("serve", help="serve a Qwen2-VL model over an OpenAI-compatible HTTP API")
-    s.add_argument("--model_path", "--model-path", required=True)
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", "--served_model_name", default=None,
-                   help="the name clients send as 'model' (default: the weights folder's name)")
-    s.add_argument("--max_batch_size", "--max-batch-size", type=int, default=8)
-    s.add_argument("--max_input_length", "--max-input-length", type=int, default=32768)
-    s.add_argument("--max_output_length", "--max-output-length", type=int, default=2048)
-    s.add_argument("--data_type", "--data-type", choices=list(TORCH_DTYPES), default=None)
-    s.add_argument("--block_size", "--block-size", type=int, default=128)
-    s.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
+    for f in fields(ServeConfig):
+        flags, help_ = _flags(f), f.metadata.get("help") or None
+        if f.name in ("image_options", "video_options"):
+            s.add_argument(*flags, dest=f.name, default=None, help=help_)
+        elif f.type == "bool" or isinstance(f.default, bool):
+            # a flag that turns the default around (--allow-remote-media, --reference-processor)
+            s.add_argument(*flags, dest=f.name, action="store_false" if f.default else "store_true", help=help_)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
+            default = f.default
+            s.add_argument(*flags, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
+                           required=f.name == "model_path",
+                           help=(f"{help_ or ''} (default: {default})".strip() if default is not None else help_))
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: visible devices)")
-    s.add_argument("--api-key", "--api_key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (or ${API_KEY_ENV})")
-    s.add_argument("--allowed-local-media-path", "--allowed_local_media_path", default=None,
-                   help="serve file:// and absolute-path media only from under this folder")
-    s.add_argument("--allow-remote-media", action="store_true", help="fetch http(s):// media URLs")
-    s.add_argument("--remote-media-timeout", type=float, default=10.0, help="seconds (default 10)")
-    s.add_argument("--max-remote-media-mb", type=float, default=256.0)
-    s.add_argument("--max-body-mb", type=float, default=256.0, help="larger request bodies get 413")
-    s.add_argument("--max-images-per-request", type=int, default=16)
-    s.add_argument("--max-videos-per-request", type=int, default=2)
-    s.add_argument("--preprocess-workers", type=int, default=2)
-    s.add_argument("--reference-processor", action="store_true",
-                   help="run transformers' image processor itself (the default fast one is bit-identical)")
-    s.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests may take before they are aborted")
-    s.add_argument("--image-options", default=None, help='JSON, e.g. {"max_pixels": 1003520} (default: TextVQA\'s)')
-    s.add_argument("--video-options", default=None, help='JSON, e.g. {"fps": 1.0} (default: VideoBench\'s, fps 0.5)')
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     from ..errors import UserError
-    cfg = ServeConfig(
-        model_path=args.model_path, host=args.host, port=args.port, served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size, max_input_length=args.max_input_length,
-        max_output_length=args.max_output_length, data_type=args.data_type, block_size=args.block_size,
-        device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        allowed_local_media_path=args.allowed_local_media_path, allow_remote_media=args.allow_remote_media,
-        remote_media_timeout_s=args.remote_media_timeout, max_remote_media_mb=args.max_remote_media_mb,
-        max_body_mb=args.max_body_mb, max_images_per_request=args.max_images_per_request,
-        max_videos_per_request=args.max_videos_per_request, preprocess_workers=args.preprocess_workers,
-        drain_timeout_s=args.drain_timeout, fast_processor=not args.reference_processor)
+    values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name not in ("image_options", "video_options")}
+    values["api_key"] = values["api_key"] or os.environ.get(API_KEY_ENV) or None
+    cfg = ServeConfig(**values)
     for name in ("image_options", "video_options"):
         raw = getattr(args, name)
         if raw:
@@ -121,6 +126,13 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
             getattr(cfg, name).update(extra)
     if not (Path(cfg.model_path) / "config.json").is_file():
         raise UserError(f"--model_path: '{cfg.model_path}' has no config.json; point it at a Qwen2-VL weights folder")
+    read_checkpoint_config(cfg.model_path)
+    if not 0 < cfg.port < 65536:
+        raise UserError(f"--port {cfg.port}: a TCP port is 1..65535")
+    for name, kind in (("image_options", "image"), ("video_options", "video")):
+        problem = option_problem(getattr(cfg, name), kind)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')}: {problem}")
     if cfg.allowed_local_media_path and not Path(cfg.allowed_local_media_path).is_dir():
         raise UserError(f"--allowed-local-media-path: '{cfg.allowed_local_media_path}' is not a folder")
     for f in fields(cfg):

@@ -152,7 +152,7 @@ class EngineLoop:
                     return
         except BaseException as e:   # noqa: B036 — a dead engine must fail its requests, not hang them
             self.state, self.error = "dead", f"the engine stopped: {first_line(e)}"
-            for req, deliver, _ in self._tracked.values():
+            for _req, deliver, _ in self._tracked.values():
                 deliver(TokenEvent([], done=True, status=RequestStatus.FAILED, error=self.error))
             self._tracked.clear()
             if self._on_dead:

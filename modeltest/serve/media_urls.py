@@ -1,5 +1,5 @@
 """Turn the media URLs of a request into local files qwen-vl-utils reads, refusing what the
-server must not read (SERVING.md §2, §6).
+server must not read (README "Serving": media).
 
     data:<mime>;base64,...      decoded into a temporary file (removed after preprocessing)
     raw base64 (no data: prefix, as MindIE accepts)   the same

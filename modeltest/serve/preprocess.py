@@ -1,33 +1,29 @@
-"""A chat request -> the processor's tensors, by the harness's path: media as local files,
-qwen-vl-utils (decord for video) with the task configs' pixel and fps options, the chat template,
+"""A chat request -> model input, by the one path every sender uses (modeltest/inputs.py): the
+request's media resolved to local files, qwen-vl-utils (decord for video) with the task configs'
+pixel and fps options through the server's media source (the media cache), the chat template,
 then transformers' Qwen2-VL processor. The same single-turn request therefore hands the engine
 bit-identical pixels and tokens to an evaluation run.
 
 Runs in worker threads (never on the event loop): each call borrows its own processor copy
-(media.ProcessorCopies), since a fast tokenizer shared between threads can fail ("Already
-borrowed").
+(media.processor.ProcessorCopies), since a fast tokenizer shared between threads can fail
+("Already borrowed").
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .. import fast_processor
 from ..errors import SampleError
-from ..media import ProcessorCopies, load_processor, require_qwen_vl_utils, vision_from_messages
+from ..inputs import ModelInput, model_input
+from ..media import open_media_source
+from ..media.decode import require_qwen_vl_utils
+from ..media.processor import ProcessorCopies, load_processor
 from .config import ServeConfig
 from .media_urls import MediaResolver
 from .protocol import ChatRequest, MediaPart, RequestError
 
 IMAGE_KWARGS = ("min_pixels", "max_pixels")           # mm_processor_kwargs that apply to images
-
-
-@dataclass
-class ModelInput:
-    inputs: Dict[str, Any]        # input_ids [1, T], pixel_values / image_grid_thw, ..._videos
-    prompt_tokens: int            # T: vision placeholders expanded
 
 
 class Preprocessor:
@@ -38,6 +34,7 @@ class Preprocessor:
         self.tokenizer = self.processor.tokenizer
         self.resolver = MediaResolver(cfg.allowed_local_media_path, cfg.allow_remote_media,
                                       cfg.remote_media_timeout_s, int(cfg.max_remote_media_mb * 2 ** 20))
+        self.media = open_media_source(cfg.media_cache, cfg.media_cache_gb, setting="--media-cache")
         self._processors = ProcessorCopies(self.processor)
 
     def check_counts(self, req: ChatRequest) -> None:
@@ -61,29 +58,36 @@ class Preprocessor:
         with self._processors.borrow() as proc:
             return self._inputs(req, proc)
 
+    def conversation(self, req: ChatRequest, work: Path) -> List[Dict[str, Any]]:
+        """The request's messages in qwen-vl-utils' form, each medium a local file under `work`
+        (or an allowed local path) with this server's options and the request's
+        mm_processor_kwargs."""
+        messages: List[Dict[str, Any]] = []
+        for m in req.messages:
+            content = []
+            for part in m.parts:
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                else:
+                    path = self.resolver.resolve(part, work)
+                    content.append({"type": part.kind, part.kind: path, **self.options(part, req)})
+            messages.append({"role": m.role, "content": content})
+        return messages
+
     def _inputs(self, req: ChatRequest, proc) -> ModelInput:
         with tempfile.TemporaryDirectory(prefix="modeltest-serve-") as work:
-            messages: List[Dict[str, Any]] = []
-            for m in req.messages:
-                content = []
-                for part in m.parts:
-                    if isinstance(part, str):
-                        content.append({"type": "text", "text": part})
-                    else:
-                        path = self.resolver.resolve(part, Path(work))
-                        content.append({"type": part.kind, part.kind: path, **self.options(part, req)})
-                messages.append({"role": m.role, "content": content})
-            text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            messages = self.conversation(req, Path(work))
             try:
-                images, videos = vision_from_messages(messages, uint8=fast_processor.installed(proc)) \
-                    if req.media else (None, None)
+                mi = model_input(proc, messages, self.media)
             except SampleError as e:
                 raise RequestError(400, f"media: {e}", "messages") from None
-            inputs = proc(text=[text], images=images, videos=videos, return_tensors="pt")
-        n = int(inputs["input_ids"].shape[1])
+        n = mi.prompt_tokens
         if n > self.cfg.max_input_length:
             raise RequestError(400, f"the prompt is {n} tokens (vision tokens included), over this server's "
                                     f"max_input_length {self.cfg.max_input_length}; send smaller or fewer media "
                                     "(mm_processor_kwargs max_pixels / fps) or a shorter text", "messages",
                                code="context_length_exceeded")
-        return ModelInput(inputs=dict(inputs), prompt_tokens=n)
+        return mi
+
+    def close(self) -> None:
+        self.media.close()

@@ -1,14 +1,19 @@
 """The OpenAI chat-completions wire format: parse a request body into typed parts, build the
-response, stream chunk and error bodies. Imports nothing of the engine (SERVING.md §2-3).
+response, stream chunk and error bodies. Imports nothing of the engine (the OpenAI chat-completions wire format; README "Serving").
 
 Every problem with a request raises `RequestError`, which the app answers with its HTTP status and
 an OpenAI-shaped body `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
+
+from ..media.options import VIDEO_OPTIONS, option_problem
 
 
 class RequestError(Exception):
@@ -65,12 +70,51 @@ class ChatRequest:
     def media(self) -> List[MediaPart]:
         return [p for m in self.messages for p in m.parts if isinstance(p, MediaPart)]
 
+    def sampling(self, defaults: "SamplingDefaults", max_output_length: int) -> Dict[str, Any]:
+        """The request's sampling parameters, with the server's defaults where it names none
+        (the engine's SamplingParams fields; a seed drawn here for a sampled request without one),
+        or RequestError(400)."""
+        max_tokens = self.max_tokens if self.max_tokens is not None else max_output_length
+        if max_tokens > max_output_length:
+            raise RequestError(400, f"max_tokens {max_tokens} is over this server's max_output_length "
+                                    f"{max_output_length}", "max_tokens")
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        top_p = defaults.top_p if self.top_p is None else self.top_p
+        top_k = defaults.top_k if self.top_k is None else max(self.top_k, 0)
+        if top_p <= 0:
+            raise RequestError(400, "'top_p' must be above 0", "top_p")
+        seed = self.seed if self.seed is not None else (secrets.randbits(62) if temperature > 0 else None)
+        return dict(max_new_tokens=max_tokens, ignore_eos=self.ignore_eos, temperature=temperature, top_p=top_p,
+                    top_k=top_k, seed=seed)
+
+
+@dataclass
+class SamplingDefaults:
+    """What a request that names no temperature / top_p / top_k gets: the model's
+    generation_config.json where it has one (as vLLM does), else OpenAI's defaults."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def from_model(cls, model_path: str) -> "SamplingDefaults":
+        try:
+            g = json.loads((Path(model_path) / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            return cls()
+        if not isinstance(g, dict):
+            return cls()
+        if g.get("do_sample") is False:
+            return cls(temperature=0.0)
+        return cls(temperature=float(g.get("temperature", 1.0)), top_p=float(g.get("top_p", 1.0)),
+                   top_k=int(g.get("top_k") or 0))
+
 
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
 # Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
-MM_KWARGS = {"fps": (int, float), "min_pixels": int, "max_pixels": int, "total_pixels": int,
-             "min_frames": int, "max_frames": int}
+MM_KWARGS = {k: VIDEO_OPTIONS[k] for k in ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames",
+                                        "max_frames")}
 
 
 def _number(body: Dict, key: str, kind, default, low=None, high=None):
@@ -152,13 +196,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     mm = body.get("mm_processor_kwargs") or {}
     if not isinstance(mm, dict):
         raise RequestError(400, "'mm_processor_kwargs' must be an object", "mm_processor_kwargs")
-    for k, v in mm.items():
-        if k not in MM_KWARGS:
-            raise RequestError(400, f"mm_processor_kwargs: unknown key '{k}' (known: {', '.join(MM_KWARGS)})",
-                               "mm_processor_kwargs")
-        if isinstance(v, bool) or not isinstance(v, MM_KWARGS[k]) or v <= 0:
-            raise RequestError(400, f"mm_processor_kwargs.{k} must be a positive number, got {v!r}",
-                               "mm_processor_kwargs")
+    problem = option_problem(mm, "video", MM_KWARGS)
+    if problem:
+        raise RequestError(400, f"mm_processor_kwargs.{problem}", "mm_processor_kwargs")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")

@@ -10,29 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ..config.schema import ModelConfig, TaskConfig
-from ..sample_record import SampleRecord, count_errors, count_unparsed
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
-
-
-@dataclass
-class Sample:
-    """One question, ready for inference."""
-    id: str                      # question_id (TextVQA) / qid (VideoBench), as a string
-    subject: str                 # VideoBench subject; the task name for TextVQA
-    prompt: str                  # the user text, after the task's prompt template
-    images: List[str] = field(default_factory=list)   # absolute paths, in prompt order
-    videos: List[str] = field(default_factory=list)
-    gold: Any = None             # the human answers (TextVQA) / the letter (VideoBench)
-    choices: Optional[Dict[str, str]] = None
-    # Media options handed to qwen-vl-utils for this sample (pixels, fps, frames).
-    image_options: Dict[str, Any] = field(default_factory=dict)
-    video_options: Dict[str, Any] = field(default_factory=dict)
-    # A problem found while loading (e.g. no choices): the sample is recorded as an error.
-    load_error: Optional[str] = None
-    # The questions file this sample came from (part of its resume key).
-    source: Optional[str] = None
+from ..core import ResultRow, Sample, SampleRecord, count_errors, count_unparsed
 
 
 @dataclass
@@ -40,19 +18,6 @@ class Scored:
     score: float                 # 0..1
     prediction: Optional[str]    # the cleaned answer / the extracted letter (None: unparseable)
     extra: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ResultRow:
-    """One row of the result CSV."""
-    tasks: str
-    total: int
-    passed: float
-    value: Optional[float]
-    metric: str = "acc"
-    n_shot: int = 0
-    errors: int = 0
-    unparsed: int = 0
 
 
 class Task:

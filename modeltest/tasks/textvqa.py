@@ -1,4 +1,4 @@
-"""TextVQA (val): `textvqa_val.jsonl` joined with `textvqa_val_annotations.json` (FORMATS.md §3)."""
+"""TextVQA (val): `textvqa_val.jsonl` joined with `textvqa_val_annotations.json` (the reference's layout; README "Running on real weights and data")."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..config.schema import TaskConfig
+from ..core import ResultRow, Sample, SampleRecord
 from ..errors import UserError
 from ..metrics.vqa import clean_answer, normalize_prediction, vqa_accuracy
-from ..sample_record import SampleRecord
-from .base import ResultRow, Sample, Scored, Task, limit_per_subject, subject_rows
+from .base import Scored, Task, limit_per_subject, subject_rows
 
 REQUIRED_KEYS = ("image", "question", "question_id")
 
@@ -102,7 +102,7 @@ class TextVQATask(Task):
                 id=qid, subject=self.name,
                 prompt=f"{prefix}{row['question']}{suffix}",
                 images=[str(image)], gold=answers[qid],
-                image_options={"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels},
+                image_options=self.cfg.media_options()["image"],
                 source=str(jsonl),
             ))
         return limit_per_subject(samples, limit)

@@ -1,4 +1,4 @@
-"""VideoBench: `{Subject}_QA_new.json` files + `answer/ANSWER.json` (FORMATS.md §4)."""
+"""VideoBench: `{Subject}_QA_new.json` files + `answer/ANSWER.json` (the published Video-Bench layout; README "Running on real weights and data")."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..config.schema import TaskConfig
+from ..core import VIDEO_EXTENSIONS, ResultRow, Sample, SampleRecord
 from ..errors import UserError
 from ..metrics.choice import extract_choice
 from ..metrics.videobench_score import GROUPS, group_scores, weighted_score
-from ..sample_record import SampleRecord
-from .base import VIDEO_EXTENSIONS, ResultRow, Sample, Scored, Task, limit_per_subject, subject_rows
+from .base import Scored, Task, limit_per_subject, subject_rows
 
 SUBJECT_FILE_SUFFIX = "_QA_new.json"
 COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
@@ -76,6 +76,11 @@ class VideoBenchTaskConfig(TaskConfig):
     max_pixels: int = 768 * 28 * 28
     total_pixels: int = 24576 * 28 * 28
 
+    def media_options(self) -> Dict[str, Dict[str, Any]]:
+        return {"video": {"fps": self.fps, "min_frames": self.min_frames, "max_frames": self.max_frames,
+                          "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+                          "total_pixels": self.total_pixels}}
+
 
 class VideoBenchTask(Task):
     name = "videobench"
@@ -119,9 +124,7 @@ class VideoBenchTask(Task):
         subjects = self.selected_subjects()
         answer_path = self.root / self.cfg.answer_file
         answers = _load_json(answer_path, "answer key (set task.answer_file)")
-        video_options = {"fps": self.cfg.fps, "min_frames": self.cfg.min_frames, "max_frames": self.cfg.max_frames,
-                         "min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels,
-                         "total_pixels": self.cfg.total_pixels}
+        video_options = self.cfg.media_options()["video"]
         samples: List[Sample] = []
         for subject in subjects:
             path = self.root / f"{subject}{SUBJECT_FILE_SUFFIX}"

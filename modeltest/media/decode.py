@@ -1,89 +1,31 @@
-"""Image and video loading through qwen-vl-utils (decord for video), with per-sample errors.
+"""Image and video decoding through qwen-vl-utils (decord for video), with per-sample errors.
 
 Everything here raises `SampleError` with a message naming the file, so one bad image or video
-is recorded against its sample and the run goes on.
+is recorded against its sample and the run goes on. The input is a conversation in
+qwen-vl-utils' form (messages whose media parts are local paths with their options); what comes
+out is exactly what qwen-vl-utils' process_vision_info returns for it.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
-import copy
+import io
+import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import SampleError, first_line
-from .tasks.base import Sample
+from ..errors import SampleError, first_line
 
 # qwen-vl-utils picks its video reader once, from this variable, at import. Its torchvision
 # reader does not work with torchvision >= 0.29 (io.read_video was removed), so prefer decord.
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
 
 
-def build_messages(sample: Sample) -> List[Dict[str, Any]]:
-    """One user turn: images, then videos, then the text (the reference's order)."""
-    content: List[Dict[str, Any]] = []
-    for path in sample.images:
-        content.append({"type": "image", "image": path, **sample.image_options})
-    for path in sample.videos:
-        content.append({"type": "video", "video": path, **sample.video_options})
-    content.append({"type": "text", "text": sample.prompt})
-    return [{"role": "user", "content": content}]
-
-
-VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
-                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
-
-
-def prompt_text(processor, sample: Sample, use_chat_template: bool) -> str:
-    """The text handed to the processor: the chat template with the generation prompt, or (with
-    use_chat_template off) the vision placeholders followed by the raw prompt."""
-    if use_chat_template:
-        return processor.apply_chat_template(build_messages(sample), tokenize=False, add_generation_prompt=True)
-    return (VISION_PLACEHOLDER["image"] * len(sample.images)
-            + VISION_PLACEHOLDER["video"] * len(sample.videos) + sample.prompt)
-
-
-def load_processor(model_path: str, fast: bool = False):
-    """transformers' Qwen2-VL processor (tokenizer, chat template, image processor) from the
-    weights folder; fast=True gives it fast_processor's bit-identical image processor."""
-    from transformers import AutoProcessor
-
-    from . import fast_processor
-    from .errors import UserError
-    try:
-        processor = AutoProcessor.from_pretrained(model_path)
-        return fast_processor.install(processor) if fast else processor
-    except Exception as e:
-        raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
-                        f"({first_line(e, 200, with_type=False)}); the folder needs the tokenizer and "
-                        "preprocessor_config.json of a Qwen2-VL checkpoint") from None
-
-
-class ProcessorCopies:
-    """Copies of a processor, each lent to one thread at a time: prepare() runs in background
-    threads, and a fast tokenizer shared between threads can fail ("Already borrowed").
-
-    A copy costs about a second (the tokenizer), so copies are kept and lent again — across the
-    thread pools of successive runs too — rather than made per thread. They are made from a
-    master that is never lent (copying a tokenizer while another thread encodes with it can fail
-    the same way)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-        self._free: List[Any] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def borrow(self):
-        with self._lock:
-            proc = self._free.pop() if self._free else copy.deepcopy(self.processor)
-        try:
-            yield proc
-        finally:
-            with self._lock:
-                self._free.append(proc)
+def check_local_files(messages: List[Dict[str, Any]]) -> None:
+    """Each image/video part names a readable, non-empty file; else SampleError naming it."""
+    for part in media_parts(messages):
+        _check_file(str(part[part["type"]]), part["type"])
 
 
 def _check_file(path: str, kind: str) -> None:
@@ -111,11 +53,47 @@ def require_qwen_vl_utils():
     """Import qwen-vl-utils, or say in one line what is missing (usually a matching torchvision)."""
     try:
         from qwen_vl_utils import process_vision_info
+        quiet_video_libraries()
     except Exception as e:
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError(f"cannot import qwen-vl-utils ({first_line(e, 150)}); "
                         "install qwen-vl-utils and the torchvision that matches your torch") from None
     return process_vision_info
+
+
+_QUIET = False
+
+
+def quiet_video_libraries() -> None:
+    """Keep the video libraries' chatter out of the progress bar (once per process): qwen-vl-utils
+    prints which reader it uses on every video it opens, and FFmpeg (through decord) prints a
+    line for every problem in a file. A file that cannot be read is reported once, as its
+    sample's error (SampleError), so nothing is lost. qwen-vl-utils' reader choice is kept as it
+    is; only its print goes (to the log, at debug level)."""
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
+    try:
+        import decord
+        decord.logging.set_level(decord.logging.QUIET)
+    except Exception:                       # noqa: BLE001 — decord missing: qwen-vl-utils says so when used
+        pass
+    try:
+        import qwen_vl_utils.vision_process as vp
+    except Exception:                       # noqa: BLE001 — require_qwen_vl_utils reports it
+        return
+    choose = vp.get_video_reader_backend
+
+    def reader_without_print() -> str:
+        if vp.FORCE_QWENVL_VIDEO_READER is not None:
+            backend = vp.FORCE_QWENVL_VIDEO_READER
+        else:
+            with contextlib.redirect_stderr(io.StringIO()):   # the rare path: no reader forced
+                backend = choose()
+        logging.getLogger(__name__).debug("qwen-vl-utils reads videos with %s", backend)
+        return backend
+    vp.get_video_reader_backend = reader_without_print
 
 
 Vision = Tuple[Optional[list], Optional[list]]     # (images, videos) as qwen-vl-utils returns them
@@ -123,7 +101,7 @@ Vision = Tuple[Optional[list], Optional[list]]     # (images, videos) as qwen-vl
 
 class MediaSource(abc.ABC):
     """Where a backend's images and videos come from: decoded here (`InProcessMedia`, through the
-    media cache when there is one) or in worker processes (media_workers.WorkerMedia). Either way
+    media cache when there is one) or in worker processes (media/workers.WorkerMedia). Either way
     the values are qwen-vl-utils' own."""
 
     @abc.abstractmethod
@@ -159,20 +137,6 @@ class InProcessMedia(MediaSource):
         return self.cache.summary() if self.cache is not None else None
 
 
-def check_files(sample: Sample) -> None:
-    for path in sample.images:
-        _check_file(path, "image")
-    for path in sample.videos:
-        _check_file(path, "video")
-
-
-def load_vision(sample: Sample, media: Optional[MediaSource] = None, uint8: bool = False) -> Vision:
-    """(images, videos) of a sample as qwen-vl-utils returns them: resized PIL images and frame
-    tensors (float; uint8 where exact with uint8=True), from `media` (default: decoded here)."""
-    check_files(sample)
-    return (media or InProcessMedia()).vision(build_messages(sample), uint8)
-
-
 def _cached_vision_info(messages: List[Dict[str, Any]], cache, uint8: bool) -> Vision:
     """process_vision_info's loop (each element in message order, images and videos apart), with
     every element fetched through the cache."""
@@ -191,7 +155,7 @@ def _cached_vision_info(messages: List[Dict[str, Any]], cache, uint8: bool) -> V
 def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool = False) -> Vision:
     """qwen-vl-utils' process_vision_info on chat messages whose media are local files (through
     `cache` when given); a file it cannot read raises SampleError naming it."""
-    from .media_cache import exact_uint8
+    from .cache import exact_uint8
     process_vision_info = require_qwen_vl_utils()
     try:
         if cache is not None:
@@ -218,27 +182,6 @@ def media_parts(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def media_names(messages: List[Dict[str, Any]]) -> str:
     """Their files, for messages: "a.jpg, b.mp4"."""
     return ", ".join(str(p.get("image") or p.get("video")) for p in media_parts(messages))
-
-
-def prefetch_vision(sample: Sample, media: Optional[MediaSource], uint8: bool = False) -> None:
-    """Have `media` start decoding the sample's images and videos (load_vision then collects)."""
-    if media is None or not (sample.images or sample.videos) or sample.load_error:
-        return
-    try:
-        check_files(sample)
-    except SampleError:
-        return                   # load_vision reports it
-    media.prefetch(build_messages(sample), uint8)
-
-
-def processor_inputs(processor, sample: Sample, use_chat_template: bool, media: Optional[MediaSource] = None):
-    """(prompt text, the processor's tensors) of one sample: qwen-vl-utils (from `media`), the
-    chat template, the transformers processor — the engine backend's preprocessing. With the
-    fast image processor installed, exact video frames travel as uint8 (a quarter the bytes)."""
-    from . import fast_processor
-    images, videos = load_vision(sample, media, uint8=fast_processor.installed(processor))
-    text = prompt_text(processor, sample, use_chat_template)
-    return text, processor(text=[text], images=images, videos=videos, return_tensors="pt")
 
 
 def _or(value, default):

@@ -81,7 +81,7 @@ class ExactFastImageProcessor:
     **kwargs)` returns the same BatchFeature, computed by table lookup + one permute where that
     is exact, by the reference processor otherwise.
 
-    Videos may also arrive as uint8 tensors [T, 3, H, W] (media.py hands over qwen-vl-utils'
+    Videos may also arrive as uint8 tensors [T, 3, H, W] (media/decode.py hands over qwen-vl-utils'
     frames so when they are exact, saving a float copy and the integer check); the reference
     gets them back as float, exactly what qwen-vl-utils returned."""
 
@@ -123,7 +123,7 @@ class ExactFastImageProcessor:
                 out = self._videos(videos)
         if out is None:
             self.reference_calls += 1
-            if videos is not None:    # uint8 frames (media.py's exact form) as qwen-vl-utils returns them
+            if videos is not None:    # uint8 frames (media/decode.py's exact form) as qwen-vl-utils returns them
                 videos = [v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 else v for v in videos]
             return self.reference(images=images, videos=videos, **kwargs)
         self.fast_calls += 1

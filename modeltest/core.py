@@ -1,7 +1,9 @@
-"""The per-sample record: one finished sample, as the resume shards, the debug file and report
-readers hold it.
+"""The types every layer passes: a sample to evaluate, the record of one finished sample, a row
+of the result CSV. They import nothing from modeltest, so tasks, media, backends, records,
+outputs and the report can all use them without importing each other.
 
-Schema (version 2; one JSON object per line, keys in this order):
+The per-sample record (`SampleRecord`) is what the resume shards, the debug file and the report
+hold. Schema (version 2; one JSON object per line, keys in this order):
     id, subject          the sample (question_id / qid; the subject, or the task name)
     input                {"prompt", "images", "videos"}: the user text and media paths
     output               the decoded answer text (null when the sample failed)
@@ -31,7 +33,41 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
 SCHEMA_VERSION = 2
+
+
+@dataclass
+class Sample:
+    """One question, ready for inference."""
+    id: str                      # question_id (TextVQA) / qid (VideoBench), as a string
+    subject: str                 # VideoBench subject; the task name for TextVQA
+    prompt: str                  # the user text, after the task's prompt template
+    images: List[str] = field(default_factory=list)   # absolute paths, in prompt order
+    videos: List[str] = field(default_factory=list)
+    gold: Any = None             # the human answers (TextVQA) / the letter (VideoBench)
+    choices: Optional[Dict[str, str]] = None
+    # Media options handed to qwen-vl-utils for this sample (pixels, fps, frames).
+    image_options: Dict[str, Any] = field(default_factory=dict)
+    video_options: Dict[str, Any] = field(default_factory=dict)
+    # A problem found while loading (e.g. no choices): the sample is recorded as an error.
+    load_error: Optional[str] = None
+    # The questions file this sample came from (part of its resume key).
+    source: Optional[str] = None
+
+
+@dataclass
+class ResultRow:
+    """One row of the result CSV."""
+    tasks: str
+    total: int
+    passed: float
+    value: Optional[float]
+    metric: str = "acc"
+    n_shot: int = 0
+    errors: int = 0
+    unparsed: int = 0
 
 
 @dataclass

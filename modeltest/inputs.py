@@ -1,0 +1,136 @@
+"""Conversation -> model input -> engine Request: the one path by which a chat message reaches the
+model, whoever sends it (the harness's samples, `modeltest serve`'s requests, run_pa, the tests).
+
+A conversation is a list of chat messages in qwen-vl-utils' form: each message's `content` is a
+list of parts, `{"type": "text", "text": ...}`, `{"type": "image", "image": PATH, **options}` or
+`{"type": "video", "video": PATH, **options}` (local files; options are qwen-vl-utils' pixel and
+fps settings). From it:
+
+    decoded_media()  the images and videos, as qwen-vl-utils returns them (through a MediaSource:
+                     the media cache, worker processes)
+    prompt_text()    the chat template with the generation prompt (or raw placeholders + text)
+    model_input()    both, through transformers' processor: prompt ids, pixels, grids
+    engine_request() a ModelInput as an engine Request
+
+so a sample evaluated in-process and the same conversation sent to the server hand the engine the
+same pixels and tokens by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .core import Sample
+from .engine.request import Request, SamplingParams
+from .media import InProcessMedia, MediaSource, fast_processor
+from .media.decode import Vision, check_local_files, media_parts
+
+Messages = List[Dict[str, Any]]
+
+VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+
+
+def sample_messages(sample: Sample) -> Messages:
+    """A sample as one user turn: images, then videos, then the text (the reference's order)."""
+    content: List[Dict[str, Any]] = []
+    for path in sample.images:
+        content.append({"type": "image", "image": path, **sample.image_options})
+    for path in sample.videos:
+        content.append({"type": "video", "video": path, **sample.video_options})
+    content.append({"type": "text", "text": sample.prompt})
+    return [{"role": "user", "content": content}]
+
+
+def prompt_text(processor, messages: Messages, use_chat_template: bool = True) -> str:
+    """The text handed to the processor: the chat template with the generation prompt, or (with
+    use_chat_template off) each part in order — a vision placeholder per medium, the text as it
+    is — with no roles or template."""
+    if use_chat_template:
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    out = []
+    for m in messages:
+        content = m.get("content")
+        for part in content if isinstance(content, list) else [{"type": "text", "text": content or ""}]:
+            out.append(VISION_PLACEHOLDER[part["type"]] if part["type"] in VISION_PLACEHOLDER else part["text"])
+    return "".join(out)
+
+
+def decoded_media(messages: Messages, media: Optional[MediaSource] = None, uint8: bool = False) -> Vision:
+    """(resized PIL images, video frames [T, C, H, W]) of the conversation's media as qwen-vl-utils
+    returns them (float; uint8 where exact with uint8=True), from `media` (default: decoded here,
+    uncached); (None, None) without media. Raises SampleError naming a file it cannot read."""
+    if not media_parts(messages):
+        return None, None
+    check_local_files(messages)
+    return (media or InProcessMedia()).vision(messages, uint8)
+
+
+def prefetch_media(messages: Messages, media: Optional[MediaSource], uint8: bool = False) -> None:
+    """Have `media` start decoding the conversation's media (decoded_media then collects); a file
+    that cannot be read is left for decoded_media to report."""
+    if media is None or not media_parts(messages):
+        return
+    try:
+        check_local_files(messages)
+    except Exception:
+        return
+    media.prefetch(messages, uint8)
+
+
+@dataclass
+class ModelInput:
+    """What the model is given for one conversation."""
+    text: str                          # the prompt text, vision placeholders not yet expanded
+    inputs: Dict[str, Any]             # input_ids [1, T]; pixel_values [N, C*t*p*p], image_grid_thw [n, 3];
+    #                                    pixel_values_videos, video_grid_thw likewise
+    _keys: Optional[List[str]] = field(default=None, repr=False)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """T: prompt tokens with the vision placeholders expanded."""
+        return int(self.inputs["input_ids"].shape[1])
+
+    def media_keys(self) -> List[str]:
+        """One content key per medium (images first, then videos, in prompt order): a hash of its
+        grid and of the exact pixel values the model gets. Two questions on one clip share a key;
+        two different images never do, whatever their placeholder ids; the same clip at another
+        fps or size has another grid and pixels, so another key. Computed on first use."""
+        if self._keys is None:
+            keys = []
+            for kind, values, grids in (("image", "pixel_values", "image_grid_thw"),
+                                        ("video", "pixel_values_videos", "video_grid_thw")):
+                if self.inputs.get(grids) is None:
+                    continue
+                start = 0
+                for thw in self.inputs[grids].tolist():
+                    rows = thw[0] * thw[1] * thw[2]
+                    chunk = self.inputs[values][start:start + rows].contiguous()
+                    start += rows
+                    h = hashlib.blake2b(digest_size=16)
+                    h.update(f"{kind}:{thw}:{chunk.dtype}:{tuple(chunk.shape)}".encode())
+                    h.update(chunk.view(torch.uint8).numpy().tobytes() if chunk.numel() else b"")
+                    keys.append(h.hexdigest())
+            self._keys = keys
+        return self._keys
+
+
+def model_input(processor, messages: Messages, media: Optional[MediaSource] = None,
+                use_chat_template: bool = True) -> ModelInput:
+    """qwen-vl-utils (through `media`), the chat template, transformers' processor. With the fast
+    image processor installed, exact video frames travel as uint8 (a quarter the bytes)."""
+    images, videos = decoded_media(messages, media, uint8=fast_processor.installed(processor))
+    text = prompt_text(processor, messages, use_chat_template)
+    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
+    return ModelInput(text=text, inputs=dict(inputs))
+
+
+def engine_request(rid: Any, mi: ModelInput, params: SamplingParams) -> Request:
+    """The engine request for a model input."""
+    inp = mi.inputs
+    return Request(id=rid, input_ids=inp["input_ids"][0].tolist(), params=params,
+                   pixel_values=inp.get("pixel_values"), image_grid_thw=inp.get("image_grid_thw"),
+                   pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw"))

@@ -1,0 +1,145 @@
+"""One admitted request: reads its token events from the engine loop, builds its text, answers
+its client (one JSON body, or an SSE stream), and aborts it in the engine when the client goes
+away."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+
+from ..engine.request import Request, RequestStatus
+from ..inputs import ModelInput
+from .detokenize import Detokenizer
+from .engine_loop import EngineLoop, TokenEvent
+from .metrics import ServerMetrics
+from .protocol import ChatRequest, chunk_body, completion_body, error_body, usage_chunk_body
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServingContext:
+    """What every request's answer needs from the server."""
+    loop: EngineLoop
+    metrics: ServerMetrics
+    tokenizer: Any
+    model_name: str
+
+
+def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+class RequestRun:
+    """One admitted request: reads its events, builds its text, answers its client."""
+
+    def __init__(self, ctx: ServingContext, engine_req: Request, req: ChatRequest, mi: ModelInput,
+                 events: asyncio.Queue, http: HTTPRequest, arrival: float):
+        self.ctx = ctx
+        self.engine_req, self.req, self.events, self.http, self.arrival = engine_req, req, events, http, arrival
+        self.prompt_tokens = mi.prompt_tokens
+        self.text = Detokenizer(ctx.tokenizer, req.stop, engine_req.params.stop_token_ids or (), req.ignore_eos)
+        self.done = False
+        self.first_token_at: Optional[float] = None
+        self.created = int(time.time())
+
+    async def next_event(self) -> Optional[TokenEvent]:
+        """The next event, or None if the client disconnected (the request is then aborted)."""
+        while True:
+            try:
+                ev = await asyncio.wait_for(self.events.get(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await self.http.is_disconnected():
+                    self.abort()
+                    return None
+                continue
+            if ev.token_ids and self.first_token_at is None:
+                self.first_token_at = ev.time
+                self.ctx.metrics.ttft.observe(max(0.0, ev.time - self.arrival))
+            if ev.done:
+                self.done = True
+            return ev
+
+    def abort(self) -> None:
+        if not self.done:
+            self.ctx.loop.abort(self.engine_req.id)
+            self.done = True
+
+    def take(self, ev: TokenEvent) -> str:
+        """Text delta of an event; a stop string found ends the request in the engine."""
+        if self.text.stopped_by_string:
+            return ""
+        delta = self.text.add(ev.token_ids)
+        if self.text.stopped_by_string and not ev.done:
+            self.ctx.loop.abort(self.engine_req.id)
+        return delta
+
+    def failed(self, ev: TokenEvent) -> JSONResponse:
+        status = 503 if self.ctx.loop.state == "dead" else 400
+        self.ctx.metrics.requests.labels(code=str(status)).inc()
+        return error_response(status, ev.error or "the request failed")
+
+    def finished(self, status: RequestStatus):
+        completion = len(self.text.ids)
+        self.ctx.metrics.requests.labels(code="200").inc()
+        self.ctx.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.ctx.metrics.generation_tokens.inc(completion)
+        self.ctx.metrics.latency.observe(time.perf_counter() - self.arrival)
+        return self.text.finish_reason(status, self.engine_req.max_new_tokens), completion
+
+    async def complete(self):
+        try:
+            return await self._complete()
+        finally:
+            self.abort()      # cancelled while waiting (or already done: a no-op)
+
+    async def _complete(self):
+        while True:
+            ev = await self.next_event()
+            if ev is None:
+                return Response(status_code=499)
+            self.take(ev)
+            if ev.done:
+                if ev.status is RequestStatus.FAILED:
+                    return self.failed(ev)
+                self.text.finish()
+                reason, completion = self.finished(ev.status)
+                return completion_body(self.engine_req.id, self.ctx.model_name, self.text.text, reason,
+                                       self.prompt_tokens, completion)
+
+    async def stream(self, first: TokenEvent) -> AsyncIterator[str]:
+        rid = self.engine_req.id
+
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        try:
+            yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"role": "assistant", "content": ""}))
+            ev = first
+            while True:
+                delta = self.take(ev)
+                if ev.done:
+                    if ev.status is RequestStatus.FAILED:
+                        yield sse(error_body(500, ev.error or "the request failed"))
+                        self.ctx.metrics.requests.labels(code="500").inc()
+                        break
+                    delta += self.text.finish()
+                    if delta:
+                        yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"content": delta}))
+                    reason, completion = self.finished(ev.status)
+                    yield sse(chunk_body(rid, self.ctx.model_name, self.created, {}, reason))
+                    if self.req.include_usage:
+                        yield sse(usage_chunk_body(rid, self.ctx.model_name, self.created, self.prompt_tokens, completion))
+                    break
+                if delta:
+                    yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"content": delta}))
+                ev = await self.next_event()
+                if ev is None:
+                    return
+            yield "data: [DONE]\n\n"
+        finally:
+            self.abort()      # the client went away mid-stream (or the stream ended: a no-op)
