@@ -1,4 +1,5 @@
 """Command line: `modeltest run | check | list | demo | bench`."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def _cmd_serve(args) -> int:
     if tp > 1 and not inside_torchrun():
         from .engine.config import Qwen2VLConfig
         from .engine.parallel import head_layout
+
         mc = Qwen2VLConfig.from_path(cfg.model_path)
-        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)   # refuse a bad size before starting
+        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)  # refuse a bad size before starting
         return launch_serve(_strip_tp(args.argv), tp)
     return run_server(cfg)
 
@@ -72,6 +74,7 @@ def _strip_tp(argv: List[str]) -> List[str]:
 
 def _cmd_list(args) -> int:
     from .config.loader import available, default_config_dir
+
     d = default_config_dir()
     print("tasks :", ", ".join(available(d, "task")))
     print("models:", ", ".join(available(d, "model")))
@@ -80,6 +83,7 @@ def _cmd_list(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo.build import build_demo, run_demo
+
     paths = build_demo(args.dir, force=args.force)
     if args.build_only:
         print(f"demo built in {paths.root}")
@@ -90,11 +94,13 @@ def _cmd_demo(args) -> int:
 def version() -> str:
     """The installed distribution's version (the source tree's pyproject when not installed)."""
     from importlib import metadata
+
     try:
         return metadata.version("modeltest")
     except metadata.PackageNotFoundError:
         import re
         from pathlib import Path
+
         text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
         return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
 
@@ -121,14 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="extra key=value passed to both runs")
     d.set_defaults(func=_cmd_demo)
     from .bench.run import add_parser as add_bench
+
     add_bench(sub)
     from .bench.serve_bench import add_parser as add_bench_serve
+
     add_bench_serve(sub)
     from .bench.prep import add_parser as add_bench_prep
+
     add_bench_prep(sub)
     from .report.cli import add_parser as add_report
+
     add_report(sub)
     from .serve.config import add_serve_parser
+
     add_serve_parser(sub)
     sub.choices["serve"].set_defaults(func=_cmd_serve)
     return p
@@ -140,9 +151,11 @@ def quiet_libraries() -> None:
     that limit, as the reference does): once per sample, through a progress bar, for nothing a
     user can act on."""
     import logging
+
     logging.getLogger("qwen_vl_utils").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
+
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
@@ -159,7 +172,7 @@ def restore_ctrl_c() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv[1:]          # the subcommand's own arguments (the launcher passes them on)
+    args.argv = argv[1:]  # the subcommand's own arguments (the launcher passes them on)
     quiet_libraries()
     restore_ctrl_c()
     try:
@@ -169,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except Interrupted as e:
         from .runner import LAUNCHED_ENV
-        if not os.environ.get(LAUNCHED_ENV):   # else the launcher reports it once, for every rank
+
+        if not os.environ.get(LAUNCHED_ENV):  # else the launcher reports it once, for every rank
             print(f"modeltest: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ hold. Schema (version 2; one JSON object per line, keys in this order):
     schema               this schema's version
 Version 1 (before queue_time and schema) is read as well: its e2e_time included queueing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,12 +42,13 @@ SCHEMA_VERSION = 2
 @dataclass
 class Sample:
     """One question, ready for inference."""
-    id: str                      # question_id (TextVQA) / qid (VideoBench), as a string
-    subject: str                 # VideoBench subject; the task name for TextVQA
-    prompt: str                  # the user text, after the task's prompt template
-    images: List[str] = field(default_factory=list)   # absolute paths, in prompt order
+
+    id: str  # question_id (TextVQA) / qid (VideoBench), as a string
+    subject: str  # VideoBench subject; the task name for TextVQA
+    prompt: str  # the user text, after the task's prompt template
+    images: List[str] = field(default_factory=list)  # absolute paths, in prompt order
     videos: List[str] = field(default_factory=list)
-    gold: Any = None             # the human answers (TextVQA) / the letter (VideoBench)
+    gold: Any = None  # the human answers (TextVQA) / the letter (VideoBench)
     choices: Optional[Dict[str, str]] = None
     # Media options handed to qwen-vl-utils for this sample (pixels, fps, frames).
     image_options: Dict[str, Any] = field(default_factory=dict)
@@ -60,6 +62,7 @@ class Sample:
 @dataclass
 class ResultRow:
     """One row of the result CSV."""
+
     tasks: str
     total: int
     passed: float
@@ -87,7 +90,7 @@ class SampleRecord:
     output_tokens: Optional[int] = None
     prefill_time: Optional[float] = None
     choices: Optional[Dict[str, str]] = None
-    extra: Dict[str, Any] = field(default_factory=dict)   # the task's per-sample extras
+    extra: Dict[str, Any] = field(default_factory=dict)  # the task's per-sample extras
     # The error was the server's or the network's (unreachable, timeout, 429/5xx after retries),
     # not the sample's: a resumed run computes the sample again. Written only when true.
     transient: bool = False

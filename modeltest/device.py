@@ -3,6 +3,7 @@
 torch_npu is imported behind a guard: it is only present on Ascend machines, and importing it
 without CANN fails, so any failure simply means "no NPU".
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,11 +35,12 @@ def resolve_device(requested: str = "auto") -> str:
             return "cuda"
         return "cpu"
     if requested == "npu" and not npu_available():
-        raise UserError("device=npu but torch_npu is not importable or sees no NPU: install torch_npu "
-                        "with CANN, check ASCEND_RT_VISIBLE_DEVICES, or set device=cpu")
+        raise UserError(
+            "device=npu but torch_npu is not importable or sees no NPU: install torch_npu "
+            "with CANN, check ASCEND_RT_VISIBLE_DEVICES, or set device=cpu"
+        )
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but torch sees no CUDA device: check CUDA_VISIBLE_DEVICES "
-                        "or set device=cpu")
+        raise UserError("device=cuda but torch sees no CUDA device: check CUDA_VISIBLE_DEVICES or set device=cpu")
     return requested
 
 

@@ -13,6 +13,7 @@ class UserError(Exception):
 class SampleError(Exception):
     """A problem confined to one sample (missing image, corrupt video): recorded, run goes on.
     A transient one (a decode that timed out, a crashed worker) is computed again on resume."""
+
     transient = False
 
 

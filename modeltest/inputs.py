@@ -15,6 +15,7 @@ fps settings). From it:
 so a sample evaluated in-process and the same conversation sent to the server hand the engine the
 same pixels and tokens by construction.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,10 @@ from .media.decode import Vision, check_local_files, media_parts
 
 Messages = List[Dict[str, Any]]
 
-VISION_PLACEHOLDER = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
-                      "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+VISION_PLACEHOLDER = {
+    "image": "<|vision_start|><|image_pad|><|vision_end|>",
+    "video": "<|vision_start|><|video_pad|><|vision_end|>",
+}
 
 
 def sample_messages(sample: Sample) -> Messages:
@@ -84,8 +87,9 @@ def prefetch_media(messages: Messages, media: Optional[MediaSource], uint8: bool
 @dataclass
 class ModelInput:
     """What the model is given for one conversation."""
-    text: str                          # the prompt text, vision placeholders not yet expanded
-    inputs: Dict[str, Any]             # input_ids [1, T]; pixel_values [N, C*t*p*p], image_grid_thw [n, 3];
+
+    text: str  # the prompt text, vision placeholders not yet expanded
+    inputs: Dict[str, Any]  # input_ids [1, T]; pixel_values [N, C*t*p*p], image_grid_thw [n, 3];
     #                                    pixel_values_videos, video_grid_thw likewise
     _keys: Optional[List[str]] = field(default=None, repr=False)
 
@@ -101,14 +105,16 @@ class ModelInput:
         fps or size has another grid and pixels, so another key. Computed on first use."""
         if self._keys is None:
             keys = []
-            for kind, values, grids in (("image", "pixel_values", "image_grid_thw"),
-                                        ("video", "pixel_values_videos", "video_grid_thw")):
+            for kind, values, grids in (
+                ("image", "pixel_values", "image_grid_thw"),
+                ("video", "pixel_values_videos", "video_grid_thw"),
+            ):
                 if self.inputs.get(grids) is None:
                     continue
                 start = 0
                 for thw in self.inputs[grids].tolist():
                     rows = thw[0] * thw[1] * thw[2]
-                    chunk = self.inputs[values][start:start + rows].contiguous()
+                    chunk = self.inputs[values][start : start + rows].contiguous()
                     start += rows
                     h = hashlib.blake2b(digest_size=16)
                     h.update(f"{kind}:{thw}:{chunk.dtype}:{tuple(chunk.shape)}".encode())
@@ -118,8 +124,9 @@ class ModelInput:
         return self._keys
 
 
-def model_input(processor, messages: Messages, media: Optional[MediaSource] = None,
-                use_chat_template: bool = True) -> ModelInput:
+def model_input(
+    processor, messages: Messages, media: Optional[MediaSource] = None, use_chat_template: bool = True
+) -> ModelInput:
     """qwen-vl-utils (through `media`), the chat template, transformers' processor. With the fast
     image processor installed, exact video frames travel as uint8 (a quarter the bytes)."""
     images, videos = decoded_media(messages, media, uint8=fast_processor.installed(processor))
@@ -131,6 +138,12 @@ def model_input(processor, messages: Messages, media: Optional[MediaSource] = No
 def engine_request(rid: Any, mi: ModelInput, params: SamplingParams) -> Request:
     """The engine request for a model input."""
     inp = mi.inputs
-    return Request(id=rid, input_ids=inp["input_ids"][0].tolist(), params=params,
-                   pixel_values=inp.get("pixel_values"), image_grid_thw=inp.get("image_grid_thw"),
-                   pixel_values_videos=inp.get("pixel_values_videos"), video_grid_thw=inp.get("video_grid_thw"))
+    return Request(
+        id=rid,
+        input_ids=inp["input_ids"][0].tolist(),
+        params=params,
+        pixel_values=inp.get("pixel_values"),
+        image_grid_thw=inp.get("image_grid_thw"),
+        pixel_values_videos=inp.get("pixel_values_videos"),
+        video_grid_thw=inp.get("video_grid_thw"),
+    )

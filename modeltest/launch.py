@@ -6,6 +6,7 @@ starts; torchrun's launcher (torch.distributed.run) then runs in this process, s
 ends in one line that counts the samples every rank saved, and exit code 130 — not a launcher
 traceback and one message per rank.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,9 @@ from .runner import LAUNCHED_ENV
 
 @dataclass
 class Layout:
-    tp: int          # devices per model replica
-    dp: int          # replicas splitting the samples
-    nnodes: int      # machines (NNODES), each running the same command
+    tp: int  # devices per model replica
+    dp: int  # replicas splitting the samples
+    nnodes: int  # machines (NNODES), each running the same command
 
     @property
     def procs(self) -> int:
@@ -70,8 +71,9 @@ def check_layout(cfg: EvalConfig, tp: int, dp: int) -> None:
         raise UserError(f"tp={tp} dp={dp}: both must be at least 1")
     if tp > 1:
         if not traits(cfg.model.backend).tensor_parallel:
-            raise UserError(f"tp={tp} needs model.backend=engine ({cfg.model.backend} runs one process per "
-                            "replica; use dp=)")
+            raise UserError(
+                f"tp={tp} needs model.backend=engine ({cfg.model.backend} runs one process per replica; use dp=)"
+            )
         mc = Qwen2VLConfig.from_path(cfg.model.model_path)
         head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)
         if mc.intermediate_size % tp:
@@ -80,6 +82,7 @@ def check_layout(cfg: EvalConfig, tp: int, dp: int) -> None:
 
 def finished_keys(folder: Path) -> Set[str]:
     from .records import RecordStore
+
     return set(RecordStore(folder, shard="none").load()) if folder.is_dir() else set()
 
 
@@ -87,16 +90,28 @@ def torchrun(worker_args: List[str], nnodes: int, nproc_per_node: int) -> None:
     """`python -m torch.distributed.run ... -m modeltest WORKER_ARGS` in this process (the
     launcher's SignalException / ChildFailedError reach the caller instead of a traceback)."""
     from torch.distributed.run import parse_args, run
-    argv = ["--nnodes", str(nnodes), "--node_rank", os.environ.get("NODE_RANK", "0"),
-            "--nproc_per_node", str(nproc_per_node),
-            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            "--master_port", os.environ.get("MASTER_PORT", "20030"),
-            "-m", "modeltest", *worker_args]
+
+    argv = [
+        "--nnodes",
+        str(nnodes),
+        "--node_rank",
+        os.environ.get("NODE_RANK", "0"),
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--master_addr",
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "--master_port",
+        os.environ.get("MASTER_PORT", "20030"),
+        "-m",
+        "modeltest",
+        *worker_args,
+    ]
     os.environ[LAUNCHED_ENV] = "1"
     # The launcher's own log lines (a shutdown warning per signal, a failure table) repeat what
     # the workers and the caller say.
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")] + \
-            ["torch.distributed.elastic"]:
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")] + [
+        "torch.distributed.elastic"
+    ]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     run(parse_args(argv))
 
@@ -111,21 +126,29 @@ def launch(cfg: EvalConfig, task: str, model: str, overrides: List[str], layout:
     records = RunPaths.for_run(cfg, tp=layout.tp).records_dir
     before = finished_keys(records) if cfg.run.resume else set()
     try:
-        torchrun(["run", task, model, *overrides, f"dp={layout.dp}", f"tp={layout.tp}"],
-                 layout.nnodes, layout.procs // layout.nnodes)
+        torchrun(
+            ["run", task, model, *overrides, f"dp={layout.dp}", f"tp={layout.tp}"],
+            layout.nnodes,
+            layout.procs // layout.nnodes,
+        )
     except SignalException as e:
         saved = len(finished_keys(records) - before)
-        print(f"modeltest: interrupted: {saved} finished sample(s) of this run are saved in {records}; "
-              "run the same command again to resume", file=sys.stderr)
+        print(
+            f"modeltest: interrupted: {saved} finished sample(s) of this run are saved in {records}; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         ranks = ", ".join(str(f.rank) for f in e.failures.values())
-        if codes == [2]:      # a one-line error the workers printed already
+        if codes == [2]:  # a one-line error the workers printed already
             return 2
-        print(f"modeltest: error: rank(s) {ranks} exited with code(s) {', '.join(map(str, codes))} "
-              "(their output is above); finished samples are saved, run the same command again to resume",
-              file=sys.stderr)
+        print(
+            f"modeltest: error: rank(s) {ranks} exited with code(s) {', '.join(map(str, codes))} "
+            "(their output is above); finished samples are saved, run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130 if 130 in codes else 1
     return 0
 
@@ -135,14 +158,18 @@ def launch_serve(argv: List[str], tp: int) -> int:
     workers through the launcher; rank 0 drains and tells the others to stop."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         torchrun(["serve", *argv, "--tp", str(tp)], 1, tp)
     except SignalException:
-        return 0          # a stop was asked for; the workers drained
+        return 0  # a stop was asked for; the workers drained
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         if codes != [2]:
-            print(f"modeltest serve: error: rank(s) {', '.join(str(f.rank) for f in e.failures.values())} exited "
-                  f"with code(s) {', '.join(map(str, codes))} (their output is above)", file=sys.stderr)
+            print(
+                f"modeltest serve: error: rank(s) {', '.join(str(f.rank) for f in e.failures.values())} exited "
+                f"with code(s) {', '.join(map(str, codes))} (their output is above)",
+                file=sys.stderr,
+            )
         return 2 if codes == [2] else 1
     return 0

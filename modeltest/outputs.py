@@ -9,6 +9,7 @@ Layout (names are stable; other tools read them):
 <variant> is the data type (bf16, fp16, fp32) for the default `engine` backend, and
 `<data type>_<backend>` for another one (bf16_hf), so runs of two backends never share files.
 """
+
 from __future__ import annotations
 
 import csv
@@ -60,10 +61,14 @@ class RunPaths:
         stem = f"{task}_{model}_{variant}_batch{cfg.run.batch_size}_tp{tp}"
         results = root / "results" / sub
         timestamp = timestamp or dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-        return cls(root=root, result_csv=results / f"{stem}_result.csv",
-                   config_json=results / f"{stem}_config.json", summary_json=results / f"{stem}_summary.json",
-                   debug_file=root / "debug" / sub / f"output_{timestamp}.txt",
-                   records_dir=root / "records" / sub)
+        return cls(
+            root=root,
+            result_csv=results / f"{stem}_result.csv",
+            config_json=results / f"{stem}_config.json",
+            summary_json=results / f"{stem}_summary.json",
+            debug_file=root / "debug" / sub / f"output_{timestamp}.txt",
+            records_dir=root / "records" / sub,
+        )
 
     def create(self) -> None:
         """Make the folders and prove they are writable before any model loads."""
@@ -74,11 +79,14 @@ class RunPaths:
                 probe.write_text("")
                 probe.unlink()
             except OSError as e:
-                raise UserError(f"output_dir: cannot write to '{folder}' ({e.strerror}); pass output_dir=/a/writable/folder") from None
+                raise UserError(
+                    f"output_dir: cannot write to '{folder}' ({e.strerror}); pass output_dir=/a/writable/folder"
+                ) from None
 
 
 def library_versions() -> Dict[str, str]:
     from importlib import metadata
+
     out = {"python": platform.python_version()}
     for name in ("modeltest", "torch", "transformers", "qwen-vl-utils", "decord", "torchvision"):
         try:
@@ -102,10 +110,18 @@ def write_result_csv(path: Path, rows: List[ResultRow]) -> None:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
-            w.writerow([r.tasks, r.n_shot, r.total if r.metric == "acc" else "",
-                        _fmt_number(r.passed, 4) if r.metric == "acc" else "", r.metric,
-                        _fmt_number(r.value, 6), r.errors if r.metric == "acc" else "",
-                        r.unparsed if r.metric == "acc" else ""])
+            w.writerow(
+                [
+                    r.tasks,
+                    r.n_shot,
+                    r.total if r.metric == "acc" else "",
+                    _fmt_number(r.passed, 4) if r.metric == "acc" else "",
+                    r.metric,
+                    _fmt_number(r.value, 6),
+                    r.errors if r.metric == "acc" else "",
+                    r.unparsed if r.metric == "acc" else "",
+                ]
+            )
     os.replace(tmp, path)
 
 
@@ -121,6 +137,7 @@ SECRET = "<redacted>"
 def redact(text: str) -> str:
     """An override or command line without the value of an api_key."""
     import re
+
     return re.sub(r"((?:^|\s|\.)api_key=)\S+", r"\1" + SECRET, text)
 
 
@@ -130,10 +147,15 @@ def config_record(cfg: EvalConfig, extra: Dict[str, Any]) -> Dict[str, Any]:
     if model.get("api_key"):
         model["api_key"] = SECRET
     return {
-        "model": model, "task": dataclasses.asdict(cfg.task),
-        "run": dataclasses.asdict(cfg.run), "model_file": cfg.model_file, "task_file": cfg.task_file,
-        "overrides": [redact(o) for o in cfg.overrides], "command": redact(" ".join(sys.argv)),
-        "versions": library_versions(), **extra,
+        "model": model,
+        "task": dataclasses.asdict(cfg.task),
+        "run": dataclasses.asdict(cfg.run),
+        "model_file": cfg.model_file,
+        "task_file": cfg.task_file,
+        "overrides": [redact(o) for o in cfg.overrides],
+        "command": redact(" ".join(sys.argv)),
+        "versions": library_versions(),
+        **extra,
     }
 
 
@@ -154,19 +176,41 @@ def write_debug_file(path: Path, records: List[SampleRecord]) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(paths: RunPaths, cfg: EvalConfig, rows: List[ResultRow], records: List[SampleRecord],
-                  computed: int, elapsed: float, tp: int, dp: int, media_cache: Optional[dict] = None,
-                  load_s: Optional[float] = None) -> None:
+def write_summary(
+    paths: RunPaths,
+    cfg: EvalConfig,
+    rows: List[ResultRow],
+    records: List[SampleRecord],
+    computed: int,
+    elapsed: float,
+    tp: int,
+    dp: int,
+    media_cache: Optional[dict] = None,
+    load_s: Optional[float] = None,
+) -> None:
     """elapsed: seconds of evaluation (samples_per_s is computed/elapsed); load_s: seconds spent
     loading the model before it (None: nothing was loaded, every sample was reused)."""
-    write_json(paths.summary_json, {
-        "task": cfg.task.task_name, "model_name": cfg.model.model_name, "backend": cfg.model.backend,
-        "rows": [dataclasses.asdict(r) for r in rows], "samples": len(records),
-        "computed": computed, "reused": len(records) - computed,
-        "errors": count_errors(records), "unparsed": count_unparsed(records),
-        "elapsed_s": round(elapsed, 3), "load_s": round(load_s, 3) if load_s is not None else None,
-        "samples_per_s": round(computed / elapsed, 4) if elapsed and computed else None,
-        "tp": tp, "dp": dp, "record_schema": SCHEMA_VERSION, "media_cache": media_cache,
-        "result_csv": str(paths.result_csv), "debug_file": str(paths.debug_file),
-        "records_dir": str(paths.records_dir),
-    })
+    write_json(
+        paths.summary_json,
+        {
+            "task": cfg.task.task_name,
+            "model_name": cfg.model.model_name,
+            "backend": cfg.model.backend,
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "samples": len(records),
+            "computed": computed,
+            "reused": len(records) - computed,
+            "errors": count_errors(records),
+            "unparsed": count_unparsed(records),
+            "elapsed_s": round(elapsed, 3),
+            "load_s": round(load_s, 3) if load_s is not None else None,
+            "samples_per_s": round(computed / elapsed, 4) if elapsed and computed else None,
+            "tp": tp,
+            "dp": dp,
+            "record_schema": SCHEMA_VERSION,
+            "media_cache": media_cache,
+            "result_csv": str(paths.result_csv),
+            "debug_file": str(paths.debug_file),
+            "records_dir": str(paths.records_dir),
+        },
+    )

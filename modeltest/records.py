@@ -11,6 +11,7 @@ and nothing that cannot (tensor/data-parallel sizes, batch size, output paths). 
 part of a record's identity: they are recomputed from the stored output at the end, so a fixed
 answer key needs no new inference.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -38,16 +39,31 @@ def run_identity(cfg, max_new_tokens: int, model: Dict[str, Any]) -> Dict[str, A
     identifies the model (backends.model_identity: the checkpoint's files, or what a server says
     it serves)."""
     m = cfg.model
-    return {"task": cfg.task.task_name, "model": model, "backend": m.backend,
-            "data_type": m.data_type, "use_chat_template": m.use_chat_template, "max_new_tokens": max_new_tokens,
-            "max_input_length": cfg.task.requested_max_input_length, "decoding": "greedy"}
+    return {
+        "task": cfg.task.task_name,
+        "model": model,
+        "backend": m.backend,
+        "data_type": m.data_type,
+        "use_chat_template": m.use_chat_template,
+        "max_new_tokens": max_new_tokens,
+        "max_input_length": cfg.task.requested_max_input_length,
+        "decoding": "greedy",
+    }
 
 
 def sample_key(run_id: Dict[str, Any], sample: Sample, source_digest: str) -> str:
-    payload = {"run": run_id, "source": source_digest, "id": sample.id, "subject": sample.subject,
-               "prompt": sample.prompt, "images": sample.images, "videos": sample.videos,
-               "image_options": sample.image_options, "video_options": sample.video_options,
-               "load_error": sample.load_error}
+    payload = {
+        "run": run_id,
+        "source": source_digest,
+        "id": sample.id,
+        "subject": sample.subject,
+        "prompt": sample.prompt,
+        "images": sample.images,
+        "videos": sample.videos,
+        "image_options": sample.image_options,
+        "video_options": sample.video_options,
+        "load_error": sample.load_error,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -76,7 +92,7 @@ class RecordStore:
                 for line in f:
                     try:
                         rec = SampleRecord.from_json(json.loads(line))
-                    except ValueError:   # JSONDecodeError is one
+                    except ValueError:  # JSONDecodeError is one
                         continue
                     # A sample computed again after a server error: its real record wins,
                     # whichever shard holds which.
@@ -98,8 +114,10 @@ class RecordStore:
             os.fsync(self._f.fileno())
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise UserError(f"{self.path}: cannot save a finished sample ({why}); free space or fix the folder, "
-                            "then run the same command again: finished samples are kept and will be reused") from None
+            raise UserError(
+                f"{self.path}: cannot save a finished sample ({why}); free space or fix the folder, "
+                "then run the same command again: finished samples are kept and will be reused"
+            ) from None
 
     def close(self) -> None:
         if self._f is not None:
@@ -136,4 +154,3 @@ def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
-

@@ -9,6 +9,7 @@ A single --input_image is replicated max_batch_size times (a batch of identical 
 reference does for performance runs); with --dataset_path every image/video file in the folder is
 one request, scheduled max_batch_size at a time with continuous batching.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from .backends.base import Prepared
 from .config.schema import ModelConfig
@@ -27,13 +28,24 @@ from .core import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Sample
 from .engine.request import DEFAULT_MAX_INPUT_LENGTH, DEFAULT_MAX_OUTPUT_LENGTH
 from .errors import SampleError, UserError
 
-BENCH_COLUMNS = ["batch_size", "input_seq_len", "output_seq_len", "e2e_time(ms)", "prefill_time(ms)",
-                 "decoder_token_time(ms)", "prefill_count", "prefill_token_times", "decode_token_times",
-                 "prefill_average_time(ms)"]
+BENCH_COLUMNS = [
+    "batch_size",
+    "input_seq_len",
+    "output_seq_len",
+    "e2e_time(ms)",
+    "prefill_time(ms)",
+    "decoder_token_time(ms)",
+    "prefill_count",
+    "prefill_token_times",
+    "decode_token_times",
+    "prefill_average_time(ms)",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="run_pa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="run_pa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model_path", required=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input_image", help="an image (.jpg .jpeg .png .bmp) or video (.mp4 .wmv .avi) file")
@@ -45,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results_save_path", default="./results.json")
     p.add_argument("--backend", choices=("engine", "hf"), default="engine")
     p.add_argument("--device", default="auto", choices=("auto", "npu", "cuda", "cpu"))
-    p.add_argument("--data_type", default=None, choices=("bf16", "fp16", "fp32"),
-                   help="default: config.json torch_dtype")
+    p.add_argument(
+        "--data_type", default=None, choices=("bf16", "fp16", "fp32"), help="default: config.json torch_dtype"
+    )
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--video_fps", type=float, default=0.5, help="frames sampled per second (reference: 0.5)")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_output_length tokens")
@@ -69,8 +82,10 @@ def media_files(args) -> List[Path]:
         if not f.is_file():
             raise UserError(f"--input_image: '{f}' does not exist")
         if f.suffix.lower() not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
-            raise UserError(f"--input_image: '{f.suffix}' is neither an image ({' '.join(IMAGE_EXTENSIONS)}) "
-                            f"nor a video ({' '.join(VIDEO_EXTENSIONS)})")
+            raise UserError(
+                f"--input_image: '{f.suffix}' is neither an image ({' '.join(IMAGE_EXTENSIONS)}) "
+                f"nor a video ({' '.join(VIDEO_EXTENSIONS)})"
+            )
         return [f] * max(1, args.max_batch_size)
     return []
 
@@ -78,19 +93,30 @@ def media_files(args) -> List[Path]:
 def build_samples(args) -> List[Sample]:
     files = media_files(args)
     if not files:  # text only
-        return [Sample(id=str(i), subject="run_pa", prompt=args.input_text or "Who are you?")
-                for i in range(max(1, args.max_batch_size))]
+        return [
+            Sample(id=str(i), subject="run_pa", prompt=args.input_text or "Who are you?")
+            for i in range(max(1, args.max_batch_size))
+        ]
     samples = []
     for i, f in enumerate(files):
         video = f.suffix.lower() in VIDEO_EXTENSIONS
         text = args.input_text or ("Describe this video." if video else "Describe this image.")
-        samples.append(Sample(id=str(i), subject="run_pa", prompt=text, images=[] if video else [str(f)],
-                              videos=[str(f)] if video else [], video_options={"fps": args.video_fps}))
+        samples.append(
+            Sample(
+                id=str(i),
+                subject="run_pa",
+                prompt=text,
+                images=[] if video else [str(f)],
+                videos=[str(f)] if video else [],
+                video_options={"fps": args.video_fps},
+            )
+        )
     return samples
 
 
 def main(argv=None) -> int:
     from .cli import quiet_libraries
+
     args = parse_args(argv)
     quiet_libraries()
     try:
@@ -101,70 +127,26 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from .backends import make_backend, traits
-    from .backends.base import BackendSettings
-    from .config.loader import resolve_data_type
-    from .device import resolve_device
-    from .engine.config import read_checkpoint_config
+    from .backends import make_backend
 
-    model_path = Path(args.model_path)
-    if not (model_path / "config.json").is_file():
-        raise UserError(f"--model_path: '{model_path}' has no config.json; point it at a Qwen2-VL weights folder")
-    read_checkpoint_config(model_path)
-    mcfg = ModelConfig(model_path=str(model_path), backend=args.backend, data_type=args.data_type,
-                       block_size=args.block_size)
-    mcfg.data_type = resolve_data_type(mcfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not traits(args.backend).tensor_parallel and world > 1:
-        raise UserError(f"--backend {args.backend} runs in one process; use --backend engine for --world_size > 1")
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    samples = build_samples(args)
-    settings = BackendSettings(model=mcfg, device=resolve_device(args.device), max_batch_size=args.max_batch_size,
-                               max_input_length=args.max_input_length, max_output_length=args.max_output_length)
+    settings = backend_settings(args)
+    samples = build_samples(args)  # a file that is not there: one line, before the model loads
     backend = make_backend(settings)
-    # A file that cannot be read, or is too long, is that request's error; the others run.
-    prepared: List[Prepared] = []
-    errors: Dict[int, str] = {}
-    for i, s in enumerate(samples):
-        try:
-            p = backend.prepare(s)
-        except SampleError as e:
-            errors[i] = str(e)
-            continue
-        if p.input_length > args.max_input_length:
-            errors[i] = f"input is {p.input_length} tokens, over --max_input_length {args.max_input_length}"
-            continue
-        prepared.append(p)
+    prepared, errors = prepare_all(backend, samples, args.max_input_length)
     start = time.perf_counter()
     outputs = backend.generate(prepared, args.max_output_length, ignore_eos=args.ignore_eos)
     elapsed = time.perf_counter() - start
-    if not main_rank:
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    by_sample = {id(p.sample): (p, o) for p, o in zip(prepared, outputs)}
-    generated, results = 0, []
+    by_sample = {id(p.sample): o for p, o in zip(prepared, outputs)}
+    results, generated = [], 0
     for i, s in enumerate(samples):
-        media = (s.images + s.videos or [None])[0]
-        p, o = by_sample.get(id(s), (None, None))
-        error = errors.get(i) or (o.error if o else None)
-        print(f"Question[{i}]: {s.prompt}")
-        if error:
-            print(f"Answer[{i}]: ERROR {error}")
-            results.append({"input": {"text": s.prompt, "media": media}, "output": None, "output_token_ids": [],
-                            "prefill_time": None, "decode_token_time": None, "e2e_time": None, "error": error})
-            continue
-        n = len(o.token_ids)
-        generated += n
-        # JSON-quoted so that whitespace and control tokens in the answer stay visible.
-        print(f"Answer[{i}]: {json.dumps(o.text, ensure_ascii=False)}")
-        print(f"Generate[{i}] token num: {n}")
-        decode_token = (o.decode_time / (n - 1)) if (o.decode_time is not None and n > 1) else None
-        results.append({"input": {"text": s.prompt, "media": media}, "output": o.text, "output_token_ids": o.token_ids,
-                        "prefill_time": o.prefill_time, "decode_token_time": decode_token, "e2e_time": o.e2e_time,
-                        "error": None})
+        results.append(report_one(i, s, by_sample.get(id(s)), errors.get(i)))
+        generated += len(results[-1]["output_token_ids"])
     print(f"Latency(s): {elapsed:.4f}")
     print(f"Throughput(tokens/s): {generated / elapsed:.4f}" if elapsed > 0 else "Throughput(tokens/s): n/a")
-    if errors or any(o.error for o in outputs):
-        bad = len(errors) + sum(1 for o in outputs if o.error)
+    bad = sum(1 for r in results if r["error"])
+    if bad:
         print(f"{bad} of {len(samples)} request(s) failed (see 'error' in the results file)", file=sys.stderr)
     out = Path(args.results_save_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,9 +157,87 @@ def run(args) -> int:
     return 0
 
 
+def backend_settings(args):
+    """The backend's settings from the reference runner's arguments, checked before it loads."""
+    from .backends import traits
+    from .backends.base import BackendSettings
+    from .config.loader import resolve_data_type
+    from .device import resolve_device
+    from .engine.config import read_checkpoint_config
+
+    model_path = Path(args.model_path)
+    if not (model_path / "config.json").is_file():
+        raise UserError(f"--model_path: '{model_path}' has no config.json; point it at a Qwen2-VL weights folder")
+    read_checkpoint_config(model_path)
+    mcfg = ModelConfig(
+        model_path=str(model_path), backend=args.backend, data_type=args.data_type, block_size=args.block_size
+    )
+    mcfg.data_type = resolve_data_type(mcfg)
+    if not traits(args.backend).tensor_parallel and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--backend {args.backend} runs in one process; use --backend engine for --world_size > 1")
+    return BackendSettings(
+        model=mcfg,
+        device=resolve_device(args.device),
+        max_batch_size=args.max_batch_size,
+        max_input_length=args.max_input_length,
+        max_output_length=args.max_output_length,
+    )
+
+
+def prepare_all(backend, samples: List[Sample], max_input_length: int) -> Tuple[List[Prepared], Dict[int, str]]:
+    """Each request's model input; a file that cannot be read, or an input that is too long, is
+    that request's error (by its index) and the others run."""
+    prepared: List[Prepared] = []
+    errors: Dict[int, str] = {}
+    for i, s in enumerate(samples):
+        try:
+            p = backend.prepare(s)
+        except SampleError as e:
+            errors[i] = str(e)
+            continue
+        if p.input_length > max_input_length:
+            errors[i] = f"input is {p.input_length} tokens, over --max_input_length {max_input_length}"
+            continue
+        prepared.append(p)
+    return prepared, errors
+
+
+def report_one(i: int, s: Sample, o, error: Optional[str]) -> Dict:
+    """Print one request's question and answer (the reference's lines); its results.json entry."""
+    media = (s.images + s.videos or [None])[0]
+    error = error or (o.error if o else None)
+    print(f"Question[{i}]: {s.prompt}")
+    if error:
+        print(f"Answer[{i}]: ERROR {error}")
+        return {
+            "input": {"text": s.prompt, "media": media},
+            "output": None,
+            "output_token_ids": [],
+            "prefill_time": None,
+            "decode_token_time": None,
+            "e2e_time": None,
+            "error": error,
+        }
+    n = len(o.token_ids)
+    # JSON-quoted so that whitespace and control tokens in the answer stay visible.
+    print(f"Answer[{i}]: {json.dumps(o.text, ensure_ascii=False)}")
+    print(f"Generate[{i}] token num: {n}")
+    decode_token = (o.decode_time / (n - 1)) if (o.decode_time is not None and n > 1) else None
+    return {
+        "input": {"text": s.prompt, "media": media},
+        "output": o.text,
+        "output_token_ids": o.token_ids,
+        "prefill_time": o.prefill_time,
+        "decode_token_time": decode_token,
+        "e2e_time": o.e2e_time,
+        "error": None,
+    }
+
+
 def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
     """The reference's performance line and CSV (README "scripts/run_pa.sh")."""
     from .backends.engine import EngineBackend
+
     if isinstance(backend, EngineBackend):
         stats = backend.engine.stats()
         prefill, decode = [t * 1000 for t in stats.prefill_times], [t * 1000 for t in stats.decode_times]
@@ -188,8 +248,10 @@ def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
     # Reference: total decode time / (max_new_tokens - 1); a decode pass makes one token per request.
     decode_token = statistics.fmean(decode) if decode else float("nan")
     e2e = elapsed * 1000
-    print(f"Prefill time: {prefill_time:.3f}ms, Prefill average time: {prefill_avg:.3f}ms, "
-          f"Decode token time: {decode_token:.3f}ms, E2E time: {e2e:.3f}ms")
+    print(
+        f"Prefill time: {prefill_time:.3f}ms, Prefill average time: {prefill_avg:.3f}ms, "
+        f"Decode token time: {decode_token:.3f}ms, E2E time: {e2e:.3f}ms"
+    )
     path = Path(os.environ.get("ATB_LLM_BENCHMARK_FILEPATH", "./benchmark_result/benchmark.csv"))
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
@@ -197,10 +259,20 @@ def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
         w = csv.writer(f)
         if new:
             w.writerow(BENCH_COLUMNS)
-        w.writerow([args.max_batch_size, round(statistics.fmean(p.input_length for p in prepared)),
-                    round(statistics.fmean(len(o.token_ids) for o in outputs)), f"{e2e:.3f}", f"{prefill_time:.3f}",
-                    f"{decode_token:.3f}", len(prefill), " ".join(f"{t:.3f}" for t in prefill),
-                    " ".join(f"{t:.3f}" for t in decode), f"{prefill_avg:.3f}"])
+        w.writerow(
+            [
+                args.max_batch_size,
+                round(statistics.fmean(p.input_length for p in prepared)),
+                round(statistics.fmean(len(o.token_ids) for o in outputs)),
+                f"{e2e:.3f}",
+                f"{prefill_time:.3f}",
+                f"{decode_token:.3f}",
+                len(prefill),
+                " ".join(f"{t:.3f}" for t in prefill),
+                " ".join(f"{t:.3f}" for t in decode),
+                f"{prefill_avg:.3f}",
+            ]
+        )
     print(f"benchmark csv: {path}")
 
 

@@ -5,6 +5,7 @@ never costs a finished sample. A sample whose media cannot be read, whose input 
 whose request fails on its own is recorded with an `error` and a score of 0; the run goes on.
 Scores are computed at the end from the stored outputs (Task.score_record), never in the loop.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,7 +33,7 @@ from .summary import print_summary
 from .tasks import TASKS
 from .tasks.base import Task
 
-MAX_ERROR_LINES = 20          # sample errors printed as they happen (all are in the debug file)
+MAX_ERROR_LINES = 20  # sample errors printed as they happen (all are in the debug file)
 # Set by modeltest's launcher (launch.py) in the processes it starts: the launcher reports an
 # interruption once, for every rank, so the workers stay quiet about it.
 LAUNCHED_ENV = "MODELTEST_LAUNCHED"
@@ -55,15 +56,17 @@ class PrepOutcome:
     sample: Sample
     prepared: Optional[Prepared]
     error: Optional[str] = None
-    transient: bool = False          # the error may go away (a timed-out decode): retried on resume
+    transient: bool = False  # the error may go away (a timed-out decode): retried on resume
 
 
-def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: int,
-                    threads: int = 2, ahead: int = 8) -> Iterator[PrepOutcome]:
+def prepared_stream(
+    samples: List[Sample], backend: Backend, max_input_length: int, threads: int = 2, ahead: int = 8
+) -> Iterator[PrepOutcome]:
     """Yield each sample's outcome in order, preparing up to `ahead` samples in `threads`
     background threads so image/video decoding overlaps with inference. With media workers, every
     sample in the window is decoding in them at once (backend.prefetch); the threads only run
     the processor on what comes back."""
+
     def prepare(sample: Sample) -> PrepOutcome:
         if sample.load_error:
             return PrepOutcome(sample, None, sample.load_error)
@@ -72,12 +75,16 @@ def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: i
         except SampleError as e:
             return PrepOutcome(sample, None, str(e), e.transient)
         if prepared.input_length > max_input_length:
-            return PrepOutcome(sample, None, f"input is {prepared.input_length} tokens, over requested_max_input_length "
-                                             f"{max_input_length}; lower the task's max_pixels/fps or raise the limit")
+            return PrepOutcome(
+                sample,
+                None,
+                f"input is {prepared.input_length} tokens, over requested_max_input_length "
+                f"{max_input_length}; lower the task's max_pixels/fps or raise the limit",
+            )
         return PrepOutcome(sample, prepared)
 
     def start(sample: Sample):
-        backend.prefetch(sample)          # decoding starts now in the media workers, if any
+        backend.prefetch(sample)  # decoding starts now in the media workers, if any
         return sample, pool.submit(prepare, sample)
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
@@ -103,24 +110,39 @@ def prepared_stream(samples: List[Sample], backend: Backend, max_input_length: i
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def new_record(sample: Sample, key: str, output: Optional[GenerationOutput], error: Optional[str],
-               prepared: Optional[Prepared], transient: bool = False) -> SampleRecord:
+def new_record(
+    sample: Sample,
+    key: str,
+    output: Optional[GenerationOutput],
+    error: Optional[str],
+    prepared: Optional[Prepared],
+    transient: bool = False,
+) -> SampleRecord:
     """What was computed for a sample, unscored (scores come from Task.score_record)."""
+
     def sec(x: Optional[float]) -> Optional[float]:
         return round(x, 6) if x is not None else None
+
     transient = transient or bool(output is not None and output.error and output.transient)
     if output is not None and output.error:
         error, output = output.error, None
     return SampleRecord(
-        id=sample.id, subject=sample.subject,
+        id=sample.id,
+        subject=sample.subject,
         input={"prompt": sample.prompt, "images": sample.images, "videos": sample.videos},
-        output=output.text if output else None, gold=sample.gold, error=error,
-        e2e_time=sec(output.e2e_time) if output else None, queue_time=sec(output.queue_time) if output else None,
+        output=output.text if output else None,
+        gold=sample.gold,
+        error=error,
+        e2e_time=sec(output.e2e_time) if output else None,
+        queue_time=sec(output.queue_time) if output else None,
         preprocess_time=sec(prepared.preprocess_time) if prepared else None,
         input_tokens=output.input_length if output else (prepared.input_length if prepared else None),
         output_tokens=output.output_tokens if output else None,
         prefill_time=sec(output.prefill_time) if output else None,
-        choices=sample.choices, transient=transient, key=key)
+        choices=sample.choices,
+        transient=transient,
+        key=key,
+    )
 
 
 def media_source(cfg: EvalConfig) -> MediaSource:
@@ -149,8 +171,10 @@ class Evaluator:
         cfg = self.cfg
         samples = self.task.load_samples(cfg.run.limit)
         if not samples:
-            raise UserError(f"task.local_dataset_path: '{cfg.task.local_dataset_path}' has no {cfg.task.task_name} "
-                            "questions (an empty file, or every subject empty); nothing to evaluate")
+            raise UserError(
+                f"task.local_dataset_path: '{cfg.task.local_dataset_path}' has no {cfg.task.task_name} "
+                "questions (an empty file, or every subject empty); nothing to evaluate"
+            )
         device = resolve_device(cfg.run.device)
         par = self._parallel(device)
         paths = RunPaths.for_run(cfg, tp=par.tp)
@@ -160,7 +184,7 @@ class Evaluator:
         keys = self._keys(samples, n_new)
         store = RecordStore(paths.records_dir, shard=f"dp{par.dp_rank}")
         todo = self._unfinished(samples, keys, store, par)
-        mine = todo[par.dp_rank::par.dp]
+        mine = todo[par.dp_rank :: par.dp]
 
         load_s = None
         if mine and self.backend is None:
@@ -170,11 +194,24 @@ class Evaluator:
         # The run's speed is its evaluation time: loading the model is reported on its own.
         started = time.time()
         if par.is_main:
-            write_json(paths.config_json, config_record(cfg, {
-                "backend": self._backend_facts(paths, device), "max_new_tokens": n_new,
-                "samples": len(samples), "tp": par.tp, "dp": par.dp}))
-        progress = ShardProgress(paths.records_dir, [f"dp{r}" for r in range(par.dp) if r != par.dp_rank]) \
-            if par.is_main and par.dp > 1 else None
+            write_json(
+                paths.config_json,
+                config_record(
+                    cfg,
+                    {
+                        "backend": self._backend_facts(paths, device),
+                        "max_new_tokens": n_new,
+                        "samples": len(samples),
+                        "tp": par.tp,
+                        "dp": par.dp,
+                    },
+                ),
+            )
+        progress = (
+            ShardProgress(paths.records_dir, [f"dp{r}" for r in range(par.dp) if r != par.dp_rank])
+            if par.is_main and par.dp > 1
+            else None
+        )
         try:
             self._compute(mine, store, par, n_new, total=len(todo), others=progress)
         finally:
@@ -183,19 +220,24 @@ class Evaluator:
         par.barrier()
         if not par.is_main:
             return RunResult(rows=[], records=[], paths=paths)
-        return self._finish(samples, keys, store, paths, par, computed=len(todo), elapsed=time.time() - started,
-                            load_s=load_s)
+        return self._finish(
+            samples, keys, store, paths, par, computed=len(todo), elapsed=time.time() - started, load_s=load_s
+        )
 
     def _parallel(self, device: str) -> ParallelContext:
         """This process's place among the dp x tp processes, checked against the configuration."""
         cfg = self.cfg
         par = init_parallel(device, cfg.run.dp)
         if cfg.run.tp is not None and cfg.run.tp != par.tp:
-            raise UserError(f"tp={cfg.run.tp} but {par.world_size} process(es) started for dp={par.dp}; "
-                            "start the run with `modeltest run` or scripts/mm_run.sh, which launch dp x tp processes")
+            raise UserError(
+                f"tp={cfg.run.tp} but {par.world_size} process(es) started for dp={par.dp}; "
+                "start the run with `modeltest run` or scripts/mm_run.sh, which launch dp x tp processes"
+            )
         if not traits(cfg.model.backend).tensor_parallel and par.tp > 1:
-            raise UserError(f"backend {cfg.model.backend} runs one process per replica; tp={par.tp} needs "
-                            f"model.backend=engine (or use dp= for several {cfg.model.backend} replicas)")
+            raise UserError(
+                f"backend {cfg.model.backend} runs one process per replica; tp={par.tp} needs "
+                f"model.backend=engine (or use dp= for several {cfg.model.backend} replicas)"
+            )
         return par
 
     def _keys(self, samples: List[Sample], n_new: int) -> List[str]:
@@ -209,8 +251,9 @@ class Evaluator:
             keys.append(sample_key(run_id, s, digests[s.source]))
         return keys
 
-    def _unfinished(self, samples: List[Sample], keys: List[str], store: RecordStore,
-                    par: ParallelContext) -> List[Tuple[Sample, str]]:
+    def _unfinished(
+        self, samples: List[Sample], keys: List[str], store: RecordStore, par: ParallelContext
+    ) -> List[Tuple[Sample, str]]:
         """The samples no earlier run finished (whatever its dp/tp/batch size), with their keys; a
         sample that failed on a transient error (a server, a timed-out decode) is computed again."""
         if not self.cfg.run.resume and par.is_main:
@@ -221,38 +264,71 @@ class Evaluator:
         done = store.load()
         todo = [(s, k) for s, k in zip(samples, keys) if k not in done or done[k].transient]
         if len(todo) < len(samples):
-            self.say(par, f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
-                          f"{store.folder}; computing {len(todo)}")
+            self.say(
+                par,
+                f"resuming: {len(samples) - len(todo)} of {len(samples)} samples already finished in "
+                f"{store.folder}; computing {len(todo)}",
+            )
         return todo
 
-    def _finish(self, samples: List[Sample], keys: List[str], store: RecordStore, paths: RunPaths,
-                par: ParallelContext, computed: int, elapsed: float, load_s: Optional[float]) -> RunResult:
+    def _finish(
+        self,
+        samples: List[Sample],
+        keys: List[str],
+        store: RecordStore,
+        paths: RunPaths,
+        par: ParallelContext,
+        computed: int,
+        elapsed: float,
+        load_s: Optional[float],
+    ) -> RunResult:
         """Rank 0, once every replica is done: score every record, write the result files, say so."""
         cfg = self.cfg
         done = store.load()
         missing = [s.id for s, k in zip(samples, keys) if k not in done]
         if missing:
-            raise UserError(f"{paths.records_dir}: {len(missing)} sample(s) have no record after the run "
-                            f"(first: {missing[0]}); run the same command again to compute them")
+            raise UserError(
+                f"{paths.records_dir}: {len(missing)} sample(s) have no record after the run "
+                f"(first: {missing[0]}); run the same command again to compute them"
+            )
         records = [self.task.score_record(s, done[k]) for s, k in zip(samples, keys)]
         rows = self.task.aggregate(records)
         write_result_csv(paths.result_csv, rows)
         write_debug_file(paths.debug_file, records)
         cache = self.media.summary() if self.media is not None else None
-        write_summary(paths, cfg, rows, records, computed=computed, elapsed=elapsed, tp=par.tp, dp=par.dp,
-                      media_cache=cache, load_s=load_s)
+        write_summary(
+            paths,
+            cfg,
+            rows,
+            records,
+            computed=computed,
+            elapsed=elapsed,
+            tp=par.tp,
+            dp=par.dp,
+            media_cache=cache,
+            load_s=load_s,
+        )
         if self.show_progress:
             print_summary(cfg, rows, records, paths, elapsed, computed=computed, load_s=load_s)
             if cache is not None:
                 workers = f"; {cache['workers']} decoding worker(s)" if cache.get("workers") else ""
-                replaced = f", {cache['workers_replaced']} replaced after a hang or crash" \
-                    if cache.get("workers_replaced") else ""
-                print(f"media cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['folder']}"
-                      + workers + replaced + (" (this rank)" if par.dp > 1 else ""))
+                replaced = (
+                    f", {cache['workers_replaced']} replaced after a hang or crash"
+                    if cache.get("workers_replaced")
+                    else ""
+                )
+                print(
+                    f"media cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['folder']}"
+                    + workers
+                    + replaced
+                    + (" (this rank)" if par.dp > 1 else "")
+                )
             retry = sum(1 for r in records if r.transient)
             if retry:
-                print(f"{retry} sample(s) failed on transient errors (server, network, or a media decode that "
-                      "timed out or crashed; recorded as errors); run the same command again to retry only those")
+                print(
+                    f"{retry} sample(s) failed on transient errors (server, network, or a media decode that "
+                    "timed out or crashed; recorded as errors); run the same command again to retry only those"
+                )
         return RunResult(rows=rows, records=records, paths=paths)
 
     def _load_backend(self, par: ParallelContext, device: str, n_new: int) -> Backend:
@@ -260,13 +336,14 @@ class Evaluator:
         where = f"{device} x {par.world_size} (tp={par.tp}, dp={par.dp})" if par.world_size > 1 else device
         if traits(m.backend).served:
             served = m.served_model_name or "the model it serves"
-            self.say(par, f"evaluating {served} at {m.api_base} (openai backend, {m.concurrency} request(s) at once) ...")
+            self.say(
+                par, f"evaluating {served} at {m.api_base} (openai backend, {m.concurrency} request(s) at once) ..."
+            )
         else:
             self.say(par, f"loading {m.model_path} ({m.backend} backend, {m.data_type}) on {where} ...")
         t0 = time.time()
         self.media = media_source(self.cfg)
-        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new, self.media),
-                               tp_ctx=par.tp_ctx)
+        backend = make_backend(BackendSettings.from_eval(self.cfg, device, n_new, self.media), tp_ctx=par.tp_ctx)
         self.say(par, f"loaded in {time.time() - t0:.1f}s")
         return backend
 
@@ -279,53 +356,44 @@ class Evaluator:
         previous = read_json(paths.config_json)
         if isinstance(previous, dict) and isinstance(previous.get("backend"), dict):
             return previous["backend"]
-        return {"backend": self.cfg.model.backend, "device": device, "data_type": self.cfg.model.data_type,
-                "loaded": False}
+        return {
+            "backend": self.cfg.model.backend,
+            "device": device,
+            "data_type": self.cfg.model.data_type,
+            "loaded": False,
+        }
 
-    def _compute(self, mine: List[Tuple[Sample, str]], store: RecordStore, par: ParallelContext, n_new: int,
-                 total: int, others: Optional[ShardProgress]) -> int:
+    def _compute(
+        self,
+        mine: List[Tuple[Sample, str]],
+        store: RecordStore,
+        par: ParallelContext,
+        n_new: int,
+        total: int,
+        others: Optional[ShardProgress],
+    ) -> int:
         """Run this replica's unfinished samples; each is saved (fsync) as soon as it is done.
 
         The bar on rank 0 counts every replica's finished samples (`others` reads their shards)."""
         cfg = self.cfg
-        key_of = {id(s): k for s, k in mine}
-        bar = tqdm(total=total, desc=f"{cfg.task.task_name}", unit="sample", dynamic_ncols=True,
-                   disable=not (self.show_progress and par.is_main) or not total)
-        count = 0
-        errors_shown = [0]
-        # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
-        throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
+        bar = tqdm(
+            total=total,
+            desc=f"{cfg.task.task_name}",
+            unit="sample",
+            dynamic_ncols=True,
+            disable=not (self.show_progress and par.is_main) or not total,
+        )
+        saver = RecordSaver(store, par, {id(s): k for s, k in mine}, bar, others, self.show_progress)
         backend = self.backend
         # Keep a batch waiting behind the running one (engine, hf), or `concurrency` requests in
         # flight (a server): the backend says how many.
         keep = backend.queue_depth(cfg.run.batch_size) - 1 if backend is not None else 0
 
-        def update_bar():
-            bar.n = count + (others.count() if others else 0)
-            bar.refresh()
-
-        def finish(sample: Sample, output: Optional[GenerationOutput], error: Optional[str],
-                   prepared: Optional[Prepared], transient: bool = False) -> None:
-            nonlocal count
-            rec = new_record(sample, key_of[id(sample)], output, error, prepared, transient)
-            if par.is_replica_leader:
-                store.append(rec)
-            if rec.error and par.is_main and self.show_progress:
-                errors_shown[0] += 1
-                if errors_shown[0] <= MAX_ERROR_LINES:
-                    bar.write(f"sample {sample.id}: {rec.error}")
-                elif errors_shown[0] == MAX_ERROR_LINES + 1:
-                    bar.write("... more sample errors: see 'error' in the debug file")
-            count += 1
-            update_bar()
-            if throttle:
-                time.sleep(throttle)
-
         def drain(limit: int) -> None:
             # Step until at most `limit` samples are in the backend (deterministic on every rank).
             while backend.pending() > limit:
                 for p, out in backend.step():
-                    finish(p.sample, out, None, p)
+                    saver.finish(p.sample, out, None, p)
 
         try:
             if mine:
@@ -333,10 +401,11 @@ class Evaluator:
                 # 4 beside media workers; the window keeps every worker busy with a sample to spare.
                 workers = backend.settings.media.parallelism() if backend.settings.media is not None else 0
                 threads = min(4, max(2, workers))
-                for o in prepared_stream([s for s, _ in mine], backend, cfg.task.requested_max_input_length,
-                                         threads=threads, ahead=max(8, 2 * workers + threads)):
+                samples = [s for s, _ in mine]
+                limit = cfg.task.requested_max_input_length
+                for o in prepared_stream(samples, backend, limit, threads=threads, ahead=max(8, 2 * workers + threads)):
                     if o.prepared is None:
-                        finish(o.sample, None, o.error, None, o.transient)
+                        saver.finish(o.sample, None, o.error, None, o.transient)
                         continue
                     backend.submit(o.prepared, n_new)
                     drain(keep)
@@ -344,7 +413,7 @@ class Evaluator:
             # Rank 0 keeps the bar moving until every replica has finished its share.
             while others is not None and bar.n < total:
                 time.sleep(0.2)
-                update_bar()
+                saver.update_bar()
         except KeyboardInterrupt:
             # A second Ctrl-C while the records are closed must not cut the message short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -352,9 +421,58 @@ class Evaluator:
                 backend.close()
             if self.media is not None:
                 self.media.close()
-            raise Interrupted(f"interrupted: {count} finished sample(s) of this run are saved in {store.folder}; "
-                              "run the same command again to resume") from None
+            raise Interrupted(
+                f"interrupted: {saver.count} finished sample(s) of this run are saved in {store.folder}; "
+                "run the same command again to resume"
+            ) from None
         finally:
             bar.close()
             store.close()
-        return count
+        return saver.count
+
+
+class RecordSaver:
+    """This replica's finished samples: each appended to its record shard (fsync) the moment it
+    ends, counted on the progress bar (rank 0's counts every replica's), and its error, if any,
+    printed as one line (the first MAX_ERROR_LINES; all are in the debug file)."""
+
+    def __init__(
+        self,
+        store: RecordStore,
+        par: ParallelContext,
+        key_of: Dict[int, str],
+        bar,
+        others: Optional[ShardProgress],
+        show: bool,
+    ):
+        self.store, self.par, self.key_of, self.bar, self.others, self.show = store, par, key_of, bar, others, show
+        self.count = 0
+        self.errors = 0
+        # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
+        self.throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
+
+    def update_bar(self) -> None:
+        self.bar.n = self.count + (self.others.count() if self.others else 0)
+        self.bar.refresh()
+
+    def finish(
+        self,
+        sample: Sample,
+        output: Optional[GenerationOutput],
+        error: Optional[str],
+        prepared: Optional[Prepared],
+        transient: bool = False,
+    ) -> None:
+        rec = new_record(sample, self.key_of[id(sample)], output, error, prepared, transient)
+        if self.par.is_replica_leader:
+            self.store.append(rec)
+        if rec.error and self.par.is_main and self.show:
+            self.errors += 1
+            if self.errors <= MAX_ERROR_LINES:
+                self.bar.write(f"sample {sample.id}: {rec.error}")
+            elif self.errors == MAX_ERROR_LINES + 1:
+                self.bar.write("... more sample errors: see 'error' in the debug file")
+        self.count += 1
+        self.update_bar()
+        if self.throttle:
+            time.sleep(self.throttle)

@@ -1,4 +1,5 @@
 """The coloured end-of-run table."""
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -9,20 +10,42 @@ from termcolor import colored
 from .core import ResultRow, SampleRecord, count_errors
 
 
-def print_summary(cfg, rows: List[ResultRow], records: List[SampleRecord], paths, elapsed: float, computed: int,
-                  load_s: Optional[float] = None) -> None:
+def print_summary(
+    cfg,
+    rows: List[ResultRow],
+    records: List[SampleRecord],
+    paths,
+    elapsed: float,
+    computed: int,
+    load_s: Optional[float] = None,
+) -> None:
     """elapsed: seconds of evaluation (model loading, load_s, is shown apart)."""
     table = []
     for r in rows:
         value = "" if r.value is None else f"{100 * r.value:.2f}"
         is_acc = r.metric == "acc"
-        table.append([r.tasks, r.total if is_acc else "", f"{r.passed:g}" if is_acc else "", r.metric, value,
-                      r.errors if is_acc else "", r.unparsed if is_acc else ""])
+        table.append(
+            [
+                r.tasks,
+                r.total if is_acc else "",
+                f"{r.passed:g}" if is_acc else "",
+                r.metric,
+                value,
+                r.errors if is_acc else "",
+                r.unparsed if is_acc else "",
+            ]
+        )
     head = ["Tasks", "Total", "Pass", "Metric", "Value (%)", "Errors", "Unparsed"]
     print()
-    print(colored(f"{cfg.task.task_name} | {cfg.model.model_name} | {cfg.model.backend} | {cfg.model.data_type or 'served'} | "
-                  f"batch {cfg.run.batch_size} | {len(records)} samples, {computed} computed in {elapsed:.1f}s"
-                  + (f" (+ {load_s:.1f}s loading the model)" if load_s is not None else ""), "cyan", attrs=["bold"]))
+    print(
+        colored(
+            f"{cfg.task.task_name} | {cfg.model.model_name} | {cfg.model.backend} | {cfg.model.data_type or 'served'} | "
+            f"batch {cfg.run.batch_size} | {len(records)} samples, {computed} computed in {elapsed:.1f}s"
+            + (f" (+ {load_s:.1f}s loading the model)" if load_s is not None else ""),
+            "cyan",
+            attrs=["bold"],
+        )
+    )
     text = tabulate(table, headers=head, tablefmt="github")
     lines = text.splitlines()
     if len(lines) > 2:

@@ -10,6 +10,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo/scripts/setup_env.sh"
 cd "$repo"
 "$repo/.venv/bin/ruff" check modeltest tests docs
+"$repo/.venv/bin/ruff" format --check modeltest tests docs
 if [[ ${1:-} == --fast ]]; then
     shift
     exec "$repo/.venv/bin/python" -m pytest -q -m "not slow and not subprocess" "$@"

@@ -1,4 +1,5 @@
 """Shared fixtures: the demo model and datasets, built once per test session from a fixed seed."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Runs started by the tests keep their preprocessed-media cache out of the user's ~/.cache.
 if "MODELTEST_MEDIA_CACHE" not in os.environ:
     import tempfile
+
     os.environ["MODELTEST_MEDIA_CACHE"] = tempfile.mkdtemp(prefix="modeltest-media-cache-")
 
 
@@ -24,6 +26,7 @@ def demo(tmp_path_factory):
     demo folder built earlier by `modeltest demo --build-only` (a machine without the demo's
     build dependencies, such as a lent GPU, runs the tests on one built elsewhere)."""
     from modeltest.demo.build import build_demo
+
     prebuilt = os.environ.get("MODELTEST_TEST_DEMO")
     return build_demo(prebuilt if prebuilt else tmp_path_factory.mktemp("demo"), seed=0)
 
@@ -46,8 +49,13 @@ def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProc
     if not any(str(o).startswith("prep_workers=") for o in overrides):
         overrides = [*overrides, "prep_workers=0"]
     env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), task, "qwen2_vl", *overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "mm_run.sh"), task, "qwen2_vl", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"mm_run.sh failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -61,6 +69,7 @@ def read_debug(out_dir: Path, task: str):
 
 def read_csv(out_dir: Path, task: str):
     import csv
+
     files = sorted((out_dir / "results").rglob(f"{task}_*_result.csv"))
     assert len(files) == 1, files
     with open(files[0], newline="", encoding="utf-8") as f:
@@ -71,6 +80,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA device: skipped (with the reason) where there is none. The
     other markers (`slow`, `subprocess`) only select: `bash scripts/test.sh --fast` leaves them out."""
     import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run the gpu-marked tests where one is lent)")

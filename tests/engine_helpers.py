@@ -1,4 +1,5 @@
 """Inputs for engine tests: text, one image, two images, a video — built with the real processor."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,30 +11,44 @@ def case_messages(demo_root: Path) -> Dict[str, list]:
     vid = demo_root / "videobench" / "Eval_video"
     return {
         "text": [{"type": "text", "text": "Hello, who are you? Tell me about Qwen2-VL."}],
-        "image": [{"type": "image", "image": str(img / "demo_000.jpg")}, {"type": "text", "text": "what does the sign say?"}],
-        "two_images": [{"type": "image", "image": str(img / "demo_001.jpg")},
-                       {"type": "image", "image": str(img / "demo_002.jpg")}, {"type": "text", "text": "compare them"}],
-        "video": [{"type": "video", "video": str(vid / "MSVD" / "msvd_red.mp4"), "fps": 0.5},
-                  {"type": "text", "text": "what happens?"}],
+        "image": [
+            {"type": "image", "image": str(img / "demo_000.jpg")},
+            {"type": "text", "text": "what does the sign say?"},
+        ],
+        "two_images": [
+            {"type": "image", "image": str(img / "demo_001.jpg")},
+            {"type": "image", "image": str(img / "demo_002.jpg")},
+            {"type": "text", "text": "compare them"},
+        ],
+        "video": [
+            {"type": "video", "video": str(vid / "MSVD" / "msvd_red.mp4"), "fps": 0.5},
+            {"type": "text", "text": "what happens?"},
+        ],
     }
 
 
 def processor_inputs(processor, content) -> dict:
     """The processor's tensors for one user turn, by the one conversation -> model-input path."""
     from modeltest.inputs import model_input
+
     return model_input(processor, [{"role": "user", "content": content}]).inputs
 
 
 def make_request(name, inputs, max_new_tokens: int, ignore_eos: bool = True):
     from modeltest.engine.request import SamplingParams
     from modeltest.inputs import ModelInput, engine_request
-    return engine_request(name, ModelInput(text="", inputs=dict(inputs)),
-                          SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
+
+    return engine_request(
+        name,
+        ModelInput(text="", inputs=dict(inputs)),
+        SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos),
+    )
 
 
 def prompt_logits(engine, req):
     """Full-vocabulary logits [prompt_len, vocab] of one prompt, outside the step loop."""
     from modeltest.engine.kv_cache import blocks_needed
+
     alloc = engine.scheduler.allocator
     req.blocks = alloc.allocate(blocks_needed(len(req.input_ids) + req.max_new_tokens, engine.cfg.block_size))
     try:
@@ -45,7 +60,8 @@ def prompt_logits(engine, req):
 
 class RecordingSampler:
     """Greedy, and calls on_step(requests, full logits [B, vocab]) at every pass (tests only)."""
-    capturable = False   # decode through the eager path, where the logits exist
+
+    capturable = False  # decode through the eager path, where the logits exist
 
     def __init__(self, on_step):
         self.on_step = on_step

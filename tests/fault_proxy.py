@@ -1,6 +1,7 @@
 """A proxy in front of a server that misbehaves on purpose, per question: 429, 500, 400, a
 dropped connection, a stall past the client's timeout — a given number of times, then it forwards.
 Counts the attempts it saw per question."""
+
 from __future__ import annotations
 
 import http.server
@@ -26,7 +27,9 @@ class FaultProxy:
                 pass
 
             def do_GET(self):
-                r = httpx.get(proxy.upstream + self.path, headers={"Authorization": self.headers.get("Authorization", "")})
+                r = httpx.get(
+                    proxy.upstream + self.path, headers={"Authorization": self.headers.get("Authorization", "")}
+                )
                 self._reply(r.status_code, r.content, r.headers.get("content-type", "application/json"))
 
             def do_POST(self):
@@ -37,22 +40,42 @@ class FaultProxy:
                 if name and n <= proxy.faults[name][1]:
                     fault = proxy.faults[name][0]
                     if fault == "429":
-                        return self._reply(429, json.dumps({"error": {"message": "slow down", "type": "rate_limit",
-                                                                      "param": None, "code": 429}}).encode())
-                    if fault == "500":   # MindIE's error shape
+                        return self._reply(
+                            429,
+                            json.dumps(
+                                {"error": {"message": "slow down", "type": "rate_limit", "param": None, "code": 429}}
+                            ).encode(),
+                        )
+                    if fault == "500":  # MindIE's error shape
                         return self._reply(500, json.dumps({"error": "engine overloaded", "error_type": "x"}).encode())
-                    if fault == "400":   # older vLLM's flat shape
-                        return self._reply(400, json.dumps({"object": "error", "message": "bad request: no",
-                                                            "type": "BadRequestError", "code": 400}).encode())
+                    if fault == "400":  # older vLLM's flat shape
+                        return self._reply(
+                            400,
+                            json.dumps(
+                                {
+                                    "object": "error",
+                                    "message": "bad request: no",
+                                    "type": "BadRequestError",
+                                    "code": 400,
+                                }
+                            ).encode(),
+                        )
                     if fault == "drop":
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
                     if fault == "stall":
                         time.sleep(5)
-                with httpx.stream("POST", proxy.upstream + self.path, content=body, timeout=120,
-                                  headers={"Content-Type": "application/json",
-                                           "Authorization": self.headers.get("Authorization", "")}) as r:
+                with httpx.stream(
+                    "POST",
+                    proxy.upstream + self.path,
+                    content=body,
+                    timeout=120,
+                    headers={
+                        "Content-Type": "application/json",
+                        "Authorization": self.headers.get("Authorization", ""),
+                    },
+                ) as r:
                     self.send_response(r.status_code)
                     self.send_header("Content-Type", r.headers.get("content-type", "application/json"))
                     self.send_header("Transfer-Encoding", "chunked")
@@ -62,7 +85,7 @@ class FaultProxy:
                             self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
                             self.wfile.flush()
                         self.wfile.write(b"0\r\n\r\n")
-                    except (BrokenPipeError, ConnectionResetError):   # the client gave up (its timeout)
+                    except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
                         self.close_connection = True
 
             def _reply(self, status, content: bytes, ctype="application/json"):

@@ -1,5 +1,6 @@
 """Start a real `modeltest serve` process on 127.0.0.1 and compute what the in-process engine
 answers to the same messages (the harness's preprocessing path)."""
+
 from __future__ import annotations
 
 import base64
@@ -29,10 +30,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w")
         env = dict(os.environ, MASTER_PORT=str(free_port()), **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "modeltest", "serve", "--model_path", str(model),
-                                      "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "modeltest", "serve", "--model_path", str(model), "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         if wait:
             self.wait_healthy()
 
@@ -66,6 +71,7 @@ def in_process_answer(engine, processor, content: List[dict], max_tokens: int):
     whose parts are qwen-vl-utils elements (local paths + options), greedily."""
     from modeltest.engine.request import SamplingParams
     from modeltest.inputs import engine_request, model_input
+
     mi = model_input(processor, [{"role": "user", "content": content}])
     req = engine.generate([engine_request("x", mi, SamplingParams(max_new_tokens=max_tokens))])[0]
     ids = req.generated_ids()

@@ -1,4 +1,5 @@
 """Outputs must not depend on the batch size (left padding, mixed lengths, mixed media sizes)."""
+
 import pytest
 
 from modeltest.backends.base import BackendSettings
@@ -13,8 +14,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def backends(demo):
     """batch size -> an fp32 hf backend that runs batches of that size."""
-    cfg = load_config(TASKS, "textvqa", "qwen2_vl", [f"model.model_path={demo.model}",
-                                              f"task.local_dataset_path={demo.textvqa_jsonl}"])
+    cfg = load_config(
+        TASKS,
+        "textvqa",
+        "qwen2_vl",
+        [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}"],
+    )
     cfg.model.data_type = "fp32"
     made = {}
 
@@ -22,14 +27,20 @@ def backends(demo):
         if batch_size not in made:
             made[batch_size] = HFBackend(BackendSettings(model=cfg.model, device="cpu", max_batch_size=batch_size))
         return made[batch_size]
+
     return get
 
 
 def outputs(demo, backends, tmp_path, task, batch_size):
     backend = backends(batch_size)
     data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
-    overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", f"batch_size={batch_size}",
-                 f"output_dir={tmp_path / f'{task}_{batch_size}'}", "max_output_length=8"]
+    overrides = [
+        f"model.model_path={demo.model}",
+        f"task.local_dataset_path={data}",
+        f"batch_size={batch_size}",
+        f"output_dir={tmp_path / f'{task}_{batch_size}'}",
+        "max_output_length=8",
+    ]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
     cfg = load_config(TASKS, task, "qwen2_vl", overrides)

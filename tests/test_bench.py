@@ -1,4 +1,5 @@
 """The benchmark's correctness checks (not its timings): report shape, token comparison, failure."""
+
 import json
 
 import pytest
@@ -7,8 +8,19 @@ from modeltest.cli import build_parser
 
 pytestmark = pytest.mark.slow
 
-ROW_KEYS = {"backend", "workload", "preset", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
-            "ttft_p90_ms", "decode_ms_per_token", "peak_host_mb", "peak_device_mb"}
+ROW_KEYS = {
+    "backend",
+    "workload",
+    "preset",
+    "batch_size",
+    "samples_per_s",
+    "tokens_per_s",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "decode_ms_per_token",
+    "peak_host_mb",
+    "peak_device_mb",
+}
 
 
 @pytest.fixture
@@ -23,22 +35,42 @@ def run_bench(argv):
 
 def test_report_and_token_check(bench_cache, tmp_path):
     out = tmp_path / "b.json"
-    rc = run_bench(["--preset", "tiny", "--workload", "all", "--requests", "3", "--batch-sizes", "1,2",
-                    "--new-tokens", "4", "--dtype", "fp32", "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "all",
+            "--requests",
+            "3",
+            "--batch-sizes",
+            "1,2",
+            "--new-tokens",
+            "4",
+            "--dtype",
+            "fp32",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and report["tokens_match"] is True
-    assert {(r["backend"], r["workload"], r["batch_size"]) for r in report["results"]} == \
-        {(b, w, n) for b in ("engine", "hf") for w in ("textvqa", "videobench", "decode") for n in (1, 2)}
+    assert {(r["backend"], r["workload"], r["batch_size"]) for r in report["results"]} == {
+        (b, w, n) for b in ("engine", "hf") for w in ("textvqa", "videobench", "decode") for n in (1, 2)
+    }
     assert all(ROW_KEYS <= set(r) for r in report["results"])
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in report["results"])
     # textvqa/videobench: best against best; decode: equal batch sizes.
-    assert [(r["workload"], r["engine_batch_size"] == r["hf_batch_size"]) for r in report["ratios"]][-2:] == \
-        [("decode", True), ("decode", True)]
+    assert [(r["workload"], r["engine_batch_size"] == r["hf_batch_size"]) for r in report["ratios"]][-2:] == [
+        ("decode", True),
+        ("decode", True),
+    ]
     assert {r["workload"] for r in report["ratios"]} == {"textvqa", "videobench", "decode"}
 
 
 def test_token_mismatch_is_reported_and_fails(bench_cache, tmp_path, monkeypatch):
     from modeltest.bench import runners
+
     original = runners.EngineRunner.run
 
     def corrupted(self, inputs, new_tokens, batch_size):
@@ -48,8 +80,24 @@ def test_token_mismatch_is_reported_and_fails(bench_cache, tmp_path, monkeypatch
 
     monkeypatch.setattr(runners.EngineRunner, "run", corrupted)
     out = tmp_path / "b.json"
-    rc = run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "2", "--batch-sizes", "1",
-                    "--new-tokens", "3", "--dtype", "fp32", "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "decode",
+            "--requests",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "3",
+            "--dtype",
+            "fp32",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 1 and report["tokens_match"] is False
     assert report["mismatches"][0]["request"] == 0
@@ -57,9 +105,28 @@ def test_token_mismatch_is_reported_and_fails(bench_cache, tmp_path, monkeypatch
 
 def test_repeats_keep_the_median_run_and_must_agree(bench_cache, tmp_path, monkeypatch):
     from modeltest.bench import runners
+
     out = tmp_path / "b.json"
-    rc = run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "2", "--batch-sizes", "1",
-                    "--new-tokens", "3", "--dtype", "fp32", "--repeats", "3", "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "decode",
+            "--requests",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "3",
+            "--dtype",
+            "fp32",
+            "--repeats",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and report["tokens_match"] is True and report["repeats"] == 3
 
@@ -74,8 +141,26 @@ def test_repeats_keep_the_median_run_and_must_agree(bench_cache, tmp_path, monke
         return m
 
     monkeypatch.setattr(runners.EngineRunner, "run", flaky)
-    rc = run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "2", "--batch-sizes", "1",
-                    "--new-tokens", "3", "--dtype", "fp32", "--repeats", "3", "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "decode",
+            "--requests",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "3",
+            "--dtype",
+            "fp32",
+            "--repeats",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 1 and report["tokens_match"] is False
     assert report["mismatches"][0]["problem"] == "tokens differ between repeats"
@@ -83,28 +168,71 @@ def test_repeats_keep_the_median_run_and_must_agree(bench_cache, tmp_path, monke
 
 def test_paired_order_interleaves_backends_and_pairs_the_ratios(bench_cache, tmp_path, monkeypatch):
     from modeltest.bench import runners
+
     calls = []
     for cls in (runners.EngineRunner, runners.HFRunner):
+
         def recorded(self, inputs, new_tokens, batch_size, _orig=cls.run):
             calls.append((self.name, batch_size, len(inputs)))
             return _orig(self, inputs, new_tokens, batch_size)
+
         monkeypatch.setattr(cls, "run", recorded)
     out = tmp_path / "b.json"
-    rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1,2",
-                    "--new-tokens", "2", "--dtype", "fp32", "--repeats", "3", "--check-requests", "0",
-                    "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "textvqa",
+            "--requests",
+            "2",
+            "--batch-sizes",
+            "1,2",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "fp32",
+            "--repeats",
+            "3",
+            "--check-requests",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and report["order"] == "paired"
-    timed = [(name, bs) for name, bs, n in calls if n == 2]          # warm-ups run one request
+    timed = [(name, bs) for name, bs, n in calls if n == 2]  # warm-ups run one request
     assert timed == [("engine", 1), ("hf", 1), ("engine", 2), ("hf", 2)] * 3
     ratio = report["ratios"][0]
     assert len(ratio["samples_per_s_by_repeat"]) == 3
     assert ratio["samples_per_s"] == sorted(ratio["samples_per_s_by_repeat"])[1]
 
     calls.clear()
-    rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1",
-                    "--new-tokens", "2", "--dtype", "fp32", "--repeats", "2", "--order", "sequential",
-                    "--check-requests", "0", "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "textvqa",
+            "--requests",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "2",
+            "--dtype",
+            "fp32",
+            "--repeats",
+            "2",
+            "--order",
+            "sequential",
+            "--check-requests",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and [(name, bs) for name, bs, n in calls if n == 2] == [("engine", 1)] * 2 + [("hf", 1)] * 2
     assert "samples_per_s_by_repeat" not in report["ratios"][0]
@@ -121,32 +249,103 @@ def test_out_of_memory_with_both_backends_loaded_says_what_to_do(bench_cache, mo
 
     monkeypatch.setattr(runners.HFRunner, "__init__", no_room)
     with pytest.raises(UserError, match="rerun with --order sequential"):
-        run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "1", "--batch-sizes", "1",
-                   "--new-tokens", "2", "--dtype", "fp32"])
-    with pytest.raises(torch.OutOfMemoryError):   # sequential: nothing to suggest, the real error
-        run_bench(["--preset", "tiny", "--workload", "decode", "--requests", "1", "--batch-sizes", "1",
-                   "--new-tokens", "2", "--dtype", "fp32", "--order", "sequential"])
+        run_bench(
+            [
+                "--preset",
+                "tiny",
+                "--workload",
+                "decode",
+                "--requests",
+                "1",
+                "--batch-sizes",
+                "1",
+                "--new-tokens",
+                "2",
+                "--dtype",
+                "fp32",
+            ]
+        )
+    with pytest.raises(torch.OutOfMemoryError):  # sequential: nothing to suggest, the real error
+        run_bench(
+            [
+                "--preset",
+                "tiny",
+                "--workload",
+                "decode",
+                "--requests",
+                "1",
+                "--batch-sizes",
+                "1",
+                "--new-tokens",
+                "2",
+                "--dtype",
+                "fp32",
+                "--order",
+                "sequential",
+            ]
+        )
 
 
 def test_memory_is_attributed_to_the_backend_that_used_it():
     from modeltest.bench.run import attribute_memory
     from modeltest.bench.runners import Measurement
+
     # Absolute peaks include whatever else the process holds (another backend's model in paired
     # order); the reported figure is baseline + own resident growth + own run growth.
-    m = Measurement("hf", 1, 1.0, [[1]], [0.1], None, 0.0, peak_host_mb=5000.0, peak_device_mb=9000.0,
-                    host_growth_mb=30.0, device_growth_mb=200.0)
+    m = Measurement(
+        "hf",
+        1,
+        1.0,
+        [[1]],
+        [0.1],
+        None,
+        0.0,
+        peak_host_mb=5000.0,
+        peak_device_mb=9000.0,
+        host_growth_mb=30.0,
+        device_growth_mb=200.0,
+    )
     attribute_memory(m, resident_mb=400.0, load_device_mb=1500.0, base_rss_mb=800.0)
     assert (m.peak_host_mb, m.peak_device_mb) == (1230.0, 1700.0)
-    cpu = Measurement("engine", 1, 1.0, [[1]], [0.1], None, 0.0, peak_host_mb=5000.0, peak_device_mb=None,
-                      host_growth_mb=10.0, device_growth_mb=None)
+    cpu = Measurement(
+        "engine",
+        1,
+        1.0,
+        [[1]],
+        [0.1],
+        None,
+        0.0,
+        peak_host_mb=5000.0,
+        peak_device_mb=None,
+        host_growth_mb=10.0,
+        device_growth_mb=None,
+    )
     attribute_memory(cpu, resident_mb=100.0, load_device_mb=0.0, base_rss_mb=800.0)
     assert (cpu.peak_host_mb, cpu.peak_device_mb) == (910.0, None)
 
 
 def test_low_precision_runs_check_tokens_in_fp32(bench_cache, tmp_path):
     out = tmp_path / "b.json"
-    rc = run_bench(["--preset", "tiny", "--workload", "textvqa", "--requests", "2", "--batch-sizes", "1",
-                    "--new-tokens", "3", "--dtype", "bf16", "--check-requests", "1", "--json", str(out)])
+    rc = run_bench(
+        [
+            "--preset",
+            "tiny",
+            "--workload",
+            "textvqa",
+            "--requests",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "3",
+            "--dtype",
+            "bf16",
+            "--check-requests",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0 and report["tokens_checked_in"] == "fp32" and report["tokens_match"] is True
     assert "lowp_tokens_match" in report
@@ -154,6 +353,7 @@ def test_low_precision_runs_check_tokens_in_fp32(bench_cache, tmp_path):
 
 def test_unknown_preset_is_a_clear_error(bench_cache):
     from modeltest.errors import UserError
+
     with pytest.raises(UserError, match="--preset huge: unknown; choose one of tiny, mid, 2b, 7b"):
         run_bench(["--preset", "huge"])
 
@@ -162,19 +362,21 @@ def test_half_built_preset_folder_is_rebuilt(tmp_path, monkeypatch):
     """An interrupted earlier build left weights but no processor files: detected and rebuilt,
     and a build that fails leaves no folder that looks finished."""
     from modeltest.bench import presets
+
     monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
     half = tmp_path / "tiny-seed0"
     half.mkdir()
-    (half / "model.safetensors").write_bytes(b"\0" * 64)          # weights only, no processor files
+    (half / "model.safetensors").write_bytes(b"\0" * 64)  # weights only, no processor files
     out = presets.preset_checkpoint("tiny", 0)
     assert out == half and (out / presets.COMPLETE_MARKER).is_file()
     assert (out / "config.json").is_file() and (out / "model.safetensors").stat().st_size > 64
-    assert list(out.glob("*processor*.json"))          # preprocessor_config.json (4.x) / processor_config.json (5.x)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temporary folder left
+    assert list(out.glob("*processor*.json"))  # preprocessor_config.json (4.x) / processor_config.json (5.x)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
     def broken(folder, *a, **kw):
         (folder / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(presets, "build_tiny_qwen2vl", broken)
     with pytest.raises(KeyboardInterrupt):
         presets.preset_checkpoint("tiny", 1)
@@ -184,6 +386,7 @@ def test_half_built_preset_folder_is_rebuilt(tmp_path, monkeypatch):
 
 def test_a_cached_preset_damaged_after_it_was_built_is_rebuilt(tmp_path, monkeypatch, capsys):
     from modeltest.bench import presets
+
     monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
     out = presets.preset_checkpoint("tiny", 0)
     assert presets.checkpoint_damage(out) is None
@@ -206,19 +409,58 @@ def test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine(tmp_path, 
     worker processes measured, and (--infer) the harness next to the engine alone."""
     monkeypatch.setenv("MODELTEST_BENCH_CACHE", str(tmp_path))
     out = tmp_path / "prep.json"
-    assert run_bench_prep(["--photos", "2", "--photo-size", "320x240", "--clips", "2x160x120",
-                           "--questions-per-clip", "2", "--workers", "1", "--infer", "tiny", "--device", "cpu",
-                           "--batch-size", "2", "--new-tokens", "2", "--prep-workers", "1", "--json", str(out)]) == 0
+    assert (
+        run_bench_prep(
+            [
+                "--photos",
+                "2",
+                "--photo-size",
+                "320x240",
+                "--clips",
+                "2x160x120",
+                "--questions-per-clip",
+                "2",
+                "--workers",
+                "1",
+                "--infer",
+                "tiny",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+                "--new-tokens",
+                "2",
+                "--prep-workers",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
-    assert r["samples"] == 4 and set(r["per_medium"]) == {"photo_0_320x240.jpg", "photo_1_320x240.jpg",
-                                                          "clip_2s_160x120.mp4"}
-    assert all(v["decode_s"] > 0 and v["processor_s"] > 0 and v["fast_processor_s"] > 0 and v["warm_question_s"] > 0
-               and v["warm_next_question_s"] > 0
-               for v in r["per_medium"].values())
+    assert r["samples"] == 4 and set(r["per_medium"]) == {
+        "photo_0_320x240.jpg",
+        "photo_1_320x240.jpg",
+        "clip_2s_160x120.mp4",
+    }
+    assert all(
+        v["decode_s"] > 0
+        and v["processor_s"] > 0
+        and v["fast_processor_s"] > 0
+        and v["warm_question_s"] > 0
+        and v["warm_next_question_s"] > 0
+        for v in r["per_medium"].values()
+    )
     assert set(r["pipeline_samples_per_s"]) == {
-        "2 threads, transformers' processor, cache off", "2 threads, cache off", "2 threads, cache cold",
-        "2 threads, cache warm", "1 worker(s), cache cold", "1 worker(s), cache warm",
-        "1 worker(s), decode only, cache cold"}
+        "2 threads, transformers' processor, cache off",
+        "2 threads, cache off",
+        "2 threads, cache cold",
+        "2 threads, cache warm",
+        "1 worker(s), cache cold",
+        "1 worker(s), cache warm",
+        "1 worker(s), decode only, cache cold",
+    }
     tasks = r["infer"]["tasks"]
     assert set(tasks) == {"textvqa", "videobench"} and tasks["textvqa"]["samples"] == 2
     assert tasks["videobench"]["samples"] == 2

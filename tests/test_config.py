@@ -1,4 +1,5 @@
 """Config loading: overrides, validation messages, data_type resolution."""
+
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,9 @@ def cfg_dir(tmp_path):
 def weights(tmp_path):
     d = tmp_path / "weights"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "torch_dtype": "bfloat16", "vision_config": {}}))
+    (d / "config.json").write_text(
+        json.dumps({"model_type": "qwen2_vl", "torch_dtype": "bfloat16", "vision_config": {}})
+    )
     return d
 
 
@@ -38,24 +41,37 @@ def load(cfg_dir, overrides, check_paths=True, task="textvqa"):
 
 
 def test_overrides_and_defaults(cfg_dir, weights, data):
-    cfg = load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}", "batch_size=8",
-                         "limit=50", "output_dir=/tmp/x", "model.mm_model.infer_params.max_output_length=12"])
+    cfg = load(
+        cfg_dir,
+        [
+            f"model.model_path={weights}",
+            f"task.local_dataset_path={data}",
+            "batch_size=8",
+            "limit=50",
+            "output_dir=/tmp/x",
+            "model.mm_model.infer_params.max_output_length=12",
+        ],
+    )
     assert cfg.run.batch_size == 8 and cfg.run.limit == 50 and cfg.run.output_dir == "/tmp/x"
     assert cfg.model.mm_model.infer_params.max_output_length == 12
     assert cfg.model.data_type == "bf16"  # from config.json torch_dtype
-    assert cfg.model.mm_model.prompt_suffix is None   # the task's own
+    assert cfg.model.mm_model.prompt_suffix is None  # the task's own
     assert cfg.task.prompt_suffix == " Answer the question using a single word or phrase."
 
 
 def test_unprefixed_unique_key(cfg_dir, weights, data):
-    cfg = load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}", "data_type=fp16",
-                         "max_output_length=7"])
+    cfg = load(
+        cfg_dir,
+        [f"model.model_path={weights}", f"task.local_dataset_path={data}", "data_type=fp16", "max_output_length=7"],
+    )
     assert cfg.model.data_type == "fp16"
     assert cfg.model.mm_model.infer_params.max_output_length == 7
 
 
 def test_data_type_follows_config_json(cfg_dir, weights, data):
-    (weights / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {}, "torch_dtype": "float16"}))
+    (weights / "config.json").write_text(
+        json.dumps({"model_type": "qwen2_vl", "vision_config": {}, "torch_dtype": "float16"})
+    )
     assert load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}"]).model.data_type == "fp16"
 
 
@@ -94,7 +110,9 @@ def test_wrong_type_names_expected(cfg_dir):
 def test_wrong_dtype(cfg_dir, weights, data):
     with pytest.raises(UserError, match=r"model.data_type: 'int4' is not one of bf16, fp16, fp32"):
         load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}", "data_type=int4"])
-    (weights / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "vision_config": {}, "torch_dtype": "float64"}))
+    (weights / "config.json").write_text(
+        json.dumps({"model_type": "qwen2_vl", "vision_config": {}, "torch_dtype": "float64"})
+    )
     with pytest.raises(UserError, match=r"config.json: torch_dtype 'float64'"):
         load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}"])
 
@@ -139,23 +157,28 @@ def test_bad_values(cfg_dir):
 
 
 def test_subject_mapping_override_and_task_specific_keys(cfg_dir):
-    cfg = load(cfg_dir, ["task.subject_mapping=null", "task.fps=1", "task.video_root=/v"], check_paths=False,
-               task="videobench")
+    cfg = load(
+        cfg_dir, ["task.subject_mapping=null", "task.fps=1", "task.video_root=/v"], check_paths=False, task="videobench"
+    )
     assert cfg.task.subject_mapping is None and cfg.task.fps == 1.0 and cfg.task.video_root == "/v"
     with pytest.raises(UserError, match=r"unknown key 'task.fps'"):
         load(cfg_dir, ["task.fps=1"], check_paths=False, task="textvqa")
 
 
-@pytest.mark.parametrize("content,expected", [
-    ({"model_type": "llama", "vision_config": {}}, "model_type 'llama'; modeltest runs Qwen2-VL checkpoints"),
-    ({"model_type": "qwen2"}, "model_type 'qwen2'; modeltest runs Qwen2-VL checkpoints"),
-    ({}, "no model_type; modeltest runs Qwen2-VL checkpoints"),
-    ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' but no vision_config"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ({"model_type": "llama", "vision_config": {}}, "model_type 'llama'; modeltest runs Qwen2-VL checkpoints"),
+        ({"model_type": "qwen2"}, "model_type 'qwen2'; modeltest runs Qwen2-VL checkpoints"),
+        ({}, "no model_type; modeltest runs Qwen2-VL checkpoints"),
+        ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' but no vision_config"),
+    ],
+)
 def test_a_checkpoint_that_is_not_qwen2_vl_is_refused_in_one_line(cfg_dir, weights, data, content, expected):
     """Before anything loads, for the harness, the server and run_pa alike."""
     from modeltest.cli import build_parser
     from modeltest.serve.config import serve_config_from_args
+
     (weights / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", **content}))
     with pytest.raises(UserError) as e:
         load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}"])
@@ -165,25 +188,36 @@ def test_a_checkpoint_that_is_not_qwen2_vl_is_refused_in_one_line(cfg_dir, weigh
         serve_config_from_args(build_parser().parse_args(["serve", "--model_path", str(weights)]))
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--port", "99999"], "--port 99999: a TCP port is 1..65535"),
-    (["--port", "0"], "--port 0: a TCP port is 1..65535"),
-    (["--video-options", '{"fsp": 1}'], "--video-options: fsp: unknown video option (known: fps,"),
-    (["--image-options", '{"max_pixel": 1}'], "--image-options: max_pixel: unknown image option (known: min_pixels,"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--port", "99999"], "--port 99999: a TCP port is 1..65535"),
+        (["--port", "0"], "--port 0: a TCP port is 1..65535"),
+        (["--video-options", '{"fsp": 1}'], "--video-options: fsp: unknown video option (known: fps,"),
+        (
+            ["--image-options", '{"max_pixel": 1}'],
+            "--image-options: max_pixel: unknown image option (known: min_pixels,",
+        ),
+    ],
+)
 def test_serve_settings_are_checked_at_start(weights, argv, expected):
     from modeltest.cli import build_parser
     from modeltest.serve.config import serve_config_from_args
+
     with pytest.raises(UserError) as e:
         serve_config_from_args(build_parser().parse_args(["serve", "--model_path", str(weights), *argv]))
     assert str(e.value).startswith(expected)
-    ok = serve_config_from_args(build_parser().parse_args(["serve", "--model_path", str(weights), "--port", "8001",
-                                                           "--video-options", '{"fps": 1.0}']))
+    ok = serve_config_from_args(
+        build_parser().parse_args(
+            ["serve", "--model_path", str(weights), "--port", "8001", "--video-options", '{"fps": 1.0}']
+        )
+    )
     assert ok.port == 8001 and ok.video_options["fps"] == 1.0
 
 
 def test_bench_serve_arguments_name_the_mistake():
     from modeltest.bench.serve_metrics import parse_goodput
+
     with pytest.raises(UserError, match="expected NAME:MILLISECONDS"):
         parse_goodput(["ttft=500"])
     with pytest.raises(UserError, match="the SLO name must be ttft, tpot or e2el"):
@@ -194,16 +228,20 @@ def test_bench_serve_arguments_name_the_mistake():
 def test_version():
     import subprocess
     import sys
+
     proc = subprocess.run([sys.executable, "-m", "modeltest", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "modeltest 0.1.0"
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("fps=0", "task.fps: must be positive, got 0.0"),
-    ("fps=-1", "task.fps: must be positive, got -1.0"),
-    ("max_frames=2", "task.min_frames: 4 is above max_frames 2"),
-    ("task.max_pixels=100", "task.min_pixels: 100352 is above max_pixels 100"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("fps=0", "task.fps: must be positive, got 0.0"),
+        ("fps=-1", "task.fps: must be positive, got -1.0"),
+        ("max_frames=2", "task.min_frames: 4 is above max_frames 2"),
+        ("task.max_pixels=100", "task.min_pixels: 100352 is above max_pixels 100"),
+    ],
+)
 def test_media_options_are_checked_once_for_the_harness_and_the_server(cfg_dir, override, expected):
     """The task's options, the server's --video-options and a request's mm_processor_kwargs go
     through one check (media/options.py)."""
@@ -211,11 +249,13 @@ def test_media_options_are_checked_once_for_the_harness_and_the_server(cfg_dir, 
         load(cfg_dir, [override], check_paths=False, task="videobench")
     assert str(e.value) == expected
     from modeltest.serve.protocol import RequestError, parse_chat_request
+
     with pytest.raises(RequestError, match="mm_processor_kwargs.fps: must be positive"):
         parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "mm_processor_kwargs": {"fps": 0}})
 
 
 def test_bench_serve_refuses_zero_prompts_before_anything_runs(capsys):
     from modeltest.cli import main
+
     assert main(["bench-serve", "textvqa", "qwen2_vl", "--num-prompts", "0"]) == 2
     assert "--num-prompts 0: must be at least 1" in capsys.readouterr().err

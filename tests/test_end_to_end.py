@@ -1,4 +1,5 @@
 """Both tasks end to end on the tiny demo model, through scripts/mm_run.sh as a user runs them."""
+
 import json
 from pathlib import Path
 
@@ -9,14 +10,38 @@ from modeltest.metrics import extract_choice, vqa_accuracy
 
 pytestmark = pytest.mark.subprocess
 
-DEBUG_KEYS = {"id", "subject", "input", "output", "prediction", "gold", "score", "error", "e2e_time", "queue_time",
-              "preprocess_time", "input_tokens", "output_tokens", "prefill_time", "key", "schema"}
+DEBUG_KEYS = {
+    "id",
+    "subject",
+    "input",
+    "output",
+    "prediction",
+    "gold",
+    "score",
+    "error",
+    "e2e_time",
+    "queue_time",
+    "preprocess_time",
+    "input_tokens",
+    "output_tokens",
+    "prefill_time",
+    "key",
+    "schema",
+}
 
 
 def test_textvqa_end_to_end(demo, tmp_path):
     out = tmp_path / "out"
-    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
-                              f"output_dir={out}", "batch_size=3", "max_output_length=6"])
+    proc = run_mm(
+        "textvqa",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={out}",
+            "batch_size=3",
+            "max_output_length=6",
+        ],
+    )
     assert "textvqa" in proc.stdout and "result csv" in proc.stdout
     rows, csv_path = read_csv(out, "textvqa")
     assert csv_path.name == "textvqa_qwen2_vl_fp32_batch3_tp1_result.csv"
@@ -37,8 +62,17 @@ def test_textvqa_end_to_end(demo, tmp_path):
 
 def test_videobench_end_to_end(demo, tmp_path):
     out = tmp_path / "out"
-    run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}",
-                          "task.subject_mapping=null", f"output_dir={out}", "batch_size=4", "max_output_length=4"])
+    run_mm(
+        "videobench",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.videobench_qa}",
+            "task.subject_mapping=null",
+            f"output_dir={out}",
+            "batch_size=4",
+            "max_output_length=4",
+        ],
+    )
     rows, _ = read_csv(out, "videobench")
     records = read_debug(out, "videobench")
     assert len(records) == 11 and all(DEBUG_KEYS <= set(r) for r in records)
@@ -68,8 +102,16 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
     (data_copy / "textvqa" / "images" / "demo_006.jpg").write_bytes(b"")
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "tv"
-    run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={jsonl}", f"output_dir={out}",
-                       "batch_size=2", "max_output_length=3"])
+    run_mm(
+        "textvqa",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={jsonl}",
+            f"output_dir={out}",
+            "batch_size=2",
+            "max_output_length=3",
+        ],
+    )
     records = {r["id"]: r for r in read_debug(out, "textvqa")}
     assert len(records) == 8
     assert "image not found" in records["34602"]["error"] and "does_not_exist.jpg" in records["34602"]["error"]
@@ -94,9 +136,17 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
     sqa["sqa_green_1"]["choices"] = {"A": None, "B": None}
     (qa / "SQA3D_QA_new.json").write_text(json.dumps(sqa))
     out = tmp_path / "vb"
-    proc = run_mm("videobench", [f"model.model_path={demo.model}", f"task.local_dataset_path={qa}",
-                                 "task.subject_mapping=null", f"output_dir={out}", "batch_size=3",
-                                 "max_output_length=3"])
+    proc = run_mm(
+        "videobench",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={qa}",
+            "task.subject_mapping=null",
+            f"output_dir={out}",
+            "batch_size=3",
+            "max_output_length=3",
+        ],
+    )
     records = {r["id"]: r for r in read_debug(out, "videobench")}
     assert len(records) == 11
     # each failed sample is one line as it happens; the libraries' chatter stays out of sight
@@ -114,23 +164,36 @@ def test_bad_media_in_the_middle_is_recorded_and_the_run_goes_on(demo, data_copy
 
 
 def test_config_errors_are_one_line_without_traceback(demo, tmp_path):
-    proc = run_mm("textvqa", ["model.model_path=/no/such/weights", f"task.local_dataset_path={demo.textvqa_jsonl}"],
-                  check=False)
+    proc = run_mm(
+        "textvqa", ["model.model_path=/no/such/weights", f"task.local_dataset_path={demo.textvqa_jsonl}"], check=False
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("modeltest: error: model.model_path: '/no/such/weights' is not a folder; "
-                                   "point it at the weights folder (holding config.json)")
+    assert proc.stderr.strip() == (
+        "modeltest: error: model.model_path: '/no/such/weights' is not a folder; "
+        "point it at the weights folder (holding config.json)"
+    )
     proc = run_mm("textvq", [], check=False)
     assert proc.returncode == 2 and "available: textvqa, videobench" in proc.stderr
 
 
 def test_a_tensor_parallel_size_the_model_cannot_use(demo, tmp_path):
-    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
-                              f"output_dir={tmp_path}", "tp=3"], check=False)
+    proc = run_mm(
+        "textvqa",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={tmp_path}",
+            "tp=3",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("modeltest: error: tensor parallel size 3 cannot split 2 KV heads (4 query heads): "
-                                   "one of them must divide the other; use a world size that divides or is a "
-                                   "multiple of 2")
+    assert proc.stderr.strip() == (
+        "modeltest: error: tensor parallel size 3 cannot split 2 KV heads (4 query heads): "
+        "one of them must divide the other; use a world size that divides or is a "
+        "multiple of 2"
+    )
 
 
 def test_corrupt_weights_are_one_line_naming_the_file(demo, tmp_path):
@@ -141,28 +204,51 @@ def test_corrupt_weights_are_one_line_naming_the_file(demo, tmp_path):
     import sys
 
     from conftest import REPO
+
     broken = tmp_path / "weights"
     shutil.copytree(demo.model, broken)
     weights = broken / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     for backend in ("engine", "hf"):
-        proc = run_mm("textvqa", [f"model.model_path={broken}", f"task.local_dataset_path={demo.textvqa_jsonl}",
-                                  f"output_dir={tmp_path / backend}", f"model.backend={backend}"], check=False)
+        proc = run_mm(
+            "textvqa",
+            [
+                f"model.model_path={broken}",
+                f"task.local_dataset_path={demo.textvqa_jsonl}",
+                f"output_dir={tmp_path / backend}",
+                f"model.backend={backend}",
+            ],
+            check=False,
+        )
         assert proc.returncode == 2, proc.stderr
         err = proc.stderr.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert err[0].startswith(f"modeltest: error: {weights}: not a readable safetensors file") and \
-            "truncated or corrupt" in err[0]
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "run_pa.sh"), "--model_path", str(broken)],
-                          capture_output=True, text=True, env=dict(__import__("os").environ, MODELTEST_PYTHON=sys.executable))
+        assert (
+            err[0].startswith(f"modeltest: error: {weights}: not a readable safetensors file")
+            and "truncated or corrupt" in err[0]
+        )
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "run_pa.sh"), "--model_path", str(broken)],
+        capture_output=True,
+        text=True,
+        env=dict(__import__("os").environ, MODELTEST_PYTHON=sys.executable),
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"run_pa: error: {weights}: not a readable safetensors file")
 
 
 def test_loading_says_what_and_where(demo, tmp_path):
-    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
-                              f"output_dir={tmp_path}", "limit=1", "max_output_length=2"])
+    proc = run_mm(
+        "textvqa",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={tmp_path}",
+            "limit=1",
+            "max_output_length=2",
+        ],
+    )
     assert f"loading {demo.model} (engine backend, fp32) on cpu ..." in proc.stdout
     assert "loaded in" in proc.stdout
     # Loading is reported on its own: the run's time and speed are its evaluation only.
@@ -177,19 +263,32 @@ def test_an_empty_dataset_is_one_line_and_a_failure(demo, tmp_path):
     empty = tmp_path / "textvqa_val.jsonl"
     empty.write_text("")
     (tmp_path / "textvqa_val_annotations.json").write_text('{"annotations": []}')
-    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={empty}",
-                              f"output_dir={tmp_path / 'out'}"], check=False)
+    proc = run_mm(
+        "textvqa",
+        [f"model.model_path={demo.model}", f"task.local_dataset_path={empty}", f"output_dir={tmp_path / 'out'}"],
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip() == (f"modeltest: error: task.local_dataset_path: '{empty}' has no textvqa questions "
-                                   "(an empty file, or every subject empty); nothing to evaluate")
+    assert proc.stderr.strip() == (
+        f"modeltest: error: task.local_dataset_path: '{empty}' has no textvqa questions "
+        "(an empty file, or every subject empty); nothing to evaluate"
+    )
 
 
 def test_e2e_time_is_the_requests_own_time_and_queue_time_is_separate(demo, tmp_path):
     """batch_size=1 keeps a second sample waiting behind the running one: its waiting is
     queue_time, not e2e_time, so the e2e times add up to no more than the run's wall time."""
     out = tmp_path / "out"
-    run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
-                       f"output_dir={out}", "batch_size=1", "max_output_length=6"])
+    run_mm(
+        "textvqa",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={out}",
+            "batch_size=1",
+            "max_output_length=6",
+        ],
+    )
     records = read_debug(out, "textvqa")
     summary = json.loads(next((out / "results").rglob("*_summary.json")).read_text())
     assert all(r["queue_time"] >= 0 and r["e2e_time"] > 0 and r["schema"] == 2 for r in records)
@@ -201,8 +300,15 @@ def test_e2e_time_is_the_requests_own_time_and_queue_time_is_separate(demo, tmp_
 def test_unwritable_output_dir(demo, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = run_mm("textvqa", [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.textvqa_jsonl}",
-                              f"output_dir={blocker}/out"], check=False)
+    proc = run_mm(
+        "textvqa",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={blocker}/out",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "output_dir: cannot write to" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -212,18 +318,31 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
     import sys
 
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "modeltest", "demo", "--dir", str(tmp_path / "demo"),
-                           f"output_dir={out}", "max_output_length=4"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modeltest",
+            "demo",
+            "--dir",
+            str(tmp_path / "demo"),
+            f"output_dir={out}",
+            "max_output_length=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mm_run.sh textvqa qwen2_vl" in proc.stdout and "mm_run.sh videobench qwen2_vl" in proc.stdout
     assert read_csv(out, "textvqa")[0][0]["Total"] == "8"
     assert read_csv(out, "videobench")[0][0]["Total"] == "11"
-    for task in ("textvqa", "videobench"):                 # and says where each run's report is
+    for task in ("textvqa", "videobench"):  # and says where each run's report is
         assert f"report: {out / 'report' / task / 'report.html'}" in proc.stdout
         assert (out / "report" / task / "report.csv").is_file()
     # and ends with the next commands to try, each one that works as printed
     assert "Next, try:" in proc.stdout and f"report {out}" in proc.stdout
     assert f"serve --model_path {tmp_path / 'demo' / 'Qwen2-VL-tiny-random'}" in proc.stdout
     exe = Path(sys.executable).parent / "modeltest"
-    if exe.is_file():           # the console script the printed commands name
+    if exe.is_file():  # the console script the printed commands name
         assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).returncode == 0

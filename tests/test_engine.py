@@ -1,4 +1,5 @@
 """The inference core against transformers' Qwen2-VL on the same weights (fp32, CPU)."""
+
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="session")
 def odd_model(tmp_path_factory):
     from modeltest.demo.tiny_model import ODD_HEADS, build_tiny_qwen2vl
+
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("odd") / "model", ODD_HEADS, seed=1)
 
 
@@ -27,8 +29,14 @@ def model_path(request, demo, odd_model):
 
 
 def make_engine(path, **kw):
-    cfg = dict(model_path=str(path), dtype=torch.float32, max_batch_size=4, max_input_length=2048,
-               max_output_length=16, block_size=16)
+    cfg = dict(
+        model_path=str(path),
+        dtype=torch.float32,
+        max_batch_size=4,
+        max_input_length=2048,
+        max_output_length=16,
+        block_size=16,
+    )
     cfg.update(kw)
     return LLMEngine(EngineConfig(**cfg), TPContext())
 
@@ -36,6 +44,7 @@ def make_engine(path, **kw):
 @pytest.fixture
 def processor(model_path):
     from transformers import AutoProcessor
+
     return AutoProcessor.from_pretrained(model_path)
 
 
@@ -44,8 +53,9 @@ def hf_prefill_positions(hf, inp) -> dict:
     positions (generate computes them); 5.x computes them in forward itself."""
     if not hasattr(hf, "get_rope_index"):
         return {}
-    pos, _ = hf.get_rope_index(inp["input_ids"], inp.get("image_grid_thw"), inp.get("video_grid_thw"),
-                               inp["attention_mask"])
+    pos, _ = hf.get_rope_index(
+        inp["input_ids"], inp.get("image_grid_thw"), inp.get("video_grid_thw"), inp["attention_mask"]
+    )
     return {"position_ids": pos}
 
 
@@ -53,6 +63,7 @@ def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, de
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     from modeltest.backends.hf import dtype_kwarg
+
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(torch.float32)).eval()
     engine = make_engine(model_path)
     steps = {}
@@ -61,14 +72,19 @@ def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, de
     for name, inp in all_inputs(processor, demo.root).items():
         with torch.no_grad():
             ref = hf(**inp, **hf_prefill_positions(hf, inp)).logits[0].float()
-            gen = hf.generate(**inp, generation_config=GenerationConfig(do_sample=False, max_new_tokens=n_new,
-                                                                        eos_token_id=None, pad_token_id=151643),
-                              output_scores=True, return_dict_in_generate=True)
+            gen = hf.generate(
+                **inp,
+                generation_config=GenerationConfig(
+                    do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=151643
+                ),
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         ours = prompt_logits(engine, make_request(name, inp, n_new))
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() < 1e-4, name
         out = engine.generate([make_request(name, inp, n_new)])[0]
-        hf_tokens = gen.sequences[0, inp["input_ids"].shape[1]:].tolist()
+        hf_tokens = gen.sequences[0, inp["input_ids"].shape[1] :].tolist()
         assert out.output_ids == hf_tokens, name
         # Every decode step's logits (paged-cache attention) match transformers' too.
         for ours_step, ref_step in zip(steps[name], gen.scores):
@@ -87,6 +103,7 @@ def test_mixed_batch_equals_each_alone(model_path, processor, demo):
 
 def test_continuous_batching_and_small_blocks_give_the_same_tokens(demo, odd_model):
     from transformers import AutoProcessor
+
     inputs = all_inputs(AutoProcessor.from_pretrained(odd_model), demo.root)
     reference = make_engine(odd_model)
     lengths = {"text": 7, "image": 2, "two_images": 7, "video": 4}
@@ -113,6 +130,7 @@ def test_onednn_packed_weights_match_plain_weights(demo, dtype):
     from transformers import AutoProcessor
 
     from modeltest.engine.layers import _Linear, onednn_packing_works
+
     if not onednn_packing_works(dtype):
         pytest.skip(f"this PyTorch build cannot pack {dtype} weights for oneDNN")
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
@@ -134,6 +152,7 @@ def test_onednn_packed_weights_match_plain_weights(demo, dtype):
 
 def test_over_long_request_fails_alone(demo):
     from transformers import AutoProcessor
+
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     engine = make_engine(demo.model, max_input_length=60)
     reqs = [make_request(n, i, 4) for n, i in inputs.items()]
@@ -150,13 +169,14 @@ def test_abort_frees_blocks_and_leaves_the_others_alone(demo):
     from transformers import AutoProcessor
 
     from modeltest.engine.request import RequestStatus
+
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     alone = make_engine(demo.model).generate([make_request("text", inputs["text"], 6)])[0].output_ids
     engine = make_engine(demo.model, max_batch_size=2)
     reqs = {n: make_request(n, inputs[n], 6) for n in ("text", "image", "video")}
     for r in reqs.values():
         engine.add_request(r)
-    engine.step()                                   # prefill text + image; video waits
+    engine.step()  # prefill text + image; video waits
     assert reqs["image"].status is RequestStatus.RUNNING and reqs["video"].status is RequestStatus.WAITING
     assert engine.abort("image") and engine.abort("video") and not engine.abort("no such id")
     assert engine.stats().running == 1 and engine.stats().waiting == 0
@@ -174,6 +194,7 @@ def test_sampling_is_reproducible_by_seed_whatever_the_batch(demo):
     """temperature / top-k / top-p with a seed: the same tokens alone and in a mixed batch;
     another seed draws other tokens; temperature 0 stays greedy."""
     from transformers import AutoProcessor
+
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     engine = make_engine(demo.model)
 
@@ -182,16 +203,18 @@ def test_sampling_is_reproducible_by_seed_whatever_the_batch(demo):
         r.params.temperature, r.params.seed = kw.get("temperature", 1.5), seed
         r.params.top_k, r.params.top_p = kw.get("top_k", 0), kw.get("top_p", 1.0)
         return r
+
     alone = engine.generate([sampled("text", 7)])[0].output_ids
-    batch = engine.generate([make_request("image", inputs["image"], 8), sampled("text", 7),
-                             sampled("video", 3, top_k=50, top_p=0.9)])
+    batch = engine.generate(
+        [make_request("image", inputs["image"], 8), sampled("text", 7), sampled("video", 3, top_k=50, top_p=0.9)]
+    )
     assert batch[1].output_ids == alone
     greedy = engine.generate([make_request("text", inputs["text"], 8)])[0].output_ids
     others = {tuple(engine.generate([sampled("text", seed)])[0].output_ids) for seed in range(8, 12)}
     assert len(others | {tuple(alone)}) > 1 and tuple(greedy) not in others | {tuple(alone)}
     assert engine.generate([sampled("text", 7, temperature=0.0)])[0].output_ids == greedy
     top1 = engine.generate([sampled("text", 5, top_k=1)])[0].output_ids
-    assert top1 == greedy                                   # top_k=1 is greedy whatever the seed
+    assert top1 == greedy  # top_k=1 is greedy whatever the seed
     bad = sampled("text", 1, top_p=0.0)
     engine.generate([bad])
     assert bad.error and "top_p" in bad.error
@@ -199,6 +222,7 @@ def test_sampling_is_reproducible_by_seed_whatever_the_batch(demo):
 
 def test_timings_are_recorded(demo):
     from transformers import AutoProcessor
+
     inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
     engine = make_engine(demo.model)
     r = engine.generate([make_request("image", inputs["image"], 5)])[0]
@@ -208,8 +232,22 @@ def test_timings_are_recorded(demo):
     assert len(stats.prefill_times) == 1 and len(stats.decode_times) == 4 and len(stats.vision_times) == 1
 
 
-@pytest.mark.parametrize("q,kv,world", [(12, 2, 1), (12, 2, 2), (12, 2, 4), (12, 2, 8), (28, 4, 1), (28, 4, 2),
-                                        (28, 4, 4), (28, 4, 8), (64, 8, 4), (64, 8, 8), (6, 2, 4)])
+@pytest.mark.parametrize(
+    "q,kv,world",
+    [
+        (12, 2, 1),
+        (12, 2, 2),
+        (12, 2, 4),
+        (12, 2, 8),
+        (28, 4, 1),
+        (28, 4, 2),
+        (28, 4, 4),
+        (28, 4, 8),
+        (64, 8, 4),
+        (64, 8, 8),
+        (6, 2, 4),
+    ],
+)
 def test_head_layout_covers_every_head_once(q, kv, world):
     seen_q, per_rank = [], set()
     for rank in range(world):
@@ -218,10 +256,10 @@ def test_head_layout_covers_every_head_once(q, kv, world):
         group = q // kv
         for h in lay.q_heads:
             if h is not None:
-                assert h // group in lay.kv_heads   # each query head sits with its KV head
+                assert h // group in lay.kv_heads  # each query head sits with its KV head
                 seen_q.append(h)
     assert sorted(seen_q) == list(range(q))
-    assert len(per_rank) == 1                   # same local shapes on every rank
+    assert len(per_rank) == 1  # same local shapes on every rank
 
 
 def test_padded_layout():
@@ -239,6 +277,7 @@ def test_impossible_layout_is_a_clear_error():
 def test_newer_checkpoint_naming_loads(demo, tmp_path):
     """Checkpoints re-saved by newer transformers use model.language_model.* and model.visual.*."""
     from safetensors.torch import load_file, save_file
+
     src = demo.model
     dst = tmp_path / "renamed"
     shutil.copytree(src, dst)
@@ -248,10 +287,11 @@ def test_newer_checkpoint_naming_loads(demo, tmp_path):
         if k.startswith("visual."):
             k = "model." + k
         elif k.startswith("model."):
-            k = "model.language_model." + k[len("model."):]
+            k = "model.language_model." + k[len("model.") :]
         renamed[k] = v
     save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
     from transformers import AutoProcessor
+
     inp = all_inputs(AutoProcessor.from_pretrained(src), demo.root)["image"]
     a = prompt_logits(make_engine(src), make_request("x", inp, 1))
     b = prompt_logits(make_engine(dst), make_request("x", inp, 1))
@@ -264,8 +304,18 @@ LAUNCH_FLAKES = ("Address already in use", "EADDRINUSE", "DistNetworkError", "Co
 
 
 def _torchrun(n, model, demo_root, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           str(TESTS / "tp_worker.py"), str(model), str(demo_root), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(n),
+        str(TESTS / "tp_worker.py"),
+        str(model),
+        str(demo_root),
+        str(out),
+    ]
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode == 0 or attempt or not any(f in proc.stderr for f in LAUNCH_FLAKES):
@@ -275,7 +325,7 @@ def _torchrun(n, model, demo_root, out):
 
 
 @pytest.mark.parametrize("which,worlds", [("odd", (2, 4)), ("demo", (2,))])
-@pytest.mark.subprocess      # torchrun worlds of 2 and 4 gloo processes
+@pytest.mark.subprocess  # torchrun worlds of 2 and 4 gloo processes
 def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, tmp_path):
     model = odd_model if which == "odd" else demo.model
     base = _torchrun(1, model, demo.root, tmp_path / "w1.pt")
@@ -287,4 +337,4 @@ def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, 
         for name, logits in base["logits"].items():
             assert (res["logits"][name] - logits).abs().max().item() < 1e-4, (n, name)
     if which == "odd":
-        assert res["layout"] == [[0], [0, 1]]    # rank 0 at world 4: KV head 0 shared with rank 1
+        assert res["layout"] == [[0], [0, 1]]  # rank 0 at world 4: KV head 0 shared with rank 1

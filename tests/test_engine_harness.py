@@ -1,4 +1,5 @@
 """Both harness tasks give the same outputs and scores on the engine backend as on hf."""
+
 import json
 
 import pytest
@@ -12,8 +13,14 @@ pytestmark = pytest.mark.subprocess
 
 def run(demo, tmp_path, task, backend):
     data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
-    overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", "batch_size=3",
-                 f"output_dir={tmp_path}", "max_output_length=6", f"model.backend={backend}"]
+    overrides = [
+        f"model.model_path={demo.model}",
+        f"task.local_dataset_path={data}",
+        "batch_size=3",
+        f"output_dir={tmp_path}",
+        "max_output_length=6",
+        f"model.backend={backend}",
+    ]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
     result = Evaluator(load_config(TASKS, task, "qwen2_vl", overrides), show_progress=False).run()
@@ -25,8 +32,9 @@ def test_engine_and_hf_agree(demo, tmp_path, task):
     hf = run(demo, tmp_path, task, "hf")
     engine = run(demo, tmp_path, task, "engine")
     assert [(r.id, r.output, r.score) for r in engine.records] == [(r.id, r.output, r.score) for r in hf.records]
-    assert [(r.tasks, r.total, r.passed, r.value) for r in engine.rows] == \
-        [(r.tasks, r.total, r.passed, r.value) for r in hf.rows]
+    assert [(r.tasks, r.total, r.passed, r.value) for r in engine.rows] == [
+        (r.tasks, r.total, r.passed, r.value) for r in hf.rows
+    ]
     assert all(r.prefill_time is not None for r in engine.records)
     assert engine.paths.result_csv.read_text() == hf.paths.result_csv.read_text()
     # One output_dir for both: each backend has its own files and records, and neither reused
@@ -42,11 +50,18 @@ def test_engine_and_hf_agree(demo, tmp_path, task):
 def test_tensor_parallel_harness_run_matches_single_process(demo, tmp_path):
     """bash scripts/mm_run.sh ... tp=2 (two gloo processes, streaming continuous batching)."""
     from conftest import read_csv, read_debug, run_mm
-    common = [f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}",
-              "task.subject_mapping=null", "batch_size=3", "max_output_length=6"]
+
+    common = [
+        f"model.model_path={demo.model}",
+        f"task.local_dataset_path={demo.videobench_qa}",
+        "task.subject_mapping=null",
+        "batch_size=3",
+        "max_output_length=6",
+    ]
     run_mm("videobench", common + [f"output_dir={tmp_path / 'tp1'}"])
     run_mm("videobench", common + [f"output_dir={tmp_path / 'tp2'}", "tp=2"])
     one, two = read_csv(tmp_path / "tp1", "videobench"), read_csv(tmp_path / "tp2", "videobench")
     assert two[1].name.endswith("_tp2_result.csv") and one[0] == two[0]
-    assert [(r["id"], r["output"]) for r in read_debug(tmp_path / "tp2", "videobench")] == \
-        [(r["id"], r["output"]) for r in read_debug(tmp_path / "tp1", "videobench")]
+    assert [(r["id"], r["output"]) for r in read_debug(tmp_path / "tp2", "videobench")] == [
+        (r["id"], r["output"]) for r in read_debug(tmp_path / "tp1", "videobench")
+    ]

@@ -1,6 +1,7 @@
 """fast_processor's image processor hands the model exactly what transformers' processor does:
 torch.equal on pixel values, grids and token ids, for images and videos of every shape here, and
 the reference is used wherever the fast path would not be exact."""
+
 import copy
 
 import numpy as np
@@ -22,9 +23,12 @@ def processors(demo):
 
 def assert_same(reference, fast, text, images=None, videos=None, fast_expected=True):
     before = fast_processor.counts(fast)
-    ref = reference(text=[text], images=images,
-                    videos=[v.float() if v.dtype == torch.uint8 else v for v in videos] if videos else None,
-                    return_tensors="pt")
+    ref = reference(
+        text=[text],
+        images=images,
+        videos=[v.float() if v.dtype == torch.uint8 else v for v in videos] if videos else None,
+        return_tensors="pt",
+    )
     got = fast(text=[text], images=images, videos=videos, return_tensors="pt")
     assert sorted(ref.keys()) == sorted(got.keys())
     for k in ref:
@@ -46,8 +50,10 @@ def test_images_are_bit_identical(processors, size):
 
 def test_several_images_in_one_call(processors):
     rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
-              for h, w in ((56, 84), (112, 56), (56, 56))]
+    images = [
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+        for h, w in ((56, 84), (112, 56), (56, 56))
+    ]
     assert_same(*processors, IMG * 3 + " compare", images=images)
 
 
@@ -55,14 +61,22 @@ def test_several_images_in_one_call(processors):
 def test_videos_are_bit_identical_as_float_and_as_uint8(processors, frames, h, w):
     rng = np.random.default_rng(frames)
     u8 = torch.from_numpy(rng.integers(0, 256, size=(frames, 3, h, w), dtype=np.uint8))
-    assert_same(*processors, VID + " what happens?", videos=[u8.float()])      # qwen-vl-utils' form
-    assert_same(*processors, VID + " what happens?", videos=[u8])              # media/decode.py's exact form
+    assert_same(*processors, VID + " what happens?", videos=[u8.float()])  # qwen-vl-utils' form
+    assert_same(*processors, VID + " what happens?", videos=[u8])  # media/decode.py's exact form
 
 
 def test_two_videos_and_the_demo_media(processors, demo):
     from modeltest.media.decode import vision_from_messages
-    video = {"type": "video", "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
-             "fps": 0.5, "min_frames": 4, "max_frames": 768, "min_pixels": 100352, "max_pixels": 602112}
+
+    video = {
+        "type": "video",
+        "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
+        "fps": 0.5,
+        "min_frames": 4,
+        "max_frames": 768,
+        "min_pixels": 100352,
+        "max_pixels": 602112,
+    }
     image = {"type": "image", "image": str(demo.root / "textvqa" / "images" / "demo_003.jpg")}
     images, videos = vision_from_messages([{"role": "user", "content": [image, video, dict(video, fps=1.0)]}])
     assert_same(*processors, IMG + VID + VID + " q", images=images, videos=videos)
@@ -101,14 +115,21 @@ def test_patchify_matches_the_processor_layout():
     assert np.array_equal(patches[2].reshape(3, 2, 14, 14)[0, 0], frames[0, 0, 14:28, :14])
 
 
-def test_the_next_question_on_a_cached_clip_reuses_its_patches_and_nothing_else_is_reused(processors, demo,
-                                                                                        tmp_path):
+def test_the_next_question_on_a_cached_clip_reuses_its_patches_and_nothing_else_is_reused(processors, demo, tmp_path):
     from modeltest.media.cache import MediaCache
+
     reference, fast = processors
-    video = {"type": "video", "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
-             "fps": 0.5, "min_frames": 4, "max_frames": 768, "min_pixels": 100352, "max_pixels": 602112}
+    video = {
+        "type": "video",
+        "video": str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"),
+        "fps": 0.5,
+        "min_frames": 4,
+        "max_frames": 768,
+        "min_pixels": 100352,
+        "max_pixels": 602112,
+    }
     cache = MediaCache(tmp_path, 1 << 30)
-    cache.video(dict(video))                                        # the entry exists
+    cache.video(dict(video))  # the entry exists
     first, second = cache.video(dict(video), uint8=True), cache.video(dict(video), uint8=True)
     assert first is second and fast_processor.is_immutable(first)  # one immutable tensor per entry
     ip = fast.image_processor

@@ -2,6 +2,7 @@
 decode steps replayed as CUDA graphs, and MODELTEST_COMPILE's torch.compile before the capture,
 give exactly the tokens of the eager path, and the engine on the GPU matches transformers on the
 GPU (fp32: logits and greedy tokens; bf16: greedy tokens within a measured mismatch bound)."""
+
 import pytest
 import torch
 from engine_helpers import all_inputs, make_request
@@ -15,8 +16,9 @@ N_NEW = 8
 
 
 def cuda_engine(path, dtype, **kw) -> LLMEngine:
-    cfg = dict(model_path=str(path), dtype=dtype, max_batch_size=4, max_input_length=2048, max_output_length=16,
-               block_size=16)
+    cfg = dict(
+        model_path=str(path), dtype=dtype, max_batch_size=4, max_input_length=2048, max_output_length=16, block_size=16
+    )
     cfg.update(kw)
     return LLMEngine(EngineConfig(**cfg), TPContext(device=torch.device("cuda", 0)))
 
@@ -31,6 +33,7 @@ def greedy(engine: LLMEngine, inputs, batched: bool) -> dict:
 @pytest.fixture(scope="module")
 def inputs(demo):
     from transformers import AutoProcessor
+
     return all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
 
 
@@ -55,15 +58,20 @@ def test_engine_on_the_gpu_matches_transformers_on_the_gpu(demo, inputs, dtype):
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     from modeltest.backends.hf import dtype_kwarg
+
     hf = Qwen2VLForConditionalGeneration.from_pretrained(demo.model, **dtype_kwarg(dtype)).cuda().eval()
-    engine = cuda_engine(demo.model, dtype)          # CUDA graphs on: the production decode path
+    engine = cuda_engine(demo.model, dtype)  # CUDA graphs on: the production decode path
     mismatched, total = 0, 0
     for name, inp in inputs.items():
         inp = {k: v.cuda() for k, v in inp.items()}
         with torch.no_grad():
-            gen = hf.generate(**inp, generation_config=GenerationConfig(do_sample=False, max_new_tokens=N_NEW,
-                                                                        eos_token_id=None, pad_token_id=151643))
-        ref = gen[0, inp["input_ids"].shape[1]:].tolist()
+            gen = hf.generate(
+                **inp,
+                generation_config=GenerationConfig(
+                    do_sample=False, max_new_tokens=N_NEW, eos_token_id=None, pad_token_id=151643
+                ),
+            )
+        ref = gen[0, inp["input_ids"].shape[1] :].tolist()
         ours = engine.generate([make_request(name, {k: v.cpu() for k, v in inp.items()}, N_NEW)])[0].output_ids
         if dtype == torch.float32:
             assert ours == ref, name

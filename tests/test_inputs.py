@@ -2,6 +2,7 @@
 reference path (qwen-vl-utils' process_vision_info + transformers' processor) bit for bit, the
 server's request -> conversation gives the harness's model input for the same question, and the
 media content keys tell media apart by content."""
+
 import copy
 
 import pytest
@@ -23,15 +24,23 @@ def processors(demo):
 
 
 def image_sample(demo, i=0, prompt="what does the sign say?"):
-    return Sample(id=f"i{i}", subject="t", prompt=prompt,
-                  images=[str(demo.root / "textvqa" / "images" / f"demo_00{i}.jpg")],
-                  image_options={"min_pixels": 3136, "max_pixels": 200704})
+    return Sample(
+        id=f"i{i}",
+        subject="t",
+        prompt=prompt,
+        images=[str(demo.root / "textvqa" / "images" / f"demo_00{i}.jpg")],
+        image_options={"min_pixels": 3136, "max_pixels": 200704},
+    )
 
 
 def video_sample(demo, prompt="what happens?", fps=0.5):
-    return Sample(id="v", subject="t", prompt=prompt,
-                  videos=[str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4")],
-                  video_options={"fps": fps, "max_pixels": 150528})
+    return Sample(
+        id="v",
+        subject="t",
+        prompt=prompt,
+        videos=[str(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4")],
+        video_options={"fps": fps, "max_pixels": 150528},
+    )
 
 
 def reference_inputs(processor, sample: Sample) -> dict:
@@ -56,8 +65,11 @@ def assert_same_inputs(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("fast", [False, True], ids=["reference-processor", "fast-processor"])
 def test_model_input_is_the_reference_path_bit_for_bit(demo, processors, tmp_path, kind, fast):
     reference, fast_proc = processors
-    sample = {"image": image_sample(demo), "video": video_sample(demo),
-              "text": Sample(id="t", subject="t", prompt="Hello there")}[kind]
+    sample = {
+        "image": image_sample(demo),
+        "video": video_sample(demo),
+        "text": Sample(id="t", subject="t", prompt="Hello there"),
+    }[kind]
     expected = reference_inputs(reference, sample)
     proc = fast_proc if fast else reference
     got = model_input(proc, sample_messages(sample))
@@ -73,8 +85,9 @@ def test_without_the_chat_template_the_prompt_is_placeholders_then_text(demo, pr
     reference, _ = processors
     s = Sample(id="x", subject="t", prompt="Q?", images=["a.jpg", "b.jpg"], videos=["c.mp4"])
     text = prompt_text(reference, sample_messages(s), use_chat_template=False)
-    assert text == ("<|vision_start|><|image_pad|><|vision_end|>" * 2
-                    + "<|vision_start|><|video_pad|><|vision_end|>" + "Q?")
+    assert text == (
+        "<|vision_start|><|image_pad|><|vision_end|>" * 2 + "<|vision_start|><|video_pad|><|vision_end|>" + "Q?"
+    )
 
 
 def test_media_keys_follow_content_not_placeholders(demo, processors, tmp_path):
@@ -87,14 +100,19 @@ def test_media_keys_follow_content_not_placeholders(demo, processors, tmp_path):
     # Two different images of the same size: identical placeholder ids, different keys.
     import numpy as np
     from PIL import Image
+
     rng = np.random.default_rng(0)
     paths = []
     for i in range(2):
         paths.append(str(tmp_path / f"same_size_{i}.png"))
         Image.fromarray(rng.integers(0, 256, (224, 280, 3), dtype=np.uint8)).save(paths[-1])
     opts = image_sample(demo).image_options
-    a = model_input(fast, sample_messages(Sample(id="a", subject="t", prompt="q", images=paths[:1], image_options=opts)))
-    b = model_input(fast, sample_messages(Sample(id="b", subject="t", prompt="q", images=paths[1:], image_options=opts)))
+    a = model_input(
+        fast, sample_messages(Sample(id="a", subject="t", prompt="q", images=paths[:1], image_options=opts))
+    )
+    b = model_input(
+        fast, sample_messages(Sample(id="b", subject="t", prompt="q", images=paths[1:], image_options=opts))
+    )
     assert a.inputs["image_grid_thw"].tolist() == b.inputs["image_grid_thw"].tolist()
     assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"])
     assert a.media_keys() != b.media_keys()
@@ -106,6 +124,7 @@ def test_media_keys_follow_content_not_placeholders(demo, processors, tmp_path):
 
 def test_engine_request_carries_the_model_input(demo, processors):
     from modeltest.engine.request import SamplingParams
+
     _, fast = processors
     mi = model_input(fast, sample_messages(image_sample(demo)))
     req = engine_request("r", mi, SamplingParams(max_new_tokens=3))
@@ -121,16 +140,30 @@ def test_a_served_request_gets_the_harness_model_input(demo, tmp_path):
     from modeltest.serve.config import ServeConfig
     from modeltest.serve.preprocess import Preprocessor
     from modeltest.serve.protocol import parse_chat_request
-    pre = Preprocessor(ServeConfig(model_path=str(demo.model), allowed_local_media_path=str(demo.root),
-                                   media_cache="off"))
+
+    pre = Preprocessor(
+        ServeConfig(model_path=str(demo.model), allowed_local_media_path=str(demo.root), media_cache="off")
+    )
     try:
-        for sample, kwargs in ((image_sample(demo), {"max_pixels": 200704}), (video_sample(demo), {"fps": 0.5, "max_pixels": 150528})):
+        for sample, kwargs in (
+            (image_sample(demo), {"max_pixels": 200704}),
+            (video_sample(demo), {"fps": 0.5, "max_pixels": 150528}),
+        ):
             s = copy.deepcopy(sample)
             kind = "image" if s.images else "video"
             path = (s.images or s.videos)[0]
-            body = {"messages": [{"role": "user", "content": [
-                {"type": f"{kind}_url", f"{kind}_url": {"url": f"file://{path}"}}, {"type": "text", "text": s.prompt}]}],
-                "mm_processor_kwargs": kwargs}
+            body = {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": f"{kind}_url", f"{kind}_url": {"url": f"file://{path}"}},
+                            {"type": "text", "text": s.prompt},
+                        ],
+                    }
+                ],
+                "mm_processor_kwargs": kwargs,
+            }
             served = pre(parse_chat_request(body))
             # the server's defaults are the tasks' options; the request's kwargs override them
             opts = dict(pre.cfg.image_options if kind == "image" else pre.cfg.video_options, **kwargs)

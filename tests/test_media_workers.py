@@ -1,5 +1,6 @@
 """Decoding in worker processes: bit-identical media, one decode per clip, a hanging or crashing
 decode costs one sample (recorded, retried on resume) and never the run."""
+
 import json
 import threading
 
@@ -62,8 +63,9 @@ def assert_vision_equal(a, b):
 
 def test_workers_hand_over_what_qwen_vl_utils_returns_and_two_ranks_share_one_cache(demo, tmp_path):
     from qwen_vl_utils import process_vision_info
+
     messages = demo_messages(demo)
-    reference = process_vision_info(messages)                   # float frames, PIL images
+    reference = process_vision_info(messages)  # float frames, PIL images
     # Two "ranks" (two pools) fill one cache folder at the same time; a third reads it.
     ranks = [WorkerMedia(2, 60, str(tmp_path / "cache"), 1 << 30) for _ in range(2)]
     try:
@@ -71,6 +73,7 @@ def test_workers_hand_over_what_qwen_vl_utils_returns_and_two_ranks_share_one_ca
 
         def ask(i):
             got[i] = (ranks[i].vision(messages), ranks[i].vision(messages, uint8=True))
+
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
@@ -99,9 +102,20 @@ def harness(demo, out, *extra):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
     from modeltest.tasks import TASKS
-    cfg = load_config(TASKS, "videobench", "qwen2_vl", [
-        f"model.model_path={demo.model}", f"task.local_dataset_path={demo.videobench_qa}", "task.subject_mapping=null",
-        f"output_dir={out}", "max_output_length=4", *extra])
+
+    cfg = load_config(
+        TASKS,
+        "videobench",
+        "qwen2_vl",
+        [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.videobench_qa}",
+            "task.subject_mapping=null",
+            f"output_dir={out}",
+            "max_output_length=4",
+            *extra,
+        ],
+    )
     return Evaluator(cfg, show_progress=False).run()
 
 
@@ -121,7 +135,9 @@ def test_harness_with_workers_answers_identically_and_survives_hangs_and_crashes
     assert hung and died and failed == hung | died
     assert all("took over 3 s" in by_id[i].error and by_id[i].transient for i in hung)
     assert all("worker died (signal 9)" in by_id[i].error and by_id[i].transient for i in died)
-    assert {i: r.output for i, r in by_id.items() if i not in failed} == {i: expected[i] for i in by_id if i not in failed}
+    assert {i: r.output for i, r in by_id.items() if i not in failed} == {
+        i: expected[i] for i in by_id if i not in failed
+    }
     summary = json.loads(first.paths.summary_json.read_text())["media_cache"]
     assert summary["workers"] == 2 and summary["workers_replaced"] >= len(died) + len(hung) > 0
 

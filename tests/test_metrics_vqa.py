@@ -1,4 +1,5 @@
 """VQA accuracy, checked by hand against the standard VQA evaluation (README "Metrics")."""
+
 import pytest
 
 from modeltest.metrics import normalize_prediction, vqa_accuracy

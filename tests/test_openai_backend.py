@@ -1,4 +1,5 @@
 """backend=openai: the harness against `modeltest serve` (a real server process on 127.0.0.1)."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,15 @@ def evaluate(demo, task, out, *extra):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
     from modeltest.tasks import TASKS
+
     data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
-    overrides = [f"model.model_path={demo.model}", f"task.local_dataset_path={data}", f"output_dir={out}",
-                 "max_output_length=6", *extra]
+    overrides = [
+        f"model.model_path={demo.model}",
+        f"task.local_dataset_path={data}",
+        f"output_dir={out}",
+        "max_output_length=6",
+        *extra,
+    ]
     if task == "videobench":
         overrides.append("task.subject_mapping=null")
     return Evaluator(load_config(TASKS, task, "qwen2_vl", overrides), show_progress=False).run()
@@ -38,11 +45,19 @@ def evaluate(demo, task, out, *extra):
 def test_served_results_equal_in_process_results(demo, server, tmp_path, task):
     engine = evaluate(demo, task, tmp_path / "engine", "batch_size=4")
     for media in ("data", "file"):
-        served = evaluate(demo, task, tmp_path / media, "backend=openai", f"model.api_base={server.url}/v1",
-                          f"model.media={media}", "model.concurrency=4")
+        served = evaluate(
+            demo,
+            task,
+            tmp_path / media,
+            "backend=openai",
+            f"model.api_base={server.url}/v1",
+            f"model.media={media}",
+            "model.concurrency=4",
+        )
         assert served.paths.result_csv.read_text() == engine.paths.result_csv.read_text(), media
-        assert [(r.id, r.output, r.score, r.prediction, r.input_tokens) for r in served.records] == \
-            [(r.id, r.output, r.score, r.prediction, r.input_tokens) for r in engine.records], media
+        assert [(r.id, r.output, r.score, r.prediction, r.input_tokens) for r in served.records] == [
+            (r.id, r.output, r.score, r.prediction, r.input_tokens) for r in engine.records
+        ], media
         assert all(r.error is None and r.prefill_time is not None and r.e2e_time > 0 for r in served.records)
         assert served.paths.result_csv.name == f"{task}_qwen2_vl_openai_batch1_tp1_result.csv"
 
@@ -52,24 +67,52 @@ def test_api_key_is_never_saved_and_a_down_server_is_one_line(demo, tmp_path):
     try:
         out = tmp_path / "out"
         env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
-        common = [f"task.local_dataset_path={demo.textvqa_jsonl}", f"output_dir={out}", "backend=openai",
-                  f"model.api_base={keyed.url}/v1", "limit=2", "max_output_length=3"]
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
-                              capture_output=True, text=True, env=env, timeout=300)
+        common = [
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={out}",
+            "backend=openai",
+            f"model.api_base={keyed.url}/v1",
+            "limit=2",
+            "max_output_length=3",
+        ]
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 2 and "401 unauthorized" in proc.stderr and "OPENAI_API_KEY" in proc.stderr
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common,
-                               "model.api_key=sekret-42"], capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common, "model.api_key=sekret-42"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
-                              capture_output=True, text=True, env=dict(env, OPENAI_API_KEY="sekret-42"), timeout=300)
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
+            capture_output=True,
+            text=True,
+            env=dict(env, OPENAI_API_KEY="sekret-42"),
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
-        for f in list((out / "results").rglob("*")) + list((out / "debug").rglob("*")) + list((out / "records").rglob("*")):
+        for f in (
+            list((out / "results").rglob("*")) + list((out / "debug").rglob("*")) + list((out / "records").rglob("*"))
+        ):
             if f.is_file():
                 assert "sekret-42" not in f.read_text(), f
     finally:
         keyed.stop()
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "no server answers at" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -79,16 +122,26 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
     retried with back-off; a 400 (older vLLM's shape) is not; what still fails is that sample's
     error, not scored text, and only those samples are computed again on resume."""
     from fault_proxy import FaultProxy
-    proxy = FaultProxy(server.url, {
-        "what does the sign say": ("429", 2),            # fine on the 3rd attempt
-        "what word is written on the door": ("500", 99),   # never fine: 1 + max_retries attempts
-        "what is the name of the shop": ("400", 99),       # not retried: 1 attempt
-        "what does the green sign read": ("drop", 1),
-        "what is on sale": ("stall", 1),
-    })
+
+    proxy = FaultProxy(
+        server.url,
+        {
+            "what does the sign say": ("429", 2),  # fine on the 3rd attempt
+            "what word is written on the door": ("500", 99),  # never fine: 1 + max_retries attempts
+            "what is the name of the shop": ("400", 99),  # not retried: 1 attempt
+            "what does the green sign read": ("drop", 1),
+            "what is on sale": ("stall", 1),
+        },
+    )
     try:
-        extra = ["backend=openai", f"model.api_base={proxy.url}/v1", "model.max_retries=2", "model.retry_backoff=0.05",
-                 "model.timeout=4", "model.concurrency=3"]
+        extra = [
+            "backend=openai",
+            f"model.api_base={proxy.url}/v1",
+            "model.max_retries=2",
+            "model.retry_backoff=0.05",
+            "model.timeout=4",
+            "model.concurrency=3",
+        ]
         result = evaluate(demo, "textvqa", tmp_path, *extra)
         by_question = {r.input["prompt"].split(" Answer")[0]: r for r in result.records}
         # (">=": on a loaded machine a forwarded attempt may itself time out and be retried)
@@ -111,7 +164,8 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
         summary = json.loads(again.paths.summary_json.read_text())
         assert summary["computed"] == 1 and summary["reused"] == 7
         assert {r.input["prompt"].split(" Answer")[0]: r for r in again.records}[
-            "what word is written on the door?"].error is None
+            "what word is written on the door?"
+        ].error is None
     finally:
         proxy.close()
 
@@ -122,14 +176,27 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
     first = ServerProcess(demo.model)
     out = tmp_path / "out"
     env = dict(os.environ, MODELTEST_PYTHON=sys.executable, MODELTEST_SLOW_SAMPLE_S="0.7")
-    common = [f"task.local_dataset_path={demo.textvqa_jsonl}", f"output_dir={out}", "backend=openai",
-              "model.max_retries=1", "model.retry_backoff=0.05", "model.concurrency=1", "max_output_length=4"]
-    run = subprocess.Popen(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common,
-                            f"model.api_base={first.url}/v1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=env)
+    common = [
+        f"task.local_dataset_path={demo.textvqa_jsonl}",
+        f"output_dir={out}",
+        "backend=openai",
+        "model.max_retries=1",
+        "model.retry_backoff=0.05",
+        "model.concurrency=1",
+        "max_output_length=4",
+    ]
+    run = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common, f"model.api_base={first.url}/v1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
-    while not list(out.rglob("records_dp0.jsonl")) or \
-            len(next(out.rglob("records_dp0.jsonl")).read_text().splitlines()) < 3:
+    while (
+        not list(out.rglob("records_dp0.jsonl"))
+        or len(next(out.rglob("records_dp0.jsonl")).read_text().splitlines()) < 3
+    ):
         assert time.time() < deadline and run.poll() is None
         time.sleep(0.05)
     first.proc.send_signal(signal.SIGKILL)
@@ -145,15 +212,26 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
     assert 3 <= len(finished) < 8 and all(r.get("transient") for r in records if r["error"])
     second = ServerProcess(demo.model)
     try:
-        proc = subprocess.run(["bash", str(REPO / "scripts" / "mm_run.sh"), "textvqa", "qwen2_vl", *common,
-                               f"model.api_base={second.url}/v1"], capture_output=True, text=True,
-                              env=dict(env, MODELTEST_SLOW_SAMPLE_S="0"), timeout=300)
+        proc = subprocess.run(
+            [
+                "bash",
+                str(REPO / "scripts" / "mm_run.sh"),
+                "textvqa",
+                "qwen2_vl",
+                *common,
+                f"model.api_base={second.url}/v1",
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(env, MODELTEST_SLOW_SAMPLE_S="0"),
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
     finally:
         second.stop()
     summary = json.loads(next((out / "results").rglob("*_summary.json")).read_text())
     assert summary["reused"] == len(finished) and summary["computed"] == 8 - len(finished)
-    latest = sorted((out / "debug").rglob("output_*.txt"))[-1]            # the second run's debug file
+    latest = sorted((out / "debug").rglob("output_*.txt"))[-1]  # the second run's debug file
     again = [json.loads(line) for line in latest.read_text().splitlines()]
     assert all(r["error"] is None for r in again) and len({r["id"] for r in again}) == 8
     assert [r["output"] for r in again if r["id"] in {f["id"] for f in finished}] == [f["output"] for f in finished]
@@ -161,11 +239,35 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
 
 def test_bench_serve_reports_consistent_figures(demo, server, tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "modeltest", "bench-serve", "videobench", "qwen2_vl",
-                           f"task.local_dataset_path={demo.videobench_qa}", "task.subject_mapping=null",
-                           f"model.api_base={server.url}/v1", "--max-concurrency", "3", "--num-prompts", "12",
-                           "--max-tokens", "6", "--ignore-eos", "--request-rate", "50", "--goodput", "e2el:60000",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modeltest",
+            "bench-serve",
+            "videobench",
+            "qwen2_vl",
+            f"task.local_dataset_path={demo.videobench_qa}",
+            "task.subject_mapping=null",
+            f"model.api_base={server.url}/v1",
+            "--max-concurrency",
+            "3",
+            "--num-prompts",
+            "12",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--request-rate",
+            "50",
+            "--goodput",
+            "e2el:60000",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Serving Benchmark Result" in proc.stdout and "Request throughput" in proc.stdout
     r = json.loads(out.read_text())

@@ -5,6 +5,7 @@ changes what the model sees and therefore the score. It must show up here as a v
 tests/golden/model_inputs.json, not silently. To accept an intended change, regenerate with
 MODELTEST_UPDATE_GOLDEN=1 pytest tests/test_prompt_golden.py and review the diff.
 """
+
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from modeltest.tasks.textvqa import TextVQATask, TextVQATaskConfig
 from modeltest.tasks.videobench import VideoBenchTask, VideoBenchTaskConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "model_inputs.json"
-PAD_IDS = {151655, 151656}   # <|image_pad|>, <|video_pad|>: repeated once per merged patch
+PAD_IDS = {151655, 151656}  # <|image_pad|>, <|video_pad|>: repeated once per merged patch
 
 
 def model_input(processor, sample) -> dict:
@@ -28,8 +29,13 @@ def model_input(processor, sample) -> dict:
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     grids = {k: inputs[k].tolist() for k in ("image_grid_thw", "video_grid_thw") if k in inputs}
-    return {"id": sample.id, "text": text, "input_length": len(ids),
-            "ids_without_vision_pads": [i for i in ids if i not in PAD_IDS], **grids}
+    return {
+        "id": sample.id,
+        "text": text,
+        "input_length": len(ids),
+        "ids_without_vision_pads": [i for i in ids if i not in PAD_IDS],
+        **grids,
+    }
 
 
 def current(demo) -> dict:

@@ -1,5 +1,6 @@
 """`modeltest report`: figures against an independent computation, the HTML page in a real
 headless browser, the CI gate, bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,29 @@ def evaluate(demo, data, out, task="textvqa"):
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
     from modeltest.tasks import TASKS
+
     path = data / "textvqa" / "textvqa_val.jsonl" if task == "textvqa" else data / "videobench" / "Eval_QA"
     extra = ["task.subject_mapping=null"] if task == "videobench" else []
-    return Evaluator(load_config(TASKS, task, "qwen2_vl", [f"model.model_path={demo.model}", f"task.local_dataset_path={path}",
-                                                    f"output_dir={out}", "max_output_length=4", *extra]),
-                     show_progress=False).run()
+    return Evaluator(
+        load_config(
+            TASKS,
+            task,
+            "qwen2_vl",
+            [
+                f"model.model_path={demo.model}",
+                f"task.local_dataset_path={path}",
+                f"output_dir={out}",
+                "max_output_length=4",
+                *extra,
+            ],
+        ),
+        show_progress=False,
+    ).run()
 
 
 def report(*argv):
     from modeltest.cli import main
+
     return main(["report", *argv])
 
 
@@ -73,16 +88,39 @@ def test_report_csv_equals_an_independent_computation(two_runs, tmp_path):
 
 def test_gate_fails_on_a_planted_regression_and_passes_without(two_runs, tmp_path, capsys):
     # B as the baseline: A lost 6 of 8 answers, significantly.
-    assert report(str(two_runs / "A"), str(two_runs / "B"), "--baseline", "B", "--fail-below", "all=0.01",
-                  "--out", str(tmp_path / "r1")) == 1
+    assert (
+        report(
+            str(two_runs / "A"),
+            str(two_runs / "B"),
+            "--baseline",
+            "B",
+            "--fail-below",
+            "all=0.01",
+            "--out",
+            str(tmp_path / "r1"),
+        )
+        == 1
+    )
     assert "GATE: A: textvqa dropped 0.7500" in capsys.readouterr().out
-    assert report(str(two_runs / "A"), str(two_runs / "B"), "--fail-below", "all=0.01",
-                  "--out", str(tmp_path / "r2")) == 0
-    assert report(str(two_runs / "A"), str(two_runs / "B"), "--baseline", "1", "--fail-below", "textvqa=0.8",
-                  "--out", str(tmp_path / "r3")) == 0          # a drop smaller than allowed
+    assert (
+        report(str(two_runs / "A"), str(two_runs / "B"), "--fail-below", "all=0.01", "--out", str(tmp_path / "r2")) == 0
+    )
+    assert (
+        report(
+            str(two_runs / "A"),
+            str(two_runs / "B"),
+            "--baseline",
+            "1",
+            "--fail-below",
+            "textvqa=0.8",
+            "--out",
+            str(tmp_path / "r3"),
+        )
+        == 0
+    )  # a drop smaller than allowed
 
 
-@pytest.mark.subprocess     # a headless chromium (scripts/setup_browser.sh installs it)
+@pytest.mark.subprocess  # a headless chromium (scripts/setup_browser.sh installs it)
 def test_html_opens_in_a_headless_browser(two_runs, demo, tmp_path):
     if os.environ.get("MODELTEST_NO_BROWSER") == "1":
         pytest.skip("MODELTEST_NO_BROWSER=1: no browser on this machine (scripts/setup_browser.sh installs one)")
@@ -91,20 +129,39 @@ def test_html_opens_in_a_headless_browser(two_runs, demo, tmp_path):
     out = tmp_path / "rep"
     report(str(two_runs / "A"), str(two_runs / "B"), "--out", str(out))
     page = (out / "report.html").read_text()
-    assert "http://" not in page and "https://" not in page and "src=\"//" not in page   # nothing external
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                           "--v=0", "--dump-dom", (out / "report.html").as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    assert "http://" not in page and "https://" not in page and 'src="//' not in page  # nothing external
+    proc = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
-    assert "Uncaught" not in proc.stderr and "CONSOLE" not in proc.stderr.upper().replace("CONSOLE_", ""), \
-        proc.stderr[-2000:]
+    assert "Uncaught" not in proc.stderr and "CONSOLE" not in proc.stderr.upper().replace("CONSOLE_", ""), proc.stderr[
+        -2000:
+    ]
     for plot in ("plot-scores", "plot-latency", "plot-length"):
         assert f'id="{plot}"' in dom and "data:image/png;base64," in dom
-    for section in ("Scores", "Configuration differences", "Changed samples: A -&gt; B", "Errors by message",
-                    "Accuracy by input length", "Speed"):
+    for section in (
+        "Scores",
+        "Configuration differences",
+        "Changed samples: A -&gt; B",
+        "Errors by message",
+        "Accuracy by input length",
+        "Speed",
+    ):
         assert f"<h2>{section}</h2>" in dom, section
-    assert dom.count("<table") >= 5 and dom.count('class="better"') == 6   # empty sections say (none)
+    assert dom.count("<table") >= 5 and dom.count('class="better"') == 6  # empty sections say (none)
 
 
 def test_videobench_report_has_the_confusion_and_weighted_scores(demo, tmp_path):
@@ -121,6 +178,7 @@ def test_bad_inputs_are_one_line_errors(two_runs, demo, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("modeltest: error: "), err
         return err
+
     (tmp_path / "empty").mkdir()
     assert "no results here" in error(str(tmp_path / "empty"))
     broken = tmp_path / "broken"
@@ -131,7 +189,7 @@ def test_bad_inputs_are_one_line_errors(two_runs, demo, tmp_path, capsys):
     s["debug_file"] = str(debug)
     summary.write_text(json.dumps(s))
     text = debug.read_text()
-    debug.write_text(text[: len(text) - 40])                     # the last record cut short
+    debug.write_text(text[: len(text) - 40])  # the last record cut short
     assert ".txt:8: not a sample record" in error(str(broken))
     both = tmp_path / "both"
     shutil.copytree(two_runs / "A", both)
@@ -142,8 +200,17 @@ def test_bad_inputs_are_one_line_errors(two_runs, demo, tmp_path, capsys):
 
 
 def test_bench_jsons_side_by_side(tmp_path):
-    rows = lambda sps: {"results": [{"backend": "engine", "workload": "textvqa", "batch_size": 8,   # noqa: E731
-                                     "samples_per_s": sps, "ttft_p50_ms": 100.0}]}
+    rows = lambda sps: {
+        "results": [
+            {
+                "backend": "engine",
+                "workload": "textvqa",
+                "batch_size": 8,  # noqa: E731
+                "samples_per_s": sps,
+                "ttft_p50_ms": 100.0,
+            }
+        ]
+    }
     (tmp_path / "a.json").write_text(json.dumps(rows(2.0)))
     (tmp_path / "b.json").write_text(json.dumps(rows(1.5)))
     (tmp_path / "c.json").write_text(json.dumps(rows(2.05)))
@@ -154,23 +221,41 @@ def test_bench_jsons_side_by_side(tmp_path):
     assert report("--bench", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(tmp_path / "r")) == 0
 
 
-def test_runs_are_labelled_by_what_differs_and_a_textvqa_report_shows_only_its_sections(demo, data_copy, tmp_path,
-                                                                                       capsys):
+def test_runs_are_labelled_by_what_differs_and_a_textvqa_report_shows_only_its_sections(
+    demo, data_copy, tmp_path, capsys
+):
     """Two runs in the default layout's folder name (precision_result) on different backends: the
     tables call them by backend, not precision_result and precision_result#2; no VideoBench
     section in a TextVQA report; no <NA> cells; charts in the tables' unit."""
     from modeltest.config import load_config
     from modeltest.runner import Evaluator
     from modeltest.tasks import TASKS
+
     for backend in ("engine", "hf"):
         out = tmp_path / backend / "precision_result"
-        Evaluator(load_config(TASKS, "textvqa", "qwen2_vl", [
-            f"model.model_path={demo.model}", f"task.local_dataset_path={data_copy / 'textvqa' / 'textvqa_val.jsonl'}",
-            f"output_dir={out}", "max_output_length=4", f"model.backend={backend}", "limit=3"]),
-            show_progress=False).run()
+        Evaluator(
+            load_config(
+                TASKS,
+                "textvqa",
+                "qwen2_vl",
+                [
+                    f"model.model_path={demo.model}",
+                    f"task.local_dataset_path={data_copy / 'textvqa' / 'textvqa_val.jsonl'}",
+                    f"output_dir={out}",
+                    "max_output_length=4",
+                    f"model.backend={backend}",
+                    "limit=3",
+                ],
+            ),
+            show_progress=False,
+        ).run()
     rep = tmp_path / "rep"
-    assert report(str(tmp_path / "engine" / "precision_result"), str(tmp_path / "hf" / "precision_result"),
-                  "--out", str(rep)) == 0
+    assert (
+        report(
+            str(tmp_path / "engine" / "precision_result"), str(tmp_path / "hf" / "precision_result"), "--out", str(rep)
+        )
+        == 0
+    )
     csv = pd.read_csv(rep / "report.csv")
     assert set(csv["run"]) == {"engine", "hf"}
     md = (rep / "report.md").read_text()

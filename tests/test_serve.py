@@ -1,5 +1,6 @@
 """`modeltest serve`: a real server process on 127.0.0.1 with the tiny model, driven by the
 official `openai` client and by raw HTTP (httpx)."""
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,24 @@ def media(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(demo, media):
-    s = ServerProcess(demo.model, "--api-key", KEY, "--allowed-local-media-path", str(media),
-                      "--max_batch_size", "4", "--max_input_length", "4096", "--max-body-mb", "4",
-                      "--max-images-per-request", "3", "--allow-remote-media", "--max-remote-media-mb", "1")
+    s = ServerProcess(
+        demo.model,
+        "--api-key",
+        KEY,
+        "--allowed-local-media-path",
+        str(media),
+        "--max_batch_size",
+        "4",
+        "--max_input_length",
+        "4096",
+        "--max-body-mb",
+        "4",
+        "--max-images-per-request",
+        "3",
+        "--allow-remote-media",
+        "--max-remote-media-mb",
+        "1",
+    )
     yield s
     rc, out, err = s.stop()
     assert rc == 0 and "Traceback" not in err, err
@@ -49,6 +65,7 @@ def server(demo, media):
 @pytest.fixture(scope="module")
 def client(server):
     from openai import OpenAI
+
     return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
@@ -60,28 +77,52 @@ def reference(demo):
 
     from modeltest.engine.engine import EngineConfig, LLMEngine
     from modeltest.engine.parallel import TPContext
-    engine = LLMEngine(EngineConfig(model_path=str(demo.model), dtype=torch.float32, max_batch_size=4,
-                                    max_input_length=4096, max_output_length=64), TPContext())
+
+    engine = LLMEngine(
+        EngineConfig(
+            model_path=str(demo.model),
+            dtype=torch.float32,
+            max_batch_size=4,
+            max_input_length=4096,
+            max_output_length=64,
+        ),
+        TPContext(),
+    )
     return engine, AutoProcessor.from_pretrained(demo.model)
 
 
 def cases(media):
     """name -> (OpenAI content parts, the same as qwen-vl-utils elements with the server's defaults)."""
     from modeltest.serve.config import default_image_options, default_video_options
+
     img, vid = default_image_options(), default_video_options()
     q = {"type": "text", "text": "What is shown here?"}
     return {
         "text": ([{"type": "text", "text": "Hello, who are you?"}], [{"type": "text", "text": "Hello, who are you?"}]),
-        "image": ([{"type": "image_url", "image_url": {"url": data_url(media / "demo_000.jpg", "image/jpeg")}}, q],
-                  [{"type": "image", "image": str(media / "demo_000.jpg"), **img}, q]),
-        "two_images": ([{"type": "image_url", "image_url": {"url": f"file://{media / 'demo_001.jpg'}"}},
-                        {"type": "image_url", "image_url": str(media / "demo_002.jpg")}, q],
-                       [{"type": "image", "image": str(media / "demo_001.jpg"), **img},
-                        {"type": "image", "image": str(media / "demo_002.jpg"), **img}, q]),
-        "video": ([{"type": "video_url", "video_url": {"url": data_url(media / "clip.mp4", "video/mp4")}}, q],
-                  [{"type": "video", "video": str(media / "clip.mp4"), **vid}, q]),
-        "video_file": ([{"type": "video_url", "video_url": {"url": f"file://{media / 'clip.mp4'}"}}, q],
-                       [{"type": "video", "video": str(media / "clip.mp4"), **vid}, q]),
+        "image": (
+            [{"type": "image_url", "image_url": {"url": data_url(media / "demo_000.jpg", "image/jpeg")}}, q],
+            [{"type": "image", "image": str(media / "demo_000.jpg"), **img}, q],
+        ),
+        "two_images": (
+            [
+                {"type": "image_url", "image_url": {"url": f"file://{media / 'demo_001.jpg'}"}},
+                {"type": "image_url", "image_url": str(media / "demo_002.jpg")},
+                q,
+            ],
+            [
+                {"type": "image", "image": str(media / "demo_001.jpg"), **img},
+                {"type": "image", "image": str(media / "demo_002.jpg"), **img},
+                q,
+            ],
+        ),
+        "video": (
+            [{"type": "video_url", "video_url": {"url": data_url(media / "clip.mp4", "video/mp4")}}, q],
+            [{"type": "video", "video": str(media / "clip.mp4"), **vid}, q],
+        ),
+        "video_file": (
+            [{"type": "video_url", "video_url": {"url": f"file://{media / 'clip.mp4'}"}}, q],
+            [{"type": "video", "video": str(media / "clip.mp4"), **vid}, q],
+        ),
     }
 
 
@@ -89,15 +130,26 @@ def test_greedy_answers_equal_the_in_process_engine(client, media, reference):
     engine, processor = reference
     for name, (parts, elements) in cases(media).items():
         want_text, prompt_tokens, completion_tokens = in_process_answer(engine, processor, elements, MAX_TOKENS)
-        r = client.chat.completions.create(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}],
-                                           max_tokens=MAX_TOKENS, temperature=0)
+        r = client.chat.completions.create(
+            model="Qwen2-VL-tiny-random",
+            messages=[{"role": "user", "content": parts}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
         assert r.choices[0].message.content == want_text, name
         assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == completion_tokens, name
         assert r.choices[0].finish_reason in ("stop", "length")
         # Streaming: the deltas join to the same text, one chunk carries finish_reason, usage last.
-        chunks = list(client.chat.completions.create(
-            model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}], max_tokens=MAX_TOKENS,
-            temperature=0, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="Qwen2-VL-tiny-random",
+                messages=[{"role": "user", "content": parts}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == want_text, name
         assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
@@ -106,14 +158,21 @@ def test_greedy_answers_equal_the_in_process_engine(client, media, reference):
 
 def test_models_health_and_metrics(server):
     h = {"Authorization": f"Bearer {KEY}"}
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"       # no key needed
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
     models = httpx.get(server.url + "/v1/models", headers=h).json()
     assert models["data"][0]["id"] == "Qwen2-VL-tiny-random"
     text = httpx.get(server.url + "/metrics", headers=h).text
-    for name in ("modeltest_requests_total", "modeltest_prompt_tokens_total", "modeltest_generation_tokens_total",
-                 "modeltest_time_to_first_token_seconds_bucket", "modeltest_e2e_request_latency_seconds_bucket",
-                 "modeltest_num_requests_running", "modeltest_num_requests_waiting",
-                 "modeltest_kv_cache_blocks_used", "modeltest_kv_cache_blocks_free"):
+    for name in (
+        "modeltest_requests_total",
+        "modeltest_prompt_tokens_total",
+        "modeltest_generation_tokens_total",
+        "modeltest_time_to_first_token_seconds_bucket",
+        "modeltest_e2e_request_latency_seconds_bucket",
+        "modeltest_num_requests_running",
+        "modeltest_num_requests_waiting",
+        "modeltest_kv_cache_blocks_used",
+        "modeltest_kv_cache_blocks_free",
+    ):
         assert name in text, name
 
 
@@ -124,8 +183,10 @@ def test_sixteen_concurrent_streams_get_what_they_get_alone(client):
         kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0)
         if not stream:
             return client.chat.completions.create(**kw).choices[0].message.content
-        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
-                       if c.choices)
+        return "".join(
+            c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True) if c.choices
+        )
+
     alone = [ask(p, False) for p in prompts]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda p: ask(p, True), prompts))
@@ -138,23 +199,31 @@ def metric(server, name: str) -> float:
 
 
 def test_a_client_that_disconnects_frees_its_blocks(server, client):
-    body = {"model": "Qwen2-VL-tiny-random", "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {
+        "model": "Qwen2-VL-tiny-random",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     generated_before = metric(server, "modeltest_generation_tokens_total")
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.url + "/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {KEY}"}) as r:
+        with http.stream(
+            "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as r:
             lines = r.iter_lines()
-            got = [next(lines) for _ in range(6)]          # a few chunks, then hang up
+            got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
             assert any("content" in line for line in got)
             assert metric(server, "modeltest_kv_cache_blocks_used") > 0
     deadline = time.time() + 10
     while metric(server, "modeltest_kv_cache_blocks_used") > 0 or metric(server, "modeltest_num_requests_running") > 0:
         assert time.time() < deadline, "the abandoned request kept its KV blocks"
         time.sleep(0.1)
-    assert metric(server, "modeltest_generation_tokens_total") == generated_before   # it never ran to the end
-    r = client.chat.completions.create(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=3, temperature=0)
+    assert metric(server, "modeltest_generation_tokens_total") == generated_before  # it never ran to the end
+    r = client.chat.completions.create(
+        model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+    )
     assert r.usage.completion_tokens >= 1
 
 
@@ -164,30 +233,62 @@ def bad_requests(media):
 
     def chat(content, **extra):
         return {"json": {**good, "messages": [{"role": "user", "content": content}], **extra}}
-    img = lambda url: {"type": "image_url", "image_url": {"url": url}}   # noqa: E731
+
+    img = lambda url: {"type": "image_url", "image_url": {"url": url}}  # noqa: E731
     return [
-        ("malformed JSON", {"content": b'{"messages": [', "headers": {"Content-Type": "application/json"}}, 400,
-         "not valid JSON"),
+        (
+            "malformed JSON",
+            {"content": b'{"messages": [', "headers": {"Content-Type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
         ("missing messages", {"json": {"model": "Qwen2-VL-tiny-random"}}, 400, "'messages' is required"),
         ("unknown model", {"json": {**chat("hi")["json"], "model": "gpt-4"}}, 404, "model 'gpt-4' does not exist"),
-        ("wrong content type", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415,
-         "Content-Type must be application/json"),
+        (
+            "wrong content type",
+            {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
+            415,
+            "Content-Type must be application/json",
+        ),
         ("undecodable base64", chat([img("data:image/png;base64,@@@not-base64@@@")]), 400, "cannot be decoded"),
         ("missing file", chat([img(f"file://{media / 'nope.jpg'}")]), 400, "image file not found"),
-        ("undecodable video", chat([{"type": "video_url", "video_url": {"url": f"file://{media / 'broken.mp4'}"}}]),
-         400, "corrupt or unreadable video"),
-        ("frame-list video", chat([{"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,/9j/AA,/9j/AB"}}]),
-         400, "list of frames is not supported"),
+        (
+            "undecodable video",
+            chat([{"type": "video_url", "video_url": {"url": f"file://{media / 'broken.mp4'}"}}]),
+            400,
+            "corrupt or unreadable video",
+        ),
+        (
+            "frame-list video",
+            chat([{"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,/9j/AA,/9j/AB"}}]),
+            400,
+            "list of frames is not supported",
+        ),
         ("too many images", chat([img(f"file://{media / 'demo_000.jpg'}")] * 4), 400, "at most 3"),
         ("prompt over max_input_length", chat("hello " * 5000), 400, "over this server's max_input_length 4096"),
-        ("body over the limit", {"content": b'{"messages": "' + b"x" * (5 * 2 ** 20) + b'"}',
-                                 "headers": {"Content-Type": "application/json"}}, 413, "over this server's limit"),
-        ("outside the allowed folder", chat([img(f"file://{media.parent / 'secret.jpg'}")]), 400,
-         "outside --allowed-local-media-path"),
+        (
+            "body over the limit",
+            {
+                "content": b'{"messages": "' + b"x" * (5 * 2**20) + b'"}',
+                "headers": {"Content-Type": "application/json"},
+            },
+            413,
+            "over this server's limit",
+        ),
+        (
+            "outside the allowed folder",
+            chat([img(f"file://{media.parent / 'secret.jpg'}")]),
+            400,
+            "outside --allowed-local-media-path",
+        ),
         ("escape by ..", chat([img(f"file://{media}/../secret.jpg")]), 400, "outside --allowed-local-media-path"),
         ("escape by symlink", chat([img(f"file://{media / 'link.jpg'}")]), 400, "outside --allowed-local-media-path"),
-        ("max_tokens over the limit", {"json": {**chat("hi")["json"], "max_tokens": 10 ** 6}}, 400,
-         "over this server's max_output_length"),
+        (
+            "max_tokens over the limit",
+            {"json": {**chat("hi")["json"], "max_tokens": 10**6}},
+            400,
+            "over this server's max_output_length",
+        ),
     ]
 
 
@@ -199,11 +300,13 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, med
         err = r.json()["error"]
         assert message in err["message"], (what, err)
         assert set(err) == {"message", "type", "param", "code"}, what
-    r = client.chat.completions.create(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=2, temperature=0)
+    r = client.chat.completions.create(
+        model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+    )
     assert r.choices[0].message.content is not None
     # The official client raises the matching exception classes with our message.
     import openai
+
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
@@ -213,9 +316,10 @@ def web(media, tmp_path_factory):
     """A plain HTTP server on 127.0.0.1 serving a demo image and a 2 MB file."""
     import functools
     import http.server
+
     root = tmp_path_factory.mktemp("web")
     shutil.copy(media / "demo_000.jpg", root / "photo.jpg")
-    (root / "huge.jpg").write_bytes(b"\xff" * (2 * 2 ** 20))
+    (root / "huge.jpg").write_bytes(b"\xff" * (2 * 2**20))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a, **k: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -228,12 +332,19 @@ def test_remote_media_when_enabled_with_a_size_cap(client, media, web):
     q = {"type": "text", "text": "What is shown here?"}
 
     def ask(url):
-        return client.chat.completions.create(model="Qwen2-VL-tiny-random", max_tokens=MAX_TOKENS, temperature=0,
-                                              messages=[{"role": "user", "content": [
-                                                  {"type": "image_url", "image_url": {"url": url}}, q]}])
-    assert ask(f"{web}/photo.jpg").choices[0].message.content == \
-        ask(data_url(media / "demo_000.jpg", "image/jpeg")).choices[0].message.content
+        return client.chat.completions.create(
+            model="Qwen2-VL-tiny-random",
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, q]}],
+        )
+
+    assert (
+        ask(f"{web}/photo.jpg").choices[0].message.content
+        == ask(data_url(media / "demo_000.jpg", "image/jpeg")).choices[0].message.content
+    )
     import openai
+
     with pytest.raises(openai.BadRequestError, match="over the 1048576 byte limit for remote media"):
         ask(f"{web}/huge.jpg")
     with pytest.raises(openai.BadRequestError, match="cannot fetch"):
@@ -250,8 +361,14 @@ def test_api_key_is_required_except_for_health(server):
 
 
 def test_sampling_with_a_seed_is_reproducible(client):
-    kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Say something"}], max_tokens=10,
-              temperature=1.2, top_p=0.95, seed=1234)
+    kw = dict(
+        model="Qwen2-VL-tiny-random",
+        messages=[{"role": "user", "content": "Say something"}],
+        max_tokens=10,
+        temperature=1.2,
+        top_p=0.95,
+        seed=1234,
+    )
     a = client.chat.completions.create(**kw).choices[0].message.content
     b = client.chat.completions.create(**kw).choices[0].message.content
     c = client.chat.completions.create(**{**kw, "seed": 99}).choices[0].message.content
@@ -259,14 +376,19 @@ def test_sampling_with_a_seed_is_reproducible(client):
 
 
 def test_stop_strings_cut_the_answer(client):
-    kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    kw = dict(
+        model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
     full = client.chat.completions.create(**kw).choices[0].message.content
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop.strip(), full
     cut = client.chat.completions.create(**kw, stop=[stop])
     assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       client.chat.completions.create(**kw, stop=[stop], stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**kw, stop=[stop], stream=True)
+        if c.choices
+    )
     assert streamed == full[: full.find(stop)]
 
 
@@ -274,29 +396,64 @@ def test_tensor_parallel_server_serves_the_tp1_tokens_and_drains_on_sigterm(demo
     """--tp 2 under gloo (torchrun from `modeltest serve`): the same answers as the tp=1 server;
     SIGTERM with a request in flight ends it, and the server exits 0 without a traceback."""
     from openai import OpenAI
-    tp2 = ServerProcess(demo.model, "--tp", "2", "--allowed-local-media-path", str(media), "--drain-timeout", "2",
-                        "--max_batch_size", "4", "--max_input_length", "4096")
+
+    tp2 = ServerProcess(
+        demo.model,
+        "--tp",
+        "2",
+        "--allowed-local-media-path",
+        str(media),
+        "--drain-timeout",
+        "2",
+        "--max_batch_size",
+        "4",
+        "--max_input_length",
+        "4096",
+    )
     try:
         c2 = OpenAI(base_url=tp2.url + "/v1", api_key="none", max_retries=0, timeout=120)
         import openai
-        with pytest.raises(openai.BadRequestError, match="remote media is off"):   # not enabled on this one
-            c2.chat.completions.create(model="Qwen2-VL-tiny-random", max_tokens=2, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.jpg"}}]}])
+
+        with pytest.raises(openai.BadRequestError, match="remote media is off"):  # not enabled on this one
+            c2.chat.completions.create(
+                model="Qwen2-VL-tiny-random",
+                max_tokens=2,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.jpg"}}],
+                    }
+                ],
+            )
         for name, (parts, _) in cases(media).items():
-            kw = dict(model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": parts}], max_tokens=MAX_TOKENS,
-                      temperature=0)
-            assert c2.chat.completions.create(**kw).choices[0].message.content == \
-                client.chat.completions.create(**kw).choices[0].message.content, name
+            kw = dict(
+                model="Qwen2-VL-tiny-random",
+                messages=[{"role": "user", "content": parts}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+            )
+            assert (
+                c2.chat.completions.create(**kw).choices[0].message.content
+                == client.chat.completions.create(**kw).choices[0].message.content
+            ), name
         inflight = {}
 
         def long_request():
             try:
-                r = httpx.post(tp2.url + "/v1/chat/completions", timeout=60, json={
-                    "messages": [{"role": "user", "content": "A long story"}], "max_tokens": 2000,
-                    "ignore_eos": True, "temperature": 0})
+                r = httpx.post(
+                    tp2.url + "/v1/chat/completions",
+                    timeout=60,
+                    json={
+                        "messages": [{"role": "user", "content": "A long story"}],
+                        "max_tokens": 2000,
+                        "ignore_eos": True,
+                        "temperature": 0,
+                    },
+                )
                 inflight["status"] = r.status_code
             except httpx.HTTPError as e:
                 inflight["error"] = type(e).__name__
+
         t = threading.Thread(target=long_request)
         t.start()
         time.sleep(1.0)
@@ -314,13 +471,21 @@ def test_sigterm_drains_a_single_process_server(demo):
 
     def long_request():
         try:
-            r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
-                "messages": [{"role": "user", "content": "A long story"}], "max_tokens": 2000, "ignore_eos": True,
-                "temperature": 0})
+            r = httpx.post(
+                s.url + "/v1/chat/completions",
+                timeout=60,
+                json={
+                    "messages": [{"role": "user", "content": "A long story"}],
+                    "max_tokens": 2000,
+                    "ignore_eos": True,
+                    "temperature": 0,
+                },
+            )
             result["status"] = r.status_code
             result["finish"] = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else None
         except httpx.HTTPError as e:
             result["error"] = type(e).__name__
+
     t = threading.Thread(target=long_request)
     t.start()
     time.sleep(1.0)
@@ -341,12 +506,14 @@ def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):
     from modeltest.serve.engine_loop import EngineLoop
     from modeltest.serve.metrics import ServerMetrics
     from modeltest.serve.preprocess import Preprocessor
+
     cfg = ServeConfig(model_path=str(demo.model))
     release = threading.Event()
 
     def slow_then_broken():
         release.wait(30)
         raise RuntimeError("out of memory while loading")
+
     loop = EngineLoop(slow_then_broken)
     app = create_app(cfg, loop, Preprocessor(cfg), ServerMetrics(), ServerState())
     loop.start()

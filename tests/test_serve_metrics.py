@@ -1,4 +1,5 @@
 """The serving benchmark's arithmetic (not its timings)."""
+
 import pytest
 
 from modeltest.bench.serve_metrics import RequestResult, parse_goodput, serving_metrics
@@ -6,10 +7,12 @@ from modeltest.errors import UserError
 
 
 def results():
-    return [RequestResult(ok=True, prompt_tokens=10, output_tokens=5, ttft_s=0.1, e2el_s=0.5, itl_s=[0.1] * 4),
-            RequestResult(ok=True, prompt_tokens=20, output_tokens=1, ttft_s=0.3, e2el_s=0.3, itl_s=[]),
-            RequestResult(ok=True, prompt_tokens=30, output_tokens=3, ttft_s=0.2, e2el_s=1.2, itl_s=[0.5, 0.5]),
-            RequestResult(ok=False, error="HTTP 500: boom")]
+    return [
+        RequestResult(ok=True, prompt_tokens=10, output_tokens=5, ttft_s=0.1, e2el_s=0.5, itl_s=[0.1] * 4),
+        RequestResult(ok=True, prompt_tokens=20, output_tokens=1, ttft_s=0.3, e2el_s=0.3, itl_s=[]),
+        RequestResult(ok=True, prompt_tokens=30, output_tokens=3, ttft_s=0.2, e2el_s=1.2, itl_s=[0.5, 0.5]),
+        RequestResult(ok=False, error="HTTP 500: boom"),
+    ]
 
 
 def test_counts_throughputs_and_latencies():

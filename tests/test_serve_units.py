@@ -1,6 +1,7 @@
 """The server's parts without HTTP or a model: the detokenizer, the request parser and its sampling
 parameters, the media resolver, and the engine's scheduler. (tests/test_serve.py holds them to the
 same answers through a real server.)"""
+
 import base64
 import json
 
@@ -19,6 +20,7 @@ IM_END, EOT = 151645, 151643
 @pytest.fixture(scope="module")
 def tokenizer(demo):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(demo.model)
 
 
@@ -33,7 +35,7 @@ def test_streamed_deltas_add_up_to_one_full_decode(tokenizer):
     ids = tokenizer.encode(text)
     det = Detokenizer(tokenizer, [], (IM_END, EOT), ignore_eos=False)
     deltas = [det.add([i]) for i in ids]
-    assert all("\ufffd" not in d for d in deltas)          # half a character is held back, never sent
+    assert all("\ufffd" not in d for d in deltas)  # half a character is held back, never sent
     assert "".join(deltas) + det.finish() == tokenizer.decode(ids) == text
     assert det.finish_reason(RequestStatus.FINISHED, max_tokens=len(ids)) == "length"
 
@@ -57,7 +59,7 @@ def test_stop_strings_cut_the_text_and_nothing_after_them_is_sent(tokenizer):
     sent = ""
     for i in ids:
         sent += det.add([i])
-        assert "THR" not in sent                          # a possible start of a stop string is held back
+        assert "THR" not in sent  # a possible start of a stop string is held back
     sent += det.finish()
     assert sent == "one two " and det.stopped_by_string
     assert det.finish_reason(RequestStatus.ABORTED, max_tokens=100) == "stop"
@@ -72,26 +74,44 @@ def body(**kw):
 
 
 def test_a_request_parses_into_its_parts():
-    req = parse_chat_request({
-        "model": "m", "max_tokens": 7, "temperature": 0, "stop": "END", "stream": True,
-        "stream_options": {"include_usage": True}, "mm_processor_kwargs": {"fps": 1.0},
-        "messages": [{"role": "system", "content": "be brief"},
-                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
-                                                  {"type": "text", "text": "what?"}]}]})
+    req = parse_chat_request(
+        {
+            "model": "m",
+            "max_tokens": 7,
+            "temperature": 0,
+            "stop": "END",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "mm_processor_kwargs": {"fps": 1.0},
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                        {"type": "text", "text": "what?"},
+                    ],
+                },
+            ],
+        }
+    )
     assert req.model == "m" and req.max_tokens == 7 and req.stop == ["END"] and req.stream and req.include_usage
     assert [m.role for m in req.messages] == ["system", "user"]
     assert [p.kind for p in req.media] == ["image"] and req.messages[1].parts[1] == "what?"
     assert req.mm_processor_kwargs == {"fps": 1.0}
 
 
-@pytest.mark.parametrize("bad,param", [
-    ({"messages": []}, None),
-    (body(messages=[{"role": "wizard", "content": "hi"}]), "messages"),
-    (body(max_tokens=-1), "max_tokens"),
-    (body(temperature="hot"), "temperature"),
-    (body(mm_processor_kwargs={"fsp": 1}), "mm_processor_kwargs"),
-    (body(mm_processor_kwargs={"fps": -1}), "mm_processor_kwargs"),
-])
+@pytest.mark.parametrize(
+    "bad,param",
+    [
+        ({"messages": []}, None),
+        (body(messages=[{"role": "wizard", "content": "hi"}]), "messages"),
+        (body(max_tokens=-1), "max_tokens"),
+        (body(temperature="hot"), "temperature"),
+        (body(mm_processor_kwargs={"fsp": 1}), "mm_processor_kwargs"),
+        (body(mm_processor_kwargs={"fps": -1}), "mm_processor_kwargs"),
+    ],
+)
 def test_a_bad_request_is_a_400_naming_the_field(bad, param):
     with pytest.raises(RequestError) as e:
         parse_chat_request(bad)
@@ -104,7 +124,7 @@ def test_sampling_parameters_take_the_servers_defaults_and_limits():
     defaults = SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20)
     s = parse_chat_request(body()).sampling(defaults, max_output_length=64)
     assert (s["max_new_tokens"], s["temperature"], s["top_p"], s["top_k"]) == (64, 0.7, 0.8, 20)
-    assert isinstance(s["seed"], int)                              # sampled: a seed is drawn
+    assert isinstance(s["seed"], int)  # sampled: a seed is drawn
     g = parse_chat_request(body(temperature=0, max_tokens=5, top_k=-1)).sampling(defaults, 64)
     assert (g["temperature"], g["max_new_tokens"], g["top_k"], g["seed"]) == (0, 5, 0, None)
     assert SamplingParams(**g).greedy
@@ -152,30 +172,34 @@ def test_data_urls_become_files_and_local_files_stay_under_the_allowed_folder(tm
 
 # ---- the scheduler --------------------------------------------------------------------------------
 def scheduler(num_blocks=8, batch=2, block=4):
-    return Scheduler(SchedulerConfig(max_batch_size=batch, max_input_length=64, max_output_length=16,
-                                     block_size=block, num_blocks=num_blocks))
+    return Scheduler(
+        SchedulerConfig(
+            max_batch_size=batch, max_input_length=64, max_output_length=16, block_size=block, num_blocks=num_blocks
+        )
+    )
 
 
 def request(rid, prompt=6, new=4):
-    return Request(id=rid, input_ids=list(range(prompt)), params=SamplingParams(max_new_tokens=new,
-                                                                                stop_token_ids=(IM_END,)))
+    return Request(
+        id=rid, input_ids=list(range(prompt)), params=SamplingParams(max_new_tokens=new, stop_token_ids=(IM_END,))
+    )
 
 
 def test_admission_is_first_come_first_served_within_slots_and_blocks():
-    s = scheduler(num_blocks=6, batch=2)        # each request needs blocks_needed(10, 4) = 3 blocks
+    s = scheduler(num_blocks=6, batch=2)  # each request needs blocks_needed(10, 4) = 3 blocks
     assert blocks_needed(10, 4) == 3
     reqs = [request(i) for i in range(3)]
     for r in reqs:
         s.add(r)
     first = s.schedule()
-    assert first.prefill and [r.id for r in first.requests] == [0, 1]      # two slots, six blocks
+    assert first.prefill and [r.id for r in first.requests] == [0, 1]  # two slots, six blocks
     s.prefilled(first.requests)
     assert s.allocator.num_free == 0 and reqs[2].status is RequestStatus.WAITING
-    assert not s.schedule().prefill                                        # decode the two running
-    reqs[0].output_ids = [IM_END]                                          # the first one stops
+    assert not s.schedule().prefill  # decode the two running
+    reqs[0].output_ids = [IM_END]  # the first one stops
     assert [r.id for r in s.retire()] == [0] and s.allocator.num_free == 3
     nxt = s.schedule()
-    assert nxt.prefill and [r.id for r in nxt.requests] == [2]             # its blocks go to the next
+    assert nxt.prefill and [r.id for r in nxt.requests] == [2]  # its blocks go to the next
 
 
 def test_a_request_that_can_never_fit_is_refused_on_arrival_with_why():

@@ -1,4 +1,5 @@
 """Dataset loading and prompts for TextVQA and VideoBench, on the demo-format files."""
+
 import json
 
 import pytest
@@ -42,8 +43,11 @@ def test_textvqa_question_without_annotation(data_copy):
     jsonl = data_copy / "textvqa" / "textvqa_val.jsonl"
     with open(jsonl, "a") as f:
         f.write(json.dumps({"image": "images/demo_000.jpg", "question": "q?", "question_id": 999}) + "\n")
-    with pytest.raises(UserError, match=r"textvqa_val.jsonl:9: question_id 999 has no entry in "
-                                        r"textvqa_val_annotations.json"):
+    with pytest.raises(
+        UserError,
+        match=r"textvqa_val.jsonl:9: question_id 999 has no entry in "
+        r"textvqa_val_annotations.json",
+    ):
         textvqa(jsonl).load_samples()
 
 
@@ -65,18 +69,26 @@ EXPECTED_PROMPTS = {
     3: "Q? A.x B.y C.z \n Among the three options A, B, C above, the one closest to the correct answer is: ",
     4: "Q? A.x B.y C.z D.w \n Among the four options A, B, C, D above, the one closest to the correct answer is:",
     5: "Q? A.1 B.2 C.3 D.4 E.5 \n Among the five options A, B, C, D, E above, the one closest to the correct "
-       "answer is: ",
+    "answer is: ",
     6: "Q?Choices: A.1 B.2 C.3 D.4 E.5 F.6 \n Among the six options A, B, C, D, E, F above, the one closest to "
-       "the correct answer is:",
+    "the correct answer is:",
 }
-INSTR = (" Please respond with only the corresponding options and do not provide any explanations or additional "
-         "information. ASSISTANT:")
+INSTR = (
+    " Please respond with only the corresponding options and do not provide any explanations or additional "
+    "information. ASSISTANT:"
+)
 
 
-@pytest.mark.parametrize("n,choices", [
-    (2, {"A": "yes", "B": "no"}), (3, {"A": "x", "B": "y", "C": "z"}), (4, {"A": "x", "B": "y", "C": "z", "D": "w"}),
-    (5, {k: str(i + 1) for i, k in enumerate("ABCDE")}), (6, {k: str(i + 1) for i, k in enumerate("ABCDEF")}),
-])
+@pytest.mark.parametrize(
+    "n,choices",
+    [
+        (2, {"A": "yes", "B": "no"}),
+        (3, {"A": "x", "B": "y", "C": "z"}),
+        (4, {"A": "x", "B": "y", "C": "z", "D": "w"}),
+        (5, {k: str(i + 1) for i, k in enumerate("ABCDE")}),
+        (6, {k: str(i + 1) for i, k in enumerate("ABCDEF")}),
+    ],
+)
 def test_videobench_reference_prompt(n, choices):
     assert build_prompt("Q?", choices) == EXPECTED_PROMPTS[n] + INSTR
 
@@ -100,8 +112,11 @@ def test_videobench_subject_selection_and_limit(data_copy):
     qa = data_copy / "videobench" / "Eval_QA"
     samples = videobench(qa, subject_mapping={"MSVD": {"name": "MSVD"}, "NBA": None}).load_samples(limit=1)
     assert [(s.subject, s.id) for s in samples] == [("MSVD", "msvd_yellow_0"), ("NBA", "nba_green_0")]
-    with pytest.raises(UserError, match=r"subject\(s\) TVQA have no \{Subject\}_QA_new.json in .* \(there: ActivityNet, "
-                                        r"Driving-exam.*\); run every subject on disk with task.subject_mapping=null"):
+    with pytest.raises(
+        UserError,
+        match=r"subject\(s\) TVQA have no \{Subject\}_QA_new.json in .* \(there: ActivityNet, "
+        r"Driving-exam.*\); run every subject on disk with task.subject_mapping=null",
+    ):
         videobench(qa, subject_mapping={"TVQA": {"name": "TVQA"}}).load_samples()
 
 

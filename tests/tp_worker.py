@@ -1,7 +1,8 @@
 """Run under torchrun: the engine on the test cases at this world size; rank 0 saves the results.
 
-    python -m torch.distributed.run --nproc_per_node N tests/tp_worker.py MODEL DEMO_ROOT OUT.pt
+python -m torch.distributed.run --nproc_per_node N tests/tp_worker.py MODEL DEMO_ROOT OUT.pt
 """
+
 import sys
 from pathlib import Path
 
@@ -16,9 +17,19 @@ from modeltest.engine.parallel import init_distributed  # noqa: E402
 
 def main(model: str, demo_root: str, out: str) -> None:
     from transformers import AutoProcessor
+
     tp = init_distributed("cpu")
-    engine = LLMEngine(EngineConfig(model_path=model, dtype=torch.float32, max_batch_size=4, max_input_length=2048,
-                                    max_output_length=16, block_size=16), tp)
+    engine = LLMEngine(
+        EngineConfig(
+            model_path=model,
+            dtype=torch.float32,
+            max_batch_size=4,
+            max_input_length=2048,
+            max_output_length=16,
+            block_size=16,
+        ),
+        tp,
+    )
     results = run_cases(engine, all_inputs(AutoProcessor.from_pretrained(model), Path(demo_root)))
     results["world_size"] = tp.world_size
     results["layout"] = [engine.runner.model.layout.kv_heads, engine.runner.model.layout.q_heads]

@@ -1,5 +1,6 @@
 """Functions the worker-pool tests run in worker processes (importable: forkserver workers
 receive functions by reference)."""
+
 import os
 import signal
 import time

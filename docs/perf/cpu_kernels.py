@@ -14,6 +14,7 @@
 5. A whole engine decode step on the `mid` checkpoint, packed vs plain weights (median of 40).
 6. Where an engine textvqa batch of 8 on `mid` spends its time (torch.profiler, self CPU time).
 """
+
 import argparse
 import statistics
 import time
@@ -37,7 +38,11 @@ def packed_linear(w):
 
 def gemms():
     bf = torch.bfloat16
-    layers = [(torch.randn(n, k) * 0.02).to(bf) for _ in range(8) for n, k in ((1024, 768), (768, 768), (6144, 768), (768, 3072))]
+    layers = [
+        (torch.randn(n, k) * 0.02).to(bf)
+        for _ in range(8)
+        for n, k in ((1024, 768), (768, 768), (6144, 768), (768, 3072))
+    ]
     head = (torch.randn(151936, 768) * 0.02).to(bf)
     for m in (1, 8):
         xs = {k: torch.randn(m, k).to(bf) for k in (768, 3072)}
@@ -46,8 +51,10 @@ def gemms():
         packed_l = ms(lambda: [f(xs[w.shape[1]]) for f, w in zip(packed, layers)])
         ph = packed_linear(head)
         plain_h, packed_h = ms(lambda: F.linear(xs[768], head)), ms(lambda: ph(xs[768]))
-        print(f"decode GEMMs batch {m}: 8 layers {plain_l:.1f} -> {packed_l:.1f} ms, "
-              f"LM head {plain_h:.1f} -> {packed_h:.1f} ms ({head.numel() * 2 / packed_h / 1e6:.1f} GB/s packed)")
+        print(
+            f"decode GEMMs batch {m}: 8 layers {plain_l:.1f} -> {packed_l:.1f} ms, "
+            f"LM head {plain_h:.1f} -> {packed_h:.1f} ms ({head.numel() * 2 / packed_h / 1e6:.1f} GB/s packed)"
+        )
 
 
 def vision_gemm():
@@ -63,6 +70,7 @@ def attention(flex: bool):
     print(f"vision attention 8x10x768x64: SDPA {t:.1f} ms ({8 * 10 * 768 * 768 * 64 * 4 / t / 1e6:.0f} GFLOP/s)")
     if flex:
         from torch.nn.attention.flex_attention import flex_attention
+
         fa = torch.compile(flex_attention)
         print(f"  torch.compile(flex_attention): {ms(lambda: fa(q, k, v), 3):.1f} ms")
     q, k, v = [torch.randn(8, 12, 490, 64).to(torch.bfloat16) for _ in range(3)]
@@ -74,19 +82,26 @@ def attention(flex: bool):
 def vision_rope_and_attention_math():
     from modeltest.engine.rope import apply_vision_rope
     from modeltest.engine.vision import rope_qk_
+
     qkv = torch.randn(6144, 3, 10, 64).to(torch.bfloat16)
     cos, sin = torch.randn(6144, 1, 64), torch.randn(6144, 1, 64)
+
     def separate():
         q, k, _ = qkv.unbind(1)
         return apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-    print(f"vision rope of q and k, 6144x10x64, x 8 blocks: separate whole-batch {8 * ms(separate):.0f} ms, "
-          f"rope_qk_ {8 * ms(lambda: rope_qk_(qkv, cos, sin)):.0f} ms")
+
+    print(
+        f"vision rope of q and k, 6144x10x64, x 8 blocks: separate whole-batch {8 * ms(separate):.0f} ms, "
+        f"rope_qk_ {8 * ms(lambda: rope_qk_(qkv, cos, sin)):.0f} ms"
+    )
     q, k, v = [torch.randn(80, 768, 64).to(torch.bfloat16) for _ in range(3)]
     qf, kf, vf = [x.float().view(8, 10, 768, 64) for x in (q, k, v)]
     s32 = torch.randn(80, 768, 768)
-    print(f"vision attention 8x10x768x64: SDPA fp32 {ms(lambda: F.scaled_dot_product_attention(qf, kf, vf), 3):.1f} ms; "
-          f"math pieces: QK^T bmm bf16 {ms(lambda: torch.bmm(q, k.transpose(1, 2)), 3):.1f} ms, "
-          f"softmax fp32 {ms(lambda: torch.softmax(s32, -1), 3):.1f} ms")
+    print(
+        f"vision attention 8x10x768x64: SDPA fp32 {ms(lambda: F.scaled_dot_product_attention(qf, kf, vf), 3):.1f} ms; "
+        f"math pieces: QK^T bmm bf16 {ms(lambda: torch.bmm(q, k.transpose(1, 2)), 3):.1f} ms, "
+        f"softmax fp32 {ms(lambda: torch.softmax(s32, -1), 3):.1f} ms"
+    )
 
 
 def engine_textvqa_profile():
@@ -96,6 +111,7 @@ def engine_textvqa_profile():
     from modeltest.bench.presets import preset_checkpoint
     from modeltest.bench.runners import EngineRunner
     from modeltest.bench.workloads import WorkloadSpec, build_inputs
+
     path = preset_checkpoint("mid")
     inputs = build_inputs(AutoProcessor.from_pretrained(path), WorkloadSpec("textvqa", 8, 8))
     runner = EngineRunner(path, "bf16", "cpu", 8, 1024, 16)
@@ -106,28 +122,48 @@ def engine_textvqa_profile():
     share = {e.key: e.self_cpu_time_total / total for e in prof.key_averages()}
     gemm = share.get("mkldnn::_linear_pointwise", 0.0)
     sdpa = sum(v for k, v in share.items() if "scaled_dot_product" in k)
-    print(f"engine textvqa batch 8, mid: {total / 1e6:.2f} s self CPU; oneDNN GEMMs {gemm:.0%}, SDPA {sdpa:.0%}, "
-          f"other {1 - gemm - sdpa:.0%}")
+    print(
+        f"engine textvqa batch 8, mid: {total / 1e6:.2f} s self CPU; oneDNN GEMMs {gemm:.0%}, SDPA {sdpa:.0%}, "
+        f"other {1 - gemm - sdpa:.0%}"
+    )
 
 
 def decode_step():
     from modeltest.bench.presets import preset_checkpoint
     from modeltest.engine.engine import EngineConfig, LLMEngine, Request, SamplingParams
     from modeltest.engine.parallel import init_distributed
+
     path, tp = preset_checkpoint("mid"), init_distributed("cpu")
     for pack in (False, True):
-        eng = LLMEngine(EngineConfig(model_path=str(path), dtype=torch.bfloat16, max_batch_size=8,
-                                     max_input_length=256, max_output_length=160, onednn_weights=pack), tp)
+        eng = LLMEngine(
+            EngineConfig(
+                model_path=str(path),
+                dtype=torch.bfloat16,
+                max_batch_size=8,
+                max_input_length=256,
+                max_output_length=160,
+                onednn_weights=pack,
+            ),
+            tp,
+        )
         for b in (1, 8):
-            for r in [Request(id=i, input_ids=list(range(100 + i, 170 + i)),
-                              params=SamplingParams(max_new_tokens=60, ignore_eos=True)) for i in range(b)]:
+            for r in [
+                Request(
+                    id=i,
+                    input_ids=list(range(100 + i, 170 + i)),
+                    params=SamplingParams(max_new_tokens=60, ignore_eos=True),
+                )
+                for i in range(b)
+            ]:
                 eng.add_request(r)
             for _ in range(10):
                 eng.step()
             for _ in range(40):
                 eng.step()
-            print(f"engine decode step, mid, batch {b}, {'packed' if pack else 'plain'}: "
-                  f"{statistics.median(eng.stats().decode_times[-40:]) * 1e3:.1f} ms")
+            print(
+                f"engine decode step, mid, batch {b}, {'packed' if pack else 'plain'}: "
+                f"{statistics.median(eng.stats().decode_times[-40:]) * 1e3:.1f} ms"
+            )
             while eng.has_work():
                 eng.step()
 

@@ -6,6 +6,7 @@ code involved: the ceiling for `prep_workers` 1 -> 2 (docs/PERFORMANCE.md, "Real
 Each decode is what qwen-vl-utils asks decord for on a 60 s clip at fps 0.5 (30 frames spread
 over the clip), one decoding thread per process.
 """
+
 import argparse
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,6 +18,7 @@ DEFAULT_CLIP = Path.home() / ".cache" / "modeltest" / "bench" / "prep-media" / "
 def decode(path: str) -> float:
     import decord
     import numpy as np
+
     start = time.perf_counter()
     vr = decord.VideoReader(path, num_threads=1)
     idx = np.linspace(0, len(vr) - 1, 30).round().astype(int)
@@ -26,7 +28,7 @@ def decode(path: str) -> float:
 
 def wall(processes: int, path: str, decodes: int) -> float:
     with ProcessPoolExecutor(processes) as pool:
-        list(pool.map(decode, [path] * processes))                # imports and file cache warm
+        list(pool.map(decode, [path] * processes))  # imports and file cache warm
         start = time.perf_counter()
         list(pool.map(decode, [path] * decodes))
         return time.perf_counter() - start

@@ -6,6 +6,7 @@ VideoBench's options, torch at one thread, and cProfile over one processor call.
 
     python docs/perf/processor_profile.py [--clip PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ def main() -> None:
 
     from modeltest.bench.presets import cache_root, preset_checkpoint
     from modeltest.serve.config import default_video_options
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip", default=str(cache_root() / "prep-media" / "clip_60s_640x360.mp4"))
     args = ap.parse_args()
@@ -33,8 +35,10 @@ def main() -> None:
     video = fetch_video({"type": "video", "video": args.clip, **default_video_options()})
     t = time.perf_counter()
     out = processor(images=None, videos=[video], return_tensors="pt")
-    print(f"frames {tuple(video.shape)} -> pixel_values_videos {tuple(out['pixel_values_videos'].shape)} "
-          f"in {time.perf_counter() - t:.3f} s")
+    print(
+        f"frames {tuple(video.shape)} -> pixel_values_videos {tuple(out['pixel_values_videos'].shape)} "
+        f"in {time.perf_counter() - t:.3f} s"
+    )
     prof = cProfile.Profile()
     prof.enable()
     processor(images=None, videos=[video], return_tensors="pt")

@@ -6,6 +6,7 @@
 
 Nothing is imported here eagerly: the config loader reads traits.py without loading a backend.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -19,12 +20,15 @@ def make_backend(settings, tp_ctx=None):
     name = settings.model.backend
     if name == "hf":
         from .hf import HFBackend
+
         return HFBackend(settings)
     if name == "openai":
         from .openai import OpenAIBackend
+
         return OpenAIBackend(settings)
     if name == "engine":
         from .engine import EngineBackend
+
         return EngineBackend(settings, tp_ctx=tp_ctx)
     raise ValueError(f"unknown backend {name!r}")
 
@@ -34,6 +38,8 @@ def model_identity(model_cfg) -> Dict[str, Any]:
     what the server says it serves (GET /v1/models, asked once)."""
     if traits(model_cfg.backend).local_weights:
         from ..engine.loader import checkpoint_identity
+
         return checkpoint_identity(model_cfg.model_path)
     from .openai import served_model_identity
+
     return served_model_identity(model_cfg)

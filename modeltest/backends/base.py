@@ -12,6 +12,7 @@ sequence's slot is refilled at the next step); the `hf` backend runs transformer
 batches of `max_batch_size` queued samples, one batch per step. `generate` runs a list to
 completion through the same three methods.
 """
+
 from __future__ import annotations
 
 import abc
@@ -25,7 +26,7 @@ from ..inputs import ModelInput
 from ..media import MediaSource
 from .traits import BackendTraits
 
-if TYPE_CHECKING:     # annotations only: the config layer imports backends' traits, not the reverse
+if TYPE_CHECKING:  # annotations only: the config layer imports backends' traits, not the reverse
     from ..config.schema import ModelConfig
 
 
@@ -33,50 +34,58 @@ if TYPE_CHECKING:     # annotations only: the config layer imports backends' tra
 class BackendSettings:
     """Everything a backend is built from. The harness builds it from the evaluation config
     (`from_eval`); run_pa and the benchmark build it from their own arguments."""
-    model: ModelConfig            # model_path, backend, data_type (resolved), block_size, chat template
-    device: str                   # npu | cuda | cpu (resolved)
+
+    model: ModelConfig  # model_path, backend, data_type (resolved), block_size, chat template
+    device: str  # npu | cuda | cpu (resolved)
     max_batch_size: int = 8
     max_input_length: int = DEFAULT_MAX_INPUT_LENGTH
     max_output_length: int = DEFAULT_MAX_OUTPUT_LENGTH
     # Where images/videos are decoded (media.MediaSource); None: here, without a cache.
     media: Optional[MediaSource] = None
-    fast_processor: bool = True           # media/fast_processor.py's bit-identical image processor (engine)
+    fast_processor: bool = True  # media/fast_processor.py's bit-identical image processor (engine)
 
     @classmethod
     def from_eval(cls, cfg, device: str, max_new_tokens: int, media: Optional[MediaSource] = None) -> "BackendSettings":
         """cfg: an EvalConfig. The batch size is the run's; the limits are the task's."""
-        return cls(model=cfg.model, device=device, max_batch_size=cfg.run.batch_size,
-                   max_input_length=cfg.task.requested_max_input_length, max_output_length=max_new_tokens,
-                   media=media, fast_processor=cfg.run.fast_processor)
+        return cls(
+            model=cfg.model,
+            device=device,
+            max_batch_size=cfg.run.batch_size,
+            max_input_length=cfg.task.requested_max_input_length,
+            max_output_length=max_new_tokens,
+            media=media,
+            fast_processor=cfg.run.fast_processor,
+        )
 
 
 @dataclass
 class Prepared:
     """One sample's model input before batching."""
+
     sample: Sample
-    text: str                          # the prompt after the chat template, placeholders unexpanded
-    images: Optional[list] = None      # PIL images from qwen-vl-utils (hf: processed with the batch)
-    videos: Optional[list] = None      # float tensors [T, C, H, W] from qwen-vl-utils (hf)
+    text: str  # the prompt after the chat template, placeholders unexpanded
+    images: Optional[list] = None  # PIL images from qwen-vl-utils (hf: processed with the batch)
+    videos: Optional[list] = None  # float tensors [T, C, H, W] from qwen-vl-utils (hf)
     model_input: Optional[ModelInput] = None  # the processor's tensors for this sample alone (engine)
     request: Optional[Dict[str, Any]] = None  # the chat request's messages and extra fields (openai)
     preprocess_time: float = 0.0
-    input_length: int = 0              # prompt tokens with the vision placeholders expanded
+    input_length: int = 0  # prompt tokens with the vision placeholders expanded
 
 
 @dataclass
 class GenerationOutput:
-    text: str                          # decoded new tokens, up to (not including) the stop token
+    text: str  # decoded new tokens, up to (not including) the stop token
     token_ids: List[int] = field(default_factory=list)
-    input_length: int = 0              # prompt tokens, vision placeholders expanded
+    input_length: int = 0  # prompt tokens, vision placeholders expanded
     # Seconds this request spent being computed: from its admission into the engine (hf: the
     # start of its batch) to its last token. Excludes queue_time.
     e2e_time: float = 0.0
-    queue_time: float = 0.0            # seconds from submit() until its computation started
-    prefill_time: Optional[float] = None   # the prefill pass it was in (engine)
-    decode_time: Optional[float] = None    # the decode passes it was in, summed (engine)
-    error: Optional[str] = None        # this request failed alone (e.g. too long); others ran
-    num_tokens: Optional[int] = None   # generated tokens when token_ids are not known (a server's usage)
-    transient: bool = False            # the error is the server's/network's: retry the sample on resume
+    queue_time: float = 0.0  # seconds from submit() until its computation started
+    prefill_time: Optional[float] = None  # the prefill pass it was in (engine)
+    decode_time: Optional[float] = None  # the decode passes it was in, summed (engine)
+    error: Optional[str] = None  # this request failed alone (e.g. too long); others ran
+    num_tokens: Optional[int] = None  # generated tokens when token_ids are not known (a server's usage)
+    transient: bool = False  # the error is the server's/network's: retry the sample on resume
 
     @property
     def output_tokens(self) -> int:
@@ -88,14 +97,14 @@ Completed = Tuple[Prepared, GenerationOutput]
 
 class Backend(abc.ABC):
     name = ""
-    traits: BackendTraits            # what this backend can do (traits.py), declared by each subclass
+    traits: BackendTraits  # what this backend can do (traits.py), declared by each subclass
 
     def __init__(self, settings: BackendSettings):
         self.settings = settings
         self.model_cfg = settings.model
         self.device = settings.device
         self.data_type = settings.model.data_type
-        self.dtype = TORCH_DTYPES.get(self.data_type)   # None for a served model
+        self.dtype = TORCH_DTYPES.get(self.data_type)  # None for a served model
 
     @property
     def rank(self) -> int:

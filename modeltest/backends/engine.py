@@ -7,6 +7,7 @@ builds the same inputs and runs the same engine loop; only rank 0 writes files.
 Streaming: the harness keeps the engine fed, so a finished sequence's slot is refilled at once
 (continuous batching across the whole dataset) and each sample is saved as it ends.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,9 +29,14 @@ from .traits import TRAITS
 def engine_config(settings: BackendSettings) -> EngineConfig:
     """The one place an EngineConfig is built from user-facing settings."""
     m = settings.model
-    return EngineConfig(model_path=m.model_path, dtype=TORCH_DTYPES[m.data_type],
-                        max_batch_size=settings.max_batch_size, max_input_length=settings.max_input_length,
-                        max_output_length=settings.max_output_length, block_size=m.block_size)
+    return EngineConfig(
+        model_path=m.model_path,
+        dtype=TORCH_DTYPES[m.data_type],
+        max_batch_size=settings.max_batch_size,
+        max_input_length=settings.max_input_length,
+        max_output_length=settings.max_output_length,
+        block_size=m.block_size,
+    )
 
 
 class EngineBackend(Backend):
@@ -39,12 +45,12 @@ class EngineBackend(Backend):
 
     def __init__(self, settings: BackendSettings, tp_ctx: TPContext = None):
         super().__init__(settings)
-        require_qwen_vl_utils()   # fail before loading weights, not on every sample
+        require_qwen_vl_utils()  # fail before loading weights, not on every sample
         self.processor = load_processor(self.model_cfg.model_path, fast=settings.fast_processor)
         self.tp = tp_ctx if tp_ctx is not None else init_distributed(self.device)
         self.engine = LLMEngine(engine_config(settings), self.tp)
         self._processors = ProcessorCopies(self.processor)
-        self._inflight: Dict[int, Prepared] = {}   # request id -> Prepared, while the engine holds it
+        self._inflight: Dict[int, Prepared] = {}  # request id -> Prepared, while the engine holds it
         self._ids = itertools.count()
 
     @property
@@ -59,8 +65,13 @@ class EngineBackend(Backend):
         start = time.perf_counter()
         with self._processors.borrow() as processor:
             mi = model_input(processor, sample_messages(sample), self.settings.media, self.model_cfg.use_chat_template)
-        return Prepared(sample=sample, text=mi.text, model_input=mi, preprocess_time=time.perf_counter() - start,
-                        input_length=mi.prompt_tokens)
+        return Prepared(
+            sample=sample,
+            text=mi.text,
+            model_input=mi,
+            preprocess_time=time.perf_counter() - start,
+            input_length=mi.prompt_tokens,
+        )
 
     def prefetch(self, sample: Sample) -> None:
         if not sample.load_error:
@@ -80,12 +91,19 @@ class EngineBackend(Backend):
 
     def _output(self, r: Request) -> GenerationOutput:
         if r.status is not RequestStatus.FINISHED:
-            return GenerationOutput(text="", error=r.error or r.status.value, input_length=len(r.input_ids),
-                                    queue_time=r.queue_time)
+            return GenerationOutput(
+                text="", error=r.error or r.status.value, input_length=len(r.input_ids), queue_time=r.queue_time
+            )
         ids = r.generated_ids()
-        return GenerationOutput(text=self.processor.tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids,
-                                input_length=len(r.input_ids), e2e_time=r.run_time, queue_time=r.queue_time,
-                                prefill_time=r.prefill_time, decode_time=r.decode_time)
+        return GenerationOutput(
+            text=self.processor.tokenizer.decode(ids, skip_special_tokens=False),
+            token_ids=ids,
+            input_length=len(r.input_ids),
+            e2e_time=r.run_time,
+            queue_time=r.queue_time,
+            prefill_time=r.prefill_time,
+            decode_time=r.decode_time,
+        )
 
     def describe(self):
         d = super().describe()

@@ -4,6 +4,7 @@ It streams like every backend (base.py): submitted samples wait in a queue, and 
 runs transformers' generate on the next `max_batch_size` of them (the last batch may be short).
 A batch that fails is retried one sample at a time, so only the sample at fault gets the error.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,6 +32,7 @@ def device_for(device: str) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     import os
+
     return torch.device(device, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -38,6 +40,7 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     """from_pretrained's dtype argument: `torch_dtype` up to transformers 4.x (which ignores an
     unknown `dtype`), `dtype` from 5 (which deprecates `torch_dtype`)."""
     import transformers
+
     return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
@@ -50,29 +53,31 @@ class HFBackend(Backend):
         from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
         path = Path(self.model_cfg.model_path)
-        require_qwen_vl_utils()   # fail before loading weights, not on every sample
+        require_qwen_vl_utils()  # fail before loading weights, not on every sample
         self.processor = load_processor(str(path))
         # Left padding keeps every row's last prompt token at the end, so batching cannot change
         # what a row generates.
         self.processor.tokenizer.padding_side = "left"
         self.torch_device = device_for(self.device)
-        check_weight_files(path)   # a truncated file: one line naming it, not transformers' traceback
+        check_weight_files(path)  # a truncated file: one line naming it, not transformers' traceback
         try:
             self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, **dtype_kwarg(self.dtype))
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"model.model_path: transformers cannot load the weights in '{path}' "
-                            f"({first_line(e, 200)})") from None
+            raise UserError(
+                f"model.model_path: transformers cannot load the weights in '{path}' ({first_line(e, 200)})"
+            ) from None
         self.model.to(self.torch_device).eval()
         tok = self.processor.tokenizer
-        self.stop_ids = list(checkpoint_stop_ids(path))       # the engine's, from the checkpoint
+        self.stop_ids = list(checkpoint_stop_ids(path))  # the engine's, from the checkpoint
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
         # prepare() runs in background threads while generate() pads with the processor's own
         # tokenizer; a fast tokenizer used from two threads can fail ("Already borrowed"), so
         # counting uses a private copy behind a lock.
         self._count_tokenizer = copy.deepcopy(tok)
         self._count_lock = threading.Lock()
-        self.generation_config = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=self.stop_ids,
-                                                  pad_token_id=self.pad_id)
+        self.generation_config = GenerationConfig(
+            do_sample=False, num_beams=1, eos_token_id=self.stop_ids, pad_token_id=self.pad_id
+        )
         # (prepared, max_new_tokens, ignore_eos, submit time) waiting for a batch
         self._queue: Deque[Tuple[Prepared, int, bool, float]] = collections.deque()
 
@@ -81,9 +86,14 @@ class HFBackend(Backend):
         messages = sample_messages(sample)
         images, videos = decoded_media(messages, self.settings.media)
         text = prompt_text(self.processor, messages, self.model_cfg.use_chat_template)
-        return Prepared(sample=sample, text=text, images=images, videos=videos,
-                        preprocess_time=time.perf_counter() - start,
-                        input_length=self.count_input_tokens(text, images, videos))
+        return Prepared(
+            sample=sample,
+            text=text,
+            images=images,
+            videos=videos,
+            preprocess_time=time.perf_counter() - start,
+            input_length=self.count_input_tokens(text, images, videos),
+        )
 
     def count_input_tokens(self, text: str, images, videos) -> int:
         """Prompt length once each placeholder becomes (t/2)*(h/14)*(w/14)/4 vision tokens."""
@@ -115,8 +125,7 @@ class HFBackend(Backend):
             return []
         first = self._queue[0]
         batch = []
-        while (self._queue and len(batch) < self.settings.max_batch_size
-               and self._queue[0][1:3] == first[1:3]):
+        while self._queue and len(batch) < self.settings.max_batch_size and self._queue[0][1:3] == first[1:3]:
             batch.append(self._queue.popleft())
         prepared = [b[0] for b in batch]
         started = time.perf_counter()
@@ -125,13 +134,18 @@ class HFBackend(Backend):
             out.queue_time = started - b[3]
         return list(zip(prepared, outputs))
 
-    def _generate_isolating(self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool) -> List[GenerationOutput]:
+    def _generate_isolating(
+        self, batch: List[Prepared], max_new_tokens: int, ignore_eos: bool
+    ) -> List[GenerationOutput]:
         try:
             return self._generate_batch(batch, max_new_tokens, ignore_eos)
         except Exception as e:
             if len(batch) == 1:
-                return [GenerationOutput(text="", input_length=batch[0].input_length,
-                                         error=f"inference failed: {first_line(e)}")]
+                return [
+                    GenerationOutput(
+                        text="", input_length=batch[0].input_length, error=f"inference failed: {first_line(e)}"
+                    )
+                ]
             # Isolate the failing sample: run the batch one by one.
             return [self._generate_isolating([p], max_new_tokens, ignore_eos)[0] for p in batch]
 
@@ -141,8 +155,9 @@ class HFBackend(Backend):
         images = [im for p in batch for im in (p.images or [])] or None
         videos = [v for p in batch for v in (p.videos or [])] or None
         # transformers 4.46 expands placeholders in the list it is given: pass a fresh list.
-        inputs = self.processor(text=[p.text for p in batch], images=images, videos=videos,
-                                padding=True, return_tensors="pt").to(self.torch_device)
+        inputs = self.processor(
+            text=[p.text for p in batch], images=images, videos=videos, padding=True, return_tensors="pt"
+        ).to(self.torch_device)
         gen_cfg = self.generation_config
         if ignore_eos:  # keep going past a stop token (as the engine does), rather than forbidding it
             gen_cfg = copy.deepcopy(gen_cfg)

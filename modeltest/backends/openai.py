@@ -13,6 +13,7 @@ connection error, a timeout, 429 or a 5xx is retried with exponential back-off a
 to `max_retries` times; any other 4xx is not retried. A request that still fails becomes that
 sample's `error` (never answer text that gets scored).
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,12 +32,19 @@ from ..media.decode import media_parts
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
 from .traits import TRAITS
 
-if TYPE_CHECKING:     # annotations only: the config layer imports backends' traits, not the reverse
+if TYPE_CHECKING:  # annotations only: the config layer imports backends' traits, not the reverse
     from ..config.schema import ModelConfig
 
 API_KEY_ENV = "OPENAI_API_KEY"
-MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
-        ".mp4": "video/mp4", ".avi": "video/x-msvideo", ".wmv": "video/x-ms-wmv"}
+MIME = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".bmp": "image/bmp",
+    ".mp4": "video/mp4",
+    ".avi": "video/x-msvideo",
+    ".wmv": "video/x-ms-wmv",
+}
 
 
 def api_key(m: ModelConfig) -> str:
@@ -66,27 +74,36 @@ def served_model_identity(m: ModelConfig) -> Dict[str, Any]:
     another model recomputes. A server that does not answer is a one-line error, before any
     sample runs."""
     import httpx
+
     url = m.api_base.rstrip("/") + "/models"
     try:
         r = httpx.get(url, headers={"Authorization": f"Bearer {api_key(m)}"}, timeout=min(m.timeout, 30))
     except httpx.HTTPError as e:
-        raise UserError(f"model.api_base: no server answers at {url} ({type(e).__name__}); start it, or fix "
-                        "model.api_base (e.g. http://127.0.0.1:8000/v1)") from None
+        raise UserError(
+            f"model.api_base: no server answers at {url} ({type(e).__name__}); start it, or fix "
+            "model.api_base (e.g. http://127.0.0.1:8000/v1)"
+        ) from None
     try:
         body = r.json()
     except ValueError:
         body = r.text
     if r.status_code == 401:
-        raise UserError(f"{url}: 401 unauthorized ({server_error_message(body)}); set {API_KEY_ENV} (or "
-                        "model.api_key) to the server's key")
+        raise UserError(
+            f"{url}: 401 unauthorized ({server_error_message(body)}); set {API_KEY_ENV} (or "
+            "model.api_key) to the server's key"
+        )
     if r.status_code != 200 or not isinstance(body, dict) or not body.get("data"):
-        raise UserError(f"{url}: HTTP {r.status_code}, not a model list ({server_error_message(body, str(body)[:120])});"
-                        " is model.api_base the server's /v1 address?")
+        raise UserError(
+            f"{url}: HTTP {r.status_code}, not a model list ({server_error_message(body, str(body)[:120])});"
+            " is model.api_base the server's /v1 address?"
+        )
     models = [d for d in body["data"] if isinstance(d, dict) and "id" in d]
     names = [d["id"] for d in models]
     if m.served_model_name and m.served_model_name not in names:
-        raise UserError(f"model.served_model_name: '{m.served_model_name}' is not served at {m.api_base} "
-                        f"(it serves: {', '.join(names)})")
+        raise UserError(
+            f"model.served_model_name: '{m.served_model_name}' is not served at {m.api_base} "
+            f"(it serves: {', '.join(names)})"
+        )
     chosen = next(d for d in models if d["id"] == (m.served_model_name or names[0]))
     # `created` changes with every restart of some servers: not part of the identity.
     return {"served": {k: chosen.get(k) for k in ("id", "root", "max_model_len", "owned_by") if k in chosen}}
@@ -103,6 +120,7 @@ class OpenAIBackend(Backend):
     def __init__(self, settings: BackendSettings):
         super().__init__(settings)
         from openai import OpenAI
+
         m = self.model_cfg
         self.identity = served_model_identity(m)
         self.served_name = self.identity["served"]["id"]
@@ -114,10 +132,14 @@ class OpenAIBackend(Backend):
     # ---- the contract -----------------------------------------------------------------------
     def prepare(self, sample: Sample) -> Prepared:
         start = time.perf_counter()
-        conversation = sample_messages(sample)        # what an in-process backend hands the processor
+        conversation = sample_messages(sample)  # what an in-process backend hands the processor
         messages = [{"role": m["role"], "content": [self._part(p) for p in m["content"]]} for m in conversation]
-        return Prepared(sample=sample, text=sample.prompt, preprocess_time=time.perf_counter() - start,
-                        request={"messages": messages, "extra": self._hints(conversation)})
+        return Prepared(
+            sample=sample,
+            text=sample.prompt,
+            preprocess_time=time.perf_counter() - start,
+            request={"messages": messages, "extra": self._hints(conversation)},
+        )
 
     def submit(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool = False) -> None:
         fut = self.pool.submit(self._call, prepared, max_new_tokens, ignore_eos, time.perf_counter())
@@ -137,8 +159,15 @@ class OpenAIBackend(Backend):
 
     def describe(self) -> Dict[str, Any]:
         m = self.model_cfg
-        return {"backend": self.name, "api_base": m.api_base, "served_model": self.identity["served"],
-                "media": m.media, "concurrency": m.concurrency, "max_retries": m.max_retries, "timeout": m.timeout}
+        return {
+            "backend": self.name,
+            "api_base": m.api_base,
+            "served_model": self.identity["served"],
+            "media": m.media,
+            "concurrency": m.concurrency,
+            "max_retries": m.max_retries,
+            "timeout": m.timeout,
+        }
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -187,10 +216,12 @@ class OpenAIBackend(Backend):
                 return GenerationOutput(text="", error=str(e))
         return GenerationOutput(text="", error=f"{error} (after {m.max_retries} retries)", transient=True)
 
-    def _stream_once(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool,
-                     submitted: float) -> GenerationOutput:
+    def _stream_once(
+        self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool, submitted: float
+    ) -> GenerationOutput:
         import httpx
         import openai
+
         extra = dict(prepared.request["extra"])
         if ignore_eos:
             extra["ignore_eos"] = True
@@ -201,8 +232,14 @@ class OpenAIBackend(Backend):
         chunks = 0
         try:
             stream = self.client.chat.completions.create(
-                model=self.served_name, messages=prepared.request["messages"], max_tokens=max_new_tokens,
-                temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=extra or None)
+                model=self.served_name,
+                messages=prepared.request["messages"],
+                max_tokens=max_new_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=extra or None,
+            )
             for chunk in stream:
                 if getattr(chunk, "usage", None):
                     usage = chunk.usage
@@ -222,11 +259,14 @@ class OpenAIBackend(Backend):
             raise _Final(message) from None
         end = time.perf_counter()
         return GenerationOutput(
-            text="".join(parts), input_length=(usage.prompt_tokens if usage else 0) or 0,
+            text="".join(parts),
+            input_length=(usage.prompt_tokens if usage else 0) or 0,
             num_tokens=usage.completion_tokens if usage and usage.completion_tokens is not None else chunks,
-            e2e_time=end - start, queue_time=start - submitted,
+            e2e_time=end - start,
+            queue_time=start - submitted,
             prefill_time=(first - start) if first is not None else None,
-            decode_time=(end - first) if first is not None else None)
+            decode_time=(end - first) if first is not None else None,
+        )
 
 
 class _Final(Exception):

@@ -1,6 +1,7 @@
 """What each backend can do, declared once. The config loader, the launcher, the harness, the
 records and run_pa ask these questions instead of branching on a backend's name, so a new backend
 is one entry here and one module beside this one."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,9 +11,9 @@ from typing import Dict
 @dataclass(frozen=True)
 class BackendTraits:
     name: str
-    tensor_parallel: bool    # one model replica over several processes (tp > 1)
-    local_weights: bool      # reads model_path here (config.json, weights, data type); False: a served model
-    local_media: bool        # decodes images/videos here (media cache, worker processes)
+    tensor_parallel: bool  # one model replica over several processes (tp > 1)
+    local_weights: bool  # reads model_path here (config.json, weights, data type); False: a served model
+    local_media: bool  # decodes images/videos here (media cache, worker processes)
 
     @property
     def served(self) -> bool:
@@ -25,7 +26,7 @@ TRAITS: Dict[str, BackendTraits] = {
     "openai": BackendTraits("openai", tensor_parallel=False, local_weights=False, local_media=False),
 }
 BACKENDS = tuple(TRAITS)
-DEFAULT_BACKEND = "engine"     # its output files carry no backend suffix (outputs.run_variant)
+DEFAULT_BACKEND = "engine"  # its output files carry no backend suffix (outputs.run_variant)
 
 
 def traits(name: str) -> BackendTraits:

@@ -6,6 +6,7 @@ The media become TextVQA- and VideoBench-format datasets (the on-disk formats th
 so the harness run is the one `scripts/mm_run.sh` makes: its loader, its preprocessing (worker
 processes, media cache, fast processor), its records.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,17 @@ def write_datasets(folder: Path, photos: List[Path], clips: List[Path], question
         link = tv / "images" / p.name
         if not link.exists():
             link.symlink_to(p.resolve())
-        lines.append({"image": f"images/{p.name}", "question": "what does the sign say?", "question_id": i,
-                      "answer": "sign"})
-        annotations.append({"question_id": i, "image_id": p.stem, "question": "what does the sign say?",
-                            "answers": [{"answer": "sign", "answer_id": k + 1, "answer_confidence": "yes"}
-                                        for k in range(10)]})
+        lines.append(
+            {"image": f"images/{p.name}", "question": "what does the sign say?", "question_id": i, "answer": "sign"}
+        )
+        annotations.append(
+            {
+                "question_id": i,
+                "image_id": p.stem,
+                "question": "what does the sign say?",
+                "answers": [{"answer": "sign", "answer_id": k + 1, "answer_confidence": "yes"} for k in range(10)],
+            }
+        )
     (tv / "textvqa_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (tv / "textvqa_val_annotations.json").write_text(json.dumps({"annotations": annotations}))
 
@@ -43,17 +50,28 @@ def write_datasets(folder: Path, photos: List[Path], clips: List[Path], question
             link.symlink_to(c.resolve())
         for q in range(questions):
             qid = f"{c.stem}_{q}"
-            entries[qid] = {"vid_path": f"Eval_video/Real/{c.name}", "video_id": c.stem,
-                            "question": f"Question {q}: what happens in the clip?",
-                            "choices": {"A": "a pattern moves", "B": "nothing", "C": "a dunk", "D": "rain"}}
+            entries[qid] = {
+                "vid_path": f"Eval_video/Real/{c.name}",
+                "video_id": c.stem,
+                "question": f"Question {q}: what happens in the clip?",
+                "choices": {"A": "a pattern moves", "B": "nothing", "C": "a dunk", "D": "rain"},
+            }
             key[qid] = "A"
     (qa / "Real_QA_new.json").write_text(json.dumps(entries))
     (qa / "answer" / "ANSWER.json").write_text(json.dumps({"Real": key}))
     return tv / "textvqa_val.jsonl", qa
 
 
-def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device: str, data_type: str,
-                      batch_size: int, new_tokens: int, prep_workers: str) -> Dict[str, Dict[str, float]]:
+def harness_vs_engine(
+    checkpoint: Path,
+    textvqa: Path,
+    videobench: Path,
+    device: str,
+    data_type: str,
+    batch_size: int,
+    new_tokens: int,
+    prep_workers: str,
+) -> Dict[str, Dict[str, float]]:
     """Per task: engine-only samples/s, harness samples/s (cold and warm media cache) and their
     ratios, from one loaded model."""
     from ..backends import make_backend
@@ -63,13 +81,22 @@ def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device:
     from ..media.workers import WorkerMedia
     from ..runner import Evaluator, max_new_tokens, media_source
     from ..tasks import TASKS
+
     out: Dict[str, Dict[str, float]] = {}
     for task, data in (("textvqa", textvqa), ("videobench", videobench)):
         with tempfile.TemporaryDirectory(prefix=f"bench-harness-{task}-") as tmp:
-            overrides = [f"model.model_path={checkpoint}", f"task.local_dataset_path={data}",
-                         f"output_dir={tmp}/out", f"max_output_length={new_tokens}", f"batch_size={batch_size}",
-                         f"device={device}", f"model.data_type={data_type}", f"media_cache={tmp}/cache",
-                         f"prep_workers={prep_workers}", "resume=false"]
+            overrides = [
+                f"model.model_path={checkpoint}",
+                f"task.local_dataset_path={data}",
+                f"output_dir={tmp}/out",
+                f"max_output_length={new_tokens}",
+                f"batch_size={batch_size}",
+                f"device={device}",
+                f"model.data_type={data_type}",
+                f"media_cache={tmp}/cache",
+                f"prep_workers={prep_workers}",
+                "resume=false",
+            ]
             if task == "videobench":
                 overrides.append("task.subject_mapping=null")
             cfg = load_config(TASKS, task, "qwen2_vl", overrides)
@@ -99,6 +126,12 @@ def harness_vs_engine(checkpoint: Path, textvqa: Path, videobench: Path, device:
                 engine = len(samples) / (time.perf_counter() - t0)
             finally:
                 backend.settings.media.close()
-        out[task] = {"samples": len(samples), "engine_only": engine, "harness_cold": cold, "harness_warm": warm,
-                     "warm_over_engine": warm / engine, "cold_over_engine": cold / engine}
+        out[task] = {
+            "samples": len(samples),
+            "engine_only": engine,
+            "harness_cold": cold,
+            "harness_warm": warm,
+            "warm_over_engine": warm / engine,
+            "cold_over_engine": cold / engine,
+        }
     return out

@@ -1,4 +1,5 @@
 """Measuring helpers: peak host RSS (sampled), device memory, timed vision-tower calls."""
+
 from __future__ import annotations
 
 import os
@@ -101,11 +102,12 @@ class VisionTimer:
 @dataclass
 class RunStats:
     """Wall time and memory of one timed run (filled in when its `measured_run` block exits)."""
-    start: float = 0.0                        # perf_counter() at the start, for first-token times
+
+    start: float = 0.0  # perf_counter() at the start, for first-token times
     elapsed_s: float = 0.0
-    peak_host_mb: float = 0.0                 # the process's peak RSS during the run
-    host_growth_mb: float = 0.0               # ... minus RSS at its start
-    peak_device_mb: Optional[float] = None    # torch's peak device allocation (None on CPU)
+    peak_host_mb: float = 0.0  # the process's peak RSS during the run
+    host_growth_mb: float = 0.0  # ... minus RSS at its start
+    peak_device_mb: Optional[float] = None  # torch's peak device allocation (None on CPU)
     device_growth_mb: Optional[float] = None  # ... minus the allocation at the start
 
 

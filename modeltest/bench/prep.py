@@ -10,6 +10,7 @@ Generates (once, cached beside the bench checkpoints) 1024x768 JPEG photos and H
   * with --infer PRESET: the harness's end-to-end samples/s against the engine alone on the same
     inputs (bench/harness_rate.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,14 +35,21 @@ def add_parser(sub) -> None:
     b = sub.add_parser("bench-prep", help="host preprocessing cost on real-size media (no inference)")
     b.add_argument("--photos", type=int, default=8, help="1024x768 JPEG photos (TextVQA-like)")
     b.add_argument("--photo-size", default="1024x768")
-    b.add_argument("--clips", default="10x640x360,60x640x360,180x1280x720",
-                   help="comma list of [COUNT*]SECONDSxWxH clips (30 fps H.264; COUNT distinct clips of that kind)")
+    b.add_argument(
+        "--clips",
+        default="10x640x360,60x640x360,180x1280x720",
+        help="comma list of [COUNT*]SECONDSxWxH clips (30 fps H.264; COUNT distinct clips of that kind)",
+    )
     b.add_argument("--questions-per-clip", type=int, default=3)
     b.add_argument("--threads", type=int, default=2, help="preprocessing threads (prep_workers=0)")
     b.add_argument("--workers", type=int, default=2, help="worker processes to compare with one")
     b.add_argument("--preset", default="tiny", help="whose processor files to use (the same for every Qwen2-VL)")
-    b.add_argument("--infer", default=None, metavar="PRESET",
-                   help="also run the harness end to end and the engine alone on this preset (tiny, mid, 2b, 7b)")
+    b.add_argument(
+        "--infer",
+        default=None,
+        metavar="PRESET",
+        help="also run the harness end to end and the engine alone on this preset (tiny, mid, 2b, 7b)",
+    )
     b.add_argument("--device", default="auto")
     b.add_argument("--dtype", default=None, help="--infer's data type (default: bf16 on a GPU/NPU, fp32 on CPU)")
     b.add_argument("--batch-size", type=int, default=8)
@@ -53,7 +61,7 @@ def add_parser(sub) -> None:
 
 
 def _parse_clips(text: str) -> List[Tuple[int, int, int, int]]:
-    """"4*60x640x360,180x1280x720" -> [(60, 640, 360, k) for k in 0..3] + [(180, 1280, 720, 0)]:
+    """ "4*60x640x360,180x1280x720" -> [(60, 640, 360, k) for k in 0..3] + [(180, 1280, 720, 0)]:
     a count makes that many distinct clips (different content, as a real dataset's)."""
     out = []
     try:
@@ -71,6 +79,7 @@ def _parse_clips(text: str) -> List[Tuple[int, int, int, int]]:
 def build_media(folder: Path, photos: int, photo_size: Tuple[int, int], clips: List[Tuple[int, int, int, int]]):
     """Photos and clips under `folder` (kept: building a 3-minute 720p clip takes a while)."""
     from PIL import Image, ImageDraw
+
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths_p, paths_v = [], []
@@ -93,6 +102,7 @@ def build_media(folder: Path, photos: int, photo_size: Tuple[int, int], clips: L
 
 def _write_clip(path: Path, seconds: int, width: int, height: int, fps: int = 30, seed: int = 0) -> None:
     import av
+
     tmp = path.with_suffix(".part.mp4")
     rng = np.random.default_rng(seconds * 1000 + width + 7919 * seed)
     base = rng.integers(0, 255, size=(height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
@@ -101,7 +111,7 @@ def _write_clip(path: Path, seconds: int, width: int, height: int, fps: int = 30
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"g": str(2 * fps), "preset": "veryfast"}
         for i in range(seconds * fps):
-            frame = np.roll(base, 4 * i, axis=1)            # moving content: real P-frames
+            frame = np.roll(base, 4 * i, axis=1)  # moving content: real P-frames
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
@@ -112,13 +122,29 @@ def _write_clip(path: Path, seconds: int, width: int, height: int, fps: int = 30
 def samples_for(photos: List[Path], clips: List[Path], questions: int) -> List[Sample]:
     t, v = TextVQATaskConfig(), VideoBenchTaskConfig()
     image_opts = {"min_pixels": t.min_pixels, "max_pixels": t.max_pixels}
-    video_opts = {"fps": v.fps, "min_frames": v.min_frames, "max_frames": v.max_frames, "min_pixels": v.min_pixels,
-                  "max_pixels": v.max_pixels, "total_pixels": v.total_pixels}
-    out = [Sample(id=f"p{i}", subject="photo", prompt="what does the sign say?", images=[str(p)],
-                  image_options=image_opts) for i, p in enumerate(photos)]
+    video_opts = {
+        "fps": v.fps,
+        "min_frames": v.min_frames,
+        "max_frames": v.max_frames,
+        "min_pixels": v.min_pixels,
+        "max_pixels": v.max_pixels,
+        "total_pixels": v.total_pixels,
+    }
+    out = [
+        Sample(id=f"p{i}", subject="photo", prompt="what does the sign say?", images=[str(p)], image_options=image_opts)
+        for i, p in enumerate(photos)
+    ]
     for c in clips:
-        out += [Sample(id=f"{c.stem}_{q}", subject=c.stem, prompt=f"question {q} about this clip?", videos=[str(c)],
-                       video_options=video_opts) for q in range(questions)]
+        out += [
+            Sample(
+                id=f"{c.stem}_{q}",
+                subject=c.stem,
+                prompt=f"question {q} about this clip?",
+                videos=[str(c)],
+                video_options=video_opts,
+            )
+            for q in range(questions)
+        ]
     return out
 
 
@@ -130,6 +156,7 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
     from ..media import InProcessMedia
     from ..media.cache import MediaCache
     from ..media.decode import vision_from_messages
+
     seen, out = set(), {}
     for s in samples:
         media = tuple(s.images + s.videos)
@@ -145,16 +172,21 @@ def split_times(processor, fast, samples: List[Sample], cache_dir: Path) -> Dict
         t2 = time.perf_counter()
         fast(text=[text], images=images, videos=videos, return_tensors="pt")
         t3 = time.perf_counter()
-        model_input(fast, messages, InProcessMedia(MediaCache(cache_dir, 1 << 40)))    # fill the entry
-        warm = InProcessMedia(MediaCache(cache_dir, 1 << 40))     # a later run's view: from disk
+        model_input(fast, messages, InProcessMedia(MediaCache(cache_dir, 1 << 40)))  # fill the entry
+        warm = InProcessMedia(MediaCache(cache_dir, 1 << 40))  # a later run's view: from disk
         t4 = time.perf_counter()
         model_input(fast, messages, warm)
         t5 = time.perf_counter()
-        model_input(fast, messages, warm)                           # the next question on it
+        model_input(fast, messages, warm)  # the next question on it
         t6 = time.perf_counter()
-        out[Path(media[0]).name] = {"decode_s": t1 - t0, "processor_s": t2 - t1, "fast_processor_s": t3 - t2,
-                                    "warm_question_s": t5 - t4, "warm_next_question_s": t6 - t5,
-                                    "today_s": t2 - t0}
+        out[Path(media[0]).name] = {
+            "decode_s": t1 - t0,
+            "processor_s": t2 - t1,
+            "fast_processor_s": t3 - t2,
+            "warm_question_s": t5 - t4,
+            "warm_next_question_s": t6 - t5,
+            "today_s": t2 - t0,
+        }
     return out
 
 
@@ -168,8 +200,9 @@ def pipeline_rate(processor, samples: List[Sample], threads: int, media, prefetc
     def prepare(s: Sample):
         with procs.borrow() as proc:
             return model_input(proc, sample_messages(s), media)
+
     procs = ProcessorCopies(processor)
-    with contextlib.ExitStack() as stack:     # the copies exist before the clock (a run makes them once)
+    with contextlib.ExitStack() as stack:  # the copies exist before the clock (a run makes them once)
         for _ in range(threads):
             stack.enter_context(procs.borrow())
     start = time.perf_counter()
@@ -187,12 +220,13 @@ def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dic
     harness's threads (min(4, max(2, workers))), cold (an empty cache) then warm."""
     from ..inputs import prefetch_media, sample_messages
     from ..media.workers import WorkerMedia
+
     out = {}
     for state in ("decode only, cold", "cold", "warm"):
         where = folder / ("decode" if state.startswith("decode") else "pipeline")
         media = WorkerMedia(workers, 3600, str(where), 1 << 40)
         try:
-            media.pool.wait_started()               # workers up before the clock
+            media.pool.wait_started()  # workers up before the clock
             if state.startswith("decode"):
                 start = time.perf_counter()
                 for s in samples:
@@ -208,15 +242,8 @@ def worker_rates(fast, samples: List[Sample], workers: int, folder: Path) -> Dic
 
 
 def main(args) -> int:
-    import copy
+    from .presets import cache_root
 
-    import torch
-
-    from ..device import resolve_device
-    from ..media import InProcessMedia
-    from ..media.cache import MediaCache
-    from ..media.processor import load_processor
-    from .presets import cache_root, preset_checkpoint
     try:
         w, h = (int(x) for x in args.photo_size.lower().split("x"))
     except ValueError:
@@ -225,56 +252,144 @@ def main(args) -> int:
     photos, videos = build_media(cache_root() / "prep-media", args.photos, (w, h), clips)
     report: Dict = {"photos": args.photos, "clips": args.clips, "questions_per_clip": args.questions_per_clip}
     if not args.skip_pipeline:
-        processor = load_processor(str(preset_checkpoint(args.preset)))
-        fast = load_processor(str(preset_checkpoint(args.preset)), fast=True)
-        samples = samples_for(photos, videos, args.questions_per_clip)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)          # what each preprocessing thread or worker gets
-        with tempfile.TemporaryDirectory(prefix="bench-prep-cache-") as tmp:
-            split = split_times(processor, fast, samples, Path(tmp) / "split")
-            rates = {f"{args.threads} threads, transformers' processor, cache off":
-                     pipeline_rate(processor, samples, args.threads, InProcessMedia(None)),
-                     f"{args.threads} threads, cache off": pipeline_rate(fast, samples, args.threads, InProcessMedia(None))}
-            cold = MediaCache(Path(tmp) / "threads", 1 << 40)
-            rates[f"{args.threads} threads, cache cold"] = pipeline_rate(fast, samples, args.threads, InProcessMedia(cold))
-            warm = MediaCache(Path(tmp) / "threads", 1 << 40)
-            rates[f"{args.threads} threads, cache warm"] = pipeline_rate(fast, samples, args.threads, InProcessMedia(warm))
-            for n in sorted({1, args.workers}):
-                r = worker_rates(copy.deepcopy(fast), samples, n, Path(tmp) / f"workers{n}")
-                rates[f"{n} worker(s), decode only, cache cold"] = r["decode only, cold"]
-                rates[f"{n} worker(s), cache cold"] = r["cold"]
-                rates[f"{n} worker(s), cache warm"] = r["warm"]
-        torch.set_num_threads(threads)
-        report.update(samples=len(samples), threads=args.threads, per_medium=split, pipeline_samples_per_s=rates,
-                      cache={"cold": cold.summary(), "warm": warm.summary()})
-        rows = [[name, f"{t['decode_s']:.3f}", f"{t['processor_s']:.3f}", f"{t['fast_processor_s']:.3f}",
-                 f"{t['today_s']:.3f}", f"{t['warm_question_s']:.3f}", f"{t['warm_next_question_s']:.3f}",
-                 f"{t['today_s'] / t['warm_question_s']:.1f}x", f"{t['today_s'] / t['warm_next_question_s']:.1f}x"]
-                for name, t in split.items()]
-        print(colored("\nper medium, one thread (seconds)", "cyan", attrs=["bold"]))
-        print(tabulate(rows, headers=["medium", "decode + resize", "processor", "fast processor",
-                                      "decode + processor", "warm: 1st question", "warm: next question",
-                                      "speed-up 1st", "speed-up next"], tablefmt="github"))
-        print(colored(f"\npreprocessing pipeline, {len(samples)} samples, no inference", "cyan", attrs=["bold"]))
-        print(tabulate([[k, f"{v:.2f}"] for k, v in rates.items()], headers=["how", "samples/s"], tablefmt="github"))
+        report.update(pipeline(args, samples_for(photos, videos, args.questions_per_clip)))
+        print_pipeline(report)
     if args.infer:
-        from .harness_rate import harness_vs_engine, write_datasets
-        device = resolve_device(args.device)
-        dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
-        with tempfile.TemporaryDirectory(prefix="bench-prep-data-") as tmp:
-            tv, vb = write_datasets(Path(tmp), photos, videos, args.questions_per_clip)
-            infer = harness_vs_engine(preset_checkpoint(args.infer), tv, vb, device, dtype, args.batch_size,
-                                      args.new_tokens, args.prep_workers)
-        report["infer"] = {"preset": args.infer, "device": device, "data_type": dtype, "batch_size": args.batch_size,
-                           "new_tokens": args.new_tokens, "prep_workers": args.prep_workers, "tasks": infer}
-        print(colored(f"\nharness end to end vs the engine alone ({args.infer}, {device}, {dtype}, "
-                      f"batch {args.batch_size}, {args.new_tokens} new tokens)", "cyan", attrs=["bold"]))
-        print(tabulate([[t, r["samples"], f"{r['engine_only']:.2f}", f"{r['harness_cold']:.2f}",
-                         f"{r['harness_warm']:.2f}", f"{r['cold_over_engine']:.2f}", f"{r['warm_over_engine']:.2f}"]
-                        for t, r in infer.items()],
-                       headers=["task", "samples", "engine only /s", "harness cold /s", "harness warm /s",
-                                "cold / engine", "warm / engine"], tablefmt="github"))
+        report["infer"] = infer(args, photos, videos)
+        print_infer(report["infer"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"json: {args.json}")
     return 0
+
+
+def pipeline(args, samples: List[Sample]) -> Dict:
+    """Per medium, the split of one thread's work; then the pipeline's samples/s with the cache
+    off, cold and warm, in threads and in worker processes."""
+    import copy
+
+    import torch
+
+    from ..media import InProcessMedia
+    from ..media.cache import MediaCache
+    from ..media.processor import load_processor
+    from .presets import preset_checkpoint
+
+    processor = load_processor(str(preset_checkpoint(args.preset)))
+    fast = load_processor(str(preset_checkpoint(args.preset)), fast=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each preprocessing thread or worker gets
+    n = args.threads
+    with tempfile.TemporaryDirectory(prefix="bench-prep-cache-") as tmp:
+        split = split_times(processor, fast, samples, Path(tmp) / "split")
+        rates = {
+            f"{n} threads, transformers' processor, cache off": pipeline_rate(
+                processor, samples, n, InProcessMedia(None)
+            ),
+            f"{n} threads, cache off": pipeline_rate(fast, samples, n, InProcessMedia(None)),
+        }
+        cold = MediaCache(Path(tmp) / "threads", 1 << 40)
+        rates[f"{n} threads, cache cold"] = pipeline_rate(fast, samples, n, InProcessMedia(cold))
+        warm = MediaCache(Path(tmp) / "threads", 1 << 40)
+        rates[f"{n} threads, cache warm"] = pipeline_rate(fast, samples, n, InProcessMedia(warm))
+        for workers in sorted({1, args.workers}):
+            r = worker_rates(copy.deepcopy(fast), samples, workers, Path(tmp) / f"workers{workers}")
+            rates[f"{workers} worker(s), decode only, cache cold"] = r["decode only, cold"]
+            rates[f"{workers} worker(s), cache cold"] = r["cold"]
+            rates[f"{workers} worker(s), cache warm"] = r["warm"]
+    torch.set_num_threads(threads)
+    return dict(
+        samples=len(samples),
+        threads=n,
+        per_medium=split,
+        pipeline_samples_per_s=rates,
+        cache={"cold": cold.summary(), "warm": warm.summary()},
+    )
+
+
+def print_pipeline(report: Dict) -> None:
+    rows = [
+        [name]
+        + [
+            f"{t[k]:.3f}"
+            for k in (
+                "decode_s",
+                "processor_s",
+                "fast_processor_s",
+                "today_s",
+                "warm_question_s",
+                "warm_next_question_s",
+            )
+        ]
+        + [f"{t['today_s'] / t['warm_question_s']:.1f}x", f"{t['today_s'] / t['warm_next_question_s']:.1f}x"]
+        for name, t in report["per_medium"].items()
+    ]
+    headers = [
+        "medium",
+        "decode + resize",
+        "processor",
+        "fast processor",
+        "decode + processor",
+        "warm: 1st question",
+        "warm: next question",
+        "speed-up 1st",
+        "speed-up next",
+    ]
+    print(colored("\nper medium, one thread (seconds)", "cyan", attrs=["bold"]))
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    rates = report["pipeline_samples_per_s"]
+    print(colored(f"\npreprocessing pipeline, {report['samples']} samples, no inference", "cyan", attrs=["bold"]))
+    print(tabulate([[k, f"{v:.2f}"] for k, v in rates.items()], headers=["how", "samples/s"], tablefmt="github"))
+
+
+def infer(args, photos, videos) -> Dict:
+    """The harness end to end next to the engine alone, on the same generated datasets."""
+    from ..device import resolve_device
+    from .harness_rate import harness_vs_engine, write_datasets
+    from .presets import preset_checkpoint
+
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    with tempfile.TemporaryDirectory(prefix="bench-prep-data-") as tmp:
+        tv, vb = write_datasets(Path(tmp), photos, videos, args.questions_per_clip)
+        tasks = harness_vs_engine(
+            preset_checkpoint(args.infer), tv, vb, device, dtype, args.batch_size, args.new_tokens, args.prep_workers
+        )
+    return {
+        "preset": args.infer,
+        "device": device,
+        "data_type": dtype,
+        "batch_size": args.batch_size,
+        "new_tokens": args.new_tokens,
+        "prep_workers": args.prep_workers,
+        "tasks": tasks,
+    }
+
+
+def print_infer(report: Dict) -> None:
+    print(
+        colored(
+            f"\nharness end to end vs the engine alone ({report['preset']}, {report['device']}, "
+            f"{report['data_type']}, batch {report['batch_size']}, {report['new_tokens']} new tokens)",
+            "cyan",
+            attrs=["bold"],
+        )
+    )
+    rows = [
+        [t, r["samples"]]
+        + [
+            f"{r[k]:.2f}"
+            for k in ("engine_only", "harness_cold", "harness_warm", "cold_over_engine", "warm_over_engine")
+        ]
+        for t, r in report["tasks"].items()
+    ]
+    headers = [
+        "task",
+        "samples",
+        "engine only /s",
+        "harness cold /s",
+        "harness warm /s",
+        "cold / engine",
+        "warm / engine",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="github"))

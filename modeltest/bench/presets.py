@@ -1,4 +1,5 @@
 """Model shapes for the benchmark, and building a random-weight checkpoint of one (cached on disk)."""
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,54 @@ from ..demo.tiny_model import QWEN2VL_VOCAB, TinyShape, build_tiny_qwen2vl
 # name -> (language model + vision shape, vocab). 2b and 7b are the published configs (Qwen2-VL-2B/7B-Instruct's config.json).
 PRESETS: Dict[str, dict] = {
     "tiny": dict(shape=TinyShape(), vocab=QWEN2VL_VOCAB),
-    "mid": dict(shape=TinyShape(hidden_size=768, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12,
-                                num_key_value_heads=2, mrope_section=[8, 12, 12], vision_depth=8,
-                                vision_embed_dim=640, vision_num_heads=10, tie_word_embeddings=True,
-                                torch_dtype="bfloat16"), vocab=QWEN2VL_VOCAB),
-    "2b": dict(shape=TinyShape(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                               num_key_value_heads=2, mrope_section=[16, 24, 24], vision_depth=32,
-                               vision_embed_dim=1280, vision_num_heads=16, tie_word_embeddings=True,
-                               torch_dtype="bfloat16"), vocab=151936),
-    "7b": dict(shape=TinyShape(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                               num_key_value_heads=4, mrope_section=[16, 24, 24], vision_depth=32,
-                               vision_embed_dim=1280, vision_num_heads=16, tie_word_embeddings=False,
-                               torch_dtype="bfloat16"), vocab=152064),
+    "mid": dict(
+        shape=TinyShape(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=8,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            mrope_section=[8, 12, 12],
+            vision_depth=8,
+            vision_embed_dim=640,
+            vision_num_heads=10,
+            tie_word_embeddings=True,
+            torch_dtype="bfloat16",
+        ),
+        vocab=QWEN2VL_VOCAB,
+    ),
+    "2b": dict(
+        shape=TinyShape(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            mrope_section=[16, 24, 24],
+            vision_depth=32,
+            vision_embed_dim=1280,
+            vision_num_heads=16,
+            tie_word_embeddings=True,
+            torch_dtype="bfloat16",
+        ),
+        vocab=151936,
+    ),
+    "7b": dict(
+        shape=TinyShape(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            mrope_section=[16, 24, 24],
+            vision_depth=32,
+            vision_embed_dim=1280,
+            vision_num_heads=16,
+            tie_word_embeddings=False,
+            torch_dtype="bfloat16",
+        ),
+        vocab=152064,
+    ),
 }
 
 
@@ -66,6 +103,7 @@ def preset_checkpoint(name: str, seed: int = 0) -> Path:
     damaged since (checkpoint_damage) is rebuilt."""
     if name not in PRESETS:
         from ..errors import UserError
+
         raise UserError(f"--preset {name}: unknown; choose one of {', '.join(PRESETS)}")
     out = cache_root() / f"{name}-seed{seed}"
     damage = checkpoint_damage(out)

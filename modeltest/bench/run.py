@@ -10,6 +10,7 @@ Order (`--order`): `paired` (default) loads every backend first and, for each re
 shared machine falls on both; the samples/s ratio is then the median of the per-repeat ratios.
 `sequential` loads one backend at a time (half the memory; for models that fit only once).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ from .workloads import WorkloadSpec, build_inputs
 
 # Peak HBM bandwidth (GB/s) by device name, for the speed-of-light comparison.
 PEAK_BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "A100": 2039}
-RATIO_KEYS = ("samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "decode_ms_per_token", "vision_ms",
-              "peak_host_mb", "peak_device_mb")
+RATIO_KEYS = (
+    "samples_per_s",
+    "tokens_per_s",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "decode_ms_per_token",
+    "vision_ms",
+    "peak_host_mb",
+    "peak_device_mb",
+)
 
 
 def add_parser(sub) -> None:
@@ -48,14 +57,26 @@ def add_parser(sub) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--backends", default="engine,hf")
     b.add_argument("--json", default=None, help="write the results here")
-    b.add_argument("--repeats", type=int, default=1,
-                   help="time each (backend, workload, batch size) this many times and keep the median run")
-    b.add_argument("--order", default="paired", choices=["paired", "sequential"],
-                   help="paired: all backends loaded, repeats interleaved (robust ratios on a noisy machine); "
-                        "sequential: one backend loaded at a time (half the memory)")
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time each (backend, workload, batch size) this many times and keep the median run",
+    )
+    b.add_argument(
+        "--order",
+        default="paired",
+        choices=["paired", "sequential"],
+        help="paired: all backends loaded, repeats interleaved (robust ratios on a noisy machine); "
+        "sequential: one backend loaded at a time (half the memory)",
+    )
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--check-requests", type=int, default=2,
-                   help="requests per workload in the fp32 token check run when --dtype is not fp32 (0: skip)")
+    b.add_argument(
+        "--check-requests",
+        type=int,
+        default=2,
+        help="requests per workload in the fp32 token check run when --dtype is not fp32 (0: skip)",
+    )
     b.set_defaults(func=main)
 
 
@@ -87,14 +108,20 @@ def attribute_memory(m, resident_mb: float, load_device_mb: float, base_rss_mb: 
         m.peak_device_mb = load_device_mb + m.device_growth_mb
 
 
-def measure_together(runners: dict, workloads, inputs, specs, batch_sizes, repeats, preset,
-                     base_rss_mb: float) -> Dict[str, List]:
+def measure_together(
+    runners: dict, workloads, inputs, specs, batch_sizes, repeats, preset, base_rss_mb: float
+) -> Dict[str, List]:
     """Time loaded backends side by side, each repeat running every (batch size, backend) in
     turn; returns each workload's median runs."""
     from tqdm import tqdm
+
     # The bar moves between timed runs only (never inside one), with an ETA for long presets.
-    bar = tqdm(total=len(workloads) * repeats * len(batch_sizes) * len(runners),
-               desc=f"bench {'+'.join(runners)}", unit="run", leave=False)
+    bar = tqdm(
+        total=len(workloads) * repeats * len(batch_sizes) * len(runners),
+        desc=f"bench {'+'.join(runners)}",
+        unit="run",
+        leave=False,
+    )
     resident: Dict[str, float] = {}
     out: Dict[str, List] = {}
     for w in workloads:
@@ -135,10 +162,14 @@ def main(args) -> int:
     processor = AutoProcessor.from_pretrained(path)
     specs, inputs = {}, {}
     for w in workloads:
-        specs[w] = WorkloadSpec(name=w, requests=args.requests,
-                                new_tokens=args.new_tokens or (128 if w == "decode" else 8),
-                                image_size=_size(args.image_size, "--image-size"), frames=args.frames,
-                                frame_size=_size(args.frame_size, "--frame-size"))
+        specs[w] = WorkloadSpec(
+            name=w,
+            requests=args.requests,
+            new_tokens=args.new_tokens or (128 if w == "decode" else 8),
+            image_size=_size(args.image_size, "--image-size"),
+            frames=args.frames,
+            frame_size=_size(args.frame_size, "--frame-size"),
+        )
         inputs[w] = build_inputs(processor, specs[w], seed=args.seed)
     max_input = max(x["input_ids"].shape[1] for w in workloads for x in inputs[w])
     max_output = max(s.new_tokens for s in specs.values())
@@ -148,6 +179,40 @@ def main(args) -> int:
             return EngineRunner(path, args.dtype, device, max(batch_sizes), max_input, max_output)
         return HFRunner(path, TORCH_DTYPES[args.dtype], device)
 
+    measurements, load, engine_sizes = measure_backends(
+        args, backends, make_runner, workloads, inputs, specs, batch_sizes, device
+    )
+    report = build_report(
+        args,
+        measurements,
+        workloads,
+        batch_sizes,
+        device,
+        load,
+        engine_sizes.get("bytes_lm"),
+        engine_sizes.get("shard_mb"),
+    )
+    report["repeats"] = args.repeats
+    unstable = [
+        {"workload": w, "backend": m.backend, "batch_size": m.batch_size, "problem": "tokens differ between repeats"}
+        for w in workloads
+        for m in measurements[w]
+        if not m.extra.get("repeats_agree", True)
+    ]
+    if unstable:
+        report["tokens_match"], report["mismatches"] = False, (unstable + report["mismatches"])[:10]
+    check_tokens_in_fp32(args, report, path, device, inputs, specs, workloads, backends)
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"json: {args.json}")
+    return 0 if report["tokens_match"] is not False else 1
+
+
+def measure_backends(args, backends, make_runner, workloads, inputs, specs, batch_sizes, device):
+    """Every backend's measurements per workload, with their load growth and the engine's sizes:
+    all backends loaded at once and interleaved (--order paired), or one after the other."""
     measurements: Dict[str, List] = {w: [] for w in workloads}
     load, engine_sizes = {}, {}
     base_rss_mb = rss_bytes() / 2**20
@@ -160,51 +225,59 @@ def main(args) -> int:
                 if backend == "engine":
                     stats = runner.engine.stats()
                     engine_sizes = {"bytes_lm": stats.decode_weight_bytes, "shard_mb": stats.shard_bytes / 2**20}
-            timed = measure_together(runners, workloads, inputs, specs, batch_sizes, args.repeats, args.preset,
-                                     base_rss_mb)
+            timed = measure_together(
+                runners, workloads, inputs, specs, batch_sizes, args.repeats, args.preset, base_rss_mb
+            )
             for w in workloads:
                 measurements[w] += timed[w]
             del runners
             if device == "cuda":
                 torch.cuda.empty_cache()
-    except torch.cuda.OutOfMemoryError:   # torch.OutOfMemoryError from 2.5; the same class
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError from 2.5; the same class
         if args.order != "paired":
             raise
-        raise UserError("bench: out of device memory with every backend loaded at once (--order paired); "
-                        "rerun with --order sequential") from None
+        raise UserError(
+            "bench: out of device memory with every backend loaded at once (--order paired); "
+            "rerun with --order sequential"
+        ) from None
+    return measurements, load, engine_sizes
 
-    report = build_report(args, measurements, workloads, batch_sizes, device, load,
-                          engine_sizes.get("bytes_lm"), engine_sizes.get("shard_mb"))
-    report["repeats"] = args.repeats
-    unstable = [{"workload": w, "backend": m.backend, "batch_size": m.batch_size, "problem": "tokens differ between repeats"}
-                for w in workloads for m in measurements[w] if not m.extra.get("repeats_agree", True)]
-    if unstable:
-        report["tokens_match"], report["mismatches"] = False, (unstable + report["mismatches"])[:10]
+
+def check_tokens_in_fp32(args, report, path, device, inputs, specs, workloads, backends) -> None:
+    """In bf16/fp16, move the token comparison's verdict to `lowp_*` and check tokens in fp32."""
     if args.dtype != "fp32" and report["tokens_match"] is not None and args.check_requests > 0:
         # Random weights make near-ties between top logits common, and bf16/fp16 rounding then
         # flips some of them differently in two correct implementations. Token equality is a
         # correctness property, so it is checked where the arithmetic is precise: fp32, same inputs.
         report["lowp_mismatches"] = report.pop("mismatches")
         report["lowp_tokens_match"] = report["tokens_match"]
-        check = fp32_token_check(path, device, {w: inputs[w][:args.check_requests] for w in workloads},
-                                 {w: min(specs[w].new_tokens, 16) for w in workloads}, backends)
+        check = fp32_token_check(
+            path,
+            device,
+            {w: inputs[w][: args.check_requests] for w in workloads},
+            {w: min(specs[w].new_tokens, 16) for w in workloads},
+            backends,
+        )
         report["tokens_match"], report["mismatches"] = not check, check[:10]
         report["tokens_checked_in"] = "fp32"
-    print_report(report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"json: {args.json}")
-    return 0 if report["tokens_match"] is not False else 1
 
 
 def fp32_token_check(path, device, inputs, new_tokens, backends) -> list:
     """Greedy tokens of both backends in fp32, each request alone; returns the mismatches."""
     tokens = {}
     for backend in backends:
-        runner = (EngineRunner(path, "fp32", device, 1, max(x["input_ids"].shape[1] for v in inputs.values()
-                                                                    for x in v), max(new_tokens.values()))
-                  if backend == "engine" else HFRunner(path, torch.float32, device))
+        runner = (
+            EngineRunner(
+                path,
+                "fp32",
+                device,
+                1,
+                max(x["input_ids"].shape[1] for v in inputs.values() for x in v),
+                max(new_tokens.values()),
+            )
+            if backend == "engine"
+            else HFRunner(path, torch.float32, device)
+        )
         for w, xs in inputs.items():
             tokens[(backend, w)] = runner.run(xs, new_tokens[w], 1).tokens
         del runner
@@ -231,34 +304,64 @@ def build_report(args, measurements, workloads, batch_sizes, device, load, bytes
                     if a != b:
                         mismatches.append({"workload": w, "batch_size": bs, "request": i, "engine": a, "hf": b})
                 hf_drift[f"{w}/batch{bs}"] = sum(a != b for a, b in zip(by[("hf", bs)].tokens, reference))
-            pairs = ([(bs, bs) for bs in batch_sizes] if w == "decode" else
-                     [(max((m for m in ms if m.backend == "engine"), key=lambda m: m.elapsed_s * -1).batch_size,
-                       max((m for m in ms if m.backend == "hf"), key=lambda m: m.elapsed_s * -1).batch_size)])
+            pairs = (
+                [(bs, bs) for bs in batch_sizes]
+                if w == "decode"
+                else [
+                    (
+                        max((m for m in ms if m.backend == "engine"), key=lambda m: m.elapsed_s * -1).batch_size,
+                        max((m for m in ms if m.backend == "hf"), key=lambda m: m.elapsed_s * -1).batch_size,
+                    )
+                ]
+            )
             for ebs, hbs in pairs:
                 er, hr = by[("engine", ebs)].row(w, args.preset), by[("hf", hbs)].row(w, args.preset)
-                ratio = {"workload": w, "engine_batch_size": ebs, "hf_batch_size": hbs,
-                         **{k: round(er[k] / hr[k], 3) if er[k] and hr[k] else None for k in RATIO_KEYS}}
+                ratio = {
+                    "workload": w,
+                    "engine_batch_size": ebs,
+                    "hf_batch_size": hbs,
+                    **{k: round(er[k] / hr[k], 3) if er[k] and hr[k] else None for k in RATIO_KEYS},
+                }
                 if args.order == "paired" and args.repeats > 1:
                     # Repeat r of engine and of hf ran seconds apart: each pair shares the machine's
                     # state, so the median of their ratios is the figure least moved by other tenants.
-                    paired = [round(h / e, 3) for e, h in zip(by[("engine", ebs)].extra["repeats_s"],
-                                                                by[("hf", hbs)].extra["repeats_s"])]
+                    paired = [
+                        round(h / e, 3)
+                        for e, h in zip(by[("engine", ebs)].extra["repeats_s"], by[("hf", hbs)].extra["repeats_s"])
+                    ]
                     ratio["samples_per_s_by_repeat"] = paired
                     ratio["samples_per_s"] = statistics.median(paired)
                 ratios.append(ratio)
-    report = {"preset": args.preset, "device": device_name(device), "dtype": args.dtype, "requests": args.requests,
-              "order": args.order,
-              "results": rows, "ratios": ratios, "tokens_match": None if not ratios else not mismatches,
-              "mismatches": mismatches[:10], "hf_batch_drift": hf_drift, "load_host_growth_mb": load, "engine_shard_mb": shard_mb,
-              "command": " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version()}
+    report = {
+        "preset": args.preset,
+        "device": device_name(device),
+        "dtype": args.dtype,
+        "requests": args.requests,
+        "order": args.order,
+        "results": rows,
+        "ratios": ratios,
+        "tokens_match": None if not ratios else not mismatches,
+        "mismatches": mismatches[:10],
+        "hf_batch_drift": hf_drift,
+        "load_host_growth_mb": load,
+        "engine_shard_mb": shard_mb,
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     if device == "cuda" and bytes_lm:
-        decode_b1 = next((r for r in rows if r["backend"] == "engine" and r["workload"] == "decode"
-                          and r["batch_size"] == 1), None)
+        decode_b1 = next(
+            (r for r in rows if r["backend"] == "engine" and r["workload"] == "decode" and r["batch_size"] == 1), None
+        )
         if decode_b1 and decode_b1["decode_ms_per_token"]:
             achieved = bytes_lm / (decode_b1["decode_ms_per_token"] / 1000) / 1e9
             peak = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in report["device"]), None)
-            report["bandwidth"] = {"model_gb": round(bytes_lm / 1e9, 3), "achieved_gbs": round(achieved, 1),
-                                   "peak_gbs": peak, "fraction": round(achieved / peak, 3) if peak else None}
+            report["bandwidth"] = {
+                "model_gb": round(bytes_lm / 1e9, 3),
+                "achieved_gbs": round(achieved, 1),
+                "peak_gbs": peak,
+                "fraction": round(achieved / peak, 3) if peak else None,
+            }
     return report
 
 
@@ -273,15 +376,38 @@ def device_name(device: str) -> str:
 def print_report(report: dict) -> None:
     from tabulate import tabulate
     from termcolor import colored
-    cols = ["backend", "workload", "batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms",
-            "decode_ms_per_token", "vision_ms", "peak_host_mb", "peak_device_mb"]
+
+    cols = [
+        "backend",
+        "workload",
+        "batch_size",
+        "samples_per_s",
+        "tokens_per_s",
+        "ttft_p50_ms",
+        "ttft_p90_ms",
+        "decode_ms_per_token",
+        "vision_ms",
+        "peak_host_mb",
+        "peak_device_mb",
+    ]
     repeats = report.get("repeats", 1)
     timing = f" | median of {repeats} runs each, {report.get('order', 'sequential')} order" if repeats > 1 else ""
-    print(colored(f"\npreset {report['preset']} | {report['device']} | {report['dtype']}{timing}", "cyan", attrs=["bold"]))
+    print(
+        colored(f"\npreset {report['preset']} | {report['device']} | {report['dtype']}{timing}", "cyan", attrs=["bold"])
+    )
     print(tabulate([[r[c] for c in cols] for r in report["results"]], headers=cols, tablefmt="github"))
     if report["ratios"]:
-        rcols = ["workload", "engine_batch_size", "hf_batch_size", "samples_per_s", "tokens_per_s", "ttft_p50_ms",
-                 "decode_ms_per_token", "vision_ms", "peak_host_mb"]
+        rcols = [
+            "workload",
+            "engine_batch_size",
+            "hf_batch_size",
+            "samples_per_s",
+            "tokens_per_s",
+            "ttft_p50_ms",
+            "decode_ms_per_token",
+            "vision_ms",
+            "peak_host_mb",
+        ]
         print(colored("\nengine / hf", "cyan", attrs=["bold"]))
         if any("samples_per_s_by_repeat" in r for r in report["ratios"]):
             rcols.append("samples_per_s_by_repeat")
@@ -297,5 +423,10 @@ def print_report(report: dict) -> None:
         print(colored(f"tokens match between engine and hf{where}", "green"))
     if report.get("lowp_tokens_match") is False:
         n = len(report["lowp_mismatches"])
-        print(colored(f"note: {n}+ request(s) differ in {report['dtype']} (near-tied logits on random weights "
-                      "round differently); see lowp_mismatches", "yellow"))
+        print(
+            colored(
+                f"note: {n}+ request(s) differ in {report['dtype']} (near-tied logits on random weights "
+                "round differently); see lowp_mismatches",
+                "yellow",
+            )
+        )

@@ -1,6 +1,7 @@
 """`modeltest bench-serve TASK MODEL model.api_base=URL [...]`: drive any OpenAI-compatible server
 with a task's samples — the same chat requests the `openai` backend sends — at a given
 concurrency and/or request rate, and report what `vllm bench serve` reports (serve_metrics.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,13 +19,19 @@ from .serve_metrics import PERCENTILES, RequestResult, parse_goodput, serving_me
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench-serve", help="benchmark a served deployment (as vllm bench serve does) with a task's samples")
+    b = sub.add_parser(
+        "bench-serve", help="benchmark a served deployment (as vllm bench serve does) with a task's samples"
+    )
     b.add_argument("task")
     b.add_argument("model")
     b.add_argument("overrides", nargs="*", help="key=value as for `run`; model.api_base=http://HOST:PORT/v1 is needed")
     b.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
-    b.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests per second, Poisson arrivals (default: inf, all at once)")
+    b.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (default: inf, all at once)",
+    )
     b.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrivals (1: Poisson)")
     b.add_argument("--num-prompts", type=int, default=None, help="requests to send (default: every sample; cycled)")
     b.add_argument("--warmups", type=int, default=1, help="requests sent first and not counted")
@@ -46,8 +53,14 @@ async def one_request(client, model: str, request: dict, max_tokens: int, ignore
     usage, chunks = None, 0
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=request["messages"], max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body=extra or None)
+            model=model,
+            messages=request["messages"],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra or None,
+        )
         async for chunk in stream:
             now = time.perf_counter()
             if getattr(chunk, "usage", None):
@@ -59,18 +72,24 @@ async def one_request(client, model: str, request: dict, max_tokens: int, ignore
                     gaps.append(now - last)
                 last = now
                 chunks += 1
-    except Exception as e:   # a failed request is counted, and the benchmark goes on
+    except Exception as e:  # a failed request is counted, and the benchmark goes on
         from ..backends.openai import server_error_message
+
         return RequestResult(ok=False, error=server_error_message(getattr(e, "body", None), first_line(e, 120)))
     end = time.perf_counter()
-    return RequestResult(ok=True, prompt_tokens=(usage.prompt_tokens if usage else 0) or 0,
-                         output_tokens=usage.completion_tokens if usage and usage.completion_tokens is not None else chunks,
-                         ttft_s=(first - start) if first is not None else None,
-                         e2el_s=((last or end) - start), itl_s=gaps)
+    return RequestResult(
+        ok=True,
+        prompt_tokens=(usage.prompt_tokens if usage else 0) or 0,
+        output_tokens=usage.completion_tokens if usage and usage.completion_tokens is not None else chunks,
+        ttft_s=(first - start) if first is not None else None,
+        e2el_s=((last or end) - start),
+        itl_s=gaps,
+    )
 
 
 async def drive(args, api_base: str, api_key: str, model: str, requests: List[dict], max_tokens: int) -> dict:
     from openai import AsyncOpenAI
+
     client = AsyncOpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=3600)
     for r in requests[: args.warmups]:
         await one_request(client, model, r, max_tokens, args.ignore_eos)
@@ -84,6 +103,7 @@ async def drive(args, api_base: str, api_key: str, model: str, requests: List[di
             return await one_request(client, model, r, max_tokens, args.ignore_eos)
         async with gate:
             return await one_request(client, model, r, max_tokens, args.ignore_eos)
+
     start = time.perf_counter()
     tasks = []
     for i, r in enumerate(todo):
@@ -106,7 +126,9 @@ def main(args) -> int:
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise UserError(f"--max-concurrency {args.max_concurrency}: must be at least 1")
     if args.num_prompts is not None and args.num_prompts < 1:
-        raise UserError(f"--num-prompts {args.num_prompts}: must be at least 1 (leave it out to send every sample once)")
+        raise UserError(
+            f"--num-prompts {args.num_prompts}: must be at least 1 (leave it out to send every sample once)"
+        )
     if not args.request_rate > 0:
         raise UserError(f"--request-rate {args.request_rate}: must be above 0 (inf: all at once)")
     slo = parse_goodput(args.goodput)
@@ -125,14 +147,25 @@ def main(args) -> int:
     backend.close()
     if not requests:
         raise UserError(f"{cfg.task.local_dataset_path}: no sample could be turned into a request")
-    print(f"bench-serve: {args.num_prompts or len(requests)} request(s) from {len(requests)} {cfg.task.task_name} "
-          f"sample(s) to {cfg.model.api_base} ({backend.served_name}), concurrency "
-          f"{args.max_concurrency or 'unlimited'}, rate {args.request_rate}/s", flush=True)
+    print(
+        f"bench-serve: {args.num_prompts or len(requests)} request(s) from {len(requests)} {cfg.task.task_name} "
+        f"sample(s) to {cfg.model.api_base} ({backend.served_name}), concurrency "
+        f"{args.max_concurrency or 'unlimited'}, rate {args.request_rate}/s",
+        flush=True,
+    )
     run = asyncio.run(drive(args, cfg.model.api_base, api_key(cfg.model), backend.served_name, requests, n_new))
     figures = serving_metrics(run["results"], run["duration"], slo)
-    report = {"task": cfg.task.task_name, "api_base": cfg.model.api_base, "model": backend.served_name,
-              "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
-              "burstiness": args.burstiness, "max_tokens": n_new, "ignore_eos": args.ignore_eos, **figures}
+    report = {
+        "task": cfg.task.task_name,
+        "api_base": cfg.model.api_base,
+        "model": backend.served_name,
+        "max_concurrency": args.max_concurrency,
+        "request_rate": args.request_rate,
+        "burstiness": args.burstiness,
+        "max_tokens": n_new,
+        "ignore_eos": args.ignore_eos,
+        **figures,
+    }
     print_report(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -144,17 +177,27 @@ def main(args) -> int:
 def print_report(r: dict) -> None:
     def f(x, digits=2):
         return "-" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
-    rows = [["Successful requests", r["successful_requests"]], ["Failed requests", r["failed_requests"]],
-            ["Max concurrency", r["max_concurrency"] or "unlimited"], ["Request rate (req/s)", f(r["request_rate"])],
-            ["Benchmark duration (s)", f(r["duration_s"])], ["Total input tokens", r["total_input_tokens"]],
-            ["Total generated tokens", r["total_output_tokens"]],
-            ["Request throughput (req/s)", f(r["request_throughput"])],
-            ["Output token throughput (tok/s)", f(r["output_token_throughput"])],
-            ["Total token throughput (tok/s)", f(r["total_token_throughput"])]]
+
+    rows = [
+        ["Successful requests", r["successful_requests"]],
+        ["Failed requests", r["failed_requests"]],
+        ["Max concurrency", r["max_concurrency"] or "unlimited"],
+        ["Request rate (req/s)", f(r["request_rate"])],
+        ["Benchmark duration (s)", f(r["duration_s"])],
+        ["Total input tokens", r["total_input_tokens"]],
+        ["Total generated tokens", r["total_output_tokens"]],
+        ["Request throughput (req/s)", f(r["request_throughput"])],
+        ["Output token throughput (tok/s)", f(r["output_token_throughput"])],
+        ["Total token throughput (tok/s)", f(r["total_token_throughput"])],
+    ]
     if "goodput" in r:
         rows.append(["Request goodput (req/s)", f(r["goodput"]["request_goodput"])])
-    for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
-                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    for name, title in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
         s = r[name]
         rows.append([colored(title, attrs=["bold"]), ""])
         rows += [["  mean / median (ms)", f"{f(s['mean_ms'])} / {f(s['median_ms'])}"]]

@@ -6,6 +6,7 @@ per request with more than one output token; E2EL = time to the last chunk. Thro
 second of the whole run (first request sent to last answer). Goodput counts the successful
 requests that meet every given SLO (milliseconds), per second.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ class RequestResult:
     output_tokens: int = 0
     ttft_s: Optional[float] = None
     e2el_s: Optional[float] = None
-    itl_s: List[float] = field(default_factory=list)     # gaps between content chunks
+    itl_s: List[float] = field(default_factory=list)  # gaps between content chunks
     error: Optional[str] = None
 
     @property
@@ -38,29 +39,35 @@ def summarize(values_s: List[float]) -> Dict[str, Optional[float]]:
     if not values_s:
         return {"mean_ms": None, "median_ms": None, "std_ms": None, **{f"p{p}_ms": None for p in PERCENTILES}}
     a = np.asarray(values_s, dtype=float) * 1000
-    return {"mean_ms": float(a.mean()), "median_ms": float(np.median(a)), "std_ms": float(a.std()),
-            **{f"p{p}_ms": float(np.percentile(a, p)) for p in PERCENTILES}}
+    return {
+        "mean_ms": float(a.mean()),
+        "median_ms": float(np.median(a)),
+        "std_ms": float(a.std()),
+        **{f"p{p}_ms": float(np.percentile(a, p)) for p in PERCENTILES},
+    }
 
 
 def meets(r: RequestResult, slo_ms: Dict[str, float]) -> bool:
     got = {"ttft": r.ttft_s, "tpot": r.tpot_s, "e2el": r.e2el_s}
     for name, limit in slo_ms.items():
         value = got[name]
-        if name == "tpot" and value is None and r.ok:   # a one-token answer has no TPOT to miss
+        if name == "tpot" and value is None and r.ok:  # a one-token answer has no TPOT to miss
             continue
         if value is None or value * 1000 > limit:
             return False
     return True
 
 
-def serving_metrics(results: List[RequestResult], duration_s: float,
-                    slo_ms: Optional[Dict[str, float]] = None) -> Dict:
+def serving_metrics(results: List[RequestResult], duration_s: float, slo_ms: Optional[Dict[str, float]] = None) -> Dict:
     ok = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_tokens for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
     out = {
-        "successful_requests": len(ok), "failed_requests": len(results) - len(ok),
-        "duration_s": duration_s, "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
+        "successful_requests": len(ok),
+        "failed_requests": len(results) - len(ok),
+        "duration_s": duration_s,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
         "request_throughput": len(ok) / duration_s if duration_s > 0 else None,
         "output_token_throughput": output_tokens / duration_s if duration_s > 0 else None,
         "total_token_throughput": (input_tokens + output_tokens) / duration_s if duration_s > 0 else None,
@@ -73,8 +80,11 @@ def serving_metrics(results: List[RequestResult], duration_s: float,
     }
     if slo_ms:
         good = sum(1 for r in ok if meets(r, slo_ms))
-        out["goodput"] = {"slo_ms": dict(slo_ms), "good_requests": good,
-                          "request_goodput": good / duration_s if duration_s > 0 else None}
+        out["goodput"] = {
+            "slo_ms": dict(slo_ms),
+            "good_requests": good,
+            "request_goodput": good / duration_s if duration_s > 0 else None,
+        }
     errors: Dict[str, int] = {}
     for r in results:
         if not r.ok:
@@ -86,6 +96,7 @@ def serving_metrics(results: List[RequestResult], duration_s: float,
 def parse_goodput(items: List[str]) -> Dict[str, float]:
     """["ttft:500", "tpot:50", "e2el:2000"] -> {"ttft": 500.0, ...} (milliseconds)."""
     from ..errors import UserError
+
     slo = {}
     for item in items or []:
         name, sep, value = item.partition(":")

@@ -5,6 +5,7 @@
 - decode:     N text prompts, a long forced output (ignore_eos)
 Every request differs a little (image content, question number), as in a real dataset.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,13 +39,24 @@ def build_inputs(processor, spec: WorkloadSpec, seed: int = 0) -> List[dict]:
     out = []
     for i in range(spec.requests):
         if spec.name == "textvqa":
-            content = [{"type": "image"}, {"type": "text", "text": f"what is written on sign {i}? Answer the question "
-                                                                  "using a single word or phrase."}]
+            content = [
+                {"type": "image"},
+                {
+                    "type": "text",
+                    "text": f"what is written on sign {i}? Answer the question using a single word or phrase.",
+                },
+            ]
             kwargs = {"images": [_image(rng, spec.image_size)]}
         elif spec.name == "videobench":
-            content = [{"type": "video"}, {"type": "text", "text": f"Question {i}: what happens? A.run B.walk C.sit "
-                                                                  "D.jump \n Among the four options A, B, C, D above, "
-                                                                  "the one closest to the correct answer is:"}]
+            content = [
+                {"type": "video"},
+                {
+                    "type": "text",
+                    "text": f"Question {i}: what happens? A.run B.walk C.sit "
+                    "D.jump \n Among the four options A, B, C, D above, "
+                    "the one closest to the correct answer is:",
+                },
+            ]
             w, h = spec.frame_size
             frames = torch.from_numpy(np.stack([np.asarray(_image(rng, (w, h))) for _ in range(spec.frames)]))
             kwargs = {"videos": [frames.permute(0, 3, 1, 2).float()]}
@@ -54,8 +66,10 @@ def build_inputs(processor, spec: WorkloadSpec, seed: int = 0) -> List[dict]:
             kwargs = {}
         else:
             from ..errors import UserError
+
             raise UserError(f"--workload {spec.name}: unknown; choose textvqa, videobench or decode")
-        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         out.append(processor(text=[text], return_tensors="pt", **kwargs))
     return out

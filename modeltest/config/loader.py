@@ -6,6 +6,7 @@ Override grammar (values are parsed as YAML scalars, so `8` is an integer and `n
     data_type=fp16                                                  (a unique model/task key may
                                                                      drop its prefix)
 """
+
 from __future__ import annotations
 
 import difflib
@@ -87,11 +88,15 @@ def _set_path(d: dict, path: List[str], value) -> None:
     d[path[-1]] = value
 
 
-def apply_overrides(model_raw: dict, task_raw: dict, run_raw: dict, overrides: List[str],
-                    task_config_cls: type) -> None:
+def apply_overrides(
+    model_raw: dict, task_raw: dict, run_raw: dict, overrides: List[str], task_config_cls: type
+) -> None:
     run_keys = field_paths(RunConfig)
-    every = run_keys + ["model." + k for k in field_paths(ModelConfig)] + \
-        ["task." + k for k in field_paths(task_config_cls)]
+    every = (
+        run_keys
+        + ["model." + k for k in field_paths(ModelConfig)]
+        + ["task." + k for k in field_paths(task_config_cls)]
+    )
     for text in overrides:
         key, value = _parse_override(text)
         if key not in every and not key.startswith("task.subject_mapping."):
@@ -99,8 +104,11 @@ def apply_overrides(model_raw: dict, task_raw: dict, run_raw: dict, overrides: L
             matches = [k for k in every if k.rsplit(".", 1)[-1] == key]
             if len(matches) != 1:
                 close = difflib.get_close_matches(key, every, n=1, cutoff=0.5)
-                hint = (f"; did you mean '{close[0]}'?" if close
-                        else "; use model.KEY=, task.KEY= or one of " + ", ".join(run_keys))
+                hint = (
+                    f"; did you mean '{close[0]}'?"
+                    if close
+                    else "; use model.KEY=, task.KEY= or one of " + ", ".join(run_keys)
+                )
                 raise UserError(f"command line: unknown key '{key}'{hint}")
             key = matches[0]
         scope, _, rest = key.partition(".")
@@ -127,31 +135,40 @@ def resolve_data_type(model: ModelConfig) -> str:
     key = "torch_dtype" if raw.get("torch_dtype") else "dtype"
     torch_dtype = raw.get(key) or "bfloat16"
     if torch_dtype not in TORCH_DTYPE_TO_DATA_TYPE:
-        raise UserError(f"{cfg_path}: {key} '{torch_dtype}' is not one of "
-                        f"{', '.join(TORCH_DTYPE_TO_DATA_TYPE)}; fix it or set model.data_type=bf16|fp16|fp32")
+        raise UserError(
+            f"{cfg_path}: {key} '{torch_dtype}' is not one of "
+            f"{', '.join(TORCH_DTYPE_TO_DATA_TYPE)}; fix it or set model.data_type=bf16|fp16|fp32"
+        )
     return TORCH_DTYPE_TO_DATA_TYPE[torch_dtype]
 
 
 def validate_paths(cfg: EvalConfig) -> None:
     """Fail before anything loads when a path is wrong."""
     m, t = cfg.model, cfg.task
-    if traits(m.backend).served:     # the model is on a server: only the dataset is local
+    if traits(m.backend).served:  # the model is on a server: only the dataset is local
         if not m.api_base:
-            raise UserError(f"{cfg.model_file}: backend openai needs 'api_base'; pass "
-                            "model.api_base=http://HOST:PORT/v1")
+            raise UserError(
+                f"{cfg.model_file}: backend openai needs 'api_base'; pass model.api_base=http://HOST:PORT/v1"
+            )
         if not t.local_dataset_path:
             raise UserError(f"{cfg.task_file}: 'local_dataset_path' is not set; pass task.local_dataset_path=/path")
         if not Path(t.local_dataset_path).exists():
             raise UserError(f"task.local_dataset_path: '{t.local_dataset_path}' does not exist; fix the path")
         return
     if not m.model_path:
-        raise UserError(f"{cfg.model_file}: 'model_path' is not set; set it in the file or pass model.model_path=/path/to/Qwen2-VL")
+        raise UserError(
+            f"{cfg.model_file}: 'model_path' is not set; set it in the file or pass model.model_path=/path/to/Qwen2-VL"
+        )
     mp = Path(m.model_path)
     if not mp.is_dir():
-        raise UserError(f"model.model_path: '{mp}' is not a folder; point it at the weights folder (holding config.json)")
+        raise UserError(
+            f"model.model_path: '{mp}' is not a folder; point it at the weights folder (holding config.json)"
+        )
     if not (mp / "config.json").is_file():
-        raise UserError(f"model.model_path: '{mp}' has no config.json; point it at a Hugging Face Qwen2-VL weights folder")
-    read_checkpoint_config(mp)       # a checkpoint of another family: one line, before anything loads
+        raise UserError(
+            f"model.model_path: '{mp}' has no config.json; point it at a Hugging Face Qwen2-VL weights folder"
+        )
+    read_checkpoint_config(mp)  # a checkpoint of another family: one line, before anything loads
     if not t.local_dataset_path:
         raise UserError(f"{cfg.task_file}: 'local_dataset_path' is not set; pass task.local_dataset_path=/path")
     if not Path(t.local_dataset_path).exists():
@@ -174,8 +191,9 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(f"media_cache_gb: must be positive, got {cfg.run.media_cache_gb}")
     pw = cfg.run.prep_workers
     if pw != "auto" and not (isinstance(pw, int) and not isinstance(pw, bool) and pw >= 0):
-        raise UserError(f"prep_workers: '{pw}' must be auto or a number of processes >= 0 (0: decode in the "
-                        "harness's threads)")
+        raise UserError(
+            f"prep_workers: '{pw}' must be auto or a number of processes >= 0 (0: decode in the harness's threads)"
+        )
     if cfg.run.prep_timeout_s <= 0:
         raise UserError(f"prep_timeout_s: must be positive, got {cfg.run.prep_timeout_s}")
     m = cfg.model
@@ -183,11 +201,14 @@ def validate_values(cfg: EvalConfig) -> None:
         if m.media not in OPENAI_MEDIA:
             raise UserError(f"model.media: '{m.media}' is not one of {', '.join(OPENAI_MEDIA)}")
         if m.concurrency < 1 or m.max_retries < 0 or m.timeout <= 0:
-            raise UserError("model.concurrency must be at least 1, model.max_retries at least 0 and "
-                            "model.timeout positive")
+            raise UserError(
+                "model.concurrency must be at least 1, model.max_retries at least 0 and model.timeout positive"
+            )
         if not m.use_chat_template:
-            raise UserError("model.use_chat_template=false cannot be sent to a server: the chat API applies "
-                            "the server's chat template")
+            raise UserError(
+                "model.use_chat_template=false cannot be sent to a server: the chat API applies "
+                "the server's chat template"
+            )
     for kind, options in cfg.task.media_options().items():
         problem = option_problem(options, kind)
         if problem:
@@ -196,8 +217,14 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(f"task.metric.metric_type: '{cfg.task.metric.metric_type}' is not supported; use acc")
 
 
-def load_config(tasks: Mapping[str, Any], task_name: str, model_name: str, overrides: Optional[List[str]] = None,
-                config_dir: Optional[Path] = None, check_paths: bool = True) -> EvalConfig:
+def load_config(
+    tasks: Mapping[str, Any],
+    task_name: str,
+    model_name: str,
+    overrides: Optional[List[str]] = None,
+    config_dir: Optional[Path] = None,
+    check_paths: bool = True,
+) -> EvalConfig:
     """tasks: the task registry (modeltest.tasks.TASKS: name -> Task class, whose config_class
     the task's YAML is read into), handed in so that config imports no task."""
     TASKS = tasks
@@ -207,11 +234,15 @@ def load_config(tasks: Mapping[str, Any], task_name: str, model_name: str, overr
     task_file = config_dir / "task" / f"{task_name}.yaml"
     model_file = config_dir / "model" / f"{model_name}.yaml"
     if not task_file.is_file():
-        raise UserError(f"unknown task '{task_name}'; available: {', '.join(available(config_dir, 'task')) or 'none'} "
-                        f"(files in {config_dir / 'task'})")
+        raise UserError(
+            f"unknown task '{task_name}'; available: {', '.join(available(config_dir, 'task')) or 'none'} "
+            f"(files in {config_dir / 'task'})"
+        )
     if not model_file.is_file():
-        raise UserError(f"unknown model '{model_name}'; available: {', '.join(available(config_dir, 'model')) or 'none'} "
-                        f"(files in {config_dir / 'model'})")
+        raise UserError(
+            f"unknown model '{model_name}'; available: {', '.join(available(config_dir, 'model')) or 'none'} "
+            f"(files in {config_dir / 'model'})"
+        )
     model_raw, task_raw, run_raw = _read_yaml(model_file), _read_yaml(task_file), {}
     declared = task_raw.get("task_name", task_name)
     if declared not in TASKS:
@@ -222,11 +253,13 @@ def load_config(tasks: Mapping[str, Any], task_name: str, model_name: str, overr
         model=build_dataclass(ModelConfig, model_raw, str(model_file)),
         task=build_dataclass(task_cls, task_raw, str(task_file)),
         run=build_dataclass(RunConfig, run_raw, "command line"),
-        model_file=str(model_file), task_file=str(task_file), overrides=tuple(overrides),
+        model_file=str(model_file),
+        task_file=str(task_file),
+        overrides=tuple(overrides),
     )
     validate_values(cfg)
     if check_paths:
         validate_paths(cfg)
-        if traits(cfg.model.backend).local_weights:    # a served model's data type is the server's business
+        if traits(cfg.model.backend).local_weights:  # a served model's data type is the server's business
             cfg.model.data_type = resolve_data_type(cfg.model)
     return cfg

@@ -4,6 +4,7 @@ Every YAML file and every command-line override goes through `build_dataclass`, 
 unknown keys (naming the closest valid one) and wrong types (naming the expected one), so a typo
 never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,13 +16,13 @@ from typing import Any, Dict, Optional
 from ..device import TORCH_DTYPES
 from ..errors import UserError
 
-DATA_TYPES = tuple(TORCH_DTYPES)      # bf16, fp16, fp32
+DATA_TYPES = tuple(TORCH_DTYPES)  # bf16, fp16, fp32
 OPENAI_MEDIA = ("data", "file")
 
 
 @dataclass
 class InferParams:
-    max_output_length: int = 100      # the reference evaluation's (engine/request.py says why the others differ)
+    max_output_length: int = 100  # the reference evaluation's (engine/request.py says why the others differ)
 
 
 @dataclass
@@ -45,15 +46,15 @@ class ModelConfig:
     use_chat_template: bool = True
     mm_model: MMModelConfig = field(default_factory=MMModelConfig)
     # ---- backend "openai": a served deployment (modeltest serve, vLLM, SGLang, MindIE Service) ----
-    api_base: Optional[str] = None           # e.g. http://127.0.0.1:8000/v1
+    api_base: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
     # The key; null reads $OPENAI_API_KEY. Never written to the saved configuration or debug file.
     api_key: Optional[str] = None
     served_model_name: Optional[str] = None  # null: the first model /v1/models lists
-    concurrency: int = 8                     # requests in flight
-    timeout: float = 600.0                   # seconds per request attempt
-    max_retries: int = 5                     # on connection errors, 429 and 5xx (never other 4xx)
-    retry_backoff: float = 1.0               # seconds before the first retry; doubles, with jitter
-    media: str = "data"                      # data: base64 data URLs (any server); file: file:// paths
+    concurrency: int = 8  # requests in flight
+    timeout: float = 600.0  # seconds per request attempt
+    max_retries: int = 5  # on connection errors, 429 and 5xx (never other 4xx)
+    retry_backoff: float = 1.0  # seconds before the first retry; doubles, with jitter
+    media: str = "data"  # data: base64 data URLs (any server); file: file:// paths
     # Send the task's pixel/fps options as mm_processor_kwargs (modeltest serve and vLLM read them).
     send_preprocessing: bool = True
 
@@ -66,6 +67,7 @@ class MetricConfig:
 @dataclass
 class TaskConfig:
     """What every task's config has; each task module (modeltest/tasks) subclasses it."""
+
     task_name: str = ""
     local_dataset_path: Optional[str] = None
     requested_max_input_length: int = 4096
@@ -84,6 +86,7 @@ class TaskConfig:
 @dataclass
 class RunConfig:
     """Settings of one run, not of the model or the dataset."""
+
     # Default: output/<YYYY-MM-DD>/modeltest/<model_name>/precision_result/
     output_dir: Optional[str] = None
     batch_size: int = 1

@@ -1,4 +1,5 @@
 """`modeltest demo`: build the tiny model and datasets, then run both tasks through scripts/mm_run.sh."""
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,17 @@ def run_demo(paths: DemoPaths, extra: Optional[List[str]] = None) -> int:
     # The review of each run: `modeltest report` (with a second run, it would compare them).
     out = demo_output_dir(extra)
     for task in ("textvqa", "videobench"):
-        cmd = [sys.executable, "-m", "modeltest", "report", str(out), "--task", task, "--out", str(out / "report" / task)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "modeltest",
+            "report",
+            str(out),
+            "--task",
+            task,
+            "--out",
+            str(out / "report" / task),
+        ]
         print("$ " + " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
@@ -97,12 +108,14 @@ def next_steps(paths: DemoPaths, out: Path) -> str:
         f"  {cli} serve --model_path {paths.model} --port 8000 &\n"
         f"  {cli} bench-serve textvqa qwen2_vl model.api_base=http://127.0.0.1:8000/v1 "
         f"task.local_dataset_path={paths.textvqa_jsonl} --num-prompts 8   # benchmark the server\n"
-        f"  {cli} --help                              # every command")
+        f"  {cli} --help                              # every command"
+    )
 
 
 def demo_output_dir(extra: Optional[List[str]]) -> Path:
     """Where the demo's runs write: an output_dir=... among the extra overrides, else the default."""
     from ..outputs import default_output_dir
+
     for item in extra or []:
         if item.startswith(("output_dir=", "run.output_dir=")):
             return Path(item.split("=", 1)[1])

@@ -1,4 +1,5 @@
 """Small TextVQA- and VideoBench-format datasets in the exact on-disk formats (README "Running on real weights and data")."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,17 @@ from PIL import Image, ImageDraw
 TEXTVQA_ITEMS = [
     ("STOP", "what does the sign say?", ["stop"] * 8 + ["stop sign", "STOP"]),
     ("OPEN", "what word is written on the door?", ["open"] * 6 + ["Open", "open.", "opened", "open sign"]),
-    ("CAFE 24", "what is the name of the shop?", ["cafe 24"] * 4 + ["cafe", "cafe24", "Cafe 24", "24", "cafe 24", "coffee"]),
+    (
+        "CAFE 24",
+        "what is the name of the shop?",
+        ["cafe 24"] * 4 + ["cafe", "cafe24", "Cafe 24", "24", "cafe 24", "coffee"],
+    ),
     ("EXIT", "what does the green sign read?", ["exit"] * 10),
-    ("SALE 50%", "what is on sale?", ["50%"] * 3 + ["sale", "sale 50%", "50", "half", "50 percent", "everything", "clothes"]),
+    (
+        "SALE 50%",
+        "what is on sale?",
+        ["50%"] * 3 + ["sale", "sale 50%", "50", "half", "50 percent", "everything", "clothes"],
+    ),
     ("BUS 7", "which bus number is shown?", ["7"] * 5 + ["seven", "bus 7", "7.", "number 7", "7"]),
     ("NO PARKING", "what is not allowed here?", ["parking"] * 7 + ["no parking", "park", "cars"]),
     ("HOTEL", "what kind of building is this?", ["hotel"] * 9 + ["motel"]),
@@ -27,23 +36,47 @@ VIDEO_COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 2
 VIDEOBENCH_ITEMS: Dict[str, List] = {
     "ActivityNet": [
         ("v_demo_red", "What color is the moving square?", {"A": "red", "B": "green", "C": "blue", "D": "yellow"}, "A"),
-        ("v_demo_blue", "Which direction does the square move?", {"A": "left", "B": "right", "C": "up", "D": "down"}, "B"),
-        ("v_demo_green", "How many squares are there?", {"A": "one", "B": "two", "C": "three", "D": "four", "E": "none"}, "A"),
+        (
+            "v_demo_blue",
+            "Which direction does the square move?",
+            {"A": "left", "B": "right", "C": "up", "D": "down"},
+            "B",
+        ),
+        (
+            "v_demo_green",
+            "How many squares are there?",
+            {"A": "one", "B": "two", "C": "three", "D": "four", "E": "none"},
+            "A",
+        ),
     ],
     "MSVD": [
         ("msvd_yellow", "Is the background dark?", {"A": "yes", "B": "no"}, "A"),
-        ("msvd_red", "What shape moves across the screen?", {"A": "circle", "B": "square", "C": "triangle", "D": None}, "B"),
+        (
+            "msvd_red",
+            "What shape moves across the screen?",
+            {"A": "circle", "B": "square", "C": "triangle", "D": None},
+            "B",
+        ),
     ],
     "MOT": [
-        ("mot_blue", "How many objects are tracked?", {"A": "1", "B": "2", "C": "3", "D": "4", "E": "5", "F": "6"}, "A"),
+        (
+            "mot_blue",
+            "How many objects are tracked?",
+            {"A": "1", "B": "2", "C": "3", "D": "4", "E": "5", "F": "6"},
+            "A",
+        ),
     ],
     "NBA": [
         ("nba_green", "What happens in the clip?", {"A": "a dunk", "B": "a free throw", "C": "a square moves"}, "C"),
         ("nba_red", "Which team scores?", {"A": "home", "B": "away", "C": "neither", "D": "both"}, "C"),
     ],
     "Driving-exam": [
-        ("drive_yellow", "What should the driver do?", {"A": "stop", "B": "go", "C": "turn left", "D": "turn right",
-                                                         "E": "reverse"}, "A"),
+        (
+            "drive_yellow",
+            "What should the driver do?",
+            {"A": "stop", "B": "go", "C": "turn left", "D": "turn right", "E": "reverse"},
+            "A",
+        ),
     ],
     "SQA3D": [
         ("sqa_blue", "What is in front of me?", {"A": "a table", "B": "a chair", "C": "a square", "D": "a wall"}, "C"),
@@ -58,6 +91,7 @@ def _font_draw(img: Image.Image, text: str, xy, color) -> None:
     draw = ImageDraw.Draw(img)
     try:
         from PIL import ImageFont
+
         font = ImageFont.load_default(size=28)
     except TypeError:  # Pillow < 10.1 has no size argument
         font = None
@@ -79,14 +113,22 @@ def build_textvqa(root: Path, seed: int = 0) -> Path:
         img.save(root / "images" / name, quality=90)
         qid = 34600 + i
         lines.append({"image": f"images/{name}", "question": question, "question_id": qid, "answer": answers[0]})
-        annotations.append({"question_id": qid, "image_id": f"demo_{i:03d}", "question": question,
-                            "answers": [{"answer": a, "answer_id": k + 1, "answer_confidence": "yes"}
-                                        for k, a in enumerate(answers)]})
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": f"demo_{i:03d}",
+                "question": question,
+                "answers": [
+                    {"answer": a, "answer_id": k + 1, "answer_confidence": "yes"} for k, a in enumerate(answers)
+                ],
+            }
+        )
     with open(root / "textvqa_val.jsonl", "w", encoding="utf-8") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
     (root / "textvqa_val_annotations.json").write_text(
-        json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "annotations": annotations}), encoding="utf-8")
+        json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "annotations": annotations}), encoding="utf-8"
+    )
     return root / "textvqa_val.jsonl"
 
 
@@ -104,7 +146,7 @@ def write_video(path: Path, color, seconds: float = 8.0, fps: int = 4, size: int
         for t in range(n):
             frame = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
             x = int((size - 32) * t / max(1, n - 1))
-            frame[40:72, x:x + 32] = color
+            frame[40:72, x : x + 32] = color
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

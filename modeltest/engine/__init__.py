@@ -1,16 +1,16 @@
 """The project's own Qwen2-VL inference core: tensor parallel, paged KV cache, continuous batching.
 
-    config.py        model facts from config.json
-    parallel.py      torch.distributed set-up and the head layout across ranks
-    loader.py        safetensors -> the slices a layer asks for
-    layers.py        column/row/vocab-parallel layers (each loads its own shard), norms
-    rope.py          M-RoPE (3-axis positions) and the vision tower's 2-D rotary
-    vision.py        the vision tower (tensor parallel)
-    model.py         the Qwen2 language model + the multimodal wrapper
-    kv_cache.py      paged KV cache and the block allocator
-    request.py       a request: inputs, sampling parameters, status, timings
-    scheduler.py     admission, KV blocks, request lifecycle (abort included)
-    model_runner.py  loads the model and cache, builds each pass's tensors, runs it (CUDA graphs)
-    cuda_graphs.py   decode steps captured and replayed as CUDA graphs
-    engine.py        the loop: add_request / step / abort / stats
+config.py        model facts from config.json
+parallel.py      torch.distributed set-up and the head layout across ranks
+loader.py        safetensors -> the slices a layer asks for
+layers.py        column/row/vocab-parallel layers (each loads its own shard), norms
+rope.py          M-RoPE (3-axis positions) and the vision tower's 2-D rotary
+vision.py        the vision tower (tensor parallel)
+model.py         the Qwen2 language model + the multimodal wrapper
+kv_cache.py      paged KV cache and the block allocator
+request.py       a request: inputs, sampling parameters, status, timings
+scheduler.py     admission, KV blocks, request lifecycle (abort included)
+model_runner.py  loads the model and cache, builds each pass's tensors, runs it (CUDA graphs)
+cuda_graphs.py   decode steps captured and replayed as CUDA graphs
+engine.py        the loop: add_request / step / abort / stats
 """

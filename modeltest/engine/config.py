@@ -1,4 +1,5 @@
 """Qwen2-VL architecture facts read from a checkpoint's config.json."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ class VisionConfig:
     embed_dim: int = 1280
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    hidden_size: int = 3584          # output width of the merger = the LM's hidden size
+    hidden_size: int = 3584  # output width of the merger = the LM's hidden size
     patch_size: int = 14
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
@@ -69,7 +70,9 @@ class Qwen2VLConfig:
         if "rope_theta" in rope and "rope_theta" not in merged:
             cfg.rope_theta = rope["rope_theta"]
         if sum(cfg.mrope_section) * 2 != cfg.head_dim:
-            raise UserError(f"config.json: mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}")
+            raise UserError(
+                f"config.json: mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}"
+            )
         return cfg
 
     @classmethod
@@ -78,7 +81,7 @@ class Qwen2VLConfig:
 
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")   # a chat turn's end, the document's end
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # a chat turn's end, the document's end
 
 
 def checkpoint_stop_ids(model_path: str | Path) -> Tuple[int, ...]:
@@ -95,6 +98,7 @@ def checkpoint_stop_ids(model_path: str | Path) -> Tuple[int, ...]:
         except (OSError, ValueError):
             return {}
         return d if isinstance(d, dict) else {}
+
     eos = read("generation_config.json").get("eos_token_id")
     ids += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
     added = read("tokenizer_config.json").get("added_tokens_decoder") or {}
@@ -102,6 +106,7 @@ def checkpoint_stop_ids(model_path: str | Path) -> Tuple[int, ...]:
     ids += [by_content[t] for t in STOP_TOKENS if t in by_content]
     if not ids:
         from .request import STOP_TOKEN_IDS
+
         ids = list(STOP_TOKEN_IDS)
     return tuple(dict.fromkeys(ids))
 
@@ -120,9 +125,12 @@ def read_checkpoint_config(model_path: str | Path) -> dict:
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
     if model_type not in SUPPORTED_MODEL_TYPES:
         found = f"model_type '{model_type}'" if model_type else "no model_type"
-        raise UserError(f"{path}: {found}; modeltest runs Qwen2-VL checkpoints (model_type {supported}), "
-                        "e.g. Qwen2-VL-7B-Instruct")
+        raise UserError(
+            f"{path}: {found}; modeltest runs Qwen2-VL checkpoints (model_type {supported}), e.g. Qwen2-VL-7B-Instruct"
+        )
     if not isinstance(d.get("vision_config"), dict):
-        raise UserError(f"{path}: model_type '{model_type}' but no vision_config; this is not a complete "
-                        "Qwen2-VL checkpoint (a text-only model cannot read images or videos)")
+        raise UserError(
+            f"{path}: model_type '{model_type}' but no vision_config; this is not a complete "
+            "Qwen2-VL checkpoint (a text-only model cannot read images or videos)"
+        )
     return d

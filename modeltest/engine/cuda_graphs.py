@@ -6,6 +6,7 @@ removes that overhead. Shapes are made static: the batch is padded to its bucket
 write their K/V into a scratch block and read one slot of it), and every sequence reads a block
 table of fixed width (the longest request the engine accepts), masked past its length.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -16,8 +17,17 @@ from .model import AttnMetadata
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_cache: List[torch.Tensor], max_batch: int, width: int, block_size: int,
-                 scratch_block: int, device: torch.device, compile_step: bool = False):
+    def __init__(
+        self,
+        model,
+        kv_cache: List[torch.Tensor],
+        max_batch: int,
+        width: int,
+        block_size: int,
+        scratch_block: int,
+        device: torch.device,
+        compile_step: bool = False,
+    ):
         self.model, self.kv_cache = model, kv_cache
         # Optionally let torch.compile fuse the step's element-wise kernels (norms, rotary,
         # softmax) before capture: fewer kernels per replay.
@@ -34,7 +44,7 @@ class DecodeGraphs:
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
         self.pool = None
-        for b in reversed(self.buckets):      # largest first, so smaller graphs reuse its memory pool
+        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
             self._capture(b)
 
     def _eager_forward(self, ids, pos, slots, table, lengths) -> torch.Tensor:
@@ -51,7 +61,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):                 # warm up kernels and the allocator outside the graph
+            for _ in range(2):  # warm up kernels and the allocator outside the graph
                 self._step(b)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -61,8 +71,9 @@ class DecodeGraphs:
         self.graphs[b] = graph
 
     @torch.inference_mode()
-    def run(self, ids: List[int], pos: List[int], slots: List[int], tables: List[List[int]],
-            lengths: List[int]) -> List[int]:
+    def run(
+        self, ids: List[int], pos: List[int], slots: List[int], tables: List[List[int]], lengths: List[int]
+    ) -> List[int]:
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         self.ids[:n].copy_(torch.tensor(ids), non_blocking=True)

@@ -10,6 +10,7 @@ Every rank runs this same loop on the same requests; scheduling depends only on 
 `step()` either prefills newly admitted requests (packed into one forward pass, vision tower
 included) or decodes one token for every running request.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,6 +61,7 @@ class EngineConfig:
 @dataclass
 class EngineStats:
     """What tools and servers read about an engine (never its attributes)."""
+
     device: str
     world_size: int
     block_size: int
@@ -69,16 +71,16 @@ class EngineStats:
     max_batch_size: int
     waiting: int
     running: int
-    shard_bytes: int                 # this rank's weights, as held (packed or plain)
-    decode_weight_bytes: int         # weights one decode step reads
-    prefill_passes: int              # passes so far
+    shard_bytes: int  # this rank's weights, as held (packed or plain)
+    decode_weight_bytes: int  # weights one decode step reads
+    prefill_passes: int  # passes so far
     decode_passes: int
-    vision_passes: int               # prefills that ran the vision tower
+    vision_passes: int  # prefills that ran the vision tower
     # Seconds of the most recent passes (up to model_runner.STEP_TIMES_KEPT; empty when stats()
     # is asked without timings): the last `n` of a run are times[-n:], n from the pass counts.
     prefill_times: List[float] = field(default_factory=list)
     decode_times: List[float] = field(default_factory=list)
-    vision_times: List[float] = field(default_factory=list)   # the vision tower within the prefills
+    vision_times: List[float] = field(default_factory=list)  # the vision tower within the prefills
 
 
 class LLMEngine:
@@ -86,10 +88,16 @@ class LLMEngine:
         self.cfg, self.tp = cfg, tp
         self.stop_token_ids = checkpoint_stop_ids(cfg.model_path)
         self.runner = ModelRunner(cfg, tp)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_batch_size=cfg.max_batch_size, max_input_length=cfg.max_input_length,
-            max_output_length=cfg.max_output_length, block_size=cfg.block_size,
-            num_blocks=self.runner.num_blocks, max_prefill_tokens=cfg.max_prefill_tokens))
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_size=cfg.max_batch_size,
+                max_input_length=cfg.max_input_length,
+                max_output_length=cfg.max_output_length,
+                block_size=cfg.block_size,
+                num_blocks=self.runner.num_blocks,
+                max_prefill_tokens=cfg.max_prefill_tokens,
+            )
+        )
 
     def add_request(self, req: Request) -> None:
         """Queue a request; one the engine cannot take ends FAILED at the next step, with why. A
@@ -142,11 +150,21 @@ class LLMEngine:
         s, r = self.scheduler, self.runner
         times = {k: list(v) for k, v in r.step_times.items()} if timings else {}
         return EngineStats(
-            device=str(self.tp.device), world_size=self.tp.world_size, block_size=self.cfg.block_size,
-            num_blocks=s.cfg.num_blocks, free_blocks=s.allocator.num_free, capacity_tokens=s.capacity_tokens,
-            max_batch_size=s.max_batch_size, waiting=len(s.waiting), running=len(s.running),
-            shard_bytes=r.model.shard_bytes, decode_weight_bytes=r.decode_weight_bytes,
-            prefill_passes=r.step_counts["prefill"], decode_passes=r.step_counts["decode"],
+            device=str(self.tp.device),
+            world_size=self.tp.world_size,
+            block_size=self.cfg.block_size,
+            num_blocks=s.cfg.num_blocks,
+            free_blocks=s.allocator.num_free,
+            capacity_tokens=s.capacity_tokens,
+            max_batch_size=s.max_batch_size,
+            waiting=len(s.waiting),
+            running=len(s.running),
+            shard_bytes=r.model.shard_bytes,
+            decode_weight_bytes=r.decode_weight_bytes,
+            prefill_passes=r.step_counts["prefill"],
+            decode_passes=r.step_counts["decode"],
             vision_passes=r.step_counts["vision"],
-            prefill_times=times.get("prefill", []), decode_times=times.get("decode", []),
-            vision_times=times.get("vision", []))
+            prefill_times=times.get("prefill", []),
+            decode_times=times.get("decode", []),
+            vision_times=times.get("vision", []),
+        )

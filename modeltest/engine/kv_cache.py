@@ -1,6 +1,7 @@
 """Paged KV cache: per layer, K and V tensors of [num_blocks * block_size, kv_heads_local, head_dim],
 handed out in fixed-size blocks. A sequence owns a list of blocks; token i of it lives in slot
 blocks[i // block_size] * block_size + i % block_size."""
+
 from __future__ import annotations
 
 from typing import List
@@ -30,8 +31,9 @@ def blocks_needed(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def allocate_cache(num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                   dtype: torch.dtype, device) -> List[torch.Tensor]:
+def allocate_cache(
+    num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device
+) -> List[torch.Tensor]:
     """[k0, v0, k1, v1, ...], each [num_blocks * block_size, kv_heads, head_dim], allocated once."""
     shape = (num_blocks * block_size, kv_heads, head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]

@@ -5,6 +5,7 @@ Column-parallel layers split the output features (no communication); row-paralle
 the input features and all-reduce their output; the vocabulary-parallel embedding all-reduces
 masked lookups; the LM head returns this rank's slice of the logits.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,6 +24,7 @@ from .parallel import TPContext
 class Shard:
     """The part of one checkpoint dimension a rank holds: [start, end) blocks in order; a None
     block is `pad` zero entries (padded query heads, vocabulary padding)."""
+
     blocks: Tuple[Block, ...]
     pad: int = 0
 
@@ -174,7 +176,7 @@ class LMHead(_Linear):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self._matmul(h, None)
         if self.valid < self.local:
-            logits[..., self.valid:] = float("-inf")
+            logits[..., self.valid :] = float("-inf")
         return logits
 
 

@@ -4,6 +4,7 @@ Each layer asks for the rows/columns it holds (layers.py: `Shard`) through `read
 lazy slicing, so host memory stays near one rank's shard. Tensor names are normalised so both layouts load: `visual.*`,
 `model.*`, `lm_head.*` and newer transformers' `model.visual.*`, `model.language_model.*`.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,14 @@ from safetensors import safe_open
 
 from ..errors import UserError, first_line
 
-Block = Optional[Tuple[int, int]]   # [start, end) of rows/cols, or None for a zero block
+Block = Optional[Tuple[int, int]]  # [start, end) of rows/cols, or None for a zero block
 
 
 def canonical_name(name: str) -> str:
     if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
+        return "model." + name[len("model.language_model.") :]
     if name.startswith("model.visual."):
-        return name[len("model."):]
+        return name[len("model.") :]
     return name
 
 
@@ -30,7 +31,9 @@ def set_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Make `value` the parameter's storage (moved to its device and dtype) instead of copying
     into a second buffer: while loading, host memory holds one tensor at a time beyond the model."""
     if tuple(value.shape) != tuple(param.shape):
-        raise ValueError(f"checkpoint tensor of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}")
+        raise ValueError(
+            f"checkpoint tensor of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
+        )
     param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
 
 
@@ -39,11 +42,14 @@ def open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt")
     except FileNotFoundError:
-        raise UserError(f"{path}: weight file not found (named by model.safetensors.index.json); "
-                        "download the checkpoint again") from None
-    except Exception as e:   # safetensors' SafetensorError, OSError: a short header or data
-        raise UserError(f"{path}: not a readable safetensors file ({first_line(e, 150)}); it is probably "
-                        "truncated or corrupt: download it again") from None
+        raise UserError(
+            f"{path}: weight file not found (named by model.safetensors.index.json); download the checkpoint again"
+        ) from None
+    except Exception as e:  # safetensors' SafetensorError, OSError: a short header or data
+        raise UserError(
+            f"{path}: not a readable safetensors file ({first_line(e, 150)}); it is probably "
+            "truncated or corrupt: download it again"
+        ) from None
 
 
 def _index(root: Path) -> Optional[Dict[str, str]]:
@@ -69,6 +75,7 @@ def checkpoint_identity(model_path: str | Path) -> Dict[str, object]:
     """What identifies a checkpoint without reading its weights: config.json's content and the
     weight files' names and sizes (the resume keys' model part)."""
     import hashlib
+
     root = Path(model_path)
     digest = hashlib.sha256((root / "config.json").read_bytes()).hexdigest()[:16]
     weights = sorted((p.name, p.stat().st_size) for p in root.glob("*.safetensors"))
@@ -94,9 +101,11 @@ class CheckpointReader:
         else:
             singles = sorted(root.glob("*.safetensors"))
             if not singles:
-                raise UserError(f"model.model_path: no *.safetensors in '{root}'; the engine backend reads safetensors weights")
+                raise UserError(
+                    f"model.model_path: no *.safetensors in '{root}'; the engine backend reads safetensors weights"
+                )
             files = {}
-            for f in singles:          # opening a file reads (and checks) its header
+            for f in singles:  # opening a file reads (and checks) its header
                 with open_safetensors(f) as h:
                     for name in h.keys():
                         files[name] = f
@@ -116,8 +125,10 @@ class CheckpointReader:
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"{path}: cannot read tensor '{original}' ({first_line(e, 150)}); the file is "
-                            "probably truncated or corrupt: download it again") from None
+            raise UserError(
+                f"{path}: cannot read tensor '{original}' ({first_line(e, 150)}); the file is "
+                "probably truncated or corrupt: download it again"
+            ) from None
 
     def shape(self, name: str) -> List[int]:
         return list(self._slice(name).get_shape())
@@ -137,7 +148,7 @@ class CheckpointReader:
                 zeros[dim] = pad
                 parts.append(torch.zeros(zeros, dtype=_dtype(sl)))
             else:
-                parts.append(sl[b[0]:b[1]] if dim == 0 else sl[:, b[0]:b[1]])
+                parts.append(sl[b[0] : b[1]] if dim == 0 else sl[:, b[0] : b[1]])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 

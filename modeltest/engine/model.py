@@ -4,6 +4,7 @@ fed with text embeddings where vision placeholders are replaced by the vision to
 All activations are packed: T tokens of several sequences in one [T, hidden] tensor, with
 `AttnMetadata` saying where each sequence starts (prefill) or which cache slots it reads (decode).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,14 +25,15 @@ from .vision import VisionTower, varlen_attention
 @dataclass
 class AttnMetadata:
     prefill: bool
-    slot_mapping: torch.Tensor                 # [T] cache slot each new token's K/V is written to
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     cu_seqlens: Optional[torch.Tensor] = None  # prefill: [B+1] boundaries of the packed sequences
-    block_table: Optional[torch.Tensor] = None     # decode: [B, nb] cache blocks each sequence reads
-    context_mask: Optional[torch.Tensor] = None    # decode: [B, nb * block_size] True where a slot is real
+    block_table: Optional[torch.Tensor] = None  # decode: [B, nb] cache blocks each sequence reads
+    context_mask: Optional[torch.Tensor] = None  # decode: [B, nb * block_size] True where a slot is real
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     group: int) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, group: int
+) -> torch.Tensor:
     """One new query per sequence against its cached keys, grouped-query without copying KV heads.
 
     q: [B, nq, hd]; keys/values: [B, L, nkv, hd]; mask: [B, L] (True = real) -> [B, nq, hd].
@@ -39,11 +41,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """
     b, nq, hd = q.shape
     nkv = keys.shape[2]
-    qg = q.view(b, nkv, group, hd)                                      # [B, nkv, g, hd]
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float()         # [B, nkv, g, L]
-    scores.mul_(hd ** -0.5).masked_fill_(~mask[:, None, None, :], float("-inf"))
+    qg = q.view(b, nkv, group, hd)  # [B, nkv, g, hd]
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float()  # [B, nkv, g, L]
+    scores.mul_(hd**-0.5).masked_fill_(~mask[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
-    return torch.matmul(probs, values.transpose(1, 2)).reshape(b, nq, hd)   # [B, nkv, g, hd]
+    return torch.matmul(probs, values.transpose(1, 2)).reshape(b, nq, hd)  # [B, nkv, g, hd]
 
 
 class Attention(nn.Module):
@@ -61,15 +63,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttnMetadata, k_cache, v_cache, keep=None):
         t = x.shape[0]
         q, k, v = self.qkv(x).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = apply_rope(q.view(t, self.nq, self.hd), cos, sin)          # [T, nq, hd]
-        k = apply_rope(k.view(t, self.nkv, self.hd), cos, sin)         # [T, nkv, hd]
+        q = apply_rope(q.view(t, self.nq, self.hd), cos, sin)  # [T, nq, hd]
+        k = apply_rope(k.view(t, self.nkv, self.hd), cos, sin)  # [T, nkv, hd]
         v = v.view(t, self.nkv, self.hd)
         k_cache[meta.slot_mapping] = k
         v_cache[meta.slot_mapping] = v
         group = self.nq // self.nkv
         if meta.prefill:
-            out = varlen_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                   meta.cu_seqlens, causal=True)
+            out = varlen_attention(
+                q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), meta.cu_seqlens, causal=True
+            )
         else:
             # Gather whole blocks (contiguous copies) rather than token by token.
             b, nb = meta.block_table.shape
@@ -134,11 +137,13 @@ class Qwen2VLModel(nn.Module):
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
         self.layout = head_layout(cfg.num_attention_heads, cfg.num_key_value_heads, tp.world_size, tp.rank)
         self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.layout, tp, dtype, device)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.layout, tp, dtype, device) for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device,
-                              tied=self.embed if cfg.tie_word_embeddings else None)
+        self.lm_head = LMHead(
+            cfg.vocab_size, cfg.hidden_size, tp, dtype, device, tied=self.embed if cfg.tie_word_embeddings else None
+        )
         self.visual = VisionTower(cfg.vision, tp, dtype, device)
         self.rope = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, device)
         # This rank's slice of the checkpoint, from the shapes (packing changes what is held).
@@ -147,12 +152,13 @@ class Qwen2VLModel(nn.Module):
     def decode_weight_bytes(self) -> int:
         """Bytes of the weights one decode step reads: every layer, the final norm and the LM
         head, plain or packed (the embedding table is only indexed, the vision tower idle)."""
-        def held(m: nn.Module) -> int:   # m's own weights, not its children's (the tied table)
+
+        def held(m: nn.Module) -> int:  # m's own weights, not its children's (the tied table)
             n = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
             packed = getattr(m, "packed", None)
             return n + (packed.numel() * packed.element_size() if packed is not None else 0)
-        return (sum(held(m) for layer in self.layers for m in layer.modules())
-                + held(self.norm) + held(self.lm_head))
+
+        return sum(held(m) for layer in self.layers for m in layer.modules()) + held(self.norm) + held(self.lm_head)
 
     def load(self, r: CheckpointReader, pack_for_cpu: bool = False) -> None:
         """Load this rank's weights; with pack_for_cpu, put every linear weight into oneDNN's
@@ -175,15 +181,22 @@ class Qwen2VLModel(nn.Module):
         if pack_for_cpu:
             _pack(self.visual)
 
-    def embed_inputs(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor],
-                     vision_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed_inputs(
+        self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor], vision_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         x = self.embed(input_ids)
         if vision_embeds is not None:
             x[vision_mask] = vision_embeds.to(x.dtype)
         return x
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_cache: List[torch.Tensor], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttnMetadata,
+        kv_cache: List[torch.Tensor],
+        keep: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """x: [T, hidden] embeddings; positions: [3, T] -> final-norm hidden states [T, hidden],
         or [len(keep), hidden] for the rows in `keep` only. A prefill needs just each prompt's
         last row: the last layer then runs its output projection and MLP on those rows alone
@@ -205,7 +218,7 @@ class Qwen2VLModel(nn.Module):
         if self.tp.world_size == 1:
             return idx
         idx = idx + self.lm_head.start
-        values = self.tp.all_gather_stack(best)          # [W, B]
-        ids = self.tp.all_gather_stack(idx)              # [W, B]
-        winner = values.argmax(dim=0)                    # first rank with the maximum
+        values = self.tp.all_gather_stack(best)  # [W, B]
+        ids = self.tp.all_gather_stack(idx)  # [W, B]
+        winner = values.argmax(dim=0)  # first rank with the maximum
         return ids.gather(0, winner.unsqueeze(0)).squeeze(0)

@@ -4,6 +4,7 @@ The runner knows nothing about admission: the scheduler hands it the requests of
 appends one token to each (prefill: the first token; decode: the next one) and records timings.
 Decode passes replay CUDA graphs where they are on.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,9 +37,10 @@ def tune_cpu_allocator() -> None:
     """
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -46,7 +48,7 @@ def tune_cpu_allocator() -> None:
 def seeded_generator(seed: int, step: int) -> torch.Generator:
     """The random stream of one request's token `step`: a function of its seed and the step
     alone, so what else is in the batch (or which rank draws) never changes it."""
-    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
@@ -73,13 +75,13 @@ class Sampler:
     ranks. Sampling rows (temperature > 0): drawn from the full logits with the request's seed
     (`sample_token`), the same on every rank. Tests replace it with one that records logits."""
 
-    capturable = True   # an all-greedy decode pass may replay a CUDA graph (same argmax inside)
+    capturable = True  # an all-greedy decode pass may replay a CUDA graph (same argmax inside)
 
     def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
         out = model.greedy(h).tolist()
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
-            logits = model.full_logits(h[sampled]).float()                    # [S, vocab]
+            logits = model.full_logits(h[sampled]).float()  # [S, vocab]
             for row, i in zip(logits, sampled):
                 out[i] = sample_token(row, reqs[i].params, step=len(reqs[i].output_ids))
         return out
@@ -96,23 +98,39 @@ class ModelRunner:
         pack = cfg.onednn_weights if cfg.onednn_weights is not None else tp.device.type == "cpu"
         self.model.load(CheckpointReader(cfg.model_path), pack_for_cpu=pack)
         self.model.eval()
-        self.decode_weight_bytes = self.model.decode_weight_bytes()   # fixed once loaded
+        self.decode_weight_bytes = self.model.decode_weight_bytes()  # fixed once loaded
         mc = self.model_cfg
         per_token = bytes_per_token(mc.num_hidden_layers, self.model.layout.num_kv, mc.head_dim, cfg.dtype)
         self.num_blocks = self._cache_blocks(per_token)
         # One extra block, never handed out: padding rows of a CUDA-graph batch write there.
-        self.kv_cache = allocate_cache(mc.num_hidden_layers, self.num_blocks + 1, cfg.block_size,
-                                       self.model.layout.num_kv, mc.head_dim, cfg.dtype, tp.device)
+        self.kv_cache = allocate_cache(
+            mc.num_hidden_layers,
+            self.num_blocks + 1,
+            cfg.block_size,
+            self.model.layout.num_kv,
+            mc.head_dim,
+            cfg.dtype,
+            tp.device,
+        )
         self.sampler = Sampler()
         self.graphs = None
-        use_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else (tp.device.type == "cuda"
-                                                                           and tp.world_size == 1)
+        use_graphs = (
+            cfg.cuda_graphs if cfg.cuda_graphs is not None else (tp.device.type == "cuda" and tp.world_size == 1)
+        )
         if use_graphs:
             from .cuda_graphs import DecodeGraphs
+
             width = blocks_needed(cfg.max_input_length + cfg.max_output_length, cfg.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.max_batch_size, width, cfg.block_size,
-                                       scratch_block=self.num_blocks, device=tp.device,
-                                       compile_step=cfg.compile_decode)
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_cache,
+                cfg.max_batch_size,
+                width,
+                cfg.block_size,
+                scratch_block=self.num_blocks,
+                device=tp.device,
+                compile_step=cfg.compile_decode,
+            )
         # Wall time of recent passes (seconds), for performance figures, and how many there were;
         # read through engine.stats(). Bounded: a server runs for days.
         self.step_times = {k: collections.deque(maxlen=STEP_TIMES_KEPT) for k in ("prefill", "decode", "vision")}
@@ -141,8 +159,10 @@ class ModelRunner:
             t = torch.tensor([budget], dtype=torch.int64, device=dev if dev.type != "cpu" else "cpu")
             budget = int(self.tp.all_reduce(t, op=torch.distributed.ReduceOp.MIN).item())
         if budget < 1:
-            raise UserError(f"KV cache: not one {c.block_size}-token block fits in {c.kv_cache_fraction:.0%} of free "
-                            "memory; use more devices (tensor parallel) or lower max_batch_size")
+            raise UserError(
+                f"KV cache: not one {c.block_size}-token block fits in {c.kv_cache_fraction:.0%} of free "
+                "memory; use more devices (tensor parallel) or lower max_batch_size"
+            )
         return min(wanted, budget)
 
     # ---- passes -------------------------------------------------------------------------------
@@ -159,11 +179,12 @@ class ModelRunner:
             positions.append(r.positions)
             slots += slots_for(r.blocks, 0, len(r.input_ids), bs)
             lens.append(lens[-1] + len(r.input_ids))
-        input_ids = torch.tensor(ids, device=dev)                                # [T]
-        x = self._embed_with_vision(input_ids, reqs)                            # [T, hidden]
-        meta = AttnMetadata(prefill=True, slot_mapping=torch.tensor(slots, device=dev),
-                            cu_seqlens=torch.tensor(lens, device=dev))
-        last = torch.tensor(lens[1:], device=dev) - 1                           # [B] last row of each prompt
+        input_ids = torch.tensor(ids, device=dev)  # [T]
+        x = self._embed_with_vision(input_ids, reqs)  # [T, hidden]
+        meta = AttnMetadata(
+            prefill=True, slot_mapping=torch.tensor(slots, device=dev), cu_seqlens=torch.tensor(lens, device=dev)
+        )
+        last = torch.tensor(lens[1:], device=dev) - 1  # [B] last row of each prompt
         h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache, keep=last)
         next_ids = self.sampler(self.model, reqs, h)
         synchronize(dev)
@@ -181,7 +202,7 @@ class ModelRunner:
         dev, bs = self.tp.device, self.cfg.block_size
         last_ids, pos, new_slots, lengths = [], [], [], []
         for r in reqs:
-            i = r.num_tokens - 1                       # index of the token being fed
+            i = r.num_tokens - 1  # index of the token being fed
             last_ids.append(r.output_ids[-1])
             pos.append(i + r.delta)
             new_slots.append(r.blocks[i // bs] * bs + i % bs)
@@ -190,14 +211,16 @@ class ModelRunner:
             next_ids = self.graphs.run(last_ids, pos, new_slots, [r.blocks for r in reqs], lengths)
         else:
             width = blocks_needed(max(lengths), bs)
-            table = torch.tensor([r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs],
-                                 device=dev)                                           # [B, width]
+            table = torch.tensor(
+                [r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs], device=dev
+            )  # [B, width]
             offs = torch.arange(width * bs, device=dev)
             mask = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)  # [B, width * bs]
-            meta = AttnMetadata(prefill=False, slot_mapping=torch.tensor(new_slots, device=dev),
-                                block_table=table, context_mask=mask)
-            input_ids = torch.tensor(last_ids, device=dev)                             # [B]
-            positions = torch.tensor(pos, device=dev).unsqueeze(0).expand(3, -1)       # [3, B]
+            meta = AttnMetadata(
+                prefill=False, slot_mapping=torch.tensor(new_slots, device=dev), block_table=table, context_mask=mask
+            )
+            input_ids = torch.tensor(last_ids, device=dev)  # [B]
+            positions = torch.tensor(pos, device=dev).unsqueeze(0).expand(3, -1)  # [3, B]
             h = self.model(self.model.embed_inputs(input_ids, None, None), positions, meta, self.kv_cache)
             next_ids = self.sampler(self.model, reqs, h)
             synchronize(dev)
@@ -214,9 +237,11 @@ class ModelRunner:
         dev = self.tp.device
         self._positions(req)
         ids = torch.tensor(req.input_ids, device=dev)
-        meta = AttnMetadata(prefill=True, slot_mapping=torch.tensor(
-            slots_for(req.blocks, 0, len(req.input_ids), self.cfg.block_size), device=dev),
-            cu_seqlens=torch.tensor([0, len(req.input_ids)], device=dev))
+        meta = AttnMetadata(
+            prefill=True,
+            slot_mapping=torch.tensor(slots_for(req.blocks, 0, len(req.input_ids), self.cfg.block_size), device=dev),
+            cu_seqlens=torch.tensor([0, len(req.input_ids)], device=dev),
+        )
         h = self.model(self._embed_with_vision(ids, [req]), req.positions.to(dev), meta, self.kv_cache)
         return self.model.full_logits(h).float()
 
@@ -227,8 +252,9 @@ class ModelRunner:
             mc = self.model_cfg
             img = r.image_grid_thw.tolist() if r.image_grid_thw is not None else []
             vid = r.video_grid_thw.tolist() if r.video_grid_thw is not None else []
-            r.positions, r.delta = rope_index(r.input_ids, img, vid, mc.image_token_id, mc.video_token_id,
-                                              mc.vision.spatial_merge_size)
+            r.positions, r.delta = rope_index(
+                r.input_ids, img, vid, mc.image_token_id, mc.video_token_id, mc.vision.spatial_merge_size
+            )
 
     def _vision(self, reqs: List[Request]):
         """Vision embeddings for every image and video of `reqs`: (embeds [N, hidden], grid
@@ -236,8 +262,9 @@ class ModelRunner:
         pixels, grids, kinds = [], [], []
         for kind in ("image", "video"):
             for r in reqs:
-                pv, grid = ((r.pixel_values, r.image_grid_thw) if kind == "image"
-                            else (r.pixel_values_videos, r.video_grid_thw))
+                pv, grid = (
+                    (r.pixel_values, r.image_grid_thw) if kind == "image" else (r.pixel_values_videos, r.video_grid_thw)
+                )
                 if pv is not None:
                     pixels.append(pv)
                     grids.append(grid)
@@ -260,7 +287,7 @@ class ModelRunner:
         if vision is None:
             return x
         embeds, grid, kinds = vision
-        merge2 = mc.vision.spatial_merge_size ** 2
+        merge2 = mc.vision.spatial_merge_size**2
         counts = (grid.prod(dim=1) // merge2).tolist()
         per_kind = {"image": [], "video": []}
         for chunk, kind in zip(embeds.split(counts), kinds):

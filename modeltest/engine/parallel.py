@@ -3,6 +3,7 @@
 One process per device. HCCL on NPU, NCCL on CUDA, gloo on CPU. Without torchrun (no
 WORLD_SIZE in the environment) everything runs as a single rank with no process group.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,11 @@ from ..errors import UserError
 @dataclass
 class TPContext:
     """This process's place in its tensor-parallel group (one model replica)."""
+
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    group: Optional[object] = None       # the replica's process group (None: the default group)
+    group: Optional[object] = None  # the replica's process group (None: the default group)
 
     @property
     def is_first(self) -> bool:
@@ -54,6 +56,7 @@ class TPContext:
 class ParallelContext:
     """Where this process sits: world = dp replicas x tp ranks; replica r holds global ranks
     [r * tp, (r + 1) * tp)."""
+
     rank: int = 0
     world_size: int = 1
     dp: int = 1
@@ -130,8 +133,9 @@ class HeadLayout:
     -> groups of 7 padded to 8, 4 per rank). Padded heads have zero q and o weights, so they add
     nothing to the output.
     """
-    kv_heads: List[int]                  # global KV head indices on this rank
-    q_heads: List[Optional[int]]         # global query head index per local head (None = padding)
+
+    kv_heads: List[int]  # global KV head indices on this rank
+    q_heads: List[Optional[int]]  # global query head index per local head (None = padding)
 
     @property
     def num_q(self) -> int:
@@ -151,15 +155,17 @@ def head_layout(num_q: int, num_kv: int, world: int, rank: int) -> HeadLayout:
         kv = list(range(rank * per, (rank + 1) * per))
         return HeadLayout(kv_heads=kv, q_heads=[h * group + j for h in kv for j in range(group)])
     if world % num_kv == 0:
-        share = world // num_kv                      # ranks per KV head
+        share = world // num_kv  # ranks per KV head
         kv_head, part = rank // share, rank % share
-        per = -(-group // share)                     # query heads per rank, padded
+        per = -(-group // share)  # query heads per rank, padded
         q = []
         for j in range(part * per, (part + 1) * per):
             q.append(kv_head * group + j if j < group else None)
         return HeadLayout(kv_heads=[kv_head], q_heads=q)
-    raise UserError(f"tensor parallel size {world} cannot split {num_kv} KV heads ({num_q} query heads): "
-                    f"one of them must divide the other; use a world size that divides or is a multiple of {num_kv}")
+    raise UserError(
+        f"tensor parallel size {world} cannot split {num_kv} KV heads ({num_q} query heads): "
+        f"one of them must divide the other; use a world size that divides or is a multiple of {num_kv}"
+    )
 
 
 def split_range(n: int, world: int, rank: int) -> range:

@@ -9,6 +9,7 @@ Timestamps are `time.perf_counter()` seconds: arrival (add_request), admission (
 first token, finish. `queue_time` is what a request spent waiting for a batch slot and blocks;
 `run_time` is its own time in the engine from admission to its last token.
 """
+
 from __future__ import annotations
 
 import enum
@@ -23,7 +24,7 @@ import torch
 # `modeltest serve` its own --max-output-length (2048: a chat server's answers run longer).
 DEFAULT_MAX_OUTPUT_LENGTH = 256
 DEFAULT_MAX_INPUT_LENGTH = 4096
-STOP_TOKEN_IDS = (151645, 151643)   # Qwen2's <|im_end|>, <|endoftext|>: where a checkpoint names none
+STOP_TOKEN_IDS = (151645, 151643)  # Qwen2's <|im_end|>, <|endoftext|>: where a checkpoint names none
 
 
 def visible_ids(ids: Sequence[int], stop_token_ids: Sequence[int], ignore_eos: bool) -> List[int]:
@@ -56,11 +57,12 @@ class SamplingParams:
     that depends on `seed` and the token's index only (model_runner.sample_token): the same seed
     gives the same tokens whatever else is in the batch.
     """
+
     max_new_tokens: int = DEFAULT_MAX_OUTPUT_LENGTH
-    ignore_eos: bool = False          # generate exactly max_new_tokens (benchmarks)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     temperature: float = 0.0
     top_p: float = 1.0
-    top_k: int = 0                    # 0: no top-k cut
+    top_k: int = 0  # 0: no top-k cut
     seed: Optional[int] = None
     # None: the checkpoint's (engine/config.checkpoint_stop_ids), filled in by the engine on arrival.
     stop_token_ids: Optional[Tuple[int, ...]] = None
@@ -75,23 +77,23 @@ class Request:
     id: object
     input_ids: List[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    pixel_values: Optional[torch.Tensor] = None          # [N_img_patches, C*T*P*P]
-    image_grid_thw: Optional[torch.Tensor] = None        # [n_images, 3]
-    pixel_values_videos: Optional[torch.Tensor] = None   # [N_vid_patches, C*T*P*P]
-    video_grid_thw: Optional[torch.Tensor] = None        # [n_videos, 3]
+    pixel_values: Optional[torch.Tensor] = None  # [N_img_patches, C*T*P*P]
+    image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
+    pixel_values_videos: Optional[torch.Tensor] = None  # [N_vid_patches, C*T*P*P]
+    video_grid_thw: Optional[torch.Tensor] = None  # [n_videos, 3]
     # ---- state, owned by the engine -------------------------------------------------------
     status: RequestStatus = RequestStatus.WAITING
     output_ids: List[int] = field(default_factory=list)
     error: Optional[str] = None
-    positions: Optional[torch.Tensor] = None             # [3, prompt_len] M-RoPE positions
-    delta: int = 0                                       # decode position offset (M-RoPE)
-    blocks: List[int] = field(default_factory=list)      # KV cache blocks, in token order
+    positions: Optional[torch.Tensor] = None  # [3, prompt_len] M-RoPE positions
+    delta: int = 0  # decode position offset (M-RoPE)
+    blocks: List[int] = field(default_factory=list)  # KV cache blocks, in token order
     t_arrival: float = 0.0
     t_admitted: Optional[float] = None
     t_first_token: Optional[float] = None
     t_finish: Optional[float] = None
-    prefill_time: float = 0.0                            # the prefill pass this request was in
-    decode_time: float = 0.0                             # sum of the decode passes it was in
+    prefill_time: float = 0.0  # the prefill pass this request was in
+    decode_time: float = 0.0  # sum of the decode passes it was in
 
     @property
     def max_new_tokens(self) -> int:
@@ -109,8 +111,11 @@ class Request:
         """Whether the tokens so far end this request (length, or a stop token unless ignored)."""
         if len(self.output_ids) >= self.params.max_new_tokens:
             return True
-        return (not self.params.ignore_eos and bool(self.output_ids)
-                and self.output_ids[-1] in (self.params.stop_token_ids or ()))
+        return (
+            not self.params.ignore_eos
+            and bool(self.output_ids)
+            and self.output_ids[-1] in (self.params.stop_token_ids or ())
+        )
 
     def generated_ids(self) -> List[int]:
         """Output tokens without the final stop token (what a user reads)."""

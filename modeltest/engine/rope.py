@@ -1,5 +1,6 @@
 """Rotary embeddings: M-RoPE for the language model, 2-D rotary for the vision tower, and the
 3-axis position ids of a multimodal prompt."""
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -22,8 +23,8 @@ class MRoPE:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         # positions: [3, T] -> cos, sin: [T, head_dim]
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq          # [3, T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                          # [3, T, hd]
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [3, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [3, T, hd]
         cos, sin = emb.cos(), emb.sin()
         cos = torch.cat([c[i % 3] for i, c in enumerate(cos.split(self.sections, dim=-1))], dim=-1)
         sin = torch.cat([s[i % 3] for i, s in enumerate(sin.split(self.sections, dim=-1))], dim=-1)
@@ -48,10 +49,10 @@ def vision_rotary_freqs(grid_thw: torch.Tensor, head_dim: int, merge: int, devic
         hpos = hpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
         wpos = wpos.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten()
         pos.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
-    pos = torch.cat(pos).to(device)                                         # [N, 2]
+    pos = torch.cat(pos).to(device)  # [N, 2]
     max_grid = int(grid_thw[:, 1:].max())
     table = torch.outer(torch.arange(max_grid, device=device, dtype=torch.float32), inv_freq)
-    return table[pos].flatten(1)                                            # [N, head_dim/2]
+    return table[pos].flatten(1)  # [N, head_dim/2]
 
 
 def vision_rope_cos_sin(freqs: torch.Tensor):
@@ -66,8 +67,14 @@ def apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return out.add_(xf.mul_(cos)).to(x.dtype)
 
 
-def rope_index(input_ids: List[int], image_grids: List[Tuple[int, int, int]], video_grids: List[Tuple[int, int, int]],
-               image_token: int, video_token: int, merge: int) -> Tuple[torch.Tensor, int]:
+def rope_index(
+    input_ids: List[int],
+    image_grids: List[Tuple[int, int, int]],
+    video_grids: List[Tuple[int, int, int]],
+    image_token: int,
+    video_token: int,
+    merge: int,
+) -> Tuple[torch.Tensor, int]:
     """3-axis positions [3, T] of one prompt and its decode delta.
 
     Text advances all three axes together; a vision segment of (t, h, w) merged patches gets

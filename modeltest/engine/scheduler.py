@@ -8,6 +8,7 @@ A request is admitted when a batch slot is free and the blocks for its prompt pl
 stops, and its blocks go back. Admission is first come, first served: a request that does not fit
 yet holds back the ones behind it (no starvation of long prompts).
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,17 +23,17 @@ from .request import Request, RequestStatus
 
 @dataclass
 class SchedulerConfig:
-    max_batch_size: int            # sequences decoding together
-    max_input_length: int          # prompt tokens, vision placeholders expanded
-    max_output_length: int         # most max_new_tokens a request may ask for
-    block_size: int                # tokens per KV cache block
-    num_blocks: int                # KV cache blocks (sized by the model runner)
-    max_prefill_tokens: int = 16384   # most prompt tokens packed in one prefill (one request always goes)
+    max_batch_size: int  # sequences decoding together
+    max_input_length: int  # prompt tokens, vision placeholders expanded
+    max_output_length: int  # most max_new_tokens a request may ask for
+    block_size: int  # tokens per KV cache block
+    num_blocks: int  # KV cache blocks (sized by the model runner)
+    max_prefill_tokens: int = 16384  # most prompt tokens packed in one prefill (one request always goes)
 
 
 @dataclass
 class ScheduledPass:
-    prefill: bool                  # True: prefill `requests` (newly admitted); False: decode them
+    prefill: bool  # True: prefill `requests` (newly admitted); False: decode them
     requests: List[Request]
 
 
@@ -43,7 +44,7 @@ class Scheduler:
         self.allocator = BlockAllocator(cfg.num_blocks)
         self.waiting: Deque[Request] = collections.deque()
         self.running: List[Request] = []
-        self._ended: List[Request] = []     # failed on arrival or aborted; reported by the next step
+        self._ended: List[Request] = []  # failed on arrival or aborted; reported by the next step
 
     @property
     def capacity_tokens(self) -> int:
@@ -70,18 +71,24 @@ class Scheduler:
     def _refusal(self, req: Request) -> Optional[str]:
         c, n, p = self.cfg, len(req.input_ids), req.params
         if n > c.max_input_length:
-            return (f"input is {n} tokens, over max_input_length {c.max_input_length}; "
-                    "lower the image/video resolution or raise max_input_length")
+            return (
+                f"input is {n} tokens, over max_input_length {c.max_input_length}; "
+                "lower the image/video resolution or raise max_input_length"
+            )
         if p.max_new_tokens < 1:
             return f"max_new_tokens must be at least 1, got {p.max_new_tokens}"
         if p.max_new_tokens > c.max_output_length:
             return f"max_new_tokens {p.max_new_tokens} is over max_output_length {c.max_output_length}"
         if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
-            return (f"sampling parameters out of range (temperature {p.temperature} must be >= 0, top_p "
-                    f"{p.top_p} in (0, 1], top_k {p.top_k} >= 0)")
+            return (
+                f"sampling parameters out of range (temperature {p.temperature} must be >= 0, top_p "
+                f"{p.top_p} in (0, 1], top_k {p.top_k} >= 0)"
+            )
         if blocks_needed(n + p.max_new_tokens, c.block_size) > c.num_blocks:
-            return (f"input {n} + output {p.max_new_tokens} tokens do not fit the KV cache "
-                    f"({self.capacity_tokens} tokens); give it more memory or lower the lengths")
+            return (
+                f"input {n} + output {p.max_new_tokens} tokens do not fit the KV cache "
+                f"({self.capacity_tokens} tokens); give it more memory or lower the lengths"
+            )
         return None
 
     # ---- the next pass ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ replicated and every rank computes it whole.
 Attention is variable-length: each image, and each temporal slice of a video, attends only to
 its own patches (no padding between them).
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,9 +46,9 @@ def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
 def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate q and k of a fused qkv [N, 3, H, hd] in place (fp32 as the reference; cos, sin
     [N, 1, hd]), a row chunk at a time, q and k together."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                              # [N, 1, 1, hd]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, 1, hd]
     for i, j in _row_chunks(qkv.shape[0], qkv.device):
-        qk = qkv[i:j, :2]                                                      # [n, 2, H, hd]
+        qk = qkv[i:j, :2]  # [n, 2, H, hd]
         qk.copy_(apply_vision_rope(qk, cos[i:j], sin[i:j]))
     return qkv
 
@@ -70,12 +71,13 @@ def varlen_attention(q, k, v, cu_seqlens, causal: bool = False):
         end = start + n * length
         h, d = q.shape[1], q.shape[2]
 
-        def batch(x):   # [n*L, H, d] -> [n, H, L, d]
+        def batch(x):  # [n*L, H, d] -> [n, H, L, d]
             return x[start:end].view(n, length, h, d).transpose(1, 2)
+
         o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=causal)
         o = o.transpose(1, 2).reshape(n * length, h, d)
         if start == 0 and end == q.shape[0]:
-            return o                     # one group holds every sequence: no copy into `out`
+            return o  # one group holds every sequence: no copy into `out`
         if out is None:
             out = torch.empty_like(q)
         out[start:end] = o
@@ -105,7 +107,7 @@ class VisionBlock(nn.Module):
     def forward(self, x, cu_seqlens, cos, sin):
         n = x.shape[0]
         qkv = rope_qk_(self.qkv(self.norm1(x)).view(n, 3, self.heads, -1), cos, sin)
-        q, k, v = qkv.unbind(1)                                                # each [N, h, d]
+        q, k, v = qkv.unbind(1)  # each [N, h, d]
         attn = varlen_attention(q, k, v, cu_seqlens).reshape(n, -1)
         x = x.add_(self.proj(attn))
         return x.add_(self.fc2(quick_gelu_(self.fc1(self.norm2(x)))))
@@ -125,11 +127,11 @@ class VisionTower(nn.Module):
         divides = cfg.num_heads % tp.world_size == 0 and cfg.mlp_dim % tp.world_size == 0
         self.tp = tp if divides else TPContext(rank=0, world_size=1, device=tp.device)  # replicated
         self.cfg = cfg
-        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         # The Conv3d patch embedding has stride == kernel: it is a matmul over flattened patches.
         self.patch_embed = ColumnLinear(patch_in, [("proj", Shard.span(0, cfg.embed_dim))], False, dtype, device)
         self.blocks = nn.ModuleList(VisionBlock(cfg, self.tp, dtype, device) for _ in range(cfg.depth))
-        merged = cfg.embed_dim * cfg.spatial_merge_size ** 2
+        merged = cfg.embed_dim * cfg.spatial_merge_size**2
         self.ln_q = LayerNorm(cfg.embed_dim, 1e-6, dtype, device)
         # The merger is small: every rank holds it whole.
         self.mlp0 = ColumnLinear(merged, [("0", Shard.span(0, merged))], True, dtype, device)
@@ -139,12 +141,12 @@ class VisionTower(nn.Module):
         # pixels: [N_patches, C*T*P*P] -> merged embeddings [N_patches / merge^2, hidden]
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))
         freqs = vision_rotary_freqs(grid_thw, self.cfg.head_dim, self.cfg.spatial_merge_size, x.device)
-        cos, sin = vision_rope_cos_sin(freqs)                                  # once for all blocks
+        cos, sin = vision_rope_cos_sin(freqs)  # once for all blocks
         frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu_seqlens = F.pad(frame_sizes.cumsum(0), (1, 0))
         for blk in self.blocks:
             x = blk(x, cu_seqlens, cos, sin)
-        x = self.ln_q(x).view(-1, self.cfg.embed_dim * self.cfg.spatial_merge_size ** 2)
+        x = self.ln_q(x).view(-1, self.cfg.embed_dim * self.cfg.spatial_merge_size**2)
         return self.mlp2(F.gelu(self.mlp0(x)))
 
     def load(self, r: CheckpointReader, p: str = "visual"):

@@ -19,6 +19,7 @@ at the same moment, and worker processes may ask for one clip together. Whoever 
 entry's lock file (O_EXCL) decodes; the others wait for the entry — or take over once the lock's
 process is gone (same host) or the lock is older than STALE_LOCK_S (another host's).
 """
+
 from __future__ import annotations
 
 import collections
@@ -38,13 +39,14 @@ import numpy as np
 
 MAGIC = b"MTMC1\n"
 FORMAT_VERSION = 1
-MEMO_ENTRIES = 8            # decoded media kept in memory (the next questions on the same clip)
-LOCK_POLL_S = 0.05          # how often a process waiting for another's decode looks
-STALE_LOCK_S = 3600.0       # a lock from another host older than this is abandoned
+MEMO_ENTRIES = 8  # decoded media kept in memory (the next questions on the same clip)
+LOCK_POLL_S = 0.05  # how often a process waiting for another's decode looks
+STALE_LOCK_S = 3600.0  # a lock from another host older than this is abandoned
 
 
 def library_versions() -> Dict[str, str]:
     from importlib import metadata
+
     out = {"format": str(FORMAT_VERSION)}
     for name in ("qwen-vl-utils", "decord", "torchvision", "torch", "pillow"):
         try:
@@ -58,6 +60,7 @@ def exact_uint8(video):
     """`video` (qwen-vl-utils' float frames) as a uint8 tensor holding the same values, or None
     where some value is not an integer in 0..255."""
     import torch
+
     if not isinstance(video, torch.Tensor):
         return None
     if video.dtype == torch.uint8:
@@ -82,9 +85,9 @@ class MediaCache:
         self._lock = threading.Lock()
         self._digests: Dict[Tuple[str, int, int], str] = {}
         self._memo: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-        self._views: Dict[str, Any] = {}       # key -> the uint8 tensor over a remembered entry
-        self._total: Optional[int] = None      # bytes on disk, scanned at the first write
-        self._pending: Dict[str, threading.Event] = {}   # keys being computed by some thread
+        self._views: Dict[str, Any] = {}  # key -> the uint8 tensor over a remembered entry
+        self._total: Optional[int] = None  # bytes on disk, scanned at the first write
+        self._pending: Dict[str, threading.Event] = {}  # keys being computed by some thread
         self._uncacheable: set = set()
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -97,6 +100,7 @@ class MediaCache:
         def compute():
             image = fetch_image(ele)
             return image, (np.asarray(image) if image.mode == "RGB" else None)
+
         arr, fresh = self._fetch(self.key(ele, "image"), compute)
         return fresh if fresh is not None else Image.fromarray(arr, "RGB")
 
@@ -104,6 +108,7 @@ class MediaCache:
         """image(ele) or video(ele, uint8) from memory or disk, or None where there is no (valid)
         entry: nothing is decoded. count=False: not a hit (the miss that wrote it was counted)."""
         from PIL import Image
+
         kind = "image" if ("image" in ele or "image_url" in ele) else "video"
         key = self.key(ele, kind)
         arr = self._lookup(key)
@@ -132,6 +137,7 @@ class MediaCache:
             video = fetch_video(ele)
             exact = exact_uint8(video)
             return video, (exact.numpy() if exact is not None else None)
+
         key = self.key(ele, "video")
         arr, fresh = self._fetch(key, compute)
         if fresh is not None:
@@ -146,8 +152,9 @@ class MediaCache:
         import torch
 
         from .fast_processor import mark_immutable
+
         if not uint8:
-            return torch.from_numpy(arr.copy()).float()    # (the copy: a writable source, no warning)
+            return torch.from_numpy(arr.copy()).float()  # (the copy: a writable source, no warning)
         with self._lock:
             view = self._views.get(key)
             if view is not None and view.data_ptr() == arr.ctypes.data:
@@ -178,7 +185,7 @@ class MediaCache:
                 break
             waiting_on.wait()
             if key not in self._uncacheable:
-                continue          # computed and stored by the other thread: read it
+                continue  # computed and stored by the other thread: read it
             break
         try:
             # Other processes (the ranks of a tensor-parallel replica, other workers) may want the
@@ -214,7 +221,7 @@ class MediaCache:
         except FileExistsError:
             return False
         except OSError:
-            return True            # a read-only or odd folder: decode without the lock
+            return True  # a read-only or odd folder: decode without the lock
         with os.fdopen(fd, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}\n")
         return True
@@ -231,7 +238,7 @@ class MediaCache:
                 owner = lock.read_text().split()
                 age = time.time() - lock.stat().st_mtime
             except OSError:
-                return self._lookup(key)        # the lock just went: the entry, or decode here
+                return self._lookup(key)  # the lock just went: the entry, or decode here
             if self._stale(owner, age):
                 lock.unlink(missing_ok=True)
                 return None
@@ -241,7 +248,7 @@ class MediaCache:
     def _stale(owner: list, age: float) -> bool:
         """A lock whose process is gone (same host), or older than STALE_LOCK_S (another host)."""
         if len(owner) != 2:
-            return age > 60            # written in the instant after its creation, or garbage
+            return age > 60  # written in the instant after its creation, or garbage
         host, pid = owner
         if host == socket.gethostname():
             try:
@@ -249,9 +256,9 @@ class MediaCache:
             except ProcessLookupError:
                 return True
             except ValueError:
-                return True            # not a pid: garbage
+                return True  # not a pid: garbage
             except PermissionError:
-                return False           # alive, another user's
+                return False  # alive, another user's
             return False
         return age > STALE_LOCK_S
 
@@ -259,7 +266,7 @@ class MediaCache:
     def key(self, ele: Dict[str, Any], kind: str) -> str:
         path = str(ele.get(kind) or ele.get(f"{kind}_url"))
         if path.startswith("file://"):
-            path = path[len("file://"):]
+            path = path[len("file://") :]
         options = {k: v for k, v in ele.items() if k not in ("type", kind, f"{kind}_url")}
         payload = {"kind": kind, "content": self._digest(path), "options": options, "versions": self.versions}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -313,7 +320,7 @@ class MediaCache:
                 f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
             os.replace(tmp, path)
         except OSError:
-            Path(tmp).unlink(missing_ok=True)    # a full disk costs the cache entry, never the run
+            Path(tmp).unlink(missing_ok=True)  # a full disk costs the cache entry, never the run
             return
         with self._lock:
             if self._total is None:
@@ -341,17 +348,17 @@ class MediaCache:
         try:
             if not data.startswith(MAGIC):
                 raise ValueError("bad magic")
-            n = struct.unpack("<I", data[len(MAGIC): len(MAGIC) + 4])[0]
+            n = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])[0]
             start = len(MAGIC) + 4
-            header = json.loads(data[start: start + n])
-            payload = memoryview(data)[start + n:]         # no copy of the frames
+            header = json.loads(data[start : start + n])
+            payload = memoryview(data)[start + n :]  # no copy of the frames
             if hashlib.sha256(payload).hexdigest() != header["sha256"]:
                 raise ValueError("checksum mismatch")
             arr = np.frombuffer(payload, dtype=np.uint8).reshape(header["shape"])
         except (ValueError, KeyError, struct.error):
             path.unlink(missing_ok=True)
             return None
-        os.utime(path)          # recently used: evicted last
+        os.utime(path)  # recently used: evicted last
         return arr
 
     def _evict(self) -> None:
@@ -360,7 +367,7 @@ class MediaCache:
         for p in self.folder.glob("*/*.bin"):
             try:
                 st = p.stat()
-            except OSError:      # another rank removed it
+            except OSError:  # another rank removed it
                 continue
             entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)

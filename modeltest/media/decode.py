@@ -5,6 +5,7 @@ is recorded against its sample and the run goes on. The input is a conversation 
 qwen-vl-utils' form (messages whose media parts are local paths with their options); what comes
 out is exactly what qwen-vl-utils' process_vision_info returns for it.
 """
+
 from __future__ import annotations
 
 import abc
@@ -42,6 +43,7 @@ def _probe_video(path: str) -> Optional[str]:
     """Why decord cannot read a video, or None if it can."""
     try:
         import decord
+
         if len(decord.VideoReader(path)) == 0:
             return f"video has no frames: {path}"
     except Exception as e:  # decord's errors are long C++ traces: keep the first line
@@ -53,11 +55,15 @@ def require_qwen_vl_utils():
     """Import qwen-vl-utils, or say in one line what is missing (usually a matching torchvision)."""
     try:
         from qwen_vl_utils import process_vision_info
+
         quiet_video_libraries()
     except Exception as e:
         from ..errors import UserError
-        raise UserError(f"cannot import qwen-vl-utils ({first_line(e, 150)}); "
-                        "install qwen-vl-utils and the torchvision that matches your torch") from None
+
+        raise UserError(
+            f"cannot import qwen-vl-utils ({first_line(e, 150)}); "
+            "install qwen-vl-utils and the torchvision that matches your torch"
+        ) from None
     return process_vision_info
 
 
@@ -76,12 +82,13 @@ def quiet_video_libraries() -> None:
     _QUIET = True
     try:
         import decord
+
         decord.logging.set_level(decord.logging.QUIET)
-    except Exception:                       # noqa: BLE001 — decord missing: qwen-vl-utils says so when used
+    except Exception:  # noqa: BLE001 — decord missing: qwen-vl-utils says so when used
         pass
     try:
         import qwen_vl_utils.vision_process as vp
-    except Exception:                       # noqa: BLE001 — require_qwen_vl_utils reports it
+    except Exception:  # noqa: BLE001 — require_qwen_vl_utils reports it
         return
     choose = vp.get_video_reader_backend
 
@@ -89,14 +96,15 @@ def quiet_video_libraries() -> None:
         if vp.FORCE_QWENVL_VIDEO_READER is not None:
             backend = vp.FORCE_QWENVL_VIDEO_READER
         else:
-            with contextlib.redirect_stderr(io.StringIO()):   # the rare path: no reader forced
+            with contextlib.redirect_stderr(io.StringIO()):  # the rare path: no reader forced
                 backend = choose()
         logging.getLogger(__name__).debug("qwen-vl-utils reads videos with %s", backend)
         return backend
+
     vp.get_video_reader_backend = reader_without_print
 
 
-Vision = Tuple[Optional[list], Optional[list]]     # (images, videos) as qwen-vl-utils returns them
+Vision = Tuple[Optional[list], Optional[list]]  # (images, videos) as qwen-vl-utils returns them
 
 
 class MediaSource(abc.ABC):
@@ -128,7 +136,7 @@ class MediaSource(abc.ABC):
 
 class InProcessMedia(MediaSource):
     def __init__(self, cache=None):
-        self.cache = cache        # a media_cache.MediaCache, or None: decode every time
+        self.cache = cache  # a media_cache.MediaCache, or None: decode every time
 
     def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
         return vision_from_messages(messages, self.cache, uint8)
@@ -141,6 +149,7 @@ def _cached_vision_info(messages: List[Dict[str, Any]], cache, uint8: bool) -> V
     """process_vision_info's loop (each element in message order, images and videos apart), with
     every element fetched through the cache."""
     from qwen_vl_utils.vision_process import extract_vision_info
+
     images, videos = [], []
     for ele in extract_vision_info(messages):
         if "image" in ele or "image_url" in ele:
@@ -156,6 +165,7 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool
     """qwen-vl-utils' process_vision_info on chat messages whose media are local files (through
     `cache` when given); a file it cannot read raises SampleError naming it."""
     from .cache import exact_uint8
+
     process_vision_info = require_qwen_vl_utils()
     try:
         if cache is not None:
@@ -169,14 +179,20 @@ def vision_from_messages(messages: List[Dict[str, Any]], cache=None, uint8: bool
             problem = _probe_video(part["video"]) if part.get("type") == "video" else None
             if problem:
                 raise SampleError(problem) from None
-        raise SampleError(f"could not preprocess {media_names(messages)}: "
-                          f"{first_line(e, 200, with_type=False)}") from None
+        raise SampleError(
+            f"could not preprocess {media_names(messages)}: {first_line(e, 200, with_type=False)}"
+        ) from None
 
 
 def media_parts(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The image and video elements of chat messages, in order."""
-    return [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]
-            if isinstance(p, dict) and p.get("type") in ("image", "video")]
+    return [
+        p
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if isinstance(p, dict) and p.get("type") in ("image", "video")
+    ]
 
 
 def media_names(messages: List[Dict[str, Any]]) -> str:

@@ -19,6 +19,7 @@ change, another transformers major version) is handed to the reference processor
 tests/test_fast_processor.py compares both paths with torch.equal on images and videos of
 every shape the tests use; docs/PERFORMANCE.md has the speed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 ACCEPTED_KWARGS = {"return_tensors"}
-MEMO_VIDEOS = 2       # processed videos kept: the next questions on a clip reuse its patches
+MEMO_VIDEOS = 2  # processed videos kept: the next questions on a clip reuse its patches
 
 # uint8 frame tensors whose memory never changes (the media cache's read-only entries): only
 # these may be recognised by identity and their patches reused.
@@ -47,6 +48,7 @@ def mark_immutable(frames: torch.Tensor) -> torch.Tensor:
         with _IMMUTABLE_LOCK:
             if _IMMUTABLE.get(key) is _ref:
                 del _IMMUTABLE[key]
+
     with _IMMUTABLE_LOCK:
         _IMMUTABLE[key] = weakref.ref(frames, forget)
     return frames
@@ -60,6 +62,7 @@ def is_immutable(frames: torch.Tensor) -> bool:
 
 def _major_version() -> int:
     import transformers
+
     return int(transformers.__version__.split(".")[0])
 
 
@@ -87,16 +90,18 @@ class ExactFastImageProcessor:
 
     def __init__(self, reference):
         self.reference = reference
-        self._luts: Dict[str, torch.Tensor] = {}       # "image" | "video" -> [C, 256] float32
+        self._luts: Dict[str, torch.Tensor] = {}  # "image" | "video" -> [C, 256] float32
         self._lock = threading.Lock()
         # id(frames) -> (frames, patches, grid) for immutable frames; holding `frames` keeps the
         # id from being reused by another tensor while the entry lives.
-        self._memo: "collections.OrderedDict[int, Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, int]]]" = \
+        self._memo: "collections.OrderedDict[int, Tuple[torch.Tensor, torch.Tensor, Tuple[int, int, int]]]" = (
             collections.OrderedDict()
+        )
         self.fast_calls = self.reference_calls = 0
         ip = reference
-        self.enabled = (_major_version() == 4 and type(ip).__name__ == "Qwen2VLImageProcessor"
-                        and ip.temporal_patch_size >= 1)
+        self.enabled = (
+            _major_version() == 4 and type(ip).__name__ == "Qwen2VLImageProcessor" and ip.temporal_patch_size >= 1
+        )
 
     def __getattr__(self, name):
         # merge_size, patch_size, ... as the processor reads them from its image processor
@@ -104,15 +109,17 @@ class ExactFastImageProcessor:
 
     def __deepcopy__(self, memo):
         import copy
+
         other = ExactFastImageProcessor(copy.deepcopy(self.reference, memo))
         other._luts = dict(self._luts)
-        other._memo = self._memo        # copies (one per preprocessing thread) share the reuse
+        other._memo = self._memo  # copies (one per preprocessing thread) share the reuse
         other._lock = self._lock
         return other
 
     # ---- public ---------------------------------------------------------------------------------
     def __call__(self, images=None, videos=None, **kwargs):
         from transformers.feature_extraction_utils import BatchFeature
+
         out = None
         if isinstance(videos, torch.Tensor):
             videos = [videos]
@@ -123,7 +130,7 @@ class ExactFastImageProcessor:
                 out = self._videos(videos)
         if out is None:
             self.reference_calls += 1
-            if videos is not None:    # uint8 frames (media/decode.py's exact form) as qwen-vl-utils returns them
+            if videos is not None:  # uint8 frames (media/decode.py's exact form) as qwen-vl-utils returns them
                 videos = [v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 else v for v in videos]
             return self.reference(images=images, videos=videos, **kwargs)
         self.fast_calls += 1
@@ -134,14 +141,15 @@ class ExactFastImageProcessor:
     # ---- the two kinds ------------------------------------------------------------------------
     def _images(self, images) -> Optional[Dict[str, Any]]:
         from PIL import Image
+
         frames = []
-        for im in (images if isinstance(images, (list, tuple)) else [images]):
+        for im in images if isinstance(images, (list, tuple)) else [images]:
             if not isinstance(im, Image.Image) or im.mode != "RGB":
                 return None
-            arr = np.asarray(im)                                  # [H, W, 3] uint8
+            arr = np.asarray(im)  # [H, W, 3] uint8
             if not self._size_kept(arr.shape[0], arr.shape[1]):
                 return None
-            frames.append(arr.transpose(2, 0, 1)[None])            # [1, 3, H, W] (a view)
+            frames.append(arr.transpose(2, 0, 1)[None])  # [1, 3, H, W] (a view)
         return self._patches(frames, "image", "pixel_values", "image_grid_thw", [None] * len(frames))
 
     def _videos(self, videos) -> Optional[Dict[str, Any]]:
@@ -152,19 +160,20 @@ class ExactFastImageProcessor:
             if v.shape[0] % self.reference.temporal_patch_size or not self._size_kept(v.shape[2], v.shape[3]):
                 return None
             known.append(v if v.dtype == torch.uint8 and is_immutable(v) else None)
-            if v.dtype != torch.uint8:       # qwen-vl-utils' float frames: integers 0..255 only
+            if v.dtype != torch.uint8:  # qwen-vl-utils' float frames: integers 0..255 only
                 u8 = v.to(torch.uint8)
                 if not v.is_floating_point() or not torch.equal(u8.to(v.dtype), v):
                     return None
                 v = u8
-            clips.append(v)                                        # [T, 3, H, W] uint8
+            clips.append(v)  # [T, 3, H, W] uint8
         return self._patches(clips, "video", "pixel_values_videos", "video_grid_thw", known)
 
-    def _patches(self, items: list, kind: str, values_key: str, grid_key: str,
-                 known: List[Optional[torch.Tensor]]) -> Dict[str, Any]:
+    def _patches(
+        self, items: list, kind: str, values_key: str, grid_key: str, known: List[Optional[torch.Tensor]]
+    ) -> Dict[str, Any]:
         """items: uint8 frames [T, 3, H, W] (numpy or torch); known[i]: items[i] if it is an
         immutable tensor whose patches may be reused, else None."""
-        lut = self._lut(kind).numpy()                              # [3, 256]
+        lut = self._lut(kind).numpy()  # [3, 256]
         ip = self.reference
         pieces, grids = [], []
         for item, frames in zip(items, known):
@@ -176,14 +185,14 @@ class ExactFastImageProcessor:
                         pieces.append(hit[1].numpy())
                         grids.append(hit[2])
                         continue
-            src = item.numpy() if isinstance(item, torch.Tensor) else item   # [T, 3, H, W] uint8
+            src = item.numpy() if isinstance(item, torch.Tensor) else item  # [T, 3, H, W] uint8
             # Patchify the uint8 values (a quarter of the bytes), then look each one up in its
             # channel's table straight into the output: channel c owns columns c*k .. (c+1)*k-1.
-            u8, grid = patchify(src, ip.temporal_patch_size, ip.patch_size, ip.merge_size)   # [N, 3*k]
+            u8, grid = patchify(src, ip.temporal_patch_size, ip.patch_size, ip.merge_size)  # [N, 3*k]
             n = u8.shape[0]
-            patches = np.empty(u8.shape, dtype=lut.dtype).reshape(n, 3, -1)   # [N, 3, k] float32
+            patches = np.empty(u8.shape, dtype=lut.dtype).reshape(n, 3, -1)  # [N, 3, k] float32
             u8 = u8.reshape(n, 3, -1)
-            for c in range(3):     # numpy indexes with the uint8 values directly (no int64 copy)
+            for c in range(3):  # numpy indexes with the uint8 values directly (no int64 copy)
                 patches[:, c] = lut[c][u8[:, c]]
             pieces.append(patches.reshape(n, -1))
             grids.append(grid)
@@ -201,10 +210,12 @@ class ExactFastImageProcessor:
     def _size_kept(self, h: int, w: int) -> bool:
         """The reference's resize is a no-op: smart_resize maps (h, w) to itself."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
         ip = self.reference
         try:
-            return smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.min_pixels,
-                                max_pixels=ip.max_pixels) == (h, w)
+            return smart_resize(
+                h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.min_pixels, max_pixels=ip.max_pixels
+            ) == (h, w)
         except ValueError:
             return False
 
@@ -215,14 +226,15 @@ class ExactFastImageProcessor:
             if kind in self._luts:
                 return self._luts[kind]
         ip = self.reference
-        side = ip.patch_size * ip.merge_size     # a square the reference keeps: >= 256 and >= min_pixels
+        side = ip.patch_size * ip.merge_size  # a square the reference keeps: >= 256 and >= min_pixels
         h = w = side * int(np.ceil(np.sqrt(max(256, ip.min_pixels)) / side))
         if not self._size_kept(h, w):
             raise ValueError(f"no size the image processor keeps near {h}x{w}")
         values = (np.arange(h * w) % 256).astype(np.uint8).reshape(h, w)
-        rgb = np.stack([values, np.roll(values, 85), np.roll(values, 170)], axis=-1)   # [H, W, 3]
+        rgb = np.stack([values, np.roll(values, 85), np.roll(values, 170)], axis=-1)  # [H, W, 3]
         if kind == "image":
             from PIL import Image
+
             out = ip(images=[Image.fromarray(rgb, "RGB")], videos=None, return_tensors="pt")["pixel_values"]
         else:
             frames = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).repeat(ip.temporal_patch_size, 1, 1, 1)
@@ -233,9 +245,9 @@ class ExactFastImageProcessor:
         where, _ = patchify(positions, t, ip.patch_size, ip.merge_size)
         frames_back = torch.empty(t * 3 * h * w, dtype=out.dtype)
         frames_back[torch.from_numpy(where.reshape(-1))] = out.reshape(-1)
-        frames_back = frames_back.reshape(t, 3, h, w)[0]           # [3, H, W]
+        frames_back = frames_back.reshape(t, 3, h, w)[0]  # [3, H, W]
         lut = torch.empty(3, 256, dtype=out.dtype)
-        src = torch.from_numpy(rgb).permute(2, 0, 1).long()        # [3, H, W]
+        src = torch.from_numpy(rgb).permute(2, 0, 1).long()  # [3, H, W]
         for c in range(3):
             lut[c, src[c].reshape(-1)] = frames_back[c].reshape(-1)
         with self._lock:

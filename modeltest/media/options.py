@@ -1,18 +1,28 @@
 """The preprocessing options qwen-vl-utils reads from an image or a video part — names, types and
 checks in one place. The task configs (task.fps=...), `modeltest serve`'s --image-options /
 --video-options and a request's mm_processor_kwargs are all checked here, the same way."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
 NUMBER = (int, float)
 IMAGE_OPTIONS: Dict[str, Any] = {"min_pixels": int, "max_pixels": int, "resized_height": int, "resized_width": int}
-VIDEO_OPTIONS: Dict[str, Any] = {"fps": NUMBER, "min_frames": int, "max_frames": int, "nframes": int,
-                                 "min_pixels": int, "max_pixels": int, "total_pixels": int,
-                                 "resized_height": int, "resized_width": int,
-                                 "video_start": NUMBER, "video_end": NUMBER}
+VIDEO_OPTIONS: Dict[str, Any] = {
+    "fps": NUMBER,
+    "min_frames": int,
+    "max_frames": int,
+    "nframes": int,
+    "min_pixels": int,
+    "max_pixels": int,
+    "total_pixels": int,
+    "resized_height": int,
+    "resized_width": int,
+    "video_start": NUMBER,
+    "video_end": NUMBER,
+}
 OPTIONS = {"image": IMAGE_OPTIONS, "video": VIDEO_OPTIONS}
-MAY_BE_ZERO = ("video_start",)       # seconds into the clip; every other option is positive
+MAY_BE_ZERO = ("video_start",)  # seconds into the clip; every other option is positive
 BOUNDS = (("min_pixels", "max_pixels"), ("min_frames", "max_frames"), ("video_start", "video_end"))
 
 

@@ -17,6 +17,7 @@ and a decode that hangs or crashes costs one sample, not the run.
 The function a pool runs must be importable by name in a fresh process (a module-level
 function); the modules named in `preload` are imported once in the forkserver.
 """
+
 from __future__ import annotations
 
 import collections
@@ -55,7 +56,7 @@ def auto_workers() -> int:
     started on this node (LOCAL_WORLD_SIZE)."""
     try:
         cores = len(os.sched_getaffinity(0))
-    except AttributeError:          # not Linux
+    except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, ranks))
@@ -64,6 +65,7 @@ def auto_workers() -> int:
 class TaskFailed(SampleError):
     """The task's process hung past the timeout or died: the sample is retried when the run is
     resumed (raise prep_timeout_s first if the media is only slow)."""
+
     transient = True
 
 
@@ -97,8 +99,8 @@ def _worker_main(conn, init: Optional[Callable], init_args: tuple, fn: Callable)
 class _Task:
     id: int
     payload: Any
-    affinity: Optional[str]            # tasks with the same key go to one worker
-    what: str                          # named in errors: the media
+    affinity: Optional[str]  # tasks with the same key go to one worker
+    what: str  # named in errors: the media
     future: Future = field(default_factory=Future)
 
 
@@ -112,24 +114,31 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, fn: Callable, workers: int, timeout_s: float, init: Optional[Callable] = None,
-                 init_args: tuple = (), preload: Sequence[str] = ()):
+    def __init__(
+        self,
+        fn: Callable,
+        workers: int,
+        timeout_s: float,
+        init: Optional[Callable] = None,
+        init_args: tuple = (),
+        preload: Sequence[str] = (),
+    ):
         """fn(state, payload) -> result runs in the workers (state = init(*init_args), once per
         process); both must be importable module-level functions. `preload`: modules the
         forkserver imports once (what every worker would otherwise import itself)."""
         self.fn, self.init, self.init_args = fn, init, init_args
         self.timeout_s = timeout_s
-        self.replaced = 0                       # processes started again after a hang or a death
+        self.replaced = 0  # processes started again after a hang or a death
         self._ctx = _context([*preload, fn.__module__])
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._inbox: Deque[_Task] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
-        self._owner: Dict[str, Tuple[int, int]] = {}     # affinity key -> (worker index, tasks)
-        self._waiting: Deque[_Task] = collections.deque()   # tasks no worker owns yet: the next idle one takes
+        self._owner: Dict[str, Tuple[int, int]] = {}  # affinity key -> (worker index, tasks)
+        self._waiting: Deque[_Task] = collections.deque()  # tasks no worker owns yet: the next idle one takes
         self._size = max(1, workers)
-        self._workers: List[_Worker] = []     # started by the dispatcher thread: the harness goes on
+        self._workers: List[_Worker] = []  # started by the dispatcher thread: the harness goes on
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="media-workers", daemon=True)
         self._thread.start()
@@ -170,8 +179,12 @@ class WorkerPool:
     # ---- processes ----------------------------------------------------------------------------
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        p = self._ctx.Process(target=_worker_main, args=(child, self.init, self.init_args, self.fn),
-                              name="modeltest-media-worker", daemon=True)
+        p = self._ctx.Process(
+            target=_worker_main,
+            args=(child, self.init, self.init_args, self.fn),
+            name="modeltest-media-worker",
+            daemon=True,
+        )
         p.start()
         child.close()
         return _Worker(process=p, conn=parent)
@@ -232,15 +245,19 @@ class WorkerPool:
                 if w.conn in ready:
                     self._receive(i, w)
                 elif w.process.sentinel in ready:
-                    self._fail_and_replace(i, f"the preprocessing worker died ({self._how(w)}) while reading "
-                                              f"{w.running.what}")
+                    self._fail_and_replace(
+                        i, f"the preprocessing worker died ({self._how(w)}) while reading {w.running.what}"
+                    )
                 elif time.monotonic() >= w.started + self.timeout_s:
-                    self._fail_and_replace(i, f"reading {w.running.what} took over {self.timeout_s:g} s and was "
-                                              "stopped (raise prep_timeout_s if the file is only slow)")
+                    self._fail_and_replace(
+                        i,
+                        f"reading {w.running.what} took over {self.timeout_s:g} s and was "
+                        "stopped (raise prep_timeout_s if the file is only slow)",
+                    )
 
     @staticmethod
     def _how(w: _Worker) -> str:
-        w.process.join(timeout=5)      # its pipe closed: the exit status follows at once
+        w.process.join(timeout=5)  # its pipe closed: the exit status follows at once
         code = w.process.exitcode
         return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
@@ -275,7 +292,7 @@ class WorkerPool:
             if not retry:
                 self._fail_and_replace(index, f"the preprocessing worker died before reading {t.what}")
                 return
-            w.running = None            # it died while idle: not this task's fault
+            w.running = None  # it died while idle: not this task's fault
             self._replace(index)
             self._send(index, t, retry=False)
 
@@ -307,7 +324,7 @@ class WorkerPool:
         w = self._workers[index]
         self._stop(w)
         fresh = self._start()
-        fresh.queue = w.queue          # its waiting tasks stay in line, on the new process
+        fresh.queue = w.queue  # its waiting tasks stay in line, on the new process
         self._workers[index] = fresh
         self.replaced += 1
 
@@ -317,5 +334,3 @@ class WorkerPool:
         if t is not None:
             self._finish(t)
             t.future.set_exception(TaskFailed(f"{message}; the next run of the command retries this sample"))
-
-

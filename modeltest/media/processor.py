@@ -1,5 +1,6 @@
 """transformers' Qwen2-VL processor (tokenizer, chat template, image processor), loaded once and
 lent to threads."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,13 +16,16 @@ def load_processor(model_path: str, fast: bool = False):
     """The processor from the weights folder; fast=True gives it fast_processor's bit-identical
     image processor."""
     from transformers import AutoProcessor
+
     try:
         processor = AutoProcessor.from_pretrained(model_path)
         return fast_processor.install(processor) if fast else processor
     except Exception as e:
-        raise UserError(f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
-                        f"({first_line(e, 200, with_type=False)}); the folder needs the tokenizer and "
-                        "preprocessor_config.json of a Qwen2-VL checkpoint") from None
+        raise UserError(
+            f"model.model_path: cannot load the processor/tokenizer from '{model_path}' "
+            f"({first_line(e, 200, with_type=False)}); the folder needs the tokenizer and "
+            "preprocessor_config.json of a Qwen2-VL checkpoint"
+        ) from None
 
 
 class ProcessorCopies:

@@ -4,6 +4,7 @@ media cache (atomic entries: workers and data-parallel ranks can fill one folder
 frames back as uint8 where they are exact, or says "in the cache" so the harness reads the entry
 itself instead of receiving the frames through a pipe.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,31 +18,32 @@ from typing import Any, Dict, List, Optional, Tuple
 from .decode import MediaSource, Vision, media_names, media_parts
 from .pool import WorkerPool
 
-WORKER_MEMO_ENTRIES = 2       # decoded media a worker keeps in memory (its current clip, the next)
+WORKER_MEMO_ENTRIES = 2  # decoded media a worker keeps in memory (its current clip, the next)
 # Tests only: "hang:SUBSTRING,die:SUBSTRING" makes a worker hang on (or be killed by) media whose
 # path contains SUBSTRING, so the harness's handling of a stuck or crashed decode can be proven.
 FAULT_ENV = "MODELTEST_TEST_MEDIA_FAULT"
+
 
 @dataclass
 class _MediaTask:
     messages: List[Dict[str, Any]]
     uint8: bool
-    send_frames: bool = False      # even when they are in the cache
+    send_frames: bool = False  # even when they are in the cache
 
 
 @dataclass
 class _MediaResult:
-    images: Optional[list]         # PIL images, or None
-    videos: Optional[list]         # numpy frames, or None
+    images: Optional[list]  # PIL images, or None
+    videos: Optional[list]  # numpy frames, or None
     hits: int
     misses: int
-    in_cache: bool = False         # not sent: every medium is in the cache, read it there
+    in_cache: bool = False  # not sent: every medium is in the cache, read it there
 
 
 @dataclass
 class _WorkerState:
-    cache: Any                              # a MediaCache, or None
-    faults: List[Tuple[str, str]]           # (hang | die, path substring): tests only
+    cache: Any  # a MediaCache, or None
+    faults: List[Tuple[str, str]]  # (hang | die, path substring): tests only
 
 
 WORKER_LOG = "modeltest-media-workers.log"
@@ -51,6 +53,7 @@ def worker_log() -> str:
     """Where the workers' stderr goes (FFmpeg's and decord's lines about bad files, written from C
     where no Python setting reaches): a file in the temporary folder, not the progress bar."""
     import tempfile
+
     return os.path.join(tempfile.gettempdir(), WORKER_LOG)
 
 
@@ -58,7 +61,7 @@ def _stderr_to_log() -> None:
     try:
         fd = os.open(worker_log(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError:
-        return                      # keep the inherited stderr
+        return  # keep the inherited stderr
     os.dup2(fd, 2)
     os.close(fd)
 
@@ -70,6 +73,7 @@ def _media_init(cache_folder: Optional[str], cache_bytes: int, faults: List[Tupl
 
     from .cache import MediaCache
     from .decode import quiet_video_libraries
+
     torch.set_num_threads(1)
     quiet_video_libraries()
     _stderr_to_log()
@@ -87,6 +91,7 @@ def _media_work(state: _WorkerState, task: _MediaTask) -> _MediaResult:
     pipe); else the frames as numpy arrays, pickled as bytes (not shared as torch tensors
     through file descriptors)."""
     from .decode import vision_from_messages
+
     for kind, part in state.faults:
         if part in media_names(task.messages):
             if kind == "hang":
@@ -98,6 +103,7 @@ def _media_work(state: _WorkerState, task: _MediaTask) -> _MediaResult:
     if cache is None:
         return _MediaResult(images, [v.numpy() for v in videos] if videos else None, 0, 0)
     from qwen_vl_utils.vision_process import extract_vision_info
+
     counts = cache.hits - hits, cache.misses - misses
     if not task.send_frames and all(cache.has(e) for e in extract_vision_info(task.messages)):
         return _MediaResult(None, None, *counts, in_cache=True)
@@ -108,8 +114,11 @@ def _media_key(messages: List[Dict[str, Any]]) -> Optional[str]:
     """The videos of a message list and their options: the affinity of its task (images are
     cheap enough to go to any worker)."""
     parts = [p for p in media_parts(messages) if p["type"] == "video"]
-    return repr(sorted((str(p.get("video")), sorted((k, repr(v)) for k, v in p.items())) for p in parts)) \
-        if parts else None
+    return (
+        repr(sorted((str(p.get("video")), sorted((k, repr(v)) for k, v in p.items())) for p in parts))
+        if parts
+        else None
+    )
 
 
 class WorkerMedia(MediaSource):
@@ -119,24 +128,31 @@ class WorkerMedia(MediaSource):
 
     def __init__(self, workers: int, timeout_s: float, cache_folder: Optional[str], cache_bytes: int):
         from .cache import MediaCache
+
         self.cache_folder = cache_folder
-        self.cache = MediaCache(cache_folder, cache_bytes) if cache_folder else None   # this process's reader
+        self.cache = MediaCache(cache_folder, cache_bytes) if cache_folder else None  # this process's reader
         self.hits = self.misses = 0
         self._lock = threading.Lock()
-        self._prefetched: Dict[str, List[Future]] = {}     # decodes started ahead of vision()
+        self._prefetched: Dict[str, List[Future]] = {}  # decodes started ahead of vision()
         faults = [tuple(f.split(":", 1)) for f in os.environ.get(FAULT_ENV, "").split(",") if ":" in f]
-        self.pool = WorkerPool(_media_work, workers, timeout_s, init=_media_init,
-                               init_args=(cache_folder, cache_bytes, faults),
-                               preload=("torch", "decord", "qwen_vl_utils.vision_process"))
+        self.pool = WorkerPool(
+            _media_work,
+            workers,
+            timeout_s,
+            init=_media_init,
+            init_args=(cache_folder, cache_bytes, faults),
+            preload=("torch", "decord", "qwen_vl_utils.vision_process"),
+        )
 
     def _elements(self, messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         from qwen_vl_utils.vision_process import extract_vision_info
+
         return extract_vision_info(messages)
 
     def _all_cached(self, messages: List[Dict[str, Any]]) -> bool:
         try:
             return self.cache is not None and all(self.cache.has(e) for e in self._elements(messages))
-        except OSError:          # a missing file: the worker's decode names it
+        except OSError:  # a missing file: the worker's decode names it
             return False
 
     def _from_cache(self, messages: List[Dict[str, Any]], uint8: bool, count: bool = True) -> Optional[Vision]:
@@ -156,17 +172,21 @@ class WorkerMedia(MediaSource):
 
     def prefetch(self, messages: List[Dict[str, Any]], uint8: bool = False) -> None:
         if self._all_cached(messages):
-            return                   # vision() reads it here
+            return  # vision() reads it here
         future = self._submit(messages, uint8)
         with self._lock:
             self._prefetched.setdefault(repr((messages, uint8)), []).append(future)
 
     def _submit(self, messages: List[Dict[str, Any]], uint8: bool, send_frames: bool = False) -> Future:
-        return self.pool.submit(_MediaTask(messages, uint8, send_frames), _media_key(messages),
-                                media_names(messages) or "the sample's media")
+        return self.pool.submit(
+            _MediaTask(messages, uint8, send_frames),
+            _media_key(messages),
+            media_names(messages) or "the sample's media",
+        )
 
     def vision(self, messages: List[Dict[str, Any]], uint8: bool = False) -> Vision:
         import torch
+
         with self._lock:
             waiting = self._prefetched.get(repr((messages, uint8)))
             future = waiting.pop(0) if waiting else None
@@ -182,7 +202,7 @@ class WorkerMedia(MediaSource):
             self.hits += result.hits
             self.misses += result.misses
         if result.in_cache:
-            got = self._from_cache(messages, uint8, count=False)     # the worker counted it
+            got = self._from_cache(messages, uint8, count=False)  # the worker counted it
             if got is not None:
                 return got
             # The entry went in between (evicted, corrupted): have the frames sent this time.
@@ -195,8 +215,13 @@ class WorkerMedia(MediaSource):
     def summary(self) -> Optional[Dict[str, Any]]:
         if self.cache_folder is None:
             return None
-        return {"folder": self.cache_folder, "hits": self.hits + self.cache.hits, "misses": self.misses,
-                "workers": self.pool.size, "workers_replaced": self.pool.replaced}
+        return {
+            "folder": self.cache_folder,
+            "hits": self.hits + self.cache.hits,
+            "misses": self.misses,
+            "workers": self.pool.size,
+            "workers_replaced": self.pool.replaced,
+        }
 
     def close(self) -> None:
         self.pool.close()

@@ -4,6 +4,7 @@ The reference harness takes the first capital A-F found anywhere in the output, 
 running" reads as A. `extract_choice` only accepts a letter in a context that marks it as an
 option label, and returns None when the output names no option or more than one.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,8 +20,11 @@ _BRACKETED = re.compile(r"[\(\[]([A-Za-z])[\)\]]")
 # or the end. "B. text", "B) text", "is B.", "Answer: B". Not "A dog" (followed by a word).
 _LABEL = re.compile(r"(?:^|(?<=[\s:\"'*]))([A-Z])(?=[.):,;\"'*]|\s*$)")
 # After a cue word: "answer is B", "Answer: b.", "option C", "choice (D)".
-_CUED = re.compile(r"(?:answer|option|choice)\s*(?:is|would be|:|-)?\s*[:\-]?\s*[\(\[]?([A-Za-z])[\)\]]?"
-                   r"(?=[\s.,:;!)\]]|$)", re.IGNORECASE)
+_CUED = re.compile(
+    r"(?:answer|option|choice)\s*(?:is|would be|:|-)?\s*[:\-]?\s*[\(\[]?([A-Za-z])[\)\]]?"
+    r"(?=[\s.,:;!)\]]|$)",
+    re.IGNORECASE,
+)
 
 
 # A capital letter standing alone as a word: "I think C fits best." (not "C's", "C-3PO").
@@ -50,7 +54,7 @@ def _labelled_letters(text: str, valid: Set[str]) -> Set[str]:
         letter = m.group(1)
         # A lower-case letter after a cue is an option only when nothing word-like follows it
         # ("the answer is a dog" names no option).
-        rest = text[m.end():].lstrip()
+        rest = text[m.end() :].lstrip()
         if letter.isupper() or not rest or not rest[0].isalpha():
             found.add(letter.upper())
     return found & valid
@@ -73,8 +77,9 @@ def extract_choice(text: str, choices: Dict[str, str]) -> Optional[str]:
     # Labelled letters, and option letters standing alone as words ("I think C fits best.";
     # "A" before a word is the article and does not count): exactly one must be named.
     letters = _labelled_letters(text, valid)
-    letters |= {m.group(1) for m in _STANDALONE.finditer(text)
-                if not (m.group(1) == "A" and _ARTICLE_A.match(text, m.start()))} & valid
+    letters |= {
+        m.group(1) for m in _STANDALONE.finditer(text) if not (m.group(1) == "A" and _ARTICLE_A.match(text, m.start()))
+    } & valid
     if len(letters) == 1:
         return next(iter(letters))
     if len(letters) > 1:

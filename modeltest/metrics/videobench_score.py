@@ -1,12 +1,20 @@
 """VideoBench's three-group weighted score (from the benchmark's paper; README "Metrics")."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
 
 # group -> {subject: weight}
 GROUPS: Dict[str, Dict[str, float]] = {
-    "Video-Exclusive": {"ActivityNet": 1.0, "MSVD": 1.0, "MSRVTT": 1.0, "TGIF": 1.0, "Youcook2": 1.0,
-                        "Ucfcrime": 1.0, "MOT": 0.5},
+    "Video-Exclusive": {
+        "ActivityNet": 1.0,
+        "MSVD": 1.0,
+        "MSRVTT": 1.0,
+        "TGIF": 1.0,
+        "Youcook2": 1.0,
+        "Ucfcrime": 1.0,
+        "MOT": 0.5,
+    },
     "Prior-Knowledge": {"TVQA": 1.0, "MV": 1.0, "NBA": 1.0},
     "Decision-making": {"Driving-exam": 0.5, "Driving-decision-making": 1.0, "SQA3D": 1.0},
 }

@@ -1,5 +1,6 @@
 """`modeltest report --bench A.json B.json ...`: benchmark JSONs side by side (the first is the
 baseline), the ratio of each figure, and the regressions (worse by more than a threshold)."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,27 @@ import pandas as pd
 
 from ..errors import UserError
 
-HIGHER_IS_BETTER = {"samples_per_s", "tokens_per_s", "request_throughput", "output_token_throughput",
-                    "total_token_throughput"}
-LOWER_IS_BETTER = {"ttft_p50_ms", "ttft_p90_ms", "decode_ms_per_token", "vision_ms", "peak_host_mb", "peak_device_mb",
-                   "ttft.median_ms", "ttft.p99_ms", "tpot.median_ms", "itl.p99_ms", "e2el.median_ms", "e2el.p99_ms"}
+HIGHER_IS_BETTER = {
+    "samples_per_s",
+    "tokens_per_s",
+    "request_throughput",
+    "output_token_throughput",
+    "total_token_throughput",
+}
+LOWER_IS_BETTER = {
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "decode_ms_per_token",
+    "vision_ms",
+    "peak_host_mb",
+    "peak_device_mb",
+    "ttft.median_ms",
+    "ttft.p99_ms",
+    "tpot.median_ms",
+    "itl.p99_ms",
+    "e2el.median_ms",
+    "e2el.p99_ms",
+}
 
 
 def _rows(path: Path) -> List[Tuple[str, str, float]]:
@@ -23,11 +41,11 @@ def _rows(path: Path) -> List[Tuple[str, str, float]]:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable benchmark JSON ({e})") from None
     out = []
-    if isinstance(data, dict) and isinstance(data.get("results"), list):          # modeltest bench
+    if isinstance(data, dict) and isinstance(data.get("results"), list):  # modeltest bench
         for r in data["results"]:
             name = f"{r.get('workload')} {r.get('backend')} batch {r.get('batch_size')}"
             out += [(name, k, float(r[k])) for k in HIGHER_IS_BETTER | LOWER_IS_BETTER if r.get(k) is not None]
-    elif isinstance(data, dict) and "request_throughput" in data:                   # modeltest bench-serve
+    elif isinstance(data, dict) and "request_throughput" in data:  # modeltest bench-serve
         name = f"serve {data.get('task')} concurrency {data.get('max_concurrency') or 'unlimited'}"
         for k in HIGHER_IS_BETTER | LOWER_IS_BETTER:
             head, _, tail = k.partition(".")
@@ -49,6 +67,15 @@ def compare_bench(paths: List[str], threshold: float = 0.05) -> pd.DataFrame:
                 continue
             ratio = t[key] / base
             worse = ratio < 1 - threshold if key[1] in HIGHER_IS_BETTER else ratio > 1 + threshold
-            rows.append({"row": key[0], "figure": key[1], "baseline": base, "run": Path(p).name, "value": t[key],
-                         "ratio": ratio, "regression": bool(worse)})
+            rows.append(
+                {
+                    "row": key[0],
+                    "figure": key[1],
+                    "baseline": base,
+                    "run": Path(p).name,
+                    "value": t[key],
+                    "ratio": ratio,
+                    "regression": bool(worse),
+                }
+            )
     return pd.DataFrame(rows, columns=["row", "figure", "baseline", "run", "value", "ratio", "regression"])

@@ -1,4 +1,5 @@
 """`modeltest report RUN [RUN ...]`: compare runs of one task and see where a model fails."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,17 +11,34 @@ def add_parser(sub) -> None:
     r = sub.add_parser("report", help="compare runs side by side (scores with intervals, what changed, failures)")
     r.add_argument("runs", nargs="*", help="output_dir of each run (or a *_result.csv / *_summary.json in one)")
     r.add_argument("--task", default=None, help="which task, when an output_dir holds several")
-    r.add_argument("--baseline", default=None, help="the run the others are compared with (a RUN, or its index; "
-                                                     "default: the first)")
+    r.add_argument(
+        "--baseline",
+        default=None,
+        help="the run the others are compared with (a RUN, or its index; default: the first)",
+    )
     r.add_argument("--labels", default=None, help="comma-separated names for the runs in the tables")
     r.add_argument("--out", default="report", help="where to write report.md/.csv/.html (default: ./report)")
-    r.add_argument("--fail-below", nargs="*", default=[], metavar="SUBJECT=DELTA",
-                   help="exit 1 when a score drops significantly by more than DELTA against the baseline "
-                        "(SUBJECT: a subject, the task name for the overall score, or all)")
-    r.add_argument("--bench", nargs="*", default=None, metavar="JSON",
-                   help="compare `modeltest bench` / `bench-serve` JSONs instead (the first is the baseline)")
-    r.add_argument("--regression-threshold", type=float, default=0.05,
-                   help="--bench: a figure worse by more than this fraction is a regression (default 0.05)")
+    r.add_argument(
+        "--fail-below",
+        nargs="*",
+        default=[],
+        metavar="SUBJECT=DELTA",
+        help="exit 1 when a score drops significantly by more than DELTA against the baseline "
+        "(SUBJECT: a subject, the task name for the overall score, or all)",
+    )
+    r.add_argument(
+        "--bench",
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="compare `modeltest bench` / `bench-serve` JSONs instead (the first is the baseline)",
+    )
+    r.add_argument(
+        "--regression-threshold",
+        type=float,
+        default=0.05,
+        help="--bench: a figure worse by more than this fraction is a regression (default 0.05)",
+    )
     r.set_defaults(func=main)
 
 
@@ -42,6 +60,7 @@ def main(args) -> int:
     )
     from .load import load_run, name_runs
     from .render import plots, print_terminal, write_csv, write_html, write_markdown
+
     if not args.runs:
         raise UserError("report: give at least one run (an output_dir), or --bench A.json B.json")
     labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
@@ -95,13 +114,23 @@ def bench_main(args, out: Path) -> int:
     from termcolor import colored
 
     from .bench import compare_bench
+
     if len(args.bench) < 2:
         raise UserError("--bench: give at least two JSONs (the first is the baseline)")
     table = compare_bench(args.bench, args.regression_threshold)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "bench_report.csv", index=False, float_format="%.6f")
-    rows = [[r.row, r.figure, f"{r.baseline:.4g}", r.run, f"{r.value:.4g}",
-             colored(f"{r.ratio:.3f}", "red" if r.regression else None)] for r in table.itertuples()]
+    rows = [
+        [
+            r.row,
+            r.figure,
+            f"{r.baseline:.4g}",
+            r.run,
+            f"{r.value:.4g}",
+            colored(f"{r.ratio:.3f}", "red" if r.regression else None),
+        ]
+        for r in table.itertuples()
+    ]
     print(tabulate(rows, headers=["row", "figure", "baseline", "run", "value", "ratio"], tablefmt="github"))
     bad = table[table["regression"]]
     for r in bad.itertuples():

@@ -4,6 +4,7 @@ Scores are recomputed from the records (the mean of per-sample scores), and the 
 each run to the baseline gets a 95% interval from a paired bootstrap over the samples both runs
 scored (matched by subject and id), with a fixed seed so the report is reproducible.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ BOOTSTRAP_SAMPLES = 2000
 SEED = 0
 
 
-def paired_bootstrap(base: np.ndarray, other: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
-                     seed: int = SEED) -> Tuple[float, float]:
+def paired_bootstrap(
+    base: np.ndarray, other: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = SEED
+) -> Tuple[float, float]:
     """95% interval of mean(other - base) over paired per-sample scores: resample the pairs with
     replacement `samples` times (numpy's default_rng(seed)), take the 2.5th and 97.5th percentiles."""
     diff = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
@@ -52,17 +54,32 @@ def score_table(runs: List[Run], baseline: int = 0) -> pd.DataFrame:
         for i, run in enumerate(runs):
             rows = _rows_of(run, subject)
             value = float(rows["score"].mean()) if len(rows) else float("nan")
-            entry = {"task": run.task, "subject": subject, "run": run.label, "value": value, "total": int(len(rows)),
-                     "errors": int(rows["error"].notna().sum()),
-                     "unparsed": int((rows["error"].isna() & rows["prediction"].isna()).sum()),
-                     "delta": None, "ci_low": None, "ci_high": None, "paired": None, "significant": None}
+            entry = {
+                "task": run.task,
+                "subject": subject,
+                "run": run.label,
+                "value": value,
+                "total": int(len(rows)),
+                "errors": int(rows["error"].notna().sum()),
+                "unparsed": int((rows["error"].isna() & rows["prediction"].isna()).sum()),
+                "delta": None,
+                "ci_low": None,
+                "ci_high": None,
+                "paired": None,
+                "significant": None,
+            }
             if i != baseline:
                 o = rows.set_index(["subject", "id"])
                 both = b.index.intersection(o.index)
                 bs, os_ = b.loc[both, "score"].to_numpy(float), o.loc[both, "score"].to_numpy(float)
                 lo, hi = paired_bootstrap(bs, os_)
-                entry.update(delta=value - float(b["score"].mean()) if len(b) else None, ci_low=lo, ci_high=hi,
-                             paired=int(len(both)), significant=bool(lo > 0 or hi < 0))
+                entry.update(
+                    delta=value - float(b["score"].mean()) if len(b) else None,
+                    ci_low=lo,
+                    ci_high=hi,
+                    paired=int(len(both)),
+                    significant=bool(lo > 0 or hi < 0),
+                )
             out.append(entry)
     table = pd.DataFrame(out)
     table["paired"] = table["paired"].astype("Int64")
@@ -77,8 +94,14 @@ def weighted_rows(runs: List[Run], baseline: int = 0) -> pd.DataFrame:
         for r in run.rows:
             if r.get("metric") == "weighted_acc" and r.get("value") is not None:
                 b = base.get(r["tasks"])
-                out.append({"run": run.label, "score": r["tasks"], "value": r["value"],
-                            "delta": (r["value"] - b) if b is not None and run is not runs[baseline] else None})
+                out.append(
+                    {
+                        "run": run.label,
+                        "score": r["tasks"],
+                        "value": r["value"],
+                        "delta": (r["value"] - b) if b is not None and run is not runs[baseline] else None,
+                    }
+                )
     return pd.DataFrame(out)
 
 
@@ -123,10 +146,20 @@ def changed_samples(base: Run, other: Run) -> pd.DataFrame:
     rows = []
     for key in changed:
         ra, rb = a.loc[key], b.loc[key]
-        rows.append({"subject": key[0], "id": key[1], "change": "better" if rb["score"] > ra["score"] else "worse",
-                     "prompt": ra["prompt"], "media": ra["media"], "gold": _show(ra["gold"]),
-                     f"output ({base.label})": _show(ra["output"]), f"output ({other.label})": _show(rb["output"]),
-                     f"score ({base.label})": ra["score"], f"score ({other.label})": rb["score"]})
+        rows.append(
+            {
+                "subject": key[0],
+                "id": key[1],
+                "change": "better" if rb["score"] > ra["score"] else "worse",
+                "prompt": ra["prompt"],
+                "media": ra["media"],
+                "gold": _show(ra["gold"]),
+                f"output ({base.label})": _show(ra["output"]),
+                f"output ({other.label})": _show(rb["output"]),
+                f"score ({base.label})": ra["score"],
+                f"score ({other.label})": rb["score"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -160,9 +193,14 @@ def length_bins(runs: List[Run], bins: int = 4) -> pd.DataFrame:
         r = run.records.dropna(subset=["input_tokens"])
         cut = pd.cut(r["input_tokens"].astype(float), edges, include_lowest=True)
         for interval, group in r.groupby(cut, observed=False):
-            rows.append({"run": run.label, "tokens": f"{int(interval.left)}-{int(interval.right)}",
-                         "samples": int(len(group)),
-                         "accuracy": float(group["score"].mean()) if len(group) else None})
+            rows.append(
+                {
+                    "run": run.label,
+                    "tokens": f"{int(interval.left)}-{int(interval.right)}",
+                    "samples": int(len(group)),
+                    "accuracy": float(group["score"].mean()) if len(group) else None,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -174,21 +212,32 @@ def speed(runs: List[Run]) -> pd.DataFrame:
         def pct(col, q):
             v = r[col].dropna()
             return float(np.percentile(v, q)) if len(v) else None
-        rows.append({"run": run.label, "samples_per_s": s.get("samples_per_s"), "computed": s.get("computed"),
-                     "reused": s.get("reused"), "e2e_p50_s": pct("e2e_time", 50), "e2e_p90_s": pct("e2e_time", 90),
-                     "e2e_p99_s": pct("e2e_time", 99), "preprocess_p50_s": pct("preprocess_time", 50),
-                     "preprocess_p90_s": pct("preprocess_time", 90)})
+
+        rows.append(
+            {
+                "run": run.label,
+                "samples_per_s": s.get("samples_per_s"),
+                "computed": s.get("computed"),
+                "reused": s.get("reused"),
+                "e2e_p50_s": pct("e2e_time", 50),
+                "e2e_p90_s": pct("e2e_time", 90),
+                "e2e_p99_s": pct("e2e_time", 99),
+                "preprocess_p50_s": pct("preprocess_time", 50),
+                "preprocess_p90_s": pct("preprocess_time", 90),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 @dataclass
 class GateRule:
-    subject: str                   # a subject, the task name (overall), or "all"
-    max_drop: float                # fail when the score drops by more than this, significantly
+    subject: str  # a subject, the task name (overall), or "all"
+    max_drop: float  # fail when the score drops by more than this, significantly
 
 
 def parse_gate(items: List[str]) -> List[GateRule]:
     from ..errors import UserError
+
     rules = []
     for item in items or []:
         name, _, value = item.partition("=")
@@ -208,6 +257,8 @@ def gate_failures(scores: pd.DataFrame, rules: List[GateRule]) -> List[str]:
         rows = compared if rule.subject == "all" else compared[compared["subject"] == rule.subject]
         for _, r in rows.iterrows():
             if r["delta"] < -rule.max_drop and r["ci_high"] < 0:
-                out.append(f"{r['run']}: {r['subject']} dropped {-r['delta']:.4f} (95% CI {r['ci_low']:+.4f} .. "
-                           f"{r['ci_high']:+.4f}, {r['paired']} paired samples), more than {rule.max_drop} allowed")
+                out.append(
+                    f"{r['run']}: {r['subject']} dropped {-r['delta']:.4f} (95% CI {r['ci_low']:+.4f} .. "
+                    f"{r['ci_high']:+.4f}, {r['paired']} paired samples), more than {rule.max_drop} allowed"
+                )
     return out

@@ -1,4 +1,5 @@
 """Find a run's files under an output_dir (or from its result CSV / summary JSON) and read them."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -15,11 +16,11 @@ from ..errors import UserError
 
 @dataclass
 class Run:
-    label: str                 # how tables name it (given, else derived from its path)
+    label: str  # how tables name it (given, else derived from its path)
     task: str
-    summary: dict              # *_summary.json
-    config: dict               # *_config.json ({} if missing)
-    records: pd.DataFrame      # one row per sample, dataset order (scored: from the debug file)
+    summary: dict  # *_summary.json
+    config: dict  # *_config.json ({} if missing)
+    records: pd.DataFrame  # one row per sample, dataset order (scored: from the debug file)
     summary_path: Path
 
     @property
@@ -78,15 +79,30 @@ def read_records(debug_file: Path) -> pd.DataFrame:
             try:
                 rec = SampleRecord.from_json(json.loads(line))
             except ValueError as e:
-                raise UserError(f"{debug_file}:{lineno}: not a sample record ({e}); the file is truncated or from "
-                                f"a newer modeltest (records here are schema {SCHEMA_VERSION}); rerun the command "
-                                "that wrote it to rewrite it") from None
-            rows.append({"id": str(rec.id), "subject": rec.subject, "prompt": rec.input.get("prompt"),
-                         "media": ", ".join(rec.input.get("images", []) + rec.input.get("videos", [])),
-                         "output": rec.output, "prediction": rec.prediction, "gold": rec.gold, "score": rec.score,
-                         "error": rec.error, "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
-                         "e2e_time": rec.e2e_time, "queue_time": rec.queue_time,
-                         "preprocess_time": rec.preprocess_time, "schema": rec.schema})
+                raise UserError(
+                    f"{debug_file}:{lineno}: not a sample record ({e}); the file is truncated or from "
+                    f"a newer modeltest (records here are schema {SCHEMA_VERSION}); rerun the command "
+                    "that wrote it to rewrite it"
+                ) from None
+            rows.append(
+                {
+                    "id": str(rec.id),
+                    "subject": rec.subject,
+                    "prompt": rec.input.get("prompt"),
+                    "media": ", ".join(rec.input.get("images", []) + rec.input.get("videos", [])),
+                    "output": rec.output,
+                    "prediction": rec.prediction,
+                    "gold": rec.gold,
+                    "score": rec.score,
+                    "error": rec.error,
+                    "input_tokens": rec.input_tokens,
+                    "output_tokens": rec.output_tokens,
+                    "e2e_time": rec.e2e_time,
+                    "queue_time": rec.queue_time,
+                    "preprocess_time": rec.preprocess_time,
+                    "schema": rec.schema,
+                }
+            )
     if not rows:
         raise UserError(f"{debug_file}: no records in it")
     return pd.DataFrame(rows)
@@ -111,8 +127,14 @@ def load_run(path: str, task: Optional[str] = None, label: Optional[str] = None)
     except (OSError, ValueError):
         config = {}
     records = read_records(debug_file_of(summary_path, summary))
-    return Run(label=label or "", task=summary["task"], summary=summary, config=config,
-               records=records, summary_path=summary_path)
+    return Run(
+        label=label or "",
+        task=summary["task"],
+        summary=summary,
+        config=config,
+        records=records,
+        summary_path=summary_path,
+    )
 
 
 def facets(run: Run) -> Dict[str, str]:
@@ -121,12 +143,14 @@ def facets(run: Run) -> Dict[str, str]:
     model = run.config.get("model") or {}
     backend = run.config.get("backend") or {}
     day = run.summary_path.stat().st_mtime
-    return {"model": str(run.summary.get("model_name") or model.get("model_name") or ""),
-            "backend": str(run.summary.get("backend") or model.get("backend") or ""),
-            "data_type": str(backend.get("data_type") or model.get("data_type") or ""),
-            "tp": f"tp{run.summary.get('tp')}" if run.summary.get("tp") else "",
-            "batch": f"batch{(run.config.get('run') or {}).get('batch_size')}" if run.config.get("run") else "",
-            "date": dt.date.fromtimestamp(day).isoformat()}
+    return {
+        "model": str(run.summary.get("model_name") or model.get("model_name") or ""),
+        "backend": str(run.summary.get("backend") or model.get("backend") or ""),
+        "data_type": str(backend.get("data_type") or model.get("data_type") or ""),
+        "tp": f"tp{run.summary.get('tp')}" if run.summary.get("tp") else "",
+        "batch": f"batch{(run.config.get('run') or {}).get('batch_size')}" if run.config.get("run") else "",
+        "date": dt.date.fromtimestamp(day).isoformat(),
+    }
 
 
 def name_runs(runs: List[Run], paths: List[str]) -> None:

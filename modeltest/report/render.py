@@ -1,5 +1,6 @@
 """The report's forms: a coloured terminal summary, report.md, report.csv (machine-readable) and
 a self-contained report.html (inline CSS and JS, plots embedded as PNG data URLs: no network)."""
+
 from __future__ import annotations
 
 import base64
@@ -12,8 +13,20 @@ import pandas as pd
 from tabulate import tabulate
 from termcolor import colored
 
-CSV_COLUMNS = ["task", "subject", "run", "value", "total", "delta", "ci_low", "ci_high", "paired", "significant",
-               "errors", "unparsed"]
+CSV_COLUMNS = [
+    "task",
+    "subject",
+    "run",
+    "value",
+    "total",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "paired",
+    "significant",
+    "errors",
+    "unparsed",
+]
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -34,13 +47,24 @@ def print_terminal(sections: Dict[str, pd.DataFrame], scores: pd.DataFrame, fail
         delta = ""
         if r["delta"] is not None and r["delta"] == r["delta"]:
             text = f"{r['delta'] * 100:+.2f} [{r['ci_low'] * 100:+.2f}, {r['ci_high'] * 100:+.2f}]"
-            delta = colored(text, "red" if r["significant"] and r["delta"] < 0 else
-                            "green" if r["significant"] else None)
-        table.append([r["subject"], r["run"], f"{r['value'] * 100:.2f}" if r["value"] == r["value"] else "",
-                      r["total"], r["errors"], r["unparsed"], delta])
+            delta = colored(
+                text, "red" if r["significant"] and r["delta"] < 0 else "green" if r["significant"] else None
+            )
+        table.append(
+            [
+                r["subject"],
+                r["run"],
+                f"{r['value'] * 100:.2f}" if r["value"] == r["value"] else "",
+                r["total"],
+                r["errors"],
+                r["unparsed"],
+                delta,
+            ]
+        )
     print(colored("\nScores (%; delta to the baseline with its 95% paired-bootstrap interval)", "cyan", attrs=["bold"]))
-    print(tabulate(table, headers=["subject", "run", "score", "total", "errors", "unparsed", "delta"],
-                   tablefmt="github"))
+    print(
+        tabulate(table, headers=["subject", "run", "score", "total", "errors", "unparsed", "delta"], tablefmt="github")
+    )
     diff = sections.get("Configuration differences")
     if diff is not None and not diff.empty:
         print(colored("\nWhat differs between the runs' configurations", "cyan", attrs=["bold"]))
@@ -56,8 +80,7 @@ def write_markdown(title: str, sections: Dict[str, pd.DataFrame], path: Path) ->
         if df is None or df.empty:
             parts.append("\n(none)\n")
             continue
-        parts.append("\n" + tabulate(df.map(_cell).values.tolist(),
-                                     headers=list(df.columns), tablefmt="github") + "\n")
+        parts.append("\n" + tabulate(df.map(_cell).values.tolist(), headers=list(df.columns), tablefmt="github") + "\n")
     path.write_text("".join(parts), encoding="utf-8")
 
 
@@ -72,6 +95,7 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
+
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -80,9 +104,11 @@ def plots(scores: pd.DataFrame, runs, lengths: pd.DataFrame) -> Dict[str, str]:
     """name -> PNG data URL: per-subject scores with interval whiskers, the latency histogram,
     accuracy against input length."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     out = {}
     subjects = list(dict.fromkeys(scores["subject"]))
     labels = list(dict.fromkeys(scores["run"]))
@@ -155,21 +181,35 @@ def _table(df: pd.DataFrame, table_id: str) -> str:
                 text = f'<span class="{"sig-drop" if v < 0 else "sig-gain"}">{text}</span>'
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return (f'<input class="filter" data-table="{table_id}" placeholder="filter rows">'
-            f'<table class="data" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    return (
+        f'<input class="filter" data-table="{table_id}" placeholder="filter rows">'
+        f'<table class="data" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
 
 
-def write_html(title: str, sections: Dict[str, pd.DataFrame], images: Dict[str, str], path: Path,
-               failures: Optional[List[str]] = None) -> None:
-    captions = {"scores": "Score per subject (whiskers: 95% interval of the difference to the baseline)",
-                "latency": "Per-sample latency (e2e_time)", "length": "Accuracy by input length"}
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+def write_html(
+    title: str,
+    sections: Dict[str, pd.DataFrame],
+    images: Dict[str, str],
+    path: Path,
+    failures: Optional[List[str]] = None,
+) -> None:
+    captions = {
+        "scores": "Score per subject (whiskers: 95% interval of the difference to the baseline)",
+        "latency": "Per-sample latency (e2e_time)",
+        "length": "Accuracy by input length",
+    }
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     for f in failures or []:
         parts.append(f'<p class="sig-drop">GATE: {html.escape(f)}</p>')
     for key, url in images.items():
-        parts.append(f'<figure id="plot-{key}"><img alt="{html.escape(captions[key])}" src="{url}">'
-                     f"<figcaption>{html.escape(captions[key])}</figcaption></figure>")
+        parts.append(
+            f'<figure id="plot-{key}"><img alt="{html.escape(captions[key])}" src="{url}">'
+            f"<figcaption>{html.escape(captions[key])}</figcaption></figure>"
+        )
     for i, (name, df) in enumerate(sections.items()):
         parts.append(f"<h2>{html.escape(name)}</h2>{_table(df, f't{i}')}")
     parts.append(f"<script>{SCRIPT}</script></body></html>")

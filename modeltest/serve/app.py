@@ -11,6 +11,7 @@ while a video decodes), then submitted to the engine thread; its tokens come bac
 asyncio queue to its RequestRun (responses.py). A client that disconnects has its request aborted,
 which frees its KV blocks at the engine's next step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,8 +54,9 @@ async def parse_body(http: HTTPRequest) -> ChatRequest:
     return parse_chat_request(body)
 
 
-def create_app(cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: ServerMetrics,
-               state: ServerState) -> FastAPI:
+def create_app(
+    cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: ServerMetrics, state: ServerState
+) -> FastAPI:
     app = FastAPI(title="modeltest serve", docs_url=None, redoc_url=None, openapi_url=None)
     pool = ThreadPoolExecutor(max_workers=cfg.preprocess_workers, thread_name_prefix="preprocess")
     defaults = SamplingDefaults.from_model(cfg.model_path)
@@ -81,11 +83,19 @@ def create_app(cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: S
 
     def check_serving(req: ChatRequest) -> None:
         if req.model is not None and req.model != cfg.model_name:
-            raise RequestError(404, f"model '{req.model}' does not exist; this server serves '{cfg.model_name}' "
-                                    "(GET /v1/models)", "model")
+            raise RequestError(
+                404,
+                f"model '{req.model}' does not exist; this server serves '{cfg.model_name}' (GET /v1/models)",
+                "model",
+            )
         if state.draining or loop.state != "ready" or not loop.alive:
-            why = "is shutting down" if state.draining else ("is still loading the model" if loop.state == "loading"
-                                                              else f"has no working engine ({loop.error})")
+            why = (
+                "is shutting down"
+                if state.draining
+                else (
+                    "is still loading the model" if loop.state == "loading" else f"has no working engine ({loop.error})"
+                )
+            )
             raise RequestError(503, f"the server {why}; retry later")
 
     @app.post("/v1/chat/completions")
@@ -99,7 +109,7 @@ def create_app(cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: S
         except RequestError as e:
             metrics.requests.labels(code=str(e.status)).inc()
             return error_response(e.status, e.message, e.param, e.code)
-        except Exception as e:   # a bug must cost one request, not the server
+        except Exception as e:  # a bug must cost one request, not the server
             metrics.requests.labels(code="500").inc()
             return error_response(500, f"preprocessing failed: {first_line(e)}")
         engine_req = engine_request(f"chatcmpl-{uuid.uuid4().hex}", model_input, params)
@@ -110,12 +120,15 @@ def create_app(cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: S
         if not req.stream:
             return await run.complete()
         first = await run.next_event()
-        if first is None:       # the client left before the first token
+        if first is None:  # the client left before the first token
             return Response(status_code=499)
         if first.done and first.status is RequestStatus.FAILED:
             return run.failed(first)
-        return StreamingResponse(run.stream(first), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            run.stream(first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     app.state.pool = pool
     return app

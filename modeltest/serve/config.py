@@ -1,4 +1,5 @@
 """Every setting of `modeltest serve`, in one dataclass built from the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,19 +43,25 @@ def opt(default: Any, help: str = "", flag: Optional[str] = None, choices=None, 
 class ServeConfig:
     """Every setting of `modeltest serve`; the command line is generated from these fields
     (add_serve_parser), so a default is written once."""
+
     model_path: str = opt(None, "the Qwen2-VL weights folder (config.json, safetensors, tokenizer)")
     host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)")
     port: int = opt(8000, "TCP port")
-    served_model_name: Optional[str] = opt(None, "the name clients send as 'model' (default: the weights folder's name)")
+    served_model_name: Optional[str] = opt(
+        None, "the name clients send as 'model' (default: the weights folder's name)"
+    )
     max_batch_size: int = opt(8, "sequences decoding together")
     max_input_length: int = opt(32768, "prompt tokens at most, vision placeholders expanded")
     max_output_length: int = opt(2048, "max_tokens at most (and its default)")
     data_type: Optional[str] = opt(None, "default: config.json's torch_dtype", choices=tuple(TORCH_DTYPES))
     block_size: int = opt(128, "KV cache block size, in tokens")
     device: str = opt("auto", "where the model runs", choices=("auto", "npu", "cuda", "cpu"))
-    api_key: Optional[str] = opt(None, "require 'Authorization: Bearer KEY' on every endpoint but /health "
-                                       f"(or ${API_KEY_ENV})")
-    allowed_local_media_path: Optional[str] = opt(None, "serve file:// and absolute-path media only from under this folder")
+    api_key: Optional[str] = opt(
+        None, f"require 'Authorization: Bearer KEY' on every endpoint but /health (or ${API_KEY_ENV})"
+    )
+    allowed_local_media_path: Optional[str] = opt(
+        None, "serve file:// and absolute-path media only from under this folder"
+    )
     allow_remote_media: bool = opt(False, "fetch http(s):// media URLs")
     remote_media_timeout_s: float = opt(10.0, "seconds", flag="--remote-media-timeout")
     max_remote_media_mb: float = opt(256.0, "a remote medium larger than this is refused")
@@ -62,17 +69,26 @@ class ServeConfig:
     max_images_per_request: int = opt(16, "")
     max_videos_per_request: int = opt(2, "")
     preprocess_workers: int = opt(2, "threads decoding media and running the processor")
-    fast_processor: bool = opt(True, "run transformers' image processor itself (the default fast one is "
-                                     "bit-identical)", flag="--reference-processor")
-    media_cache: str = opt("default", "decoded images/videos kept on disk across requests (lossless): default "
-                                      "(~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off")
+    fast_processor: bool = opt(
+        True,
+        "run transformers' image processor itself (the default fast one is bit-identical)",
+        flag="--reference-processor",
+    )
+    media_cache: str = opt(
+        "default",
+        "decoded images/videos kept on disk across requests (lossless): default "
+        "(~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off",
+    )
     media_cache_gb: float = opt(50.0, "the media cache's size bound")
-    drain_timeout_s: float = opt(30.0, "on SIGTERM, seconds in-flight requests may take before they are aborted",
-                                 flag="--drain-timeout")
-    image_options: Dict[str, Any] = opt(None, 'JSON, e.g. {"max_pixels": 1003520}, over TextVQA\'s',
-                                        default_factory=default_image_options)
-    video_options: Dict[str, Any] = opt(None, 'JSON, e.g. {"fps": 1.0}, over VideoBench\'s (fps 0.5)',
-                                        default_factory=default_video_options)
+    drain_timeout_s: float = opt(
+        30.0, "on SIGTERM, seconds in-flight requests may take before they are aborted", flag="--drain-timeout"
+    )
+    image_options: Dict[str, Any] = opt(
+        None, 'JSON, e.g. {"max_pixels": 1003520}, over TextVQA\'s', default_factory=default_image_options
+    )
+    video_options: Dict[str, Any] = opt(
+        None, 'JSON, e.g. {"fps": 1.0}, over VideoBench\'s (fps 0.5)', default_factory=default_video_options
+    )
 
     @property
     def model_name(self) -> str:
@@ -80,7 +96,7 @@ class ServeConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 2 ** 20)
+        return int(self.max_body_mb * 2**20)
 
 
 def _flags(f) -> List[str]:
@@ -103,15 +119,24 @@ def add_serve_parser(sub) -> None:
         else:
             kind = {"int": int, "float": float}.get(f.type.replace("Optional[", "").rstrip("]"), str)
             default = f.default
-            s.add_argument(*flags, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
-                           required=f.name == "model_path",
-                           help=(f"{help_ or ''} (default: {default})".strip() if default is not None else help_))
+            s.add_argument(
+                *flags,
+                dest=f.name,
+                type=kind,
+                default=default,
+                choices=f.metadata.get("choices"),
+                required=f.name == "model_path",
+                help=(f"{help_ or ''} (default: {default})".strip() if default is not None else help_),
+            )
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: visible devices)")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     from ..errors import UserError
-    values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name not in ("image_options", "video_options")}
+
+    values = {
+        f.name: getattr(args, f.name) for f in fields(ServeConfig) if f.name not in ("image_options", "video_options")
+    }
     values["api_key"] = values["api_key"] or os.environ.get(API_KEY_ENV) or None
     cfg = ServeConfig(**values)
     for name in ("image_options", "video_options"):

@@ -1,5 +1,6 @@
 """Token ids -> the text a client reads, incrementally, by the engine's stop-token rule
 (engine/request.visible_ids)."""
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -23,7 +24,7 @@ class Detokenizer:
         self.sent = ""
         self.stopped_by_string = False
         self._text = ""
-        self._decoded = ""          # text of the visible ids[:_read]
+        self._decoded = ""  # text of the visible ids[:_read]
         self._prefix = self._read = 0
         self._longest_stop = max((len(s) for s in stop), default=0)
 
@@ -35,10 +36,10 @@ class Detokenizer:
 
     def _decode_new(self) -> None:
         ids = self._visible()
-        before = self._decode(ids[self._prefix:self._read])
-        now = self._decode(ids[self._prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):   # a whole new character
-            self._decoded += now[len(before):]
+        before = self._decode(ids[self._prefix : self._read])
+        now = self._decode(ids[self._prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # a whole new character
+            self._decoded += now[len(before) :]
             self._prefix, self._read = self._read, len(ids)
 
     def _cut_at_stop(self, text: str, start: int) -> str:
@@ -71,7 +72,7 @@ class Detokenizer:
     def _delta(self, text: str) -> str:
         if not text.startswith(self.sent):
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
     @property
@@ -83,6 +84,6 @@ class Detokenizer:
             return "stop"
         if status is RequestStatus.ABORTED:
             return "abort"
-        if len(self._visible()) < len(self.ids):      # ended on a stop token
+        if len(self._visible()) < len(self.ids):  # ended on a stop token
             return "stop"
         return "length" if len(self.ids) >= max_tokens else "stop"

@@ -12,6 +12,7 @@ before applying it, so every rank adds and aborts the same requests before the s
 meets the others at the same collectives. When idle, rank 0 sends an empty batch every second,
 so the followers' blocking receive never reaches the process group's timeout.
 """
+
 from __future__ import annotations
 
 import queue
@@ -30,6 +31,7 @@ IDLE_HEARTBEAT_S = 1.0
 @dataclass
 class TokenEvent:
     """New tokens of one request; `done` on its last event, with its final status and error."""
+
     token_ids: List[int]
     done: bool = False
     status: Optional[RequestStatus] = None
@@ -48,10 +50,12 @@ class Channel:
 
     def send(self, cmds: list) -> None:
         import torch.distributed as dist
+
         dist.broadcast_object_list([cmds], src=0, group=self.group)
 
     def receive(self) -> list:
         import torch.distributed as dist
+
         box = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
@@ -79,13 +83,17 @@ def follow(engine: LLMEngine, channel: Channel) -> None:
 
 
 class EngineLoop:
-    def __init__(self, build_engine: Callable[[], LLMEngine], channel: Optional[Channel] = None,
-                 on_ready: Optional[Callable[["EngineLoop"], None]] = None,
-                 on_dead: Optional[Callable[["EngineLoop"], None]] = None):
+    def __init__(
+        self,
+        build_engine: Callable[[], LLMEngine],
+        channel: Optional[Channel] = None,
+        on_ready: Optional[Callable[["EngineLoop"], None]] = None,
+        on_dead: Optional[Callable[["EngineLoop"], None]] = None,
+    ):
         self._build, self._channel, self._on_ready, self._on_dead = build_engine, channel, on_ready, on_dead
         self._cmds: "queue.Queue[tuple]" = queue.Queue()
         self._tracked: Dict[str, Tuple[Request, Deliver, int]] = {}
-        self.state = "loading"          # loading -> ready -> stopped; or dead
+        self.state = "loading"  # loading -> ready -> stopped; or dead
         self.error: Optional[str] = None
         self.engine: Optional[LLMEngine] = None
         self.snapshot = {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 0}
@@ -118,9 +126,12 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             self.engine = self._build()
-        except BaseException as e:   # noqa: B036 — a failed load must reach /health, not vanish
+        except BaseException as e:  # noqa: B036 — a failed load must reach /health, not vanish
             # a UserError is already a sentence for the user; anything else keeps its type name
-            self.state, self.error = "dead", f"the model failed to load: {first_line(e, with_type=not isinstance(e, UserError))}"
+            self.state, self.error = (
+                "dead",
+                f"the model failed to load: {first_line(e, with_type=not isinstance(e, UserError))}",
+            )
             if self._channel is not None:
                 self._send([("stop",)])
             if self._on_dead:
@@ -136,8 +147,9 @@ class EngineLoop:
                 stop = any(c[0] == "stop" for c in cmds)
                 if stop or any(c[0] == "abort_all" for c in cmds):
                     # abort every request, so its client gets an answer and its blocks are freed
-                    cmds = [c for c in cmds if c[0] not in ("stop", "abort_all")] + \
-                        [("abort", rid) for rid in self._tracked]
+                    cmds = [c for c in cmds if c[0] not in ("stop", "abort_all")] + [
+                        ("abort", rid) for rid in self._tracked
+                    ]
                 self._send([c[:2] for c in cmds] + ([("stop",)] if stop else []))
                 for c in cmds:
                     if c[0] == "add":
@@ -150,7 +162,7 @@ class EngineLoop:
                 if stop:
                     self.state = "stopped"
                     return
-        except BaseException as e:   # noqa: B036 — a dead engine must fail its requests, not hang them
+        except BaseException as e:  # noqa: B036 — a dead engine must fail its requests, not hang them
             self.state, self.error = "dead", f"the engine stopped: {first_line(e)}"
             for _req, deliver, _ in self._tracked.values():
                 deliver(TokenEvent([], done=True, status=RequestStatus.FAILED, error=self.error))
@@ -180,13 +192,20 @@ class EngineLoop:
             new = req.output_ids[sent:]
             done = rid in ended_ids
             if new or done:
-                deliver(TokenEvent(list(new), done=done, status=req.status if done else None,
-                                   error=req.error if done else None))
+                deliver(
+                    TokenEvent(
+                        list(new), done=done, status=req.status if done else None, error=req.error if done else None
+                    )
+                )
                 self._tracked[rid] = (req, deliver, len(req.output_ids))
             if done:
                 del self._tracked[rid]
 
     def _publish_snapshot(self) -> None:
         s = self.engine.stats(timings=False)
-        self.snapshot = {"running": s.running, "waiting": s.waiting, "kv_blocks_used": s.num_blocks - s.free_blocks,
-                         "kv_blocks_free": s.free_blocks}
+        self.snapshot = {
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_blocks_used": s.num_blocks - s.free_blocks,
+            "kv_blocks_free": s.free_blocks,
+        }

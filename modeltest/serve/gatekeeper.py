@@ -1,4 +1,5 @@
 """ASGI middleware in front of the app: the API key and the request body's size limit."""
+
 from __future__ import annotations
 
 import hmac
@@ -50,16 +51,24 @@ class Gatekeeper:
                     replayed = True
                     return {"type": "http.request", "body": bytes(body), "more_body": False}
                 return await receive()
+
             return await self.app(scope, replay, send)
         return await self.app(scope, receive, send)
 
     def _too_large(self, size: int) -> str:
-        return (f"the request body is {size} bytes, over this server's limit of {self.limit} "
-                "(--max-body-mb); send media as file URLs or raise the limit")
+        return (
+            f"the request body is {size} bytes, over this server's limit of {self.limit} "
+            "(--max-body-mb); send media as file URLs or raise the limit"
+        )
 
 
 async def _send_error(send, status: int, message: str) -> None:
     body = json.dumps(error_body(status, message, code={401: "invalid_api_key", 413: "request_too_large"}.get(status)))
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body.encode()})

@@ -1,4 +1,5 @@
 """Prometheus metrics of the server (prometheus_client, in a registry of its own)."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -9,18 +10,27 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 class ServerMetrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("modeltest_requests", "Chat completion requests by HTTP status code",
-                                ["code"], registry=r)
-        self.prompt_tokens = Counter("modeltest_prompt_tokens", "Prompt tokens (vision tokens included)",
-                                     registry=r)
+        self.requests = Counter(
+            "modeltest_requests", "Chat completion requests by HTTP status code", ["code"], registry=r
+        )
+        self.prompt_tokens = Counter("modeltest_prompt_tokens", "Prompt tokens (vision tokens included)", registry=r)
         self.generation_tokens = Counter("modeltest_generation_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("modeltest_time_to_first_token_seconds", "Request arrival to its first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("modeltest_e2e_request_latency_seconds", "Request arrival to its last token",
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "modeltest_time_to_first_token_seconds",
+            "Request arrival to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "modeltest_e2e_request_latency_seconds",
+            "Request arrival to its last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("modeltest_num_requests_running", "Requests decoding in the engine", registry=r)
-        self.waiting = Gauge("modeltest_num_requests_waiting", "Requests waiting for a batch slot or KV blocks",
-                             registry=r)
+        self.waiting = Gauge(
+            "modeltest_num_requests_waiting", "Requests waiting for a batch slot or KV blocks", registry=r
+        )
         self.kv_used = Gauge("modeltest_kv_cache_blocks_used", "KV cache blocks held by requests", registry=r)
         self.kv_free = Gauge("modeltest_kv_cache_blocks_free", "KV cache blocks free", registry=r)
 

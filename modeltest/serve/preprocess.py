@@ -8,6 +8,7 @@ Runs in worker threads (never on the event loop): each call borrows its own proc
 (media.processor.ProcessorCopies), since a fast tokenizer shared between threads can fail
 ("Already borrowed").
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -23,7 +24,7 @@ from .config import ServeConfig
 from .media_urls import MediaResolver
 from .protocol import ChatRequest, MediaPart, RequestError
 
-IMAGE_KWARGS = ("min_pixels", "max_pixels")           # mm_processor_kwargs that apply to images
+IMAGE_KWARGS = ("min_pixels", "max_pixels")  # mm_processor_kwargs that apply to images
 
 
 class Preprocessor:
@@ -32,19 +33,26 @@ class Preprocessor:
         self.cfg = cfg
         self.processor = load_processor(cfg.model_path, fast=cfg.fast_processor)
         self.tokenizer = self.processor.tokenizer
-        self.resolver = MediaResolver(cfg.allowed_local_media_path, cfg.allow_remote_media,
-                                      cfg.remote_media_timeout_s, int(cfg.max_remote_media_mb * 2 ** 20))
+        self.resolver = MediaResolver(
+            cfg.allowed_local_media_path,
+            cfg.allow_remote_media,
+            cfg.remote_media_timeout_s,
+            int(cfg.max_remote_media_mb * 2**20),
+        )
         self.media = open_media_source(cfg.media_cache, cfg.media_cache_gb, setting="--media-cache")
         self._processors = ProcessorCopies(self.processor)
 
     def check_counts(self, req: ChatRequest) -> None:
         media = req.media
-        for kind, limit, flag in (("image", self.cfg.max_images_per_request, "--max-images-per-request"),
-                                  ("video", self.cfg.max_videos_per_request, "--max-videos-per-request")):
+        for kind, limit, flag in (
+            ("image", self.cfg.max_images_per_request, "--max-images-per-request"),
+            ("video", self.cfg.max_videos_per_request, "--max-videos-per-request"),
+        ):
             n = sum(1 for m in media if m.kind == kind)
             if n > limit:
-                raise RequestError(400, f"{n} {kind}s in one request; this server takes at most {limit} "
-                                        f"({flag})", "messages")
+                raise RequestError(
+                    400, f"{n} {kind}s in one request; this server takes at most {limit} ({flag})", "messages"
+                )
 
     def options(self, part: MediaPart, req: ChatRequest) -> Dict[str, Any]:
         opts = dict(self.cfg.image_options if part.kind == "image" else self.cfg.video_options)
@@ -83,10 +91,14 @@ class Preprocessor:
                 raise RequestError(400, f"media: {e}", "messages") from None
         n = mi.prompt_tokens
         if n > self.cfg.max_input_length:
-            raise RequestError(400, f"the prompt is {n} tokens (vision tokens included), over this server's "
-                                    f"max_input_length {self.cfg.max_input_length}; send smaller or fewer media "
-                                    "(mm_processor_kwargs max_pixels / fps) or a shorter text", "messages",
-                               code="context_length_exceeded")
+            raise RequestError(
+                400,
+                f"the prompt is {n} tokens (vision tokens included), over this server's "
+                f"max_input_length {self.cfg.max_input_length}; send smaller or fewer media "
+                "(mm_processor_kwargs max_pixels / fps) or a shorter text",
+                "messages",
+                code="context_length_exceeded",
+            )
         return mi
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ response, stream chunk and error bodies. Imports nothing of the engine (the Open
 Every problem with a request raises `RequestError`, which the app answers with its HTTP status and
 an OpenAI-shaped body `{"error": {"message", "type", "param", "code"}}`.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,32 +23,50 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.code = code or {400: "invalid_request", 401: "invalid_api_key", 404: "model_not_found",
-                             413: "request_too_large", 415: "unsupported_media_type",
-                             503: "unavailable"}.get(status, "error")
+        self.code = code or {
+            400: "invalid_request",
+            401: "invalid_api_key",
+            404: "model_not_found",
+            413: "request_too_large",
+            415: "unsupported_media_type",
+            503: "unavailable",
+        }.get(status, "error")
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 @dataclass
 class MediaPart:
-    kind: str                      # "image" | "video"
-    url: str                       # data:..., file://..., /abs/path, http(s)://..., or raw base64
-    param: str                     # where it was in the body, for error messages
+    kind: str  # "image" | "video"
+    url: str  # data:..., file://..., /abs/path, http(s)://..., or raw base64
+    param: str  # where it was in the body, for error messages
 
 
 @dataclass
 class ChatMessage:
-    role: str                      # system | user | assistant
-    parts: List[Union[str, MediaPart]]   # text strings and media, in order
+    role: str  # system | user | assistant
+    parts: List[Union[str, MediaPart]]  # text strings and media, in order
 
 
 @dataclass
@@ -56,9 +75,9 @@ class ChatRequest:
     messages: List[ChatMessage]
     max_tokens: Optional[int] = None
     # None: the server's default (the model's generation_config.json, else OpenAI's 1.0 / 1.0 / off)
-    temperature: Optional[float] = None    # 0 = greedy
+    temperature: Optional[float] = None  # 0 = greedy
     top_p: Optional[float] = None
-    top_k: Optional[int] = None            # 0 or -1: no top-k cut
+    top_k: Optional[int] = None  # 0 or -1: no top-k cut
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -76,22 +95,32 @@ class ChatRequest:
         or RequestError(400)."""
         max_tokens = self.max_tokens if self.max_tokens is not None else max_output_length
         if max_tokens > max_output_length:
-            raise RequestError(400, f"max_tokens {max_tokens} is over this server's max_output_length "
-                                    f"{max_output_length}", "max_tokens")
+            raise RequestError(
+                400,
+                f"max_tokens {max_tokens} is over this server's max_output_length {max_output_length}",
+                "max_tokens",
+            )
         temperature = defaults.temperature if self.temperature is None else self.temperature
         top_p = defaults.top_p if self.top_p is None else self.top_p
         top_k = defaults.top_k if self.top_k is None else max(self.top_k, 0)
         if top_p <= 0:
             raise RequestError(400, "'top_p' must be above 0", "top_p")
         seed = self.seed if self.seed is not None else (secrets.randbits(62) if temperature > 0 else None)
-        return dict(max_new_tokens=max_tokens, ignore_eos=self.ignore_eos, temperature=temperature, top_p=top_p,
-                    top_k=top_k, seed=seed)
+        return dict(
+            max_new_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+        )
 
 
 @dataclass
 class SamplingDefaults:
     """What a request that names no temperature / top_p / top_k gets: the model's
     generation_config.json where it has one (as vLLM does), else OpenAI's defaults."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -106,15 +135,19 @@ class SamplingDefaults:
             return cls()
         if g.get("do_sample") is False:
             return cls(temperature=0.0)
-        return cls(temperature=float(g.get("temperature", 1.0)), top_p=float(g.get("top_p", 1.0)),
-                   top_k=int(g.get("top_k") or 0))
+        return cls(
+            temperature=float(g.get("temperature", 1.0)),
+            top_p=float(g.get("top_p", 1.0)),
+            top_k=int(g.get("top_k") or 0),
+        )
 
 
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
 # Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
-MM_KWARGS = {k: VIDEO_OPTIONS[k] for k in ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames",
-                                        "max_frames")}
+MM_KWARGS = {
+    k: VIDEO_OPTIONS[k] for k in ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames")
+}
 
 
 def _number(body: Dict, key: str, kind, default, low=None, high=None):
@@ -131,9 +164,9 @@ def _number(body: Dict, key: str, kind, default, low=None, high=None):
 
 def _media_url(part: Dict, key: str, param: str) -> str:
     value = part.get(key)
-    if isinstance(value, dict):        # {"url": "..."} (OpenAI)
+    if isinstance(value, dict):  # {"url": "..."} (OpenAI)
         value = value.get("url")
-    if not isinstance(value, str) or not value:   # or the bare string MindIE accepts
+    if not isinstance(value, str) or not value:  # or the bare string MindIE accepts
         raise RequestError(400, f"{param}: '{key}' needs a 'url' string", param)
     return value
 
@@ -156,8 +189,9 @@ def _parts(content: Any, param: str) -> List[Union[str, MediaPart]]:
         elif kind in MEDIA_TYPES:
             out.append(MediaPart(MEDIA_TYPES[kind], _media_url(part, kind, where), where))
         else:
-            raise RequestError(400, f"{where}: unsupported content type '{kind}' (use text, image_url or video_url)",
-                               where)
+            raise RequestError(
+                400, f"{where}: unsupported content type '{kind}' (use text, image_url or video_url)", where
+            )
     return out
 
 
@@ -203,12 +237,19 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
     return ChatRequest(
-        model=model, messages=parsed, max_tokens=max_tokens,
+        model=model,
+        messages=parsed,
+        max_tokens=max_tokens,
         temperature=_optional_float(_number(body, "temperature", (int, float), None, low=0, high=2)),
         top_p=_optional_float(_number(body, "top_p", (int, float), None, low=0, high=1)),
-        top_k=_number(body, "top_k", int, None, low=-1), seed=seed, stop=stop,
-        ignore_eos=bool(body.get("ignore_eos", False)), stream=bool(body.get("stream", False)),
-        include_usage=bool(stream_options.get("include_usage", False)), mm_processor_kwargs=dict(mm))
+        top_k=_number(body, "top_k", int, None, low=-1),
+        seed=seed,
+        stop=stop,
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        stream=bool(body.get("stream", False)),
+        include_usage=bool(stream_options.get("include_usage", False)),
+        mm_processor_kwargs=dict(mm),
+    )
 
 
 def _optional_float(x) -> Optional[float]:
@@ -216,28 +257,65 @@ def _optional_float(x) -> Optional[float]:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_body(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int) -> Dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion_body(
+    rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> Dict:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chunk_body(rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None) -> Dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
 
 
 def usage_chunk_body(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> Dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def models_body(name: str, max_model_len: int, root: str) -> Dict:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "modeltest", "root": root, "max_model_len": max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "modeltest",
+                "root": root,
+                "max_model_len": max_model_len,
+            }
+        ],
+    }

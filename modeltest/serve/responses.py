@@ -1,6 +1,7 @@
 """One admitted request: reads its token events from the engine loop, builds its text, answers
 its client (one JSON body, or an SSE stream), and aborts it in the engine when the client goes
 away."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,6 +26,7 @@ DISCONNECT_POLL_S = 0.25
 @dataclass
 class ServingContext:
     """What every request's answer needs from the server."""
+
     loop: EngineLoop
     metrics: ServerMetrics
     tokenizer: Any
@@ -38,8 +40,16 @@ def error_response(status: int, message: str, param: Optional[str] = None, code:
 class RequestRun:
     """One admitted request: reads its events, builds its text, answers its client."""
 
-    def __init__(self, ctx: ServingContext, engine_req: Request, req: ChatRequest, mi: ModelInput,
-                 events: asyncio.Queue, http: HTTPRequest, arrival: float):
+    def __init__(
+        self,
+        ctx: ServingContext,
+        engine_req: Request,
+        req: ChatRequest,
+        mi: ModelInput,
+        events: asyncio.Queue,
+        http: HTTPRequest,
+        arrival: float,
+    ):
         self.ctx = ctx
         self.engine_req, self.req, self.events, self.http, self.arrival = engine_req, req, events, http, arrival
         self.prompt_tokens = mi.prompt_tokens
@@ -96,7 +106,7 @@ class RequestRun:
         try:
             return await self._complete()
         finally:
-            self.abort()      # cancelled while waiting (or already done: a no-op)
+            self.abort()  # cancelled while waiting (or already done: a no-op)
 
     async def _complete(self):
         while True:
@@ -109,14 +119,16 @@ class RequestRun:
                     return self.failed(ev)
                 self.text.finish()
                 reason, completion = self.finished(ev.status)
-                return completion_body(self.engine_req.id, self.ctx.model_name, self.text.text, reason,
-                                       self.prompt_tokens, completion)
+                return completion_body(
+                    self.engine_req.id, self.ctx.model_name, self.text.text, reason, self.prompt_tokens, completion
+                )
 
     async def stream(self, first: TokenEvent) -> AsyncIterator[str]:
         rid = self.engine_req.id
 
         def sse(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
         try:
             yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"role": "assistant", "content": ""}))
             ev = first
@@ -133,7 +145,9 @@ class RequestRun:
                     reason, completion = self.finished(ev.status)
                     yield sse(chunk_body(rid, self.ctx.model_name, self.created, {}, reason))
                     if self.req.include_usage:
-                        yield sse(usage_chunk_body(rid, self.ctx.model_name, self.created, self.prompt_tokens, completion))
+                        yield sse(
+                            usage_chunk_body(rid, self.ctx.model_name, self.created, self.prompt_tokens, completion)
+                        )
                     break
                 if delta:
                     yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"content": delta}))
@@ -142,4 +156,4 @@ class RequestRun:
                     return
             yield "data: [DONE]\n\n"
         finally:
-            self.abort()      # the client went away mid-stream (or the stream ended: a no-op)
+            self.abort()  # the client went away mid-stream (or the stream ended: a no-op)

@@ -1,5 +1,6 @@
 """Start the server: load the engine (in its thread, so /health answers 503 meanwhile), run
 uvicorn on rank 0, follow rank 0's steps on every other tensor-parallel rank, and drain on SIGTERM."""
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
-                            "choose another --port") from None
+            raise UserError(
+                f"--host {host} --port {port}: cannot listen there ({e.strerror}); choose another --port"
+            ) from None
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,8 +51,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame):
         if not self.state.draining:
             self.state.draining = True
-            print(f"draining: finishing in-flight requests (up to {self.drain_timeout_s:g}s), then stopping",
-                  flush=True)
+            print(
+                f"draining: finishing in-flight requests (up to {self.drain_timeout_s:g}s), then stopping", flush=True
+            )
             timer = threading.Timer(self.drain_timeout_s, self.loop.abort_all)
             timer.daemon = True
             timer.start()
@@ -59,17 +62,23 @@ class DrainingServer(uvicorn.Server):
 
 def engine_builder(cfg: ServeConfig, device: str, tp):
     """The function the engine thread (or a follower rank) calls to load the engine."""
-    model = ModelConfig(model_path=cfg.model_path, backend="engine", data_type=cfg.data_type,
-                        block_size=cfg.block_size)
+    model = ModelConfig(model_path=cfg.model_path, backend="engine", data_type=cfg.data_type, block_size=cfg.block_size)
     model.data_type = resolve_data_type(model)
-    settings = BackendSettings(model=model, device=device, max_batch_size=cfg.max_batch_size,
-                               max_input_length=cfg.max_input_length, max_output_length=cfg.max_output_length)
+    settings = BackendSettings(
+        model=model,
+        device=device,
+        max_batch_size=cfg.max_batch_size,
+        max_input_length=cfg.max_input_length,
+        max_output_length=cfg.max_output_length,
+    )
 
     def build() -> LLMEngine:
-        if tp.device.type != "cpu":   # the engine thread's current device (CUDA's is per thread)
+        if tp.device.type != "cpu":  # the engine thread's current device (CUDA's is per thread)
             import torch
+
             getattr(torch, tp.device.type).set_device(tp.device)
         return LLMEngine(engine_config(settings), tp)
+
     return build, model.data_type
 
 
@@ -92,7 +101,7 @@ def run_server(cfg: ServeConfig) -> int:
     channel = Channel(tp.group) if tp.world_size > 1 else None
     build, data_type = engine_builder(cfg, device, tp)
     if not par.is_main:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # rank 0 drains, then tells this rank to stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains, then tells this rank to stop
         follow(build(), channel)
         return 0
 
@@ -118,12 +127,18 @@ def run_server(cfg: ServeConfig) -> int:
     where = f"{device} x {tp.world_size} (tensor parallel)" if tp.world_size > 1 else device
     print(f"loading {cfg.model_path} ({data_type}) on {where} ...", flush=True)
     loop.start()
-    config = uvicorn.Config(Gatekeeper(app, cfg.api_key, cfg.max_body_bytes), host=cfg.host, port=cfg.port,
-                            log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 10)
+    config = uvicorn.Config(
+        Gatekeeper(app, cfg.api_key, cfg.max_body_bytes),
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 10,
+    )
     server = DrainingServer(config, state, loop, cfg.drain_timeout_s)
     server_box.append(server)
-    if loop.state == "dead":      # it died before the server existed
+    if loop.state == "dead":  # it died before the server existed
         server.should_exit = True
     try:
         server.run()

@@ -3,6 +3,7 @@
 A task is one module (textvqa.py, videobench.py): its config dataclass, how it reads the dataset
 and builds prompts, how it scores an answer; `tasks/__init__.py` registers it by name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,8 @@ from ..core import ResultRow, Sample, SampleRecord, count_errors, count_unparsed
 
 @dataclass
 class Scored:
-    score: float                 # 0..1
-    prediction: Optional[str]    # the cleaned answer / the extracted letter (None: unparseable)
+    score: float  # 0..1
+    prediction: Optional[str]  # the cleaned answer / the extracted letter (None: unparseable)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,11 +68,19 @@ def limit_per_subject(samples: List[Sample], limit: Optional[int]) -> List[Sampl
 
 def subject_rows(records: List[SampleRecord], subjects: List[str], overall_name: str) -> List[ResultRow]:
     """Overall (micro) row and one row per subject, from scored per-sample records."""
+
     def row(name, recs):
         total = len(recs)
         passed = sum(r.score for r in recs)
-        return ResultRow(tasks=name, total=total, passed=passed, value=(passed / total) if total else None,
-                         errors=count_errors(recs), unparsed=count_unparsed(recs))
+        return ResultRow(
+            tasks=name,
+            total=total,
+            passed=passed,
+            value=(passed / total) if total else None,
+            errors=count_errors(recs),
+            unparsed=count_unparsed(recs),
+        )
+
     rows = [row(overall_name, records)]
     if len(subjects) > 1 or (subjects and subjects[0] != overall_name):
         for s in subjects:

@@ -1,4 +1,5 @@
 """TextVQA (val): `textvqa_val.jsonl` joined with `textvqa_val_annotations.json` (the reference's layout; README "Running on real weights and data")."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def find_jsonl(path: Path) -> Path:
         return path
     found = sorted(path.glob("*.jsonl"))
     if len(found) != 1:
-        raise UserError(f"task.local_dataset_path: '{path}' is a folder with {len(found)} .jsonl files; "
-                        "point it at textvqa_val.jsonl")
+        raise UserError(
+            f"task.local_dataset_path: '{path}' is a folder with {len(found)} .jsonl files; "
+            "point it at textvqa_val.jsonl"
+        )
     return found[0]
 
 
@@ -40,8 +43,9 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             missing = [k for k in REQUIRED_KEYS if k not in obj]
             if missing:
-                raise UserError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}; each line needs "
-                                f"{', '.join(REQUIRED_KEYS)}")
+                raise UserError(
+                    f"{path}:{lineno}: missing key(s) {', '.join(missing)}; each line needs {', '.join(REQUIRED_KEYS)}"
+                )
             obj["_line"] = lineno
             rows.append(obj)
     return rows
@@ -50,22 +54,24 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
 def read_annotations(path: Path) -> Dict[str, List[str]]:
     """question_id (as a string) -> the human answers."""
     if not path.is_file():
-        raise UserError(f"{path}: annotations file not found; TextVQA needs '<jsonl stem>_annotations.json' "
-                        "beside the jsonl")
+        raise UserError(
+            f"{path}: annotations file not found; TextVQA needs '<jsonl stem>_annotations.json' beside the jsonl"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
-        raise UserError(f"{path}: expected {{\"annotations\": [...]}} (VQA format)")
+        raise UserError(f'{path}: expected {{"annotations": [...]}} (VQA format)')
     out = {}
     for i, ann in enumerate(anns):
         try:
             out[str(ann["question_id"])] = [str(a["answer"]) for a in ann["answers"]]
         except (KeyError, TypeError):
-            raise UserError(f"{path}: annotations[{i}] needs 'question_id' and 'answers' "
-                            "[{\"answer\": ...}, ...]") from None
+            raise UserError(
+                f"{path}: annotations[{i}] needs 'question_id' and 'answers' [{{\"answer\": ...}}, ...]"
+            ) from None
     return out
 
 
@@ -93,24 +99,33 @@ class TextVQATask(Task):
         for row in read_jsonl(jsonl):
             qid = str(row["question_id"])
             if qid not in answers:
-                raise UserError(f"{jsonl}:{row['_line']}: question_id {qid} has no entry in {ann_path.name}; "
-                                "use the matching annotations file or remove the line")
+                raise UserError(
+                    f"{jsonl}:{row['_line']}: question_id {qid} has no entry in {ann_path.name}; "
+                    "use the matching annotations file or remove the line"
+                )
             image = Path(str(row["image"]))
             if not image.is_absolute():
                 image = jsonl.parent / image  # relative paths resolve against the jsonl's folder
-            samples.append(Sample(
-                id=qid, subject=self.name,
-                prompt=f"{prefix}{row['question']}{suffix}",
-                images=[str(image)], gold=answers[qid],
-                image_options=self.cfg.media_options()["image"],
-                source=str(jsonl),
-            ))
+            samples.append(
+                Sample(
+                    id=qid,
+                    subject=self.name,
+                    prompt=f"{prefix}{row['question']}{suffix}",
+                    images=[str(image)],
+                    gold=answers[qid],
+                    image_options=self.cfg.media_options()["image"],
+                    source=str(jsonl),
+                )
+            )
         return limit_per_subject(samples, limit)
 
     def score(self, sample: Sample, output: str) -> Scored:
         cleaned = clean_answer(output)
-        return Scored(score=vqa_accuracy(output, sample.gold), prediction=cleaned,
-                      extra={"normalized": normalize_prediction(cleaned)})
+        return Scored(
+            score=vqa_accuracy(output, sample.gold),
+            prediction=cleaned,
+            extra={"normalized": normalize_prediction(cleaned)},
+        )
 
     def aggregate(self, records: List[SampleRecord]) -> List[ResultRow]:
         return subject_rows(records, [self.name], self.name)

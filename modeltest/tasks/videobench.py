@@ -1,4 +1,5 @@
 """VideoBench: `{Subject}_QA_new.json` files + `answer/ANSWER.json` (the published Video-Bench layout; README "Running on real weights and data")."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ SUBJECT_FILE_SUFFIX = "_QA_new.json"
 COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 # The reference prompt has a trailing space after "is:" for 2, 3 and 5 choices; kept verbatim.
 TRAILING_SPACE_COUNTS = (2, 3, 5)
-INSTRUCTION = (" Please respond with only the corresponding options and do not provide any explanations "
-               "or additional information. ASSISTANT:")
+INSTRUCTION = (
+    " Please respond with only the corresponding options and do not provide any explanations "
+    "or additional information. ASSISTANT:"
+)
 
 
 def build_prompt(question: str, choices: Dict[str, str]) -> str:
@@ -29,8 +32,10 @@ def build_prompt(question: str, choices: Dict[str, str]) -> str:
     listing = " ".join(f"{k}.{choices[k]}" for k in letters)
     listing = f"Choices: {listing}" if n == 6 else f" {listing}"
     tail = " " if n in TRAILING_SPACE_COUNTS else ""
-    return (f"{question}{listing} \n Among the {COUNT_WORDS[n]} options {', '.join(letters)} above, "
-            f"the one closest to the correct answer is:{tail}{INSTRUCTION}")
+    return (
+        f"{question}{listing} \n Among the {COUNT_WORDS[n]} options {', '.join(letters)} above, "
+        f"the one closest to the correct answer is:{tail}{INSTRUCTION}"
+    )
 
 
 def reference_choice(text: str) -> Optional[str]:
@@ -77,9 +82,16 @@ class VideoBenchTaskConfig(TaskConfig):
     total_pixels: int = 24576 * 28 * 28
 
     def media_options(self) -> Dict[str, Dict[str, Any]]:
-        return {"video": {"fps": self.fps, "min_frames": self.min_frames, "max_frames": self.max_frames,
-                          "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
-                          "total_pixels": self.total_pixels}}
+        return {
+            "video": {
+                "fps": self.fps,
+                "min_frames": self.min_frames,
+                "max_frames": self.max_frames,
+                "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels,
+                "total_pixels": self.total_pixels,
+            }
+        }
 
 
 class VideoBenchTask(Task):
@@ -96,18 +108,22 @@ class VideoBenchTask(Task):
     def selected_subjects(self) -> List[str]:
         available = self.available_subjects()
         if not self.root.is_dir():
-            raise UserError(f"task.local_dataset_path: '{self.root}' must be the Eval_QA folder "
-                            f"holding the {{Subject}}{SUBJECT_FILE_SUFFIX} files")
+            raise UserError(
+                f"task.local_dataset_path: '{self.root}' must be the Eval_QA folder "
+                f"holding the {{Subject}}{SUBJECT_FILE_SUFFIX} files"
+            )
         if self.cfg.subject_mapping is None:
             if not available:
                 raise UserError(f"task.local_dataset_path: no *{SUBJECT_FILE_SUFFIX} files in '{self.root}'")
             return available
         unknown = [s for s in self.cfg.subject_mapping if s not in available]
         if unknown:
-            raise UserError(f"task.subject_mapping: subject(s) {', '.join(unknown)} have no "
-                            f"{{Subject}}{SUBJECT_FILE_SUFFIX} in {self.root} (there: {', '.join(available) or 'none'}); "
-                            "run every subject on disk with task.subject_mapping=null, or comment the missing "
-                            "ones out in configs/task/videobench.yaml")
+            raise UserError(
+                f"task.subject_mapping: subject(s) {', '.join(unknown)} have no "
+                f"{{Subject}}{SUBJECT_FILE_SUFFIX} in {self.root} (there: {', '.join(available) or 'none'}); "
+                "run every subject on disk with task.subject_mapping=null, or comment the missing "
+                "ones out in configs/task/videobench.yaml"
+            )
         return list(self.cfg.subject_mapping)
 
     def resolve_video(self, vid_path: str) -> str:
@@ -133,17 +149,21 @@ class VideoBenchTask(Task):
                 raise UserError(f"{path}: expected a mapping qid -> entry")
             key = answers.get(subject) if isinstance(answers, dict) else None
             if not isinstance(key, dict):
-                raise UserError(f"{answer_path}: no answers for subject '{subject}'; "
-                                "use the ANSWER.json that matches the QA files")
+                raise UserError(
+                    f"{answer_path}: no answers for subject '{subject}'; use the ANSWER.json that matches the QA files"
+                )
             subject_samples = []
             for qid, entry in entries.items():
                 if qid not in key:
-                    raise UserError(f"{answer_path}: subject '{subject}' has no answer for qid '{qid}' "
-                                    f"(from {path.name})")
+                    raise UserError(
+                        f"{answer_path}: subject '{subject}' has no answer for qid '{qid}' (from {path.name})"
+                    )
                 gold = _answer_letter(key[qid])
                 if gold is None:
-                    raise UserError(f"{answer_path}: answer for {subject}/{qid} is {key[qid]!r}; expected a "
-                                    "letter A-F or {\"answer\": \"A\"}")
+                    raise UserError(
+                        f"{answer_path}: answer for {subject}/{qid} is {key[qid]!r}; expected a "
+                        'letter A-F or {"answer": "A"}'
+                    )
                 sample = self._sample(subject, str(qid), entry, gold, video_options)
                 sample.source = str(path)
                 subject_samples.append(sample)
@@ -156,24 +176,30 @@ class VideoBenchTask(Task):
             sample.load_error = f"{subject}/{qid}: entry is not a JSON object"
             return sample
         raw_choices = entry.get("choices")
-        choices = {str(k): str(v) for k, v in raw_choices.items() if v is not None} \
-            if isinstance(raw_choices, dict) else {}
+        choices = (
+            {str(k): str(v) for k, v in raw_choices.items() if v is not None} if isinstance(raw_choices, dict) else {}
+        )
         vid = entry.get("vid_path")
         question = entry.get("question")
         if not choices:
-            sample.load_error = f"{subject}/{qid}: entry has no choices; fix 'choices' in {subject}{SUBJECT_FILE_SUFFIX}"
+            sample.load_error = (
+                f"{subject}/{qid}: entry has no choices; fix 'choices' in {subject}{SUBJECT_FILE_SUFFIX}"
+            )
         elif len(choices) not in COUNT_WORDS:
             sample.load_error = f"{subject}/{qid}: {len(choices)} choices; VideoBench prompts take 2 to 6"
         elif not isinstance(question, str):
             sample.load_error = f"{subject}/{qid}: entry has no 'question' text"
         elif isinstance(vid, list):
-            sample.load_error = (f"{subject}/{qid}: 'vid_path' is a list of frames; a video given as frames is not "
-                                 "supported (as in the reference): point vid_path at a video file")
+            sample.load_error = (
+                f"{subject}/{qid}: 'vid_path' is a list of frames; a video given as frames is not "
+                "supported (as in the reference): point vid_path at a video file"
+            )
         elif not isinstance(vid, str) or not vid:
             sample.load_error = f"{subject}/{qid}: entry has no 'vid_path'"
         elif Path(vid).suffix.lower() not in VIDEO_EXTENSIONS:
-            sample.load_error = (f"{subject}/{qid}: '{vid}' is not a supported video type "
-                                 f"({', '.join(VIDEO_EXTENSIONS)})")
+            sample.load_error = (
+                f"{subject}/{qid}: '{vid}' is not a supported video type ({', '.join(VIDEO_EXTENSIONS)})"
+            )
         sample.choices = choices
         if sample.load_error is None:
             sample.prompt = build_prompt(question, choices)
@@ -182,8 +208,11 @@ class VideoBenchTask(Task):
 
     def score(self, sample: Sample, output: str) -> Scored:
         letter = extract_choice(output, sample.choices or {})
-        return Scored(score=1.0 if letter == sample.gold else 0.0, prediction=letter,
-                      extra={"reference_rule_choice": reference_choice(output)})
+        return Scored(
+            score=1.0 if letter == sample.gold else 0.0,
+            prediction=letter,
+            extra={"reference_rule_choice": reference_choice(output)},
+        )
 
     def aggregate(self, records: List[SampleRecord]) -> List[ResultRow]:
         subjects = list(dict.fromkeys(r.subject for r in records))
