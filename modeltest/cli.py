@@ -191,5 +191,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def exit_process(code: int) -> None:
+    """End this process with `code`. A process that torchrun started (a rank of a dp x tp run or
+    a tensor-parallel server) ends without the interpreter's teardown: its files are closed and
+    fsync'd by then, and C++ threads of the libraries it used (gloo, decord) torn down by static
+    destructors can abort it ("terminate called without an active exception"), which makes the
+    launcher stop every other rank — turning a finished run into a failed one."""
+    from .launch import inside_torchrun
+
+    if inside_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

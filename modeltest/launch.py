@@ -141,16 +141,33 @@ def launch(cfg: EvalConfig, task: str, model: str, overrides: List[str], layout:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
-        ranks = ", ".join(str(f.rank) for f in e.failures.values())
         if codes == [2]:  # a one-line error the workers printed already
             return 2
         print(
-            f"modeltest: error: rank(s) {ranks} exited with code(s) {', '.join(map(str, codes))} "
-            "(their output is above); finished samples are saved, run the same command again to resume",
+            f"modeltest: error: {failed_ranks(e)} (their output is above); finished samples are saved, run the "
+            "same command again to resume",
             file=sys.stderr,
         )
         return 130 if 130 in codes else 1
     return 0
+
+
+def failed_ranks(e) -> str:
+    """torchrun's ChildFailedError as one phrase: "rank 1 was killed by SIGABRT", "rank(s) 0, 1
+    exited with code(s) 1" (e.failures: global rank -> ProcessFailure)."""
+    import signal as signals
+
+    parts = []
+    for rank, f in sorted(e.failures.items()):
+        if f.exitcode < 0:
+            try:
+                how = f"was killed by {signals.Signals(-f.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-f.exitcode}"
+        else:
+            how = f"exited with code {f.exitcode}"
+        parts.append(f"rank {rank} {how}")
+    return "; ".join(parts)
 
 
 def launch_serve(argv: List[str], tp: int) -> int:
@@ -166,10 +183,6 @@ def launch_serve(argv: List[str], tp: int) -> int:
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         if codes != [2]:
-            print(
-                f"modeltest serve: error: rank(s) {', '.join(str(f.rank) for f in e.failures.values())} exited "
-                f"with code(s) {', '.join(map(str, codes))} (their output is above)",
-                file=sys.stderr,
-            )
+            print(f"modeltest serve: error: {failed_ranks(e)} (their output is above)", file=sys.stderr)
         return 2 if codes == [2] else 1
     return 0

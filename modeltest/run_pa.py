@@ -277,4 +277,6 @@ def write_benchmark(args, backend, prepared, outputs, elapsed: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import exit_process
+
+    exit_process(main())

@@ -346,3 +346,41 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
     exe = Path(sys.executable).parent / "modeltest"
     if exe.is_file():  # the console script the printed commands name
         assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).returncode == 0
+
+
+def test_a_crashed_rank_is_one_line_and_the_others_are_stopped(demo, tmp_path):
+    """A rank that dies (here rank 1 aborts as it starts: a test-only sitecustomize on the
+    PYTHONPATH, nothing in modeltest) ends the run with one line naming it and how it died —
+    no traceback from the launcher."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK') == '1':\n    os.abort()\n")
+    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, PYTHONPATH=f"{hook}:{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "scripts" / "mm_run.sh"),
+            "textvqa",
+            "qwen2_vl",
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={demo.textvqa_jsonl}",
+            f"output_dir={tmp_path / 'out'}",
+            "tp=2",
+            "prep_workers=0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("modeltest: error: ") and "rank 1 was killed by SIGABRT" in last, last
+    assert "run the same command again to resume" in last

@@ -75,11 +75,12 @@ def test_report_csv_equals_an_independent_computation(two_runs, tmp_path):
     assert row_a["value"] == pytest.approx(a["score"].mean()) and row_a["total"] == len(a)
     assert row_b["value"] == pytest.approx(b["score"].mean()) and row_b["value"] == pytest.approx(0.75)
     assert row_b["delta"] == pytest.approx(b["score"].mean() - a["score"].mean())
-    paired = a.merge(b, on=["subject", "id"], suffixes=("_a", "_b"))
-    diff = (paired["score_b"] - paired["score_a"]).to_numpy()
-    means = diff[np.random.default_rng(0).integers(0, len(diff), size=(2000, len(diff)))].mean(axis=1)
-    assert row_b["ci_low"] == pytest.approx(np.percentile(means, 2.5), abs=1e-6)
-    assert row_b["ci_high"] == pytest.approx(np.percentile(means, 97.5), abs=1e-6)
+    # The interval, by a closed form rather than the code's own resampling: A scores 0 everywhere
+    # and B 1 on 6 of the 8 pairs, so a resampled mean difference is Binomial(8, 3/4) / 8, whose
+    # 2.5th and 97.5th percentiles are 3/8 and 1 (P(X <= 2) = 0.004, P(X <= 3) = 0.027,
+    # P(X <= 7) = 0.90); 2000 resamples may put the lower one up to the next value, 1/2.
+    assert (a["score"] == 0).all() and sorted(b["score"]) == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert 3 / 8 <= row_b["ci_low"] <= 1 / 2 and row_b["ci_high"] == 1.0
     assert bool(row_b["significant"]) and row_b["paired"] == 8
     md = (out / "report.md").read_text()
     assert "## Changed samples: A -> B" in md and md.count("| better") == 6
@@ -264,3 +265,51 @@ def test_runs_are_labelled_by_what_differs_and_a_textvqa_report_shows_only_its_s
     # one run alone in the default layout: named by its model, backend and data type
     assert report(str(tmp_path / "hf" / "precision_result"), "--out", str(tmp_path / "one")) == 0
     assert (tmp_path / "one" / "report.md").read_text().startswith("# textvqa: qwen2_vl hf fp32")
+
+
+def test_paired_bootstrap_against_known_answers():
+    """The interval's code against answers computed another way (no scipy here): degenerate and
+    two-point cases exactly, a large sample against the normal approximation of the mean."""
+    from modeltest.report.compare import paired_bootstrap
+
+    assert paired_bootstrap(np.zeros(5), np.full(5, 0.25)) == (0.25, 0.25)  # no spread: a point
+    # two pairs, differences 0 and 1: resampled means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4
+    assert paired_bootstrap(np.zeros(2), np.array([0.0, 1.0])) == (0.0, 1.0)
+    # 400 pairs: 120 gains, 40 losses, the rest equal -> mean 0.2, sd of the mean ~ 0.0245
+    diff = np.array([1.0] * 120 + [-1.0] * 40 + [0.0] * 240)
+    lo, hi = paired_bootstrap(np.zeros(400), diff)
+    half = 1.96 * diff.std() / np.sqrt(400)
+    assert lo == pytest.approx(0.2 - half, abs=0.15 * half) and hi == pytest.approx(0.2 + half, abs=0.15 * half)
+    assert np.isnan(paired_bootstrap(np.zeros(0), np.zeros(0))[0])
+
+
+def test_delta_and_interval_are_over_the_same_pairs_when_sample_sets_differ(two_runs, demo, tmp_path):
+    """C computes only the first 5 of B's 8 questions, with B's answers: over the pairs both
+    scored nothing changed (delta 0 inside [0, 0]), though C's own mean (1.0) is not B's (0.75)."""
+    from modeltest.config import load_config
+    from modeltest.runner import Evaluator
+    from modeltest.tasks import TASKS
+
+    jsonl = two_runs / "data" / "textvqa" / "textvqa_val.jsonl"
+    Evaluator(
+        load_config(
+            TASKS,
+            "textvqa",
+            "qwen2_vl",
+            [
+                f"model.model_path={demo.model}",
+                f"task.local_dataset_path={jsonl}",
+                f"output_dir={tmp_path / 'C'}",
+                "max_output_length=4",
+                "limit=5",
+            ],
+        ),
+        show_progress=False,
+    ).run()
+    out = tmp_path / "rep"
+    assert report(str(two_runs / "B"), str(tmp_path / "C"), "--out", str(out)) == 0
+    csv = pd.read_csv(out / "report.csv")
+    row_c = csv[csv["run"] == "C"].iloc[0]
+    assert row_c["total"] == 5 and row_c["value"] == 1.0 and row_c["paired"] == 5
+    assert row_c["delta"] == 0.0 and row_c["ci_low"] == 0.0 and row_c["ci_high"] == 0.0
+    assert not bool(row_c["significant"])

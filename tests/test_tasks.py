@@ -146,3 +146,54 @@ def test_videobench_missing_answer(data_copy):
     key_path.write_text(json.dumps(key))
     with pytest.raises(UserError, match=r"subject 'NBA' has no answer for qid 'nba_red_1'"):
         videobench(qa).load_samples()
+
+
+def test_videobench_scores_parsed_answers_and_weights_groups_by_value():
+    """A hand-computed case through the task's own scoring and aggregation: answers the extractor
+    reads (a letter, a cued letter, an option's text, a sentence naming a letter), wrong ones, an
+    unparsed one and an error; MOT and Driving-exam count half in their groups.
+
+    subject accuracies: ActivityNet 1/2, MOT 1, MSVD 0, NBA 1, Driving-exam 1, SQA3D 0
+    Video-Exclusive  = (0.5*1 + 1*0.5 + 0*1) / (1 + 0.5 + 1) = 0.4
+    Prior-Knowledge  = 1
+    Decision-making  = (1*0.5 + 0*1) / (0.5 + 1)           = 1/3
+    weighted_score   = (0.4 + 1 + 1/3) / 3                  = 26/45
+    """
+    from modeltest.core import Sample, SampleRecord
+
+    task = VideoBenchTask(VideoBenchTaskConfig(), ModelConfig())
+    abcd = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}
+    cases = [  # subject, gold, output (None: the sample failed)
+        ("ActivityNet", "B", "B"),
+        ("ActivityNet", "C", "The answer is (A)."),  # parsed, wrong
+        ("MOT", "D", "yellow"),  # an option's text
+        ("MSVD", "A", "A dog is running"),  # "A" is the article: unparsed
+        ("NBA", "C", "Answer: c"),
+        ("NBA", "C", "I think C fits best."),
+        ("Driving-exam", "D", "(D)"),
+        ("SQA3D", "B", None),
+        ("SQA3D", "B", "B or C"),  # two options named: unparsed
+    ]
+    records = []
+    for i, (subject, gold, output) in enumerate(cases):
+        sample = Sample(id=str(i), subject=subject, prompt="q", gold=gold, choices=abcd)
+        record = SampleRecord(
+            id=str(i),
+            subject=subject,
+            input={},
+            output=output,
+            error=None if output is not None else "corrupt or unreadable video: x.mp4",
+        )
+        records.append(task.score_record(sample, record))
+    assert [r.prediction for r in records] == ["B", "A", "D", None, "C", "C", "D", None, None]
+    assert [r.score for r in records] == [1, 0, 1, 0, 1, 1, 1, 0, 0]
+    rows = {r.tasks: r for r in task.aggregate(records)}
+    assert rows["videobench"].total == 9 and rows["videobench"].passed == 5
+    assert (rows["videobench"].errors, rows["videobench"].unparsed) == (1, 2)
+    expected = {"ActivityNet": 0.5, "MOT": 1.0, "MSVD": 0.0, "NBA": 1.0, "Driving-exam": 1.0, "SQA3D": 0.0}
+    assert {s: rows[s].value for s in expected} == expected
+    assert rows["Video-Exclusive"].value == pytest.approx(0.4)
+    assert rows["Prior-Knowledge"].value == pytest.approx(1.0)
+    assert rows["Decision-making"].value == pytest.approx(1 / 3)
+    assert rows["weighted_score"].value == pytest.approx(26 / 45)
+    assert all(rows[g].metric == "weighted_acc" for g in ("Video-Exclusive", "Prior-Knowledge", "Decision-making"))

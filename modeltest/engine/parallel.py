@@ -6,6 +6,7 @@ WORLD_SIZE in the environment) everything runs as a single rank with no process 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -108,6 +109,10 @@ def init_parallel(device_type: str, dp: Optional[int] = None) -> ParallelContext
         if not dist.is_initialized():
             kwargs = {"device_id": device} if device_type == "cuda" else {}
             dist.init_process_group(backend=distributed_backend(device_type), rank=rank, world_size=world, **kwargs)
+            # Tear the group down before the interpreter does: left to static destructors, gloo's
+            # threads can outlive it and abort the process at exit ("terminate called without an
+            # active exception"), which turns a finished run into a failed one.
+            atexit.register(_destroy_process_group)
         if dp > 1 and tp > 1:
             # Every process must create every group, in the same order.
             for r in range(dp):
@@ -116,6 +121,14 @@ def init_parallel(device_type: str, dp: Optional[int] = None) -> ParallelContext
                     group = g
     tp_ctx = TPContext(rank=rank % tp, world_size=tp, device=device, group=group)
     return ParallelContext(rank=rank, world_size=world, dp=dp, tp_ctx=tp_ctx)
+
+
+def _destroy_process_group() -> None:
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 — exiting anyway; a failed teardown must not hide the run's result
+        pass
 
 
 def init_distributed(device_type: str) -> TPContext:

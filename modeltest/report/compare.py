@@ -44,9 +44,10 @@ def _rows_of(run: Run, subject: str) -> pd.DataFrame:
 
 
 def score_table(runs: List[Run], baseline: int = 0) -> pd.DataFrame:
-    """One row per (subject, run): value, total, errors, unparsed, delta to the baseline and its
-    paired-bootstrap interval over the samples both scored (`paired`), significant when the
-    interval excludes zero."""
+    """One row per (subject, run): value (the run's mean over its own samples), total, errors,
+    unparsed, and — over the samples both this run and the baseline scored (`paired`) — the delta
+    to the baseline and its paired-bootstrap interval, significant when the interval excludes
+    zero."""
     base = runs[baseline]
     out = []
     for subject in subjects(base):
@@ -74,7 +75,9 @@ def score_table(runs: List[Run], baseline: int = 0) -> pd.DataFrame:
                 bs, os_ = b.loc[both, "score"].to_numpy(float), o.loc[both, "score"].to_numpy(float)
                 lo, hi = paired_bootstrap(bs, os_)
                 entry.update(
-                    delta=value - float(b["score"].mean()) if len(b) else None,
+                    # over the samples both runs scored, as the interval is: with different sample
+                    # sets (a --limit, a failed shard) the runs' own means are not comparable
+                    delta=float(os_.mean() - bs.mean()) if len(both) else None,
                     ci_low=lo,
                     ci_high=hi,
                     paired=int(len(both)),
