@@ -76,3 +76,52 @@ def in_process_answer(engine, processor, content: List[dict], max_tokens: int):
     req = engine.generate([engine_request("x", mi, SamplingParams(max_new_tokens=max_tokens))])[0]
     ids = req.generated_ids()
     return processor.tokenizer.decode(ids, skip_special_tokens=False), mi.prompt_tokens, len(req.output_ids)
+
+
+class StreamingRequest:
+    """A long streamed chat request in a thread: `first_token` is set once text has arrived (so a
+    test acts on a request that is really in flight, not after a guessed sleep); afterwards
+    `status`, `finish_reason`, `done` (the [DONE] line came) and `text` say how it ended."""
+
+    def __init__(self, url: str, max_tokens: int = 2000):
+        import threading
+
+        self.url, self.max_tokens = url, max_tokens
+        self.first_token = threading.Event()
+        self.status = self.finish_reason = self.error = None
+        self.done, self.text = False, ""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import json
+
+        body = {
+            "messages": [{"role": "user", "content": "A long story"}],
+            "max_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
+        try:
+            with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        self.done = True
+                        break
+                    chunk = json.loads(line[6:])
+                    for choice in chunk.get("choices", []):
+                        self.text += (choice.get("delta") or {}).get("content") or ""
+                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                    if self.text:
+                        self.first_token.set()
+        except httpx.HTTPError as e:
+            self.error = type(e).__name__
+        finally:
+            self.first_token.set()  # never leave a waiter hanging: the checks below say what happened
+
+    def join(self, timeout: float = 60) -> None:
+        self.thread.join(timeout)

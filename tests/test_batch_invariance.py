@@ -56,3 +56,29 @@ def test_same_outputs_whatever_the_batch_size(demo, backends, tmp_path, task, si
         other, rows = outputs(demo, backends, tmp_path, task, bs)
         assert other == base, f"batch_size={bs} changed outputs"
         assert [(r.tasks, r.value) for r in rows] == [(r.tasks, r.value) for r in base_rows]
+
+
+@pytest.mark.parametrize("task,sizes", [("textvqa", (1, 3, 8)), ("videobench", (1, 4))])
+def test_engine_answers_do_not_depend_on_the_batch_size(demo, tmp_path, task, sizes):
+    """The default backend, through the harness: continuous batching at batch sizes 1..8 gives
+    every sample the answer (and token counts) it gets alone."""
+    data = demo.textvqa_jsonl if task == "textvqa" else demo.videobench_qa
+
+    def run(batch_size):
+        overrides = [
+            f"model.model_path={demo.model}",
+            f"task.local_dataset_path={data}",
+            f"batch_size={batch_size}",
+            f"output_dir={tmp_path / f'engine_{task}_{batch_size}'}",
+            "max_output_length=8",
+            "prep_workers=0",
+        ]
+        if task == "videobench":
+            overrides.append("task.subject_mapping=null")
+        result = Evaluator(load_config(TASKS, task, "qwen2_vl", overrides), show_progress=False).run()
+        return {r.id: (r.output, r.input_tokens, r.output_tokens) for r in result.records}
+
+    base = run(sizes[0])
+    assert len({o for o, _, _ in base.values()}) > 1  # outputs differ between prompts
+    for bs in sizes[1:]:
+        assert run(bs) == base, f"batch_size={bs} changed the engine's answers"

@@ -139,11 +139,13 @@ def test_onednn_packed_weights_match_plain_weights(demo, dtype):
     linears = [m for m in packed.runner.model.modules() if isinstance(m, _Linear)]
     assert linears and all(m.packed is not None for m in linears)
     assert not any(m.packed is not None for m in plain.runner.model.modules() if isinstance(m, _Linear))
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
     for name, inp in inputs.items():
         a = prompt_logits(packed, make_request(name, inp, 6))
         b = prompt_logits(plain, make_request(name, inp, 6))
-        assert (a - b).abs().max().item() < tol, name
+        if dtype == torch.bfloat16:  # the README's claim: bf16 results identical to F.linear's
+            assert torch.equal(a, b), (name, (a - b).abs().max().item())
+        else:  # fp32: oneDNN's blocked GEMM sums in another order
+            assert (a - b).abs().max().item() < 1e-4, name
     reqs = {e: [make_request(n, i, 6) for n, i in inputs.items()] for e in ("packed", "plain")}
     packed.generate(reqs["packed"])
     plain.generate(reqs["plain"])
@@ -338,3 +340,40 @@ def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, 
             assert (res["logits"][name] - logits).abs().max().item() < 1e-4, (n, name)
     if which == "odd":
         assert res["layout"] == [[0], [0, 1]]  # rank 0 at world 4: KV head 0 shared with rank 1
+
+
+def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(demo):
+    """A prefill that raises fails the requests in it (their own error); a decode pass that raises
+    fails the batch's requests as retryable (the cause may be any of them); the engine frees their
+    blocks and later requests run as if nothing happened."""
+    from transformers import AutoProcessor
+
+    inputs = all_inputs(AutoProcessor.from_pretrained(demo.model), demo.root)
+    engine = make_engine(demo.model)
+    alone = engine.generate([make_request("ok", inputs["image"], 4)])[0].output_ids
+
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+
+    def bad_prefill(reqs):
+        raise RuntimeError("malformed pixel tensor\nsecond line")
+
+    engine.runner.prefill = bad_prefill
+    failed = engine.generate([make_request("p", inputs["text"], 4)])[0]
+    assert failed.status.value == "failed" and failed.error == "prefill failed: RuntimeError: malformed pixel tensor"
+    assert not failed.retryable and all_blocks_free(engine)
+    engine.runner.prefill = real_prefill
+
+    calls = {"n": 0}
+
+    def flaky_decode(reqs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device error")
+        return real_decode(reqs)
+
+    engine.runner.decode = flaky_decode
+    batch = engine.generate([make_request("a", inputs["text"], 6), make_request("b", inputs["two_images"], 6)])
+    assert [r.status.value for r in batch] == ["failed", "failed"]
+    assert all(r.error == "decode failed: RuntimeError: device error" and r.retryable for r in batch)
+    assert all_blocks_free(engine)
+    assert engine.generate([make_request("again", inputs["image"], 4)])[0].output_ids == alone

@@ -55,11 +55,33 @@ def test_hits_are_bit_identical_to_the_reference_and_corruption_is_recomputed(de
 
 
 def test_size_bound_evicts_least_recently_used(demo, tmp_path):
-    image, video = elements(demo)
-    cache = MediaCache(tmp_path, 10_000)  # smaller than one video entry
-    cache.image(dict(image))
-    cache.video(dict(video))
-    assert sum(p.stat().st_size for p in tmp_path.glob("*/*.bin")) <= 10_000
+    """a written, b written, a read again (by another process's cache: from disk), then c pushes
+    the folder over its bound: b, the least recently used, goes; a and c stay."""
+    import os
+    import time
+
+    image, _ = elements(demo)
+    a, b, c = (dict(image, image=str(demo.root / "textvqa" / "images" / f"demo_00{i}.jpg")) for i in (1, 2, 3))
+    writer = MediaCache(tmp_path, 1 << 30)
+    path = {}
+    for name, ele in (("a", a), ("b", b)):
+        writer.image(dict(ele))
+        path[name] = writer._path(writer.key(ele, "image"))
+    now = time.time()
+    os.utime(path["a"], (now - 30, now - 30))  # written long ago, a before b
+    os.utime(path["b"], (now - 20, now - 20))
+    assert MediaCache(tmp_path, 1 << 30).image(dict(a)) is not None  # a read from disk: used now
+    probe = tmp_path / "probe"  # c's entry size, measured elsewhere
+    MediaCache(probe, 1 << 30).image(dict(c))
+    sc = sum(q.stat().st_size for q in probe.glob("*/*.bin"))
+    sa, sb = path["a"].stat().st_size, path["b"].stat().st_size
+    bound = sa + sb + sc - 1  # c goes over by one byte; removing b alone gets under 90%
+    assert sa + sc <= 0.9 * bound
+    size_c = MediaCache(tmp_path, bound)
+    size_c.image(dict(c))
+    path["c"] = size_c._path(size_c.key(c, "image"))
+    assert path["a"].is_file() and path["c"].is_file() and not path["b"].exists()
+    assert sum(q.stat().st_size for q in tmp_path.glob("*/*.bin")) <= bound
 
 
 @pytest.mark.parametrize("task", ["videobench"])

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_helpers import ServerProcess, data_url, in_process_answer
+from serve_helpers import ServerProcess, StreamingRequest, data_url, in_process_answer
 
 pytestmark = pytest.mark.subprocess
 
@@ -293,6 +293,14 @@ def bad_requests(media):
 
 
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, media):
+    before = (
+        client.chat.completions.create(
+            model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
+    assert before
     for what, kwargs, status, message in bad_requests(media):
         headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
         r = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=60, **kwargs)
@@ -303,7 +311,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, med
     r = client.chat.completions.create(
         model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
     )
-    assert r.choices[0].message.content is not None
+    assert r.choices[0].message.content == before  # still serving, and serving the same answer
     # The official client raises the matching exception classes with our message.
     import openai
 
@@ -436,64 +444,28 @@ def test_tensor_parallel_server_serves_the_tp1_tokens_and_drains_on_sigterm(demo
                 c2.chat.completions.create(**kw).choices[0].message.content
                 == client.chat.completions.create(**kw).choices[0].message.content
             ), name
-        inflight = {}
-
-        def long_request():
-            try:
-                r = httpx.post(
-                    tp2.url + "/v1/chat/completions",
-                    timeout=60,
-                    json={
-                        "messages": [{"role": "user", "content": "A long story"}],
-                        "max_tokens": 2000,
-                        "ignore_eos": True,
-                        "temperature": 0,
-                    },
-                )
-                inflight["status"] = r.status_code
-            except httpx.HTTPError as e:
-                inflight["error"] = type(e).__name__
-
-        t = threading.Thread(target=long_request)
-        t.start()
-        time.sleep(1.0)
+        inflight = StreamingRequest(tp2.url)
+        assert inflight.first_token.wait(60) and inflight.text, (inflight.status, inflight.error)
     finally:
         rc, out, err = tp2.stop(signal.SIGTERM)
-    t.join(30)
+    inflight.join(30)
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
-    assert inflight, "the in-flight request got no answer"
+    # the request in flight got a whole answer: 200, a finish reason, the stream's end
+    assert inflight.status == 200 and inflight.error is None, (inflight.status, inflight.error)
+    assert inflight.finish_reason in ("abort", "length") and inflight.done, inflight.finish_reason
 
 
 def test_sigterm_drains_a_single_process_server(demo):
     s = ServerProcess(demo.model, "--drain-timeout", "1")
-    result = {}
-
-    def long_request():
-        try:
-            r = httpx.post(
-                s.url + "/v1/chat/completions",
-                timeout=60,
-                json={
-                    "messages": [{"role": "user", "content": "A long story"}],
-                    "max_tokens": 2000,
-                    "ignore_eos": True,
-                    "temperature": 0,
-                },
-            )
-            result["status"] = r.status_code
-            result["finish"] = r.json()["choices"][0]["finish_reason"] if r.status_code == 200 else None
-        except httpx.HTTPError as e:
-            result["error"] = type(e).__name__
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(1.0)
+    inflight = StreamingRequest(s.url)
+    assert inflight.first_token.wait(60) and inflight.text, (inflight.status, inflight.error)
     rc, out, err = s.stop(signal.SIGTERM)
-    t.join(30)
+    inflight.join(30)
     assert rc == 0 and "Traceback" not in err, err
     assert "draining" in out and "stopped" in out
-    assert result.get("status") == 200 and result.get("finish") in ("abort", "length"), result
+    assert inflight.status == 200 and inflight.error is None, (inflight.status, inflight.error)
+    assert inflight.finish_reason in ("abort", "length") and inflight.done, inflight.finish_reason
 
 
 def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):

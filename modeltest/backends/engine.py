@@ -92,7 +92,11 @@ class EngineBackend(Backend):
     def _output(self, r: Request) -> GenerationOutput:
         if r.status is not RequestStatus.FINISHED:
             return GenerationOutput(
-                text="", error=r.error or r.status.value, input_length=len(r.input_ids), queue_time=r.queue_time
+                text="",
+                error=r.error or r.status.value,
+                input_length=len(r.input_ids),
+                queue_time=r.queue_time,
+                transient=r.retryable,
             )
         ids = r.generated_ids()
         return GenerationOutput(

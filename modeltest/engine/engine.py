@@ -128,7 +128,13 @@ class LLMEngine:
                     return self.scheduler.retire() + reqs
                 self.scheduler.prefilled(reqs)
             else:
-                self.runner.decode(reqs)
+                try:
+                    self.runner.decode(reqs)
+                except Exception as e:
+                    # A failing decode pass fails the requests in it — not the run, and not as their
+                    # own fault: which one caused it is unknown, so they are worth computing again.
+                    self.scheduler.fail(reqs, f"decode failed: {first_line(e)}", retryable=True)
+                    return self.scheduler.retire() + reqs
         return self.scheduler.retire()
 
     def generate(self, requests: List[Request]) -> List[Request]:

@@ -85,6 +85,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: List[int] = field(default_factory=list)
     error: Optional[str] = None
+    retryable: bool = False  # FAILED by something not its own (a decode pass of its batch): compute again
     positions: Optional[torch.Tensor] = None  # [3, prompt_len] M-RoPE positions
     delta: int = 0  # decode position offset (M-RoPE)
     blocks: List[int] = field(default_factory=list)  # KV cache blocks, in token order

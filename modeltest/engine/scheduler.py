@@ -123,12 +123,14 @@ class Scheduler:
     def prefilled(self, reqs: List[Request]) -> None:
         self.running.extend(reqs)
 
-    def fail(self, reqs: List[Request], error: str) -> None:
-        """A pass failed: its requests end with `error` (the run goes on)."""
+    def fail(self, reqs: List[Request], error: str, retryable: bool = False) -> None:
+        """A pass failed: its requests end with `error` (the run goes on); `retryable`: the failure
+        may not be theirs (a whole decode batch), so a later run should compute them again."""
         ids = {id(r) for r in reqs}
         self.running = [r for r in self.running if id(r) not in ids]
         for r in reqs:
             self._end(r, RequestStatus.FAILED, error)
+            r.retryable = retryable
 
     def retire(self) -> List[Request]:
         """End the running requests that reached a stop; return them with every request that
