@@ -9,7 +9,6 @@ Scores are computed at the end from the stored outputs (Task.score_record), neve
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -448,8 +447,6 @@ class RecordSaver:
         self.store, self.par, self.key_of, self.bar, self.others, self.show = store, par, key_of, bar, others, show
         self.count = 0
         self.errors = 0
-        # Crash-recovery tests slow a run down so they can kill it halfway (seconds per sample).
-        self.throttle = float(os.environ.get("MODELTEST_SLOW_SAMPLE_S", "0") or 0)
 
     def update_bar(self) -> None:
         self.bar.n = self.count + (self.others.count() if self.others else 0)
@@ -474,5 +471,3 @@ class RecordSaver:
                 self.bar.write("... more sample errors: see 'error' in the debug file")
         self.count += 1
         self.update_bar()
-        if self.throttle:
-            time.sleep(self.throttle)

@@ -39,6 +39,14 @@ def data_copy(demo, tmp_path):
     return tmp_path
 
 
+def slow_samples(seconds: float) -> dict:
+    """Environment for a modeltest process that waits `seconds` after each finished sample (so a
+    test can kill it halfway): tests/hooks/sitecustomize.py does it; modeltest itself reads no
+    such setting."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "hooks"), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "MODELTEST_TEST_SLOW_SAMPLE_S": str(seconds)}
+
+
 def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProcess:
     """Run `bash scripts/mm_run.sh TASK qwen2_vl ...` as a user would.
 

@@ -15,7 +15,7 @@ from modeltest.media import InProcessMedia
 from modeltest.media.cache import MediaCache
 from modeltest.media.decode import vision_from_messages
 from modeltest.media.pool import TaskFailed, WorkerPool
-from modeltest.media.workers import FAULT_ENV, WorkerMedia
+from modeltest.media.workers import WorkerMedia
 
 pytestmark = pytest.mark.subprocess
 
@@ -124,8 +124,22 @@ def test_harness_with_workers_answers_identically_and_survives_hangs_and_crashes
     expected = {r.id: r.output for r in threads.records}
     assert all(r.error is None for r in threads.records)
 
-    # A decode that hangs (msvd_red) and a worker killed mid-sample (nba_green).
-    monkeypatch.setenv(FAULT_ENV, "hang:msvd_red,die:nba_green")
+    # A decode that hangs (msvd_red) and a worker killed mid-sample (nba_green): the run's media
+    # source, as the harness builds it, with the test-only faults.
+    from modeltest import runner
+    from modeltest.media import open_media_source
+
+    def faulty(media_cache, media_cache_gb, workers, timeout_s):
+        assert workers == 2
+        return WorkerMedia(
+            workers,
+            timeout_s,
+            str(media_cache),
+            int(media_cache_gb * 2**30),
+            faults=[("hang", "msvd_red"), ("die", "nba_green")],
+        )
+
+    monkeypatch.setattr(runner, "open_media_source", faulty)
     out = tmp_path / "workers"
     first = harness(demo, out, "prep_workers=2", "prep_timeout_s=3", f"media_cache={tmp_path / 'c1'}")
     by_id = {r.id: r for r in first.records}
@@ -142,7 +156,7 @@ def test_harness_with_workers_answers_identically_and_survives_hangs_and_crashes
     assert summary["workers"] == 2 and summary["workers_replaced"] >= len(died) + len(hung) > 0
 
     # Resumed without the fault: only the failed samples are computed, and answered as without workers.
-    monkeypatch.delenv(FAULT_ENV)
+    monkeypatch.setattr(runner, "open_media_source", open_media_source)
     second = harness(demo, out, "prep_workers=2", f"media_cache={tmp_path / 'c1'}")
     assert {r.id: r.output for r in second.records} == expected
     assert all(r.error is None and not r.transient for r in second.records)

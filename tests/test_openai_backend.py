@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, read_csv, read_debug
+from conftest import REPO, read_csv, read_debug, slow_samples
 from serve_helpers import ServerProcess
 
 pytestmark = pytest.mark.subprocess
@@ -175,7 +175,7 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
     against a restarted server computes exactly those, and every finished sample is reused once."""
     first = ServerProcess(demo.model)
     out = tmp_path / "out"
-    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, MODELTEST_SLOW_SAMPLE_S="0.7")
+    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, **slow_samples(0.7))
     common = [
         f"task.local_dataset_path={demo.textvqa_jsonl}",
         f"output_dir={out}",
@@ -223,7 +223,7 @@ def test_server_killed_mid_run_and_restarted(demo, tmp_path):
             ],
             capture_output=True,
             text=True,
-            env=dict(env, MODELTEST_SLOW_SAMPLE_S="0"),
+            env=dict(env, MODELTEST_TEST_SLOW_SAMPLE_S="0"),
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr

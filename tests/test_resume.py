@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, read_csv, read_debug, run_mm
+from conftest import REPO, read_csv, read_debug, run_mm, slow_samples
 
 pytestmark = pytest.mark.subprocess
 
@@ -40,7 +40,7 @@ def start(demo, out, *extra, slow="0.6", sigint=signal.SIG_DFL):
     """mm_run.sh in its own process group (a terminal's Ctrl-C reaches the whole group), with
     SIGINT's disposition set as a parent would leave it: default, or ignored (a background job
     of a script, some CI runners) — whatever this test process itself inherited."""
-    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, MODELTEST_SLOW_SAMPLE_S=slow)
+    env = dict(os.environ, MODELTEST_PYTHON=sys.executable, **slow_samples(slow))
     return subprocess.Popen(
         [
             "bash",

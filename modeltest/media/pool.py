@@ -15,7 +15,7 @@ and a decode that hangs or crashes costs one sample, not the run.
     share one decode (the process's media cache keeps the last few decoded media in memory).
 
 The function a pool runs must be importable by name in a fresh process (a module-level
-function); the modules named in `preload` are imported once in the forkserver.
+function); FORKSERVER_PRELOAD's modules are imported once in the forkserver.
 """
 
 from __future__ import annotations
@@ -38,15 +38,21 @@ _CONTEXT_LOCK = threading.Lock()
 _CONTEXT = None
 
 
-def _context(preload: Sequence[str]):
-    """The forkserver context, its server preloaded with what the workers import (once per
-    harness process: the first pool's `preload` applies; each worker is then a cheap fork of a
-    process without threads)."""
+# Imported once in the forkserver, so each worker starts as a cheap fork with them loaded. The
+# forkserver starts once per process, with the first pool: this list holds what any pool of this
+# project will want (the media workers' modules), whichever pool comes first.
+FORKSERVER_PRELOAD = ("torch", "decord", "qwen_vl_utils.vision_process", "modeltest.media.workers")
+
+
+def _context(extra: Sequence[str]):
+    """The forkserver context, its server preloaded with FORKSERVER_PRELOAD and the first pool's
+    own module (once per harness process; each worker is then a cheap fork of a process without
+    threads)."""
     global _CONTEXT
     with _CONTEXT_LOCK:
         if _CONTEXT is None:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(list(preload))
+            ctx.set_forkserver_preload(list(dict.fromkeys([*FORKSERVER_PRELOAD, *extra])))
             _CONTEXT = ctx
         return _CONTEXT
 
@@ -121,15 +127,13 @@ class WorkerPool:
         timeout_s: float,
         init: Optional[Callable] = None,
         init_args: tuple = (),
-        preload: Sequence[str] = (),
     ):
         """fn(state, payload) -> result runs in the workers (state = init(*init_args), once per
-        process); both must be importable module-level functions. `preload`: modules the
-        forkserver imports once (what every worker would otherwise import itself)."""
+        process); both must be importable module-level functions."""
         self.fn, self.init, self.init_args = fn, init, init_args
         self.timeout_s = timeout_s
         self.replaced = 0  # processes started again after a hang or a death
-        self._ctx = _context([*preload, fn.__module__])
+        self._ctx = _context([fn.__module__])
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._inbox: Deque[_Task] = collections.deque()

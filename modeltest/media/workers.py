@@ -13,15 +13,12 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .decode import MediaSource, Vision, media_names, media_parts
 from .pool import WorkerPool
 
 WORKER_MEMO_ENTRIES = 2  # decoded media a worker keeps in memory (its current clip, the next)
-# Tests only: "hang:SUBSTRING,die:SUBSTRING" makes a worker hang on (or be killed by) media whose
-# path contains SUBSTRING, so the harness's handling of a stuck or crashed decode can be proven.
-FAULT_ENV = "MODELTEST_TEST_MEDIA_FAULT"
 
 
 @dataclass
@@ -126,7 +123,17 @@ class WorkerMedia(MediaSource):
     here (memory or disk, checksum verified) without a worker or a pipe; only a miss is decoded in
     a worker, which writes the entry and sends the frames back."""
 
-    def __init__(self, workers: int, timeout_s: float, cache_folder: Optional[str], cache_bytes: int):
+    def __init__(
+        self,
+        workers: int,
+        timeout_s: float,
+        cache_folder: Optional[str],
+        cache_bytes: int,
+        faults: Sequence[Tuple[str, str]] = (),
+    ):
+        """faults: for tests only, no run passes any — ("hang" | "die", SUBSTRING) makes a worker
+        hang on, or be killed by, media whose path contains SUBSTRING, so that the harness's
+        handling of a stuck or crashed decode can be proven."""
         from .cache import MediaCache
 
         self.cache_folder = cache_folder
@@ -134,14 +141,12 @@ class WorkerMedia(MediaSource):
         self.hits = self.misses = 0
         self._lock = threading.Lock()
         self._prefetched: Dict[str, List[Future]] = {}  # decodes started ahead of vision()
-        faults = [tuple(f.split(":", 1)) for f in os.environ.get(FAULT_ENV, "").split(",") if ":" in f]
         self.pool = WorkerPool(
             _media_work,
             workers,
             timeout_s,
             init=_media_init,
-            init_args=(cache_folder, cache_bytes, faults),
-            preload=("torch", "decord", "qwen_vl_utils.vision_process"),
+            init_args=(cache_folder, cache_bytes, list(faults)),
         )
 
     def _elements(self, messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
