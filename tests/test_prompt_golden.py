@@ -1,7 +1,7 @@
 """Golden model inputs: the exact text and tokens each task hands the model, on the demo data.
 
-A change to a prompt, the chat template, the tokenizer, image resizing or video frame sampling
-changes what the model sees and therefore the score. It must show up here as a visible diff of
+A change to a prompt, the chat template, the tokenizer, image resizing, video frame sampling or
+the pixel normalisation changes what the model sees and therefore the score. It must show up here as a visible diff of
 tests/golden/model_inputs.json, not silently. To accept an intended change, regenerate with
 MODELTEST_UPDATE_GOLDEN=1 pytest tests/test_prompt_golden.py and review the diff.
 """
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeltest.config.schema import ModelConfig
 from modeltest.inputs import decoded_media, prompt_text, sample_messages
@@ -29,12 +30,20 @@ def model_input(processor, sample) -> dict:
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     grids = {k: inputs[k].tolist() for k in ("image_grid_thw", "video_grid_thw") if k in inputs}
+    # What the pixels are, not only how many: resizing, frame sampling and normalisation all move
+    # these (compared within 1e-3, so another CPU's last float bits do not).
+    pixels = {
+        k: [round(float(f(inputs[k].double())), 4) for f in (torch.mean, torch.std, torch.min, torch.max)]
+        for k in ("pixel_values", "pixel_values_videos")
+        if k in inputs
+    }
     return {
         "id": sample.id,
         "text": text,
         "input_length": len(ids),
         "ids_without_vision_pads": [i for i in ids if i not in PAD_IDS],
         **grids,
+        "pixel_stats": pixels,
     }
 
 
@@ -60,5 +69,9 @@ def test_model_inputs_match_the_golden_file(demo):
     for task in want:
         for g, w in zip(got[task], want[task]):
             assert g["text"] == w["text"], f"{task} sample {w['id']}: the prompt text changed"
+            g, w, g_pix, w_pix = dict(g), dict(w), g.pop("pixel_stats"), w.pop("pixel_stats")
             assert g == w, f"{task} sample {w['id']}: the tokens or vision grids changed"
+            assert g_pix.keys() == w_pix.keys()
+            for k in w_pix:  # mean, std, min, max of the pixel values the model gets
+                assert g_pix[k] == pytest.approx(w_pix[k], abs=1e-3), f"{task} sample {w['id']}: {k} changed"
         assert len(got[task]) == len(want[task])

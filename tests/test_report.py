@@ -313,3 +313,16 @@ def test_delta_and_interval_are_over_the_same_pairs_when_sample_sets_differ(two_
     assert row_c["total"] == 5 and row_c["value"] == 1.0 and row_c["paired"] == 5
     assert row_c["delta"] == 0.0 and row_c["ci_low"] == 0.0 and row_c["ci_high"] == 0.0
     assert not bool(row_c["significant"])
+
+
+def test_model_outputs_are_escaped_in_the_html(tmp_path):
+    """A model can answer anything, markup included: the page shows it as text, never runs it."""
+    from modeltest.report.render import write_html
+
+    evil = "<script>alert('x')</script> & <img src=x onerror=alert(1)>"
+    sections = {"Changed samples: <A> -> B": pd.DataFrame([{"id": "1", "output (A)": evil, "change": "worse"}])}
+    write_html("textvqa: <A> vs B", sections, {}, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "<script>alert" not in page and "<img src=x" not in page and "<A>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("<script>") == 1  # the page's own sort/filter script only
