@@ -70,7 +70,8 @@ def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProc
 
 
 def read_debug(out_dir: Path, task: str):
-    files = sorted((out_dir / "debug").rglob("output_*.txt"))
+    folder = out_dir / "debug" / task
+    files = sorted((folder if folder.is_dir() else out_dir / "debug").rglob("output_*.txt"))
     assert len(files) == 1, files
     return [json.loads(line) for line in files[0].read_text(encoding="utf-8").splitlines()]
 

@@ -327,7 +327,6 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
             "--dir",
             str(tmp_path / "demo"),
             f"output_dir={out}",
-            "max_output_length=4",
         ],
         capture_output=True,
         text=True,
@@ -335,7 +334,15 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mm_run.sh textvqa qwen2_vl" in proc.stdout and "mm_run.sh videobench qwen2_vl" in proc.stdout
-    assert read_csv(out, "textvqa")[0][0]["Total"] == "8"
+    # The planted answers score as planned: known in advance, not 0 (demo/planted.py).
+    from modeltest.demo.planted import EXPECTED_TEXTVQA_SCORE, PLANTED_ALL, PLANTED_ONE
+
+    textvqa = read_csv(out, "textvqa")[0][0]
+    assert textvqa["Total"] == "8" and float(textvqa["Value"]) == pytest.approx(EXPECTED_TEXTVQA_SCORE)
+    scores = {r["id"]: r["score"] for r in read_debug(out, "textvqa")}
+    assert {i for i, v in scores.items() if v == 1.0} == set(PLANTED_ALL)
+    assert all(scores[i] == pytest.approx(0.3) for i in PLANTED_ONE)
+    assert f"{EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run" in proc.stdout
     assert read_csv(out, "videobench")[0][0]["Total"] == "11"
     for task in ("textvqa", "videobench"):  # and says where each run's report is
         assert f"report: {out / 'report' / task / 'report.html'}" in proc.stdout

@@ -12,9 +12,10 @@ from typing import List, Optional
 
 from ..config.loader import default_config_dir
 from .datasets import build_textvqa, build_videobench
+from .planted import EXPECTED_TEXTVQA_SCORE, PLANTED_ALL, PLANTED_ONE, plant_textvqa
 from .tiny_model import build_tiny_qwen2vl
 
-DEMO_VERSION = 2  # bump when what is built changes, so an old demo folder is rebuilt
+DEMO_VERSION = 3  # bump when what is built changes, so an old demo folder is rebuilt
 
 
 @dataclass
@@ -51,6 +52,8 @@ def build_demo(root: str | Path = "demo_data", force: bool = False, seed: int = 
     build_tiny_qwen2vl(paths.model, seed=seed)
     build_textvqa(paths.textvqa_jsonl.parent, seed=seed)
     build_videobench(paths.videobench_qa.parent, seed=seed)
+    print("planting the tiny model's own answers into a few TextVQA annotations (demo/planted.py) ...", flush=True)
+    plant_textvqa(paths.model, paths.textvqa_jsonl)
     paths.stamp.write_text(json.dumps({"version": DEMO_VERSION, "seed": seed}))
     return paths
 
@@ -102,7 +105,10 @@ def next_steps(paths: DemoPaths, out: Path) -> str:
     prefix = f"source {activate}   # puts `modeltest` on your PATH\n  " if activate.is_file() else ""
     cli = "modeltest" if activate.is_file() or not exe.is_file() else str(exe)
     return (
-        "\nScores are 0: the weights are random, so the answers are nonsense. Next, try:\n"
+        "\nThe weights are random, so the answers are nonsense: TextVQA scores only on the questions "
+        f"whose annotations hold the model's own answers ({len(PLANTED_ALL)} fully, {len(PLANTED_ONE)} once: "
+        f"{EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run; demo/planted.py), VideoBench scores 0 (no answer names "
+        "an option). Next, try:\n"
         f"  {prefix}"
         f"{cli} report {out}                          # the review page of these runs\n"
         f"  {cli} serve --model_path {paths.model} --port 8000 &\n"
