@@ -24,28 +24,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_TAKEN = ("choose another --port", "address already in use", "EADDRINUSE", "DistNetworkError")
+
+
 class ServerProcess:
-    def __init__(self, model: Path, *args: str, env: Optional[dict] = None, wait: bool = True):
+    """A `modeltest serve` process on free ports. A free port can be taken by another process
+    between finding it and binding it: a server that exits saying so is started again on new
+    ports (a few times), instead of failing the test."""
+
+    def __init__(self, model: Path, *args: str, env: Optional[dict] = None, wait: bool = True, attempts: int = 3):
+        self.model, self.args, self.extra_env, self.attempts = model, args, env, attempts
+        self.log = open(os.devnull, "w")
+        self._start()
+        if wait:
+            self.wait_healthy()
+
+    def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "w")
-        env = dict(os.environ, MASTER_PORT=str(free_port()), **(env or {}))
+        env = dict(os.environ, MASTER_PORT=str(free_port()), **(self.extra_env or {}))
+        cmd = [sys.executable, "-m", "modeltest", "serve", "--model_path", str(self.model), "--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modeltest", "serve", "--model_path", str(model), "--port", str(self.port), *args],
+            [*cmd, *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
             start_new_session=True,
         )
-        if wait:
-            self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 out, err = self.proc.communicate()
+                if self.attempts > 1 and any(t.lower() in err.lower() for t in PORT_TAKEN):
+                    self.attempts -= 1
+                    self._start()
+                    continue
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{out}\n{err}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:

@@ -438,3 +438,9 @@ def test_bf16_engine_matches_transformers_in_bf16(model_path, processor, demo):
         if tokens != gen[0, inp["input_ids"].shape[1] :].tolist():
             diverged.append(name)
     assert len(diverged) <= BF16_DIVERGING_PROMPTS, diverged
+
+
+def test_a_kv_cache_without_room_for_one_block_is_one_line(demo):
+    """Too little memory for a single KV block: refused as the engine loads, naming what to do."""
+    with pytest.raises(UserError, match=r"KV cache: not one 16-token block fits in 0% of free memory; use more"):
+        make_engine(demo.model, kv_cache_fraction=1e-15)

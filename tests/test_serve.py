@@ -216,7 +216,9 @@ def test_a_client_that_disconnects_frees_its_blocks(server, client):
             got = [next(lines) for _ in range(6)]  # a few chunks, then hang up
             assert any("content" in line for line in got)
             assert metric(server, "modeltest_kv_cache_blocks_used") > 0
-    deadline = time.time() + 10
+    # Polled, with a generous bound: what proves the abort is that the request never ran to its
+    # end (2000 tokens) — its tokens were never counted — not how fast the blocks came back.
+    deadline = time.time() + 60
     while metric(server, "modeltest_kv_cache_blocks_used") > 0 or metric(server, "modeltest_num_requests_running") > 0:
         assert time.time() < deadline, "the abandoned request kept its KV blocks"
         time.sleep(0.1)
