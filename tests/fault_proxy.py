@@ -13,6 +13,8 @@ from typing import Dict, Tuple
 
 import httpx
 
+STALL_S = 20  # far past any client timeout a test sets (they set a few seconds)
+
 
 class FaultProxy:
     def __init__(self, upstream: str, faults: Dict[str, Tuple[str, int]]):
@@ -65,7 +67,7 @@ class FaultProxy:
                         self.connection.shutdown(2)
                         return
                     if fault == "stall":
-                        time.sleep(5)
+                        time.sleep(STALL_S)
                 with httpx.stream(
                     "POST",
                     proxy.upstream + self.path,

@@ -137,7 +137,7 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
         extra = [
             "backend=openai",
             f"model.api_base={proxy.url}/v1",
-            "model.max_retries=2",
+            "model.max_retries=4",  # two to spare for a slow machine's timeouts
             "model.retry_backoff=0.05",
             "model.timeout=4",
             "model.concurrency=3",
@@ -147,9 +147,9 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
         # (">=": on a loaded machine a forwarded attempt may itself time out and be retried)
         assert proxy.attempts["what does the sign say"] >= 3 and by_question["what does the sign say?"].error is None
         failed = by_question["what word is written on the door?"]
-        assert proxy.attempts["what word is written on the door"] == 3
+        assert proxy.attempts["what word is written on the door"] == 5  # 1 + max_retries
         assert failed.output is None and failed.score == 0 and failed.transient
-        assert "HTTP 500" in failed.error and "engine overloaded" in failed.error and "after 2 retries" in failed.error
+        assert "HTTP 500" in failed.error and "engine overloaded" in failed.error and "after 4 retries" in failed.error
         bad = by_question["what is the name of the shop?"]
         assert proxy.attempts["what is the name of the shop"] == 1 and "HTTP 400" in bad.error
         assert "bad request: no" in bad.error and not bad.transient
