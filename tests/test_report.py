@@ -329,3 +329,43 @@ def test_model_outputs_are_escaped_in_the_html(tmp_path):
     assert "<script>alert" not in page and "<img src=x" not in page and "<A>" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;img src=x onerror=alert(1)&gt;" in page
     assert page.count("<script>") == 1  # the page's own sort/filter script only
+
+
+@pytest.mark.subprocess  # a headless chromium (scripts/setup_browser.sh installs it)
+def test_the_pages_tables_sort_by_number_and_filter_in_a_real_browser(tmp_path):
+    """The report's own script, driven in chromium: a click on a header sorts the rows by number
+    (not as text: 2.5 < 9 < 10 < 100), a second click reverses, typing in the filter hides the rows
+    without the text."""
+    import html as htmlmod
+    import re
+
+    from modeltest.report.render import write_html
+
+    if os.environ.get("MODELTEST_NO_BROWSER") == "1":
+        pytest.skip("MODELTEST_NO_BROWSER=1: no browser on this machine (scripts/setup_browser.sh installs one)")
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: run scripts/setup_browser.sh (or set MODELTEST_NO_BROWSER=1)"
+    rows = [{"name": n, "value": v} for n, v in (("alpha", "10"), ("beta", "9"), ("gamma", "100"), ("beta2", "2.5"))]
+    page = tmp_path / "r.html"
+    write_html("t", {"Table": pd.DataFrame(rows)}, {}, page)
+    driver = """<script>
+var t=document.getElementById('t0'), th=t.querySelectorAll('th')[1];
+function col(i){return Array.from(t.tBodies[0].rows).map(function(r){return r.cells[i].textContent;}).join(',');}
+th.click(); var asc=col(1); th.click(); var desc=col(1);
+var f=document.querySelector('input.filter'); f.value='BETA'; f.dispatchEvent(new Event('input'));
+var shown=Array.from(t.tBodies[0].rows).filter(function(r){return r.style.display!=='none';})
+  .map(function(r){return r.cells[0].textContent;}).sort().join(',');
+document.body.setAttribute('data-result', JSON.stringify({asc: asc, desc: desc, shown: shown}));
+</script></body>"""
+    page.write_text(page.read_text().replace("</body>", driver))
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'data-result="([^"]*)"', proc.stdout)
+    assert found, proc.stdout[-2000:]
+    result = json.loads(htmlmod.unescape(found.group(1)))
+    assert result == {"asc": "2.5,9,10,100", "desc": "100,10,9,2.5", "shown": "beta,beta2"}
