@@ -47,6 +47,24 @@ def test_a_hanging_or_dying_task_fails_alone_and_its_worker_is_replaced():
         pool.submit("late", None, "x")
 
 
+def test_a_task_is_timed_from_when_its_worker_is_ready_not_from_its_start():
+    """Workers take 2.5 s to start and a task 0.5 s, under a 2 s timeout: nothing times out (a
+    task's clock starts once its worker said it is ready). Workers that can never start fail the
+    waiting tasks with one message saying so, instead of hanging them."""
+    pool = WorkerPool(worker_helpers.nap, 2, timeout_s=2, init=worker_helpers.slow_start, init_args=(2.5,))
+    try:
+        assert len({f.result(timeout=120) for f in [pool.submit(0.5, None, f"c{i}.mp4") for i in range(4)]}) >= 1
+        assert pool.replaced == 0 and pool.wait_started(0)
+    finally:
+        pool.close()
+    broken = WorkerPool(worker_helpers.nap, 1, timeout_s=30, init=worker_helpers.broken_start)
+    try:
+        with pytest.raises(TaskFailed, match=r"the media worker processes cannot start \(4 died or hung"):
+            broken.submit(0.1, None, "c.mp4").result(timeout=120)
+    finally:
+        broken.close()
+
+
 def demo_messages(demo):
     image, video = elements(demo)
     return [{"role": "user", "content": [image, video, {"type": "text", "text": "q"}]}]

@@ -41,6 +41,7 @@ _CONTEXT = None
 # Imported once in the forkserver, so each worker starts as a cheap fork with them loaded. The
 # forkserver starts once per process, with the first pool: this list holds what any pool of this
 # project will want (the media workers' modules), whichever pool comes first.
+START_TIMEOUT_S = 120.0  # a worker not ready after this long (its init hangs) is replaced
 FORKSERVER_PRELOAD = ("torch", "decord", "qwen_vl_utils.vision_process", "modeltest.media.workers")
 
 
@@ -80,6 +81,10 @@ def _worker_main(conn, init: Optional[Callable], init_args: tuple, fn: Callable)
     # The harness reports Ctrl-C and stops the workers; a worker must not print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     state = init(*init_args) if init is not None else None
+    try:
+        conn.send((None, "ready", None))  # a task's clock starts when the worker can run it
+    except (BrokenPipeError, OSError):
+        return
     while True:
         try:
             msg = conn.recv()
@@ -117,6 +122,8 @@ class _Worker:
     queue: Deque[_Task] = field(default_factory=collections.deque)
     running: Optional[_Task] = None
     started: float = 0.0
+    ready: bool = False  # its init is done (it said so): tasks go to ready workers only
+    born: float = field(default_factory=time.monotonic)
 
 
 class WorkerPool:
@@ -144,6 +151,10 @@ class WorkerPool:
         self._size = max(1, workers)
         self._workers: List[_Worker] = []  # started by the dispatcher thread: the harness goes on
         self._started = threading.Event()
+        # Starting (the init) has its own, generous bound: it is not any task's time.
+        self.start_timeout_s = max(timeout_s, START_TIMEOUT_S)
+        self._start_failures = 0  # workers that died or hung before they were ready
+        self._stop_error: SampleError = SampleError("media workers stopped")
         self._thread = threading.Thread(target=self._loop, name="media-workers", daemon=True)
         self._thread.start()
 
@@ -152,7 +163,8 @@ class WorkerPool:
         return self._size
 
     def wait_started(self, timeout: Optional[float] = None) -> bool:
-        """Block until every worker process is running (benchmarks start their clocks after)."""
+        """Block until every worker process is running and ready (benchmarks start their clocks
+        after)."""
         return self._started.wait(timeout)
 
     def submit(self, payload: Any, affinity: Optional[str], what: str) -> Future:
@@ -208,7 +220,7 @@ class WorkerPool:
         try:
             self._dispatch()
         finally:
-            error = SampleError("media workers stopped")
+            error = self._stop_error
             for w in self._workers:
                 for t in ([w.running] if w.running else []) + list(w.queue):
                     if not t.future.done():
@@ -224,7 +236,6 @@ class WorkerPool:
         # harness loads its model.
         for _ in range(self._size):
             self._workers.append(self._start())
-        self._started.set()
         while True:
             with self._lock:
                 if self._closed:
@@ -234,15 +245,22 @@ class WorkerPool:
             for t in new:
                 self._assign(t)
             for i, w in enumerate(self._workers):
-                if w.running is None and (w.queue or self._waiting):
+                if w.ready and w.running is None and (w.queue or self._waiting):
                     self._send(i, w.queue.popleft() if w.queue else self._take(i))
             busy = [w for w in self._workers if w.running is not None]
-            deadline = min((w.started + self.timeout_s for w in busy), default=None)
+            starting = [w for w in self._workers if not w.ready]
+            deadline = min(
+                [w.started + self.timeout_s for w in busy] + [w.born + self.start_timeout_s for w in starting],
+                default=None,
+            )
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            handles = [self._wake_r] + [w.conn for w in busy] + [w.process.sentinel for w in busy]
+            watched = busy + starting
+            handles = [self._wake_r] + [w.conn for w in watched] + [w.process.sentinel for w in watched]
             ready = wait(handles, timeout)
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
+            if not self._check_starting(ready):
+                return
             for i, w in enumerate(self._workers):
                 if w.running is None:
                     continue
@@ -258,6 +276,34 @@ class WorkerPool:
                         f"reading {w.running.what} took over {self.timeout_s:g} s and was "
                         "stopped (raise prep_timeout_s if the file is only slow)",
                     )
+
+    def _check_starting(self, ready: list) -> bool:
+        """Workers still starting: mark those that said they are ready; replace one that died or
+        took longer than start_timeout_s to start (its tasks wait in its line meanwhile). False (the
+        pool stops, failing its tasks) when starting keeps failing: a worker that cannot start."""
+        for i, w in enumerate(self._workers):
+            if w.ready:
+                continue
+            if w.conn in ready:
+                try:
+                    _, status, _ = w.conn.recv()
+                except (EOFError, OSError):
+                    status = "died"
+                if status == "ready":
+                    w.ready = True
+                    continue
+            if w.conn in ready or w.process.sentinel in ready or time.monotonic() >= w.born + self.start_timeout_s:
+                self._start_failures += 1
+                if self._start_failures > 3 * self._size:
+                    self._stop_error = TaskFailed(
+                        f"the media worker processes cannot start ({self._start_failures} died or hung before "
+                        "they were ready); run with prep_workers=0 to decode in the harness's threads"
+                    )
+                    return False
+                self._replace(i)
+        if all(w.ready for w in self._workers):
+            self._started.set()
+        return True
 
     @staticmethod
     def _how(w: _Worker) -> str:
