@@ -18,13 +18,11 @@ same pixels and tokens by construction.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from .core import Sample
+from .engine.media_spans import content_keys
 from .engine.request import Request, SamplingParams
 from .media import InProcessMedia, MediaSource, fast_processor
 from .media.decode import Vision, check_local_files, media_parts
@@ -104,23 +102,10 @@ class ModelInput:
         two different images never do, whatever their placeholder ids; the same clip at another
         fps or size has another grid and pixels, so another key. Computed on first use."""
         if self._keys is None:
-            keys = []
-            for kind, values, grids in (
-                ("image", "pixel_values", "image_grid_thw"),
-                ("video", "pixel_values_videos", "video_grid_thw"),
-            ):
-                if self.inputs.get(grids) is None:
-                    continue
-                start = 0
-                for thw in self.inputs[grids].tolist():
-                    rows = thw[0] * thw[1] * thw[2]
-                    chunk = self.inputs[values][start : start + rows].contiguous()
-                    start += rows
-                    h = hashlib.blake2b(digest_size=16)
-                    h.update(f"{kind}:{thw}:{chunk.dtype}:{tuple(chunk.shape)}".encode())
-                    h.update(chunk.view(torch.uint8).numpy().tobytes() if chunk.numel() else b"")
-                    keys.append(h.hexdigest())
-            self._keys = keys
+            inp = self.inputs
+            self._keys = content_keys("image", inp.get("pixel_values"), inp.get("image_grid_thw")) + content_keys(
+                "video", inp.get("pixel_values_videos"), inp.get("video_grid_thw")
+            )
         return self._keys
 
 
@@ -146,4 +131,5 @@ def engine_request(rid: Any, mi: ModelInput, params: SamplingParams) -> Request:
         image_grid_thw=inp.get("image_grid_thw"),
         pixel_values_videos=inp.get("pixel_values_videos"),
         video_grid_thw=inp.get("video_grid_thw"),
+        media_keys=mi.media_keys(),
     )

@@ -47,15 +47,7 @@ def make_request(name, inputs, max_new_tokens: int, ignore_eos: bool = True):
 
 def prompt_logits(engine, req):
     """Full-vocabulary logits [prompt_len, vocab] of one prompt, outside the step loop."""
-    from modeltest.engine.kv_cache import blocks_needed
-
-    alloc = engine.scheduler.allocator
-    req.blocks = alloc.allocate(blocks_needed(len(req.input_ids) + req.max_new_tokens, engine.cfg.block_size))
-    try:
-        return engine.runner.prompt_logits(req)
-    finally:
-        alloc.release(req.blocks)
-        req.blocks = []
+    return engine.prompt_logits(req)
 
 
 class RecordingSampler:

@@ -384,30 +384,46 @@ def test_a_failing_pass_fails_its_requests_and_the_engine_goes_on(demo):
     engine = make_engine(demo.model)
     alone = engine.generate([make_request("ok", inputs["image"], 4)])[0].output_ids
 
-    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+    real_run = engine.runner.run
 
-    def bad_prefill(reqs):
-        raise RuntimeError("malformed pixel tensor\nsecond line")
+    def bad_prefill(sp):
+        if sp.chunks:
+            raise RuntimeError("malformed pixel tensor\nsecond line")
+        return real_run(sp)
 
-    engine.runner.prefill = bad_prefill
+    engine.runner.run = bad_prefill
     failed = engine.generate([make_request("p", inputs["text"], 4)])[0]
     assert failed.status.value == "failed" and failed.error == "prefill failed: RuntimeError: malformed pixel tensor"
     assert not failed.retryable and all_blocks_free(engine)
-    engine.runner.prefill = real_prefill
+    # a prefill failing beside running decodes: the prefill's request fails as its own fault,
+    # the decodes (not theirs, perhaps) as retryable
+    engine.runner.run = real_run
+    a = make_request("a", inputs["text"], 6)
+    engine.add_request(a)
+    engine.step()
+    engine.runner.run = bad_prefill
+    cached = engine.stats().cached_blocks
+    engine.add_request(make_request("b", inputs["image"], 6))
+    ended = {r.id: r for r in engine.step()}
+    assert ended["b"].error.startswith("prefill failed") and not ended["b"].retryable
+    assert ended["a"].error.startswith("decode failed") and ended["a"].retryable
+    assert all_blocks_free(engine) and engine.stats().cached_blocks == cached  # no uncomputed block findable
+    engine.runner.run = real_run
 
     calls = {"n": 0}
 
-    def flaky_decode(reqs):
-        calls["n"] += 1
+    def flaky_decode(sp):
+        calls["n"] += not sp.chunks
         if calls["n"] == 2:
             raise RuntimeError("device error")
-        return real_decode(reqs)
+        return real_run(sp)
 
-    engine.runner.decode = flaky_decode
+    engine.runner.run = flaky_decode
     batch = engine.generate([make_request("a", inputs["text"], 6), make_request("b", inputs["two_images"], 6)])
     assert [r.status.value for r in batch] == ["failed", "failed"]
     assert all(r.error == "decode failed: RuntimeError: device error" and r.retryable for r in batch)
     assert all_blocks_free(engine)
+    engine.runner.run = real_run
     assert engine.generate([make_request("again", inputs["image"], 4)])[0].output_ids == alone
 
 

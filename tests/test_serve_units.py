@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from modeltest.engine.kv_cache import blocks_needed
-from modeltest.engine.request import Request, RequestStatus, SamplingParams, visible_ids
-from modeltest.engine.scheduler import Scheduler, SchedulerConfig
+from modeltest.engine.request import RequestStatus, SamplingParams, visible_ids
 from modeltest.serve.detokenize import Detokenizer
 from modeltest.serve.media_urls import MediaResolver
 from modeltest.serve.protocol import MediaPart, RequestError, SamplingDefaults, parse_chat_request
@@ -168,59 +166,3 @@ def test_data_urls_become_files_and_local_files_stay_under_the_allowed_folder(tm
     closed = MediaResolver(None, allow_remote=False, remote_timeout_s=1, max_remote_bytes=10)
     with pytest.raises(RequestError, match="local files are not served"):
         closed.resolve(part(f"file://{allowed / 'a.png'}"), work)
-
-
-# ---- the scheduler --------------------------------------------------------------------------------
-def scheduler(num_blocks=8, batch=2, block=4):
-    return Scheduler(
-        SchedulerConfig(
-            max_batch_size=batch, max_input_length=64, max_output_length=16, block_size=block, num_blocks=num_blocks
-        )
-    )
-
-
-def request(rid, prompt=6, new=4):
-    return Request(
-        id=rid, input_ids=list(range(prompt)), params=SamplingParams(max_new_tokens=new, stop_token_ids=(IM_END,))
-    )
-
-
-def test_admission_is_first_come_first_served_within_slots_and_blocks():
-    s = scheduler(num_blocks=6, batch=2)  # each request needs blocks_needed(10, 4) = 3 blocks
-    assert blocks_needed(10, 4) == 3
-    reqs = [request(i) for i in range(3)]
-    for r in reqs:
-        s.add(r)
-    first = s.schedule()
-    assert first.prefill and [r.id for r in first.requests] == [0, 1]  # two slots, six blocks
-    s.prefilled(first.requests)
-    assert s.allocator.num_free == 0 and reqs[2].status is RequestStatus.WAITING
-    assert not s.schedule().prefill  # decode the two running
-    reqs[0].output_ids = [IM_END]  # the first one stops
-    assert [r.id for r in s.retire()] == [0] and s.allocator.num_free == 3
-    nxt = s.schedule()
-    assert nxt.prefill and [r.id for r in nxt.requests] == [2]  # its blocks go to the next
-
-
-def test_a_request_that_can_never_fit_is_refused_on_arrival_with_why():
-    s = scheduler(num_blocks=2)
-    s.add(request("big", prompt=20, new=4))
-    ended = s.retire()
-    assert [r.id for r in ended] == ["big"] and ended[0].status is RequestStatus.FAILED
-    assert "do not fit the KV cache (8 tokens)" in ended[0].error
-    s.add(request("long", prompt=65))
-    assert "over max_input_length 64" in s.retire()[0].error
-
-
-def test_abort_frees_blocks_at_once_and_is_reported_once():
-    s = scheduler()
-    a, b = request("a"), request("b")
-    s.add(a)
-    s.add(b)
-    s.prefilled(s.schedule().requests)
-    free = s.allocator.num_free
-    assert s.abort("a") is a and s.allocator.num_free == free + 3 and not a.blocks
-    assert s.abort("a") is None and s.abort("nope") is None
-    ended = s.retire()
-    assert [r.id for r in ended] == ["a"] and a.status is RequestStatus.ABORTED
-    assert s.retire() == [] and [r.id for r in s.running] == ["b"]

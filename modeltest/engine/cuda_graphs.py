@@ -49,7 +49,9 @@ class DecodeGraphs:
 
     def _eager_forward(self, ids, pos, slots, table, lengths) -> torch.Tensor:
         mask = self.offs.unsqueeze(0) < lengths.unsqueeze(1)
-        meta = AttnMetadata(prefill=False, slot_mapping=slots, block_table=table, context_mask=mask)
+        meta = AttnMetadata(
+            slot_mapping=slots, block_size=self.bs, num_decodes=len(ids), block_table=table, context_mask=mask
+        )
         h = self.model(self.model.embed_inputs(ids, None, None), pos, meta, self.kv_cache)
         return self.model.greedy(h)
 

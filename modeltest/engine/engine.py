@@ -7,8 +7,9 @@ Three parts, one job each (the shape of nano-vllm's engine):
 
 Every rank runs this same loop on the same requests; scheduling depends only on the requests
 (never on time), so all ranks take the same decisions and meet at the same collectives. Each
-`step()` either prefills newly admitted requests (packed into one forward pass, vision tower
-included) or decodes one token for every running request.
+`step()` runs one pass: a token for every decoding request and prefill chunks of at most
+`max_num_batched_tokens` tokens in all (scheduler.py), prompt blocks found in the prefix cache
+skipped and each medium's vision embeddings taken from the vision cache where it has them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from ..errors import first_line
 from .config import checkpoint_stop_ids
+from .kv_cache import blocks_needed
+from .media_spans import content_keys, media_spans
 from .model_runner import ModelRunner
 from .parallel import TPContext
 from .request import (  # noqa: F401 (re-exported)
@@ -33,6 +36,17 @@ from .request import (  # noqa: F401 (re-exported)
     SamplingParams,
 )
 from .scheduler import Scheduler, SchedulerConfig
+
+# Chunk size where none is set: on a CPU a 1024-token chunk already keeps the matrix units busy
+# and holds running streams up for a fraction of a second; accelerators want bigger passes.
+DEFAULT_BATCHED_TOKENS = {"cpu": 1024}
+DEFAULT_BATCHED_TOKENS_ACCELERATOR = 4096
+
+
+def batched_tokens(cfg: "EngineConfig", device_type: str) -> int:
+    n = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS.get(device_type, DEFAULT_BATCHED_TOKENS_ACCELERATOR)
+    # a chunk must always fit beside a full batch of decodes
+    return max(n, cfg.max_batch_size + cfg.block_size) if cfg.max_num_batched_tokens is None else n
 
 
 @dataclass
@@ -47,8 +61,14 @@ class EngineConfig:
     # `kv_cache_fraction` of free device memory (or of host memory on CPU).
     kv_cache_tokens: Optional[int] = None
     kv_cache_fraction: float = 0.5
-    # Most prompt tokens packed into one prefill pass (at least one request always goes).
-    max_prefill_tokens: int = 16384
+    # Most new tokens in one pass (decodes + prefill chunks): a long prompt is prefilled in
+    # chunks of this size while the running requests keep decoding. None: the device's default.
+    max_num_batched_tokens: Optional[int] = None
+    # Reuse the K/V of prompt blocks already computed (same tokens, same media content before).
+    prefix_cache: bool = True
+    # Keep the vision tower's output per medium, up to vision_cache_mb, for the next question.
+    vision_cache: bool = True
+    vision_cache_mb: int = 1024
     # Replay decode steps as CUDA graphs (CUDA, one process). None: on where supported.
     cuda_graphs: Optional[bool] = None
     # torch.compile the decode step before capturing it (experimental; MODELTEST_COMPILE=1).
@@ -81,6 +101,20 @@ class EngineStats:
     prefill_times: List[float] = field(default_factory=list)
     decode_times: List[float] = field(default_factory=list)
     vision_times: List[float] = field(default_factory=list)  # the vision tower within the prefills
+    # Reuse (cumulative): prompt tokens to prefill at admissions, and those found in the prefix
+    # cache; media whose vision embeddings came from the vision cache, and those computed.
+    max_num_batched_tokens: int = 0
+    prefix_cache: bool = False
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_blocks: int = 0  # full blocks findable now
+    vision_cache_hits: int = 0
+    vision_cache_misses: int = 0
+    preemptions: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 class LLMEngine:
@@ -95,7 +129,8 @@ class LLMEngine:
                 max_output_length=cfg.max_output_length,
                 block_size=cfg.block_size,
                 num_blocks=self.runner.num_blocks,
-                max_prefill_tokens=cfg.max_prefill_tokens,
+                max_num_batched_tokens=batched_tokens(cfg, tp.device.type),
+                prefix_cache=cfg.prefix_cache,
             )
         )
 
@@ -104,7 +139,28 @@ class LLMEngine:
         request that names no stop tokens gets the checkpoint's."""
         if req.params.stop_token_ids is None:
             req.params = dataclasses.replace(req.params, stop_token_ids=self.stop_token_ids)
+        try:
+            self._locate_media(req)
+        except ValueError as e:
+            self.scheduler.refuse(req, f"prompt and media disagree: {e}")
+            return
         self.scheduler.add(req)
+
+    def _locate_media(self, req: Request) -> None:
+        """Content keys (hashing the pixels where the caller gave none) and placeholder spans."""
+        if req.media_keys is None:
+            req.media_keys = content_keys("image", req.pixel_values, req.image_grid_thw) + content_keys(
+                "video", req.pixel_values_videos, req.video_grid_thw
+            )
+        n_img = 0 if req.image_grid_thw is None else len(req.image_grid_thw)
+        mc = self.runner.model_cfg
+        req.spans = media_spans(
+            req.input_ids,
+            grids={"image": req.image_grid_thw, "video": req.video_grid_thw},
+            keys={"image": req.media_keys[:n_img], "video": req.media_keys[n_img:]},
+            token_ids={"image": mc.image_token_id, "video": mc.video_token_id},
+            merge=mc.vision.spatial_merge_size,
+        )
 
     def abort(self, request_id) -> bool:
         """Stop a request and free its KV blocks; it comes back from the next step() as ABORTED."""
@@ -116,25 +172,20 @@ class LLMEngine:
     def step(self) -> List[Request]:
         """Run one prefill or decode pass; return the requests that ended since the last step
         (finished, failed or aborted: see each one's `status`)."""
-        scheduled = self.scheduler.schedule()
-        if scheduled is not None:
-            reqs = scheduled.requests
-            if scheduled.prefill:
-                try:
-                    self.runner.prefill(reqs)
-                except Exception as e:
-                    # A failing prefill (e.g. a malformed image tensor) fails its requests, not the run.
-                    self.scheduler.fail(reqs, f"prefill failed: {first_line(e)}")
-                    return self.scheduler.retire() + reqs
-                self.scheduler.prefilled(reqs)
-            else:
-                try:
-                    self.runner.decode(reqs)
-                except Exception as e:
-                    # A failing decode pass fails the requests in it — not the run, and not as their
-                    # own fault: which one caused it is unknown, so they are worth computing again.
-                    self.scheduler.fail(reqs, f"decode failed: {first_line(e)}", retryable=True)
-                    return self.scheduler.retire() + reqs
+        sp = self.scheduler.schedule()
+        if sp is not None:
+            try:
+                self.runner.run(sp)
+            except Exception as e:
+                # A failing pass fails the requests in it, not the run. A prefill's failure (e.g. a
+                # malformed image tensor) is taken as its requests' own; the decodes beside it may
+                # have failed for any request of the pass, so they are worth computing again.
+                msg = first_line(e)
+                prefilling = [c.request for c in sp.chunks]
+                self.scheduler.fail(prefilling, f"prefill failed: {msg}", sp=sp)
+                self.scheduler.fail(sp.decodes, f"decode failed: {msg}", retryable=True)
+                return self.scheduler.retire() + sp.requests
+            self.scheduler.completed(sp)
         return self.scheduler.retire()
 
     def generate(self, requests: List[Request]) -> List[Request]:
@@ -144,6 +195,18 @@ class LLMEngine:
         while self.has_work():
             self.step()
         return requests
+
+    def prompt_logits(self, req: Request) -> "torch.Tensor":
+        """Full-vocabulary logits [prompt_len, vocab] of one prompt, outside the step loop and its
+        caches (checks against a reference model)."""
+        self._locate_media(req)
+        pool = self.scheduler.pool
+        req.blocks = pool.allocate(blocks_needed(len(req.input_ids), self.cfg.block_size))
+        try:
+            return self.runner.prompt_logits(req)
+        finally:
+            pool.release(req.blocks)
+            req.blocks = []
 
     def limit_batch_size(self, n: int) -> None:
         """Decode at most n sequences together from now on (n <= cfg.max_batch_size, for which
@@ -160,7 +223,7 @@ class LLMEngine:
             world_size=self.tp.world_size,
             block_size=self.cfg.block_size,
             num_blocks=s.cfg.num_blocks,
-            free_blocks=s.allocator.num_free,
+            free_blocks=s.pool.num_free,
             capacity_tokens=s.capacity_tokens,
             max_batch_size=s.max_batch_size,
             waiting=len(s.waiting),
@@ -173,4 +236,12 @@ class LLMEngine:
             prefill_times=times.get("prefill", []),
             decode_times=times.get("decode", []),
             vision_times=times.get("vision", []),
+            max_num_batched_tokens=s.cfg.max_num_batched_tokens,
+            prefix_cache=s.cfg.prefix_cache,
+            prompt_tokens=s.counters.prompt_tokens,
+            cached_prompt_tokens=s.counters.cached_tokens,
+            cached_blocks=s.pool.cached_blocks,
+            vision_cache_hits=r.vision_cache.hits,
+            vision_cache_misses=r.vision_cache.misses,
+            preemptions=s.counters.preemptions,
         )

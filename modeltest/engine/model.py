@@ -7,7 +7,7 @@ All activations are packed: T tokens of several sequences in one [T, hidden] ten
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -19,16 +19,29 @@ from .layers import ColumnLinear, LMHead, RMSNorm, RowLinear, Shard, VocabEmbedd
 from .loader import CheckpointReader
 from .parallel import HeadLayout, TPContext, head_layout, split_range
 from .rope import MRoPE, apply_rope
-from .vision import VisionTower, varlen_attention
+from .vision import VisionTower
+
+
+@dataclass
+class ChunkMeta:
+    """A prefill chunk in a pass: rows [row, row + end - start) are its tokens [start, end)."""
+
+    row: int
+    start: int
+    end: int
+    blocks: torch.Tensor  # [nb] the sequence's cache blocks covering [0, end)
 
 
 @dataclass
 class AttnMetadata:
-    prefill: bool
+    """A pass: decode rows first (one token per sequence), then prefill chunks."""
+
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
-    cu_seqlens: Optional[torch.Tensor] = None  # prefill: [B+1] boundaries of the packed sequences
-    block_table: Optional[torch.Tensor] = None  # decode: [B, nb] cache blocks each sequence reads
-    context_mask: Optional[torch.Tensor] = None  # decode: [B, nb * block_size] True where a slot is real
+    block_size: int
+    num_decodes: int = 0
+    block_table: Optional[torch.Tensor] = None  # [num_decodes, nb] cache blocks each decode reads
+    context_mask: Optional[torch.Tensor] = None  # [num_decodes, nb * block_size] True where a slot is real
+    chunks: List[ChunkMeta] = field(default_factory=list)
 
 
 def decode_attention(
@@ -46,6 +59,40 @@ def decode_attention(
     scores.mul_(hd**-0.5).masked_fill_(~mask[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
     return torch.matmul(probs, values.transpose(1, 2)).reshape(b, nq, hd)  # [B, nkv, g, hd]
+
+
+def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int, group: int) -> torch.Tensor:
+    """Causal attention of one block's queries: q [r, nq, hd] at positions first .. first + r - 1
+    over keys/values [L, nkv, hd] of positions 0 .. L - 1 (L = first + r) -> [r, nq, hd]."""
+    r, nq, hd = q.shape
+    length, nkv = keys.shape[0], keys.shape[1]
+    qg = q.view(r, nkv, group, hd).permute(1, 2, 0, 3)  # [nkv, g, r, hd]
+    scores = torch.matmul(qg, keys.permute(1, 2, 0).unsqueeze(1)).float()  # [nkv, g, r, L]
+    pos = torch.arange(first, first + r, device=q.device)
+    hidden = torch.arange(length, device=q.device).unsqueeze(0) > pos.unsqueeze(1)  # [r, L]
+    scores.mul_(hd**-0.5).masked_fill_(hidden, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    out = torch.matmul(probs, values.transpose(0, 1).unsqueeze(1))  # [nkv, g, r, hd]
+    return out.permute(2, 0, 1, 3).reshape(r, nq, hd)
+
+
+def chunk_attention(q, k_cache, v_cache, chunk: ChunkMeta, block_size: int, group: int) -> torch.Tensor:
+    """A prefill chunk's attention over the cache (its own K/V already written): q [n, nq, hd].
+
+    Computed a block of queries at a time, each over exactly the keys up to its block's end. A
+    block's result then depends on its tokens and the keys before it only — not on which pass
+    it is in, how the prompt was chunked, or whether the blocks before it were computed now or
+    found in the prefix cache: cached K/V are bit-identical to what a fresh prefill computes."""
+    nkv, hd = k_cache.shape[1], k_cache.shape[2]
+    nb = -(-chunk.end // block_size)
+    keys = k_cache.view(-1, block_size, nkv, hd)[chunk.blocks[:nb]].view(nb * block_size, nkv, hd)
+    vals = v_cache.view(-1, block_size, nkv, hd)[chunk.blocks[:nb]].view(nb * block_size, nkv, hd)
+    out = []
+    for lo in range(chunk.start, chunk.end, block_size):
+        hi = min(lo + block_size, chunk.end)
+        qb = q[lo - chunk.start : hi - chunk.start]
+        out.append(block_attention(qb, keys[:hi], vals[:hi], lo, group))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class Attention(nn.Module):
@@ -66,21 +113,25 @@ class Attention(nn.Module):
         q = apply_rope(q.view(t, self.nq, self.hd), cos, sin)  # [T, nq, hd]
         k = apply_rope(k.view(t, self.nkv, self.hd), cos, sin)  # [T, nkv, hd]
         v = v.view(t, self.nkv, self.hd)
+        # Every row's K/V goes in before any row attends: a chunk may read blocks another
+        # chunk of this same pass writes (a prefix shared within the pass).
         k_cache[meta.slot_mapping] = k
         v_cache[meta.slot_mapping] = v
         group = self.nq // self.nkv
-        if meta.prefill:
-            out = varlen_attention(
-                q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), meta.cu_seqlens, causal=True
-            )
-        else:
+        parts = []
+        d = meta.num_decodes
+        if d:
             # Gather whole blocks (contiguous copies) rather than token by token.
             b, nb = meta.block_table.shape
             bs = meta.context_mask.shape[1] // nb
             keys = k_cache.view(-1, bs, self.nkv, self.hd)[meta.block_table].view(b, nb * bs, self.nkv, self.hd)
             vals = v_cache.view(-1, bs, self.nkv, self.hd)[meta.block_table].view(b, nb * bs, self.nkv, self.hd)
-            out = decode_attention(q, keys, vals, meta.context_mask, group)
-        out = out.reshape(t, self.nq * self.hd)
+            parts.append(decode_attention(q[:d], keys, vals, meta.context_mask, group))
+        for c in meta.chunks:
+            parts.append(
+                chunk_attention(q[c.row : c.row + c.end - c.start], k_cache, v_cache, c, meta.block_size, group)
+            )
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(t, self.nq * self.hd)
         return self.o_proj(out if keep is None else out[keep])
 
     def load(self, r: CheckpointReader, p: str):

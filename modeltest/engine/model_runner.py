@@ -20,10 +20,12 @@ from ..errors import UserError
 from .config import Qwen2VLConfig
 from .kv_cache import allocate_cache, blocks_needed, bytes_per_token, slots_for
 from .loader import CheckpointReader
-from .model import AttnMetadata, Qwen2VLModel
+from .model import AttnMetadata, ChunkMeta, Qwen2VLModel
 from .parallel import TPContext
 from .request import Request, SamplingParams
 from .rope import rope_index
+from .scheduler import Chunk, ScheduledPass
+from .vision_cache import VisionCache
 
 STEP_TIMES_KEPT = 1 << 16
 
@@ -135,6 +137,8 @@ class ModelRunner:
         # read through engine.stats(). Bounded: a server runs for days.
         self.step_times = {k: collections.deque(maxlen=STEP_TIMES_KEPT) for k in ("prefill", "decode", "vision")}
         self.step_counts = {k: 0 for k in self.step_times}
+        self.vision_cache = VisionCache(cfg.vision_cache_mb << 20 if cfg.vision_cache else 0)
+        self._vision_s = 0.0  # seconds of vision tower in the current pass
 
     def _timed(self, kind: str, seconds: float) -> None:
         self.step_times[kind].append(seconds)
@@ -167,61 +171,97 @@ class ModelRunner:
 
     # ---- passes -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, reqs: List[Request]) -> None:
-        """One packed forward pass over the prompts of `reqs` (vision tower included); appends
-        each request's first token."""
+    def run(self, sp: ScheduledPass) -> None:
+        """One forward pass: a token for each decoding request, the K/V of each prefill chunk (and
+        a first token for each chunk that ends its prefill). A pass of decodes alone replays a CUDA
+        graph where those are on."""
+        if not sp.chunks:
+            return self.decode(sp.decodes)
         start = time.perf_counter()
+        self._vision_s = 0.0
         dev, bs = self.tp.device, self.cfg.block_size
-        ids, positions, slots, lens = [], [], [], [0]
-        for r in reqs:
-            self._positions(r)
-            ids += r.input_ids
-            positions.append(r.positions)
-            slots += slots_for(r.blocks, 0, len(r.input_ids), bs)
-            lens.append(lens[-1] + len(r.input_ids))
+        dec = self._decode_rows(sp.decodes)
+        ids, positions, slots = list(dec["ids"]), [dec["positions"]], list(dec["slots"])
+        chunks, keep, row = [], list(range(len(sp.decodes))), len(sp.decodes)
+        for c in sp.chunks:
+            r = c.request
+            ids += r.all_ids[c.start : c.end]
+            positions.append(self._positions(r, c.start, c.end))
+            slots += slots_for(r.blocks, c.start, c.end, bs)
+            blocks = torch.tensor(r.blocks[: blocks_needed(c.end, bs)], device=dev)
+            chunks.append(ChunkMeta(row=row, start=c.start, end=c.end, blocks=blocks))
+            row += c.end - c.start
+            if c.last:
+                keep.append(row - 1)
         input_ids = torch.tensor(ids, device=dev)  # [T]
-        x = self._embed_with_vision(input_ids, reqs)  # [T, hidden]
+        x = self.model.embed_inputs(input_ids, None, None)  # [T, hidden]
+        for c, m in zip(sp.chunks, chunks):
+            self._fill_vision(x, m.row, c)
         meta = AttnMetadata(
-            prefill=True, slot_mapping=torch.tensor(slots, device=dev), cu_seqlens=torch.tensor(lens, device=dev)
+            slot_mapping=torch.tensor(slots, device=dev),
+            block_size=bs,
+            num_decodes=len(sp.decodes),
+            block_table=dec["table"],
+            context_mask=dec["mask"],
+            chunks=chunks,
         )
-        last = torch.tensor(lens[1:], device=dev) - 1  # [B] last row of each prompt
-        h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache, keep=last)
-        next_ids = self.sampler(self.model, reqs, h)
+        h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache, keep=torch.tensor(keep, device=dev))
+        sampled = sp.sampled
+        next_ids = self.sampler(self.model, sampled, h) if sampled else []
         synchronize(dev)
         now = time.perf_counter()
         self._timed("prefill", now - start)
-        for r, t in zip(reqs, next_ids):
+        if self._vision_s:
+            self._timed("vision", self._vision_s)
+        for r in sp.decodes:
+            r.decode_time += now - start
+        for r in {id(c.request): c.request for c in sp.chunks}.values():
+            r.prefill_time += now - start
+        for r, t in zip(sampled, next_ids):
             r.output_ids.append(int(t))
-            r.prefill_time = now - start
-            r.t_first_token = now
+            if r.t_first_token is None:
+                r.t_first_token = now
+
+    def _decode_rows(self, reqs: List[Request]) -> dict:
+        """Inputs of decode rows: each request feeds its last token (index num_tokens - 1)."""
+        dev, bs = self.tp.device, self.cfg.block_size
+        ids, pos, slots, lengths = [], [], [], []
+        for r in reqs:
+            i = r.num_tokens - 1
+            ids.append(r.output_ids[-1])
+            pos.append(i + r.delta)
+            slots.append(r.blocks[i // bs] * bs + i % bs)
+            lengths.append(r.num_tokens)
+        out = dict(ids=ids, pos=pos, slots=slots, lengths=lengths, table=None, mask=None)
+        out["positions"] = torch.tensor(pos, dtype=torch.long).unsqueeze(0).expand(3, -1)  # [3, B]
+        if reqs:
+            width = blocks_needed(max(lengths), bs)
+            out["table"] = torch.tensor(
+                [r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs], device=dev
+            )  # [B, width]
+            offs = torch.arange(width * bs, device=dev)
+            out["mask"] = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)  # [B, width * bs]
+        return out
 
     @torch.inference_mode()
     def decode(self, reqs: List[Request]) -> None:
         """One token for every request of `reqs`."""
         start = time.perf_counter()
-        dev, bs = self.tp.device, self.cfg.block_size
-        last_ids, pos, new_slots, lengths = [], [], [], []
-        for r in reqs:
-            i = r.num_tokens - 1  # index of the token being fed
-            last_ids.append(r.output_ids[-1])
-            pos.append(i + r.delta)
-            new_slots.append(r.blocks[i // bs] * bs + i % bs)
-            lengths.append(r.num_tokens)
+        dev = self.tp.device
+        d = self._decode_rows(reqs)
         if self.graphs is not None and self.sampler.capturable and all(r.params.greedy for r in reqs):
-            next_ids = self.graphs.run(last_ids, pos, new_slots, [r.blocks for r in reqs], lengths)
+            tables = [r.blocks for r in reqs]
+            next_ids = self.graphs.run(d["ids"], d["pos"], d["slots"], tables, d["lengths"])
         else:
-            width = blocks_needed(max(lengths), bs)
-            table = torch.tensor(
-                [r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs], device=dev
-            )  # [B, width]
-            offs = torch.arange(width * bs, device=dev)
-            mask = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)  # [B, width * bs]
             meta = AttnMetadata(
-                prefill=False, slot_mapping=torch.tensor(new_slots, device=dev), block_table=table, context_mask=mask
+                slot_mapping=torch.tensor(d["slots"], device=dev),
+                block_size=self.cfg.block_size,
+                num_decodes=len(reqs),
+                block_table=d["table"],
+                context_mask=d["mask"],
             )
-            input_ids = torch.tensor(last_ids, device=dev)  # [B]
-            positions = torch.tensor(pos, device=dev).unsqueeze(0).expand(3, -1)  # [3, B]
-            h = self.model(self.model.embed_inputs(input_ids, None, None), positions, meta, self.kv_cache)
+            input_ids = torch.tensor(d["ids"], device=dev)  # [B]
+            h = self.model(self.model.embed_inputs(input_ids, None, None), d["positions"].to(dev), meta, self.kv_cache)
             next_ids = self.sampler(self.model, reqs, h)
             synchronize(dev)
         elapsed = time.perf_counter() - start
@@ -234,20 +274,24 @@ class ModelRunner:
     def prompt_logits(self, req: Request) -> torch.Tensor:
         """Full-vocabulary logits [prompt_len, vocab] of one prompt whose blocks are allocated
         (checks against a reference model)."""
-        dev = self.tp.device
-        self._positions(req)
-        ids = torch.tensor(req.input_ids, device=dev)
+        dev, bs, n = self.tp.device, self.cfg.block_size, len(req.input_ids)
+        self._vision_s = 0.0
+        req.prefill_target = n
+        chunk = Chunk(req, 0, n)
         meta = AttnMetadata(
-            prefill=True,
-            slot_mapping=torch.tensor(slots_for(req.blocks, 0, len(req.input_ids), self.cfg.block_size), device=dev),
-            cu_seqlens=torch.tensor([0, len(req.input_ids)], device=dev),
+            slot_mapping=torch.tensor(slots_for(req.blocks, 0, n, bs), device=dev),
+            block_size=bs,
+            chunks=[ChunkMeta(row=0, start=0, end=n, blocks=torch.tensor(req.blocks, device=dev))],
         )
-        h = self.model(self._embed_with_vision(ids, [req]), req.positions.to(dev), meta, self.kv_cache)
+        x = self.model.embed_inputs(torch.tensor(req.input_ids, device=dev), None, None)
+        self._fill_vision(x, 0, chunk)
+        h = self.model(x, self._positions(req, 0, n).to(dev), meta, self.kv_cache)
         return self.model.full_logits(h).float()
 
     # ---- inputs -------------------------------------------------------------------------------
-    def _positions(self, r: Request) -> None:
-        """3-axis prompt positions and the decode delta of a request (computed once)."""
+    def _positions(self, r: Request, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] M-RoPE positions of tokens [start, end) of r's prompt and outputs
+        (the prompt's computed once; generated tokens are text: index + delta on every axis)."""
         if r.positions is None:
             mc = self.model_cfg
             img = r.image_grid_thw.tolist() if r.image_grid_thw is not None else []
@@ -255,48 +299,48 @@ class ModelRunner:
             r.positions, r.delta = rope_index(
                 r.input_ids, img, vid, mc.image_token_id, mc.video_token_id, mc.vision.spatial_merge_size
             )
+        n = len(r.input_ids)
+        pos = r.positions[:, start:end]
+        if end > n:
+            extra = torch.arange(max(start, n), end, dtype=pos.dtype) + r.delta
+            pos = torch.cat([pos, extra.unsqueeze(0).expand(3, -1)], dim=1)
+        return pos
 
-    def _vision(self, reqs: List[Request]):
-        """Vision embeddings for every image and video of `reqs`: (embeds [N, hidden], grid
-        [n_media, 3], kind per media item), images of every request first, then videos."""
-        pixels, grids, kinds = [], [], []
-        for kind in ("image", "video"):
-            for r in reqs:
-                pv, grid = (
-                    (r.pixel_values, r.image_grid_thw) if kind == "image" else (r.pixel_values_videos, r.video_grid_thw)
-                )
-                if pv is not None:
-                    pixels.append(pv)
-                    grids.append(grid)
-                    kinds += [kind] * len(grid)
-        if not pixels:
-            return None
-        start = time.perf_counter()
-        dev = self.tp.device
-        grid = torch.cat(grids).to(dev)
-        embeds = self.model.visual(torch.cat(pixels).to(dev), grid)
-        synchronize(dev)
-        self._timed("vision", time.perf_counter() - start)
-        return embeds, grid, kinds
+    def _fill_vision(self, x: torch.Tensor, row: int, c: Chunk) -> None:
+        """Put the vision embeddings of the media whose placeholders chunk c holds into its rows of
+        x [T, hidden] (c's token i is row row + i - c.start). A medium's tower runs when the first
+        chunk holding its placeholders does, at most once per request (and not at all when the
+        vision cache has it)."""
+        r = c.request
+        for i, span in enumerate(r.spans):
+            lo, hi = max(span.start, c.start), min(span.end, c.end)
+            if lo >= hi:
+                continue
+            e = self._media_embeds(r, i)
+            x[row + lo - c.start : row + hi - c.start] = e[lo - span.start : hi - span.start].to(x.dtype)
 
-    def _embed_with_vision(self, input_ids: torch.Tensor, reqs: List[Request]) -> torch.Tensor:
-        """Token embeddings [T, hidden] with each placeholder row replaced by its vision embedding."""
-        mc = self.model_cfg
-        x = self.model.embed_inputs(input_ids, None, None)
-        vision = self._vision(reqs)
-        if vision is None:
-            return x
-        embeds, grid, kinds = vision
-        merge2 = mc.vision.spatial_merge_size**2
-        counts = (grid.prod(dim=1) // merge2).tolist()
-        per_kind = {"image": [], "video": []}
-        for chunk, kind in zip(embeds.split(counts), kinds):
-            per_kind[kind].append(chunk)
-        for kind, token in (("image", mc.image_token_id), ("video", mc.video_token_id)):
-            if per_kind[kind]:
-                mask = input_ids == token
-                e = torch.cat(per_kind[kind])
-                if int(mask.sum()) != e.shape[0]:
-                    raise ValueError(f"{int(mask.sum())} {kind} placeholder tokens but {e.shape[0]} {kind} embeddings")
-                x[mask] = e.to(x.dtype)
-        return x
+    def _media_embeds(self, r: Request, i: int) -> torch.Tensor:
+        """[placeholders, hidden] vision embeddings of r's i-th medium (prompt order)."""
+        if i in r.vision_embeds:
+            return r.vision_embeds[i]
+        span = r.spans[i]
+        e = self.vision_cache.get(span.key)
+        if e is None:
+            pixels, grid = (
+                (r.pixel_values, r.image_grid_thw)
+                if span.kind == "image"
+                else (r.pixel_values_videos, r.video_grid_thw)
+            )
+            rows = grid.prod(dim=1).tolist()
+            first = sum(rows[: span.index])
+            start = time.perf_counter()
+            dev = self.tp.device
+            # One medium per call: its embeddings are then the same whatever else is asked for.
+            e = self.model.visual(
+                pixels[first : first + rows[span.index]].to(dev), grid[span.index : span.index + 1].to(dev)
+            )
+            synchronize(dev)
+            self._vision_s += time.perf_counter() - start
+            self.vision_cache.put(span.key, e)
+        r.vision_embeds[i] = e
+        return e

@@ -1,9 +1,14 @@
 """A request to the engine: its inputs, its sampling parameters and its explicit lifecycle.
 
     WAITING --admitted--> RUNNING --stop token / length--> FINISHED
-       |                     |
+       |      <--preempted--    |
        +--- rejected on arrival or failed in a pass ---> FAILED
        +--- abort(id) -----------------------------------> ABORTED
+
+A RUNNING request first prefills (in one or several chunks, `num_computed` growing towards
+`prefill_target`), then decodes a token per pass. Preempted (its KV blocks taken back when the
+cache runs out), it waits again and on readmission prefills its prompt *and* the tokens it had
+generated — most of it found in the prefix cache — then goes on where it stopped.
 
 Timestamps are `time.perf_counter()` seconds: arrival (add_request), admission (blocks given),
 first token, finish. `queue_time` is what a request spent waiting for a batch slot and blocks;
@@ -15,9 +20,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .kv_cache import MediaSpan
 
 # The output-length limit where a caller names none: the reference runner's default (run_pa.sh).
 # Evaluation runs take the model config's max_output_length (100, the reference's), and
@@ -81,6 +88,9 @@ class Request:
     image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
     pixel_values_videos: Optional[torch.Tensor] = None  # [N_vid_patches, C*T*P*P]
     video_grid_thw: Optional[torch.Tensor] = None  # [n_videos, 3]
+    # Content key per medium (images, then videos; media_spans.content_keys); None: the engine
+    # hashes the pixels itself on arrival.
+    media_keys: Optional[List[str]] = None
     # ---- state, owned by the engine -------------------------------------------------------
     status: RequestStatus = RequestStatus.WAITING
     output_ids: List[int] = field(default_factory=list)
@@ -89,6 +99,13 @@ class Request:
     positions: Optional[torch.Tensor] = None  # [3, prompt_len] M-RoPE positions
     delta: int = 0  # decode position offset (M-RoPE)
     blocks: List[int] = field(default_factory=list)  # KV cache blocks, in token order
+    spans: List[MediaSpan] = field(default_factory=list)  # where each medium's placeholders are
+    block_hashes: List[bytes] = field(default_factory=list)  # of the full blocks prefilled so far
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    prefill_target: int = 0  # tokens to prefill since admission (prompt, + outputs after a preemption)
+    vision_embeds: Dict[int, torch.Tensor] = field(default_factory=dict)  # span index -> [n, hidden]
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    preemptions: int = 0
     t_arrival: float = 0.0
     t_admitted: Optional[float] = None
     t_first_token: Optional[float] = None
@@ -107,6 +124,14 @@ class Request:
     @property
     def is_done(self) -> bool:
         return self.status.is_done
+
+    @property
+    def all_ids(self) -> List[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prefill_target
 
     def reached_stop(self) -> bool:
         """Whether the tokens so far end this request (length, or a stop token unless ignored)."""

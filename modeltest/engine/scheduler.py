@@ -1,12 +1,19 @@
-"""Admission and KV-cache blocks: which requests run in the next pass.
+"""Admission, KV-cache blocks and the contents of each pass.
 
 Scheduling depends only on the requests (never on time), so every tensor-parallel rank, fed the
 same requests, takes the same decisions and meets the others at the same collectives.
 
-A request is admitted when a batch slot is free and the blocks for its prompt plus its
-`max_new_tokens` are free, so a running request never waits for memory; it leaves as soon as it
-stops, and its blocks go back. Admission is first come, first served: a request that does not fit
-yet holds back the ones behind it (no starvation of long prompts).
+One pass holds at most `max_num_batched_tokens` new tokens: first one token for every decoding
+request, then prefill chunks — of requests already prefilling, then of newly admitted ones, first
+come first served (a request that does not fit yet holds back the ones behind it). A long prompt
+is thus prefilled a chunk per pass while the others keep decoding. Chunks end on block
+boundaries (or at the prompt's end), so a block's K/V is always computed the same way, whichever
+pass it falls in (model.chunk_attention says how that keeps cached and fresh K/V identical).
+
+Blocks: admission takes the prompt's blocks — first those found in the prefix cache, whose
+prefill is skipped —, decoding takes one more block whenever a sequence fills its last one.
+When none is left, the newest running sequence is preempted (its blocks go back, it waits at the
+head of the queue and later recomputes, mostly from the prefix cache): never an error.
 """
 
 from __future__ import annotations
@@ -14,37 +21,77 @@ from __future__ import annotations
 import collections
 import random
 import time
-from dataclasses import dataclass
-from typing import Deque, List, Optional
+from dataclasses import dataclass, field
+from typing import Deque, List, Optional, Tuple
 
-from .kv_cache import BlockAllocator, blocks_needed
+from .kv_cache import BlockPool, block_hashes, blocks_needed
 from .request import Request, RequestStatus
 
 
 @dataclass
 class SchedulerConfig:
-    max_batch_size: int  # sequences decoding together
+    max_batch_size: int  # sequences running together (prefilling or decoding)
     max_input_length: int  # prompt tokens, vision placeholders expanded
     max_output_length: int  # most max_new_tokens a request may ask for
     block_size: int  # tokens per KV cache block
     num_blocks: int  # KV cache blocks (sized by the model runner)
-    max_prefill_tokens: int = 16384  # most prompt tokens packed in one prefill (one request always goes)
+    max_num_batched_tokens: int = 2048  # new tokens in one pass (decodes + prefill chunks)
+    prefix_cache: bool = True
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < self.max_batch_size + self.block_size:
+            raise ValueError(
+                f"max_num_batched_tokens {self.max_num_batched_tokens} must be at least max_batch_size + "
+                f"block_size ({self.max_batch_size + self.block_size}), so a prefill always moves on"
+            )
+
+
+@dataclass
+class Chunk:
+    """Prefill of tokens [start, end) of a request's `all_ids` in this pass."""
+
+    request: Request
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """Whether it ends the request's prefill (its last row then gives the next token)."""
+        return self.end == self.request.prefill_target
 
 
 @dataclass
 class ScheduledPass:
-    prefill: bool  # True: prefill `requests` (newly admitted); False: decode them
-    requests: List[Request]
+    decodes: List[Request]  # one token each
+    chunks: List[Chunk]  # prefill pieces, in pass order after the decodes
+    registered: List[int] = field(default_factory=list)  # blocks made findable by this pass
+
+    @property
+    def requests(self) -> List[Request]:
+        return self.decodes + [c.request for c in self.chunks]
+
+    @property
+    def sampled(self) -> List[Request]:
+        """The requests that get a token from this pass, in row order."""
+        return self.decodes + [c.request for c in self.chunks if c.last]
+
+
+@dataclass
+class SchedulerCounters:
+    prompt_tokens: int = 0  # tokens to prefill, over every admission
+    cached_tokens: int = 0  # of which found in the prefix cache
+    preemptions: int = 0
 
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.max_batch_size = cfg.max_batch_size
-        self.allocator = BlockAllocator(cfg.num_blocks)
+        self.pool = BlockPool(cfg.num_blocks, cfg.prefix_cache)
         self.waiting: Deque[Request] = collections.deque()
-        self.running: List[Request] = []
+        self.running: List[Request] = []  # in admission order: the last is preempted first
         self._ended: List[Request] = []  # failed on arrival or aborted; reported by the next step
+        self.counters = SchedulerCounters()
 
     @property
     def capacity_tokens(self) -> int:
@@ -62,11 +109,16 @@ class Scheduler:
             req.params.seed = random.getrandbits(62)
         error = self._refusal(req)
         if error:
-            self._end(req, RequestStatus.FAILED, error)
-            self._ended.append(req)
+            self.refuse(req, error)
         else:
             req.status = RequestStatus.WAITING
             self.waiting.append(req)
+
+    def refuse(self, req: Request, error: str) -> None:
+        """End a request on arrival (reported by the next step)."""
+        req.t_arrival = req.t_arrival or time.perf_counter()
+        self._end(req, RequestStatus.FAILED, error)
+        self._ended.append(req)
 
     def _refusal(self, req: Request) -> Optional[str]:
         c, n, p = self.cfg, len(req.input_ids), req.params
@@ -93,39 +145,115 @@ class Scheduler:
 
     # ---- the next pass ----------------------------------------------------------------------
     def schedule(self) -> Optional[ScheduledPass]:
-        """Prefill newly admitted requests if any can be admitted, else decode the running ones."""
-        admitted = self._admit()
-        if admitted:
-            return ScheduledPass(prefill=True, requests=admitted)
-        if self.running:
-            return ScheduledPass(prefill=False, requests=list(self.running))
-        return None
+        """The next pass: a token for each decoding request, then prefill chunks; None if idle."""
+        budget = self.cfg.max_num_batched_tokens
+        decodes = self._decodes()
+        budget -= len(decodes)
+        sp = ScheduledPass(decodes=decodes, chunks=[])
+        for r in self.running:
+            if r.prefilling:
+                budget = self._chunk(r, budget, sp)
+        while self.waiting and len(self.running) < self.max_batch_size and budget >= self.cfg.block_size:
+            if not self._admit(self.waiting[0]):
+                break
+            self.running.append(self.waiting.popleft())
+            budget = self._chunk(self.running[-1], budget, sp)
+        return sp if sp.decodes or sp.chunks else None
 
-    def _admit(self) -> List[Request]:
-        admitted, tokens = [], 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            req = self.waiting[0]
-            n = len(req.input_ids)
-            if admitted and tokens + n > self.cfg.max_prefill_tokens:
-                break
-            need = blocks_needed(n + req.max_new_tokens, self.cfg.block_size)
-            if need > self.allocator.num_free:
-                break
-            self.waiting.popleft()
-            req.blocks = self.allocator.allocate(need)
-            req.t_admitted = time.perf_counter()
-            req.status = RequestStatus.RUNNING
-            admitted.append(req)
-            tokens += n
-        return admitted
+    def _decodes(self) -> List[Request]:
+        """Every decoding request, each with a block for the token it feeds; preempts the newest
+        running requests while blocks run out."""
+        out = []
+        i = 0
+        while i < len(self.running):
+            r = self.running[i]
+            i += 1
+            if r.prefilling:
+                continue
+            fed = r.num_tokens - 1  # index of the token this pass feeds
+            while len(r.blocks) <= fed // self.cfg.block_size:
+                if self.pool.num_free:
+                    r.blocks += self.pool.allocate(1)
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is r:
+                    break
+            if r.status is RequestStatus.RUNNING:
+                out.append(r)
+        return out
+
+    def _admit(self, r: Request) -> bool:
+        """Give r the blocks of its prefill (cached ones first) if they are free; False if not yet."""
+        bs = self.cfg.block_size
+        ids = r.all_ids
+        target = len(ids)
+        r.block_hashes = block_hashes(ids, r.spans, bs, r.block_hashes) if self.cfg.prefix_cache else []
+        cached = self.pool.lookup(r.block_hashes)
+        if cached and len(cached) * bs >= target:
+            cached = cached[:-1]  # the last token must be computed: its row gives the next token
+        need = blocks_needed(target, bs) - len(cached)
+        # cached blocks no one holds sit in the free list: taking them uses up free blocks too
+        if need + sum(1 for b in cached if self.pool.refs[b] == 0) > self.pool.num_free:
+            return False
+        self.pool.take(cached)
+        r.blocks = cached + self.pool.allocate(need)
+        r.num_computed = len(cached) * bs
+        r.prefill_target = target
+        if r.t_admitted is None:
+            r.t_admitted = time.perf_counter()
+            r.cached_tokens = r.num_computed
+        r.status = RequestStatus.RUNNING
+        self.counters.prompt_tokens += target
+        self.counters.cached_tokens += r.num_computed
+        return True
+
+    def _chunk(self, r: Request, budget: int, sp: ScheduledPass) -> int:
+        """Schedule the next prefill chunk of r within `budget` tokens; returns what is left."""
+        bs = self.cfg.block_size
+        start = r.num_computed
+        end = min(r.prefill_target, start + budget)
+        if end < r.prefill_target:
+            end = start + (end - start) // bs * bs  # stop on a block boundary
+        if end <= start:
+            return budget
+        sp.chunks.append(Chunk(r, start, end))
+        # Blocks this chunk completes become findable now: a later request in this same pass
+        # reads their K/V after this pass writes them (every layer writes before it attends).
+        for k in range(start // bs, min(end // bs, len(r.block_hashes))):
+            if self.pool.hash_of[r.blocks[k]] is None:
+                self.pool.register(r.blocks[k], r.block_hashes[k])
+                if self.pool.hash_of[r.blocks[k]] is not None:
+                    sp.registered.append(r.blocks[k])
+        return budget - (end - start)
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self.pool.release(r.blocks)
+        r.blocks = []
+        r.num_computed = r.prefill_target = 0
+        r.vision_embeds = {}
+        r.preemptions += 1
+        r.status = RequestStatus.WAITING
+        self.counters.preemptions += 1
+        self.waiting.appendleft(r)
 
     # ---- after a pass -----------------------------------------------------------------------
-    def prefilled(self, reqs: List[Request]) -> None:
-        self.running.extend(reqs)
+    def completed(self, sp: ScheduledPass) -> None:
+        """The pass ran: its tokens' K/V are in the cache."""
+        for r in sp.decodes:
+            r.num_computed += 1
+        for c in sp.chunks:
+            c.request.num_computed = c.end
+            if c.last:
+                c.request.vision_embeds = {}  # the prefill is done: no row needs them again
 
-    def fail(self, reqs: List[Request], error: str, retryable: bool = False) -> None:
+    def fail(self, reqs: List[Request], error: str, retryable: bool = False, sp: ScheduledPass = None) -> None:
         """A pass failed: its requests end with `error` (the run goes on); `retryable`: the failure
-        may not be theirs (a whole decode batch), so a later run should compute them again."""
+        may not be theirs (a whole decode batch), so a later run should compute them again. Blocks
+        the pass was to compute are no longer findable."""
+        for b in sp.registered if sp else ():
+            self.pool.unregister(b)
         ids = {id(r) for r in reqs}
         self.running = [r for r in self.running if id(r) not in ids]
         for r in reqs:
@@ -138,7 +266,7 @@ class Scheduler:
         ended, self._ended = self._ended, []
         still = []
         for r in self.running:
-            if r.reached_stop():
+            if not r.prefilling and r.reached_stop():
                 self._end(r, RequestStatus.FINISHED)
                 ended.append(r)
             else:
@@ -169,6 +297,12 @@ class Scheduler:
         r.status = status
         r.error = error
         r.t_finish = time.perf_counter()
+        r.vision_embeds = {}
         if r.blocks:
-            self.allocator.release(r.blocks)
+            self.pool.release(r.blocks)
             r.blocks = []
+
+
+def pass_shape(sp: ScheduledPass) -> Tuple[int, int]:
+    """(decode rows, prefill rows) of a pass."""
+    return len(sp.decodes), sum(c.end - c.start for c in sp.chunks)
