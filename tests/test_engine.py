@@ -362,6 +362,8 @@ def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, 
     for n in worlds:
         res = _torchrun(n, model, demo.root, tmp_path / f"w{n}.pt")
         assert res["world_size"] == n
+        assert res["reuse"] == base["reuse"] and base["reuse"][1] > 0  # the batch reused the cases' prefixes
+        assert all(torch.load(tmp_path / f"w{n}.pt.rank{r}") == base["reuse"] for r in range(n))
         # against transformers directly, not only against one process
         assert res["alone"] == hf["tokens"], n
         for name, logits in hf["last_logits"].items():

@@ -31,6 +31,12 @@ def main(model: str, demo_root: str, out: str) -> None:
         tp,
     )
     results = run_cases(engine, all_inputs(AutoProcessor.from_pretrained(model), Path(demo_root)))
+    st = engine.stats()
+    # every rank must take the same reuse decisions (a vision-cache miss on one rank alone would
+    # leave the others waiting in the tower's collectives): each rank reports its own
+    reuse = (st.prompt_tokens, st.cached_prompt_tokens, st.vision_cache_hits, st.vision_cache_misses)
+    torch.save(reuse, f"{out}.rank{tp.rank}")
+    results["reuse"] = reuse
     results["world_size"] = tp.world_size
     results["layout"] = [engine.runner.model.layout.kv_heads, engine.runner.model.layout.q_heads]
     if tp.rank == 0:

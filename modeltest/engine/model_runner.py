@@ -205,7 +205,13 @@ class ModelRunner:
             context_mask=dec["mask"],
             chunks=chunks,
         )
-        h = self.model(x, torch.cat(positions, dim=1).to(dev), meta, self.kv_cache, keep=torch.tensor(keep, device=dev))
+        h = self.model(
+            x,
+            torch.cat(positions, dim=1).to(dev),
+            meta,
+            self.kv_cache,
+            keep=torch.tensor(keep, dtype=torch.long, device=dev),
+        )
         sampled = sp.sampled
         next_ids = self.sampler(self.model, sampled, h) if sampled else []
         synchronize(dev)
