@@ -94,7 +94,7 @@ def test_prefix_and_vision_reuse_are_bit_identical_to_no_reuse(demo, cases):
     s = engine.stats()
     reqs = on[2]
     # later questions on a medium find it: its blocks (all but the last partial one) and its embeddings
-    for later, first in (("img0_q1", "img0_q0"), ("img0_q2", "img0_q0"), ("vid_q1", "vid_q0")):
+    for later in ("img0_q1", "img0_q2", "vid_q1"):
         span = reqs[later].spans[0]
         assert reqs[later].cached_tokens >= span.end // 16 * 16 > span.start, later
     # another image behind the same placeholder ids shares only what comes before it
