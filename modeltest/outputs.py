@@ -187,6 +187,7 @@ def write_summary(
     dp: int,
     media_cache: Optional[dict] = None,
     load_s: Optional[float] = None,
+    engine_reuse: Optional[dict] = None,
 ) -> None:
     """elapsed: seconds of evaluation (samples_per_s is computed/elapsed); load_s: seconds spent
     loading the model before it (None: nothing was loaded, every sample was reused)."""
@@ -209,6 +210,7 @@ def write_summary(
             "dp": dp,
             "record_schema": SCHEMA_VERSION,
             "media_cache": media_cache,
+            "engine_reuse": engine_reuse,
             "result_csv": str(paths.result_csv),
             "debug_file": str(paths.debug_file),
             "records_dir": str(paths.records_dir),

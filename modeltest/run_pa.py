@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data_type", default=None, choices=("bf16", "fp16", "fp32"), help="default: config.json torch_dtype"
     )
     p.add_argument("--block_size", type=int, default=128)
+    p.add_argument(
+        "--max_num_batched_tokens", type=int, default=None, help="new tokens per engine pass (default: per device)"
+    )
+    p.add_argument("--no_prefix_cache", action="store_true", help="prefill every prompt whole (engine)")
+    p.add_argument("--no_vision_cache", action="store_true", help="run the vision tower for every request (engine)")
     p.add_argument("--video_fps", type=float, default=0.5, help="frames sampled per second (reference: 0.5)")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_output_length tokens")
     p.add_argument("--world_size", type=int, default=None, help="read by scripts/run_pa.sh (torchrun processes)")
@@ -170,7 +175,13 @@ def backend_settings(args):
         raise UserError(f"--model_path: '{model_path}' has no config.json; point it at a Qwen2-VL weights folder")
     read_checkpoint_config(model_path)
     mcfg = ModelConfig(
-        model_path=str(model_path), backend=args.backend, data_type=args.data_type, block_size=args.block_size
+        model_path=str(model_path),
+        backend=args.backend,
+        data_type=args.data_type,
+        block_size=args.block_size,
+        prefix_cache=not args.no_prefix_cache,
+        vision_cache=not args.no_vision_cache,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     mcfg.data_type = resolve_data_type(mcfg)
     if not traits(args.backend).tensor_parallel and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -31,6 +31,7 @@ from .records import RecordStore, ShardProgress, file_digest, run_identity, samp
 from .summary import print_summary
 from .tasks import TASKS
 from .tasks.base import Task
+from .work_order import share_by_medium
 
 MAX_ERROR_LINES = 20  # sample errors printed as they happen (all are in the debug file)
 # Set by modeltest's launcher (launch.py) in the processes it starts: the launcher reports an
@@ -183,7 +184,7 @@ class Evaluator:
         keys = self._keys(samples, n_new)
         store = RecordStore(paths.records_dir, shard=f"dp{par.dp_rank}")
         todo = self._unfinished(samples, keys, store, par)
-        mine = todo[par.dp_rank :: par.dp]
+        mine = share_by_medium(todo, par.dp, par.dp_rank)  # questions on one medium together
 
         load_s = None
         if mine and self.backend is None:
@@ -295,6 +296,7 @@ class Evaluator:
         write_result_csv(paths.result_csv, rows)
         write_debug_file(paths.debug_file, records)
         cache = self.media.summary() if self.media is not None else None
+        reuse = self.backend.reuse() if self.backend is not None else None
         write_summary(
             paths,
             cfg,
@@ -306,6 +308,7 @@ class Evaluator:
             dp=par.dp,
             media_cache=cache,
             load_s=load_s,
+            engine_reuse=reuse,
         )
         if self.show_progress:
             print_summary(cfg, rows, records, paths, elapsed, computed=computed, load_s=load_s)
@@ -321,6 +324,12 @@ class Evaluator:
                     + workers
                     + replaced
                     + (" (this rank)" if par.dp > 1 else "")
+                )
+            if reuse is not None and reuse["prompt_tokens"]:
+                print(
+                    f"engine reuse: {reuse['prefix_hit_rate']:.1%} of prompt tokens from the prefix cache, "
+                    f"vision cache {reuse['vision_cache_hits']} hit(s) / {reuse['vision_cache_misses']} miss(es), "
+                    f"{reuse['preemptions']} preemption(s)" + (" (this rank)" if par.dp > 1 else "")
                 )
             retry = sum(1 for r in records if r.transient)
             if retry:

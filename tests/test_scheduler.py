@@ -222,3 +222,37 @@ def test_without_prefix_cache_nothing_is_found_or_kept():
 
 def test_sizes():
     assert blocks_needed(10, 4) == 3 and blocks_needed(8, 4) == 2
+
+
+def test_a_request_waits_for_the_prefix_another_is_still_prefilling_instead_of_computing_it_twice():
+    s = scheduler(num_blocks=32, batch=4, batched=10)  # 8 prompt tokens a pass at most
+    clip = list(range(24))
+    q1, q2 = request("q1", ids=clip + [100, 101]), request("q2", ids=clip + [200])
+    other = request("other", ids=list(range(300, 305)))
+    for r in (q1, q2, other):
+        s.add(r)
+    sp = run_pass(s)
+    # q2's next block is one q1 is about to compute: q2 waits, the request behind it goes on
+    assert [c.request.id for c in sp.chunks] == ["q1"] and q2.status is RequestStatus.WAITING
+    while q1.prefilling or q1.status is RequestStatus.WAITING:
+        sp = run_pass(s)
+    while q2.status is RequestStatus.WAITING:
+        run_pass(s)
+    assert q2.cached_tokens == 24 and other.status is not RequestStatus.WAITING
+    assert list(s.waiting) == []
+
+
+def test_work_is_shared_out_by_medium_and_each_group_stays_together():
+    from modeltest.core import Sample
+    from modeltest.work_order import share_by_medium
+
+    def sample(i, video):
+        return Sample(id=str(i), subject="s", prompt=f"q{i}", videos=[video] if video else [])
+
+    clips = ["a", "b", "a", "c", "b", "a", None, None]
+    todo = [(sample(i, v), f"k{i}") for i, v in enumerate(clips)]
+    shares = [share_by_medium(todo, 2, r) for r in range(2)]
+    assert [k for _, k in shares[0]] == ["k0", "k2", "k5", "k6"]  # clip a's three, then a text one
+    assert [k for _, k in shares[1]] == ["k1", "k4", "k3", "k7"]  # clip b's two, then c, then text
+    assert sorted(k for sh in shares for _, k in sh) == sorted(k for _, k in todo)
+    assert [k for _, k in share_by_medium(todo, 1, 0)] == ["k0", "k2", "k5", "k1", "k4", "k3", "k6", "k7"]

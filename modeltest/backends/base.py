@@ -153,6 +153,11 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Give up work not yet started (Ctrl-C): nothing to do for in-process backends."""
 
+    def reuse(self) -> Optional[Dict[str, Any]]:
+        """What the backend's caches saved this run (prefix/vision cache hits, preemptions); None
+        where the backend has no such caches."""
+        return None
+
     def describe(self) -> Dict[str, Any]:
         """Facts about the loaded model for the saved configuration."""
         return {"backend": self.name, "device": self.device, "data_type": self.data_type}

@@ -36,7 +36,25 @@ def engine_config(settings: BackendSettings) -> EngineConfig:
         max_input_length=settings.max_input_length,
         max_output_length=settings.max_output_length,
         block_size=m.block_size,
+        prefix_cache=m.prefix_cache,
+        vision_cache=m.vision_cache,
+        vision_cache_mb=m.vision_cache_mb,
+        max_num_batched_tokens=m.max_num_batched_tokens,
     )
+
+
+def engine_reuse(st) -> dict:
+    """The reuse figures of engine stats (EngineStats), for summaries and benchmark files."""
+    return {
+        "prefix_cache": st.prefix_cache,
+        "prompt_tokens": st.prompt_tokens,
+        "cached_prompt_tokens": st.cached_prompt_tokens,
+        "prefix_hit_rate": round(st.prefix_hit_rate, 4),
+        "vision_cache_hits": st.vision_cache_hits,
+        "vision_cache_misses": st.vision_cache_misses,
+        "preemptions": st.preemptions,
+        "max_num_batched_tokens": st.max_num_batched_tokens,
+    }
 
 
 class EngineBackend(Backend):
@@ -108,6 +126,9 @@ class EngineBackend(Backend):
             prefill_time=r.prefill_time,
             decode_time=r.decode_time,
         )
+
+    def reuse(self):
+        return engine_reuse(self.engine.stats(timings=False))
 
     def describe(self):
         d = super().describe()

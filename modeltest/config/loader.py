@@ -20,6 +20,7 @@ import yaml
 
 from ..backends.traits import BACKENDS, traits
 from ..engine.config import read_checkpoint_config
+from ..engine.scheduler import batched_tokens_problem
 from ..errors import UserError
 from ..media.options import option_problem
 from .schema import DATA_TYPES, OPENAI_MEDIA, ModelConfig, RunConfig, TaskConfig, build_dataclass, field_paths
@@ -197,6 +198,11 @@ def validate_values(cfg: EvalConfig) -> None:
     if cfg.run.prep_timeout_s <= 0:
         raise UserError(f"prep_timeout_s: must be positive, got {cfg.run.prep_timeout_s}")
     m = cfg.model
+    problem = batched_tokens_problem(m.max_num_batched_tokens, cfg.run.batch_size, m.block_size)
+    if problem:
+        raise UserError(f"model.{problem}")
+    if m.vision_cache_mb < 0:
+        raise UserError(f"model.vision_cache_mb: must be >= 0, got {m.vision_cache_mb}")
     if traits(m.backend).served:
         if m.media not in OPENAI_MEDIA:
             raise UserError(f"model.media: '{m.media}' is not one of {', '.join(OPENAI_MEDIA)}")

@@ -43,6 +43,15 @@ class ModelConfig:
     # bf16 / fp16 / fp32; null means the weights' config.json `torch_dtype`, as the reference does.
     data_type: Optional[str] = None
     block_size: int = 128
+    # ---- backend "engine": reuse and scheduling (README "Engine settings") ----
+    # Reuse the K/V of prompt blocks already computed (the system prompt and the medium before
+    # each question): identical outputs, less prefill.
+    prefix_cache: bool = True
+    # Keep the vision tower's output per image/clip for the next question on it (in memory).
+    vision_cache: bool = True
+    vision_cache_mb: int = 1024
+    # New tokens in one engine pass (decodes + prefill chunks); null: 1024 on CPU, 4096 on accelerators.
+    max_num_batched_tokens: Optional[int] = None
     use_chat_template: bool = True
     mm_model: MMModelConfig = field(default_factory=MMModelConfig)
     # ---- backend "openai": a served deployment (modeltest serve, vLLM, SGLang, MindIE Service) ----

@@ -7,9 +7,11 @@ layers.py        column/row/vocab-parallel layers (each loads its own shard), no
 rope.py          M-RoPE (3-axis positions) and the vision tower's 2-D rotary
 vision.py        the vision tower (tensor parallel)
 model.py         the Qwen2 language model + the multimodal wrapper
-kv_cache.py      paged KV cache and the block allocator
+kv_cache.py      paged KV cache; ref-counted blocks findable by content hash (prefix cache)
+media_spans.py   which prompt rows hold which medium; media content keys
+vision_cache.py  the vision tower's output per medium, LRU-bounded
 request.py       a request: inputs, sampling parameters, status, timings
-scheduler.py     admission, KV blocks, request lifecycle (abort included)
+scheduler.py     each pass: decodes + prefill chunks, admission, blocks on demand, preemption
 model_runner.py  loads the model and cache, builds each pass's tensors, runs it (CUDA graphs)
 cuda_graphs.py   decode steps captured and replayed as CUDA graphs
 engine.py        the loop: add_request / step / abort / stats

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from ..errors import first_line
+from ..errors import UserError, first_line
 from .config import checkpoint_stop_ids
 from .kv_cache import blocks_needed
 from .media_spans import content_keys, media_spans
@@ -35,7 +35,7 @@ from .request import (  # noqa: F401 (re-exported)
     RequestStatus,
     SamplingParams,
 )
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, batched_tokens_problem
 
 # Chunk size where none is set: on a CPU a 1024-token chunk already keeps the matrix units busy
 # and holds running streams up for a fraction of a second; accelerators want bigger passes.
@@ -122,6 +122,9 @@ class LLMEngine:
         self.cfg, self.tp = cfg, tp
         self.stop_token_ids = checkpoint_stop_ids(cfg.model_path)
         self.runner = ModelRunner(cfg, tp)
+        problem = batched_tokens_problem(cfg.max_num_batched_tokens, cfg.max_batch_size, cfg.block_size)
+        if problem:
+            raise UserError(problem)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=cfg.max_batch_size,

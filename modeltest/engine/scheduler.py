@@ -39,11 +39,19 @@ class SchedulerConfig:
     prefix_cache: bool = True
 
     def __post_init__(self):
-        if self.max_num_batched_tokens < self.max_batch_size + self.block_size:
-            raise ValueError(
-                f"max_num_batched_tokens {self.max_num_batched_tokens} must be at least max_batch_size + "
-                f"block_size ({self.max_batch_size + self.block_size}), so a prefill always moves on"
-            )
+        problem = batched_tokens_problem(self.max_num_batched_tokens, self.max_batch_size, self.block_size)
+        if problem:
+            raise ValueError(problem)
+
+
+def batched_tokens_problem(n: Optional[int], max_batch_size: int, block_size: int) -> Optional[str]:
+    """Why a pass of n new tokens cannot work with these sizes (None: it can, or n is unset)."""
+    if n is not None and n < max_batch_size + block_size:
+        return (
+            f"max_num_batched_tokens {n} must be at least max_batch_size + block_size "
+            f"({max_batch_size} + {block_size}), so a prefill chunk fits beside a full batch of decodes"
+        )
+    return None
 
 
 @dataclass
@@ -153,12 +161,42 @@ class Scheduler:
         for r in self.running:
             if r.prefilling:
                 budget = self._chunk(r, budget, sp)
+        pending = self._pending(sp)
+        deferred: List[Request] = []
         while self.waiting and len(self.running) < self.max_batch_size and budget >= self.cfg.block_size:
-            if not self._admit(self.waiting[0]):
+            r = self.waiting.popleft()
+            if self._next_block_pending(r, pending):
+                deferred.append(r)  # another request is computing the prefix it shares: wait for it
+                continue
+            if not self._admit(r):
+                self.waiting.appendleft(r)
                 break
-            self.running.append(self.waiting.popleft())
-            budget = self._chunk(self.running[-1], budget, sp)
+            self.running.append(r)
+            budget = self._chunk(r, budget, sp)
+            pending |= self._pending_of(r, sp)
+        self.waiting.extendleft(reversed(deferred))
         return sp if sp.decodes or sp.chunks else None
+
+    def _pending(self, sp: ScheduledPass) -> set:
+        """Hashes of the full blocks running prefills will compute after this pass."""
+        out = set()
+        for r in self.running:
+            if r.prefilling:
+                out |= self._pending_of(r, sp)
+        return out
+
+    def _pending_of(self, r: Request, sp: ScheduledPass) -> set:
+        done = max([c.end for c in sp.chunks if c.request is r], default=r.num_computed)
+        return set(r.block_hashes[done // self.cfg.block_size :])
+
+    def _next_block_pending(self, r: Request, pending: set) -> bool:
+        """Whether the first block of r's prompt not in the cache is one a running prefill will
+        compute: admitted now, r would compute it (and all after it) a second time."""
+        if not pending:
+            return False
+        r.block_hashes = block_hashes(r.all_ids, r.spans, self.cfg.block_size, r.block_hashes)
+        found = len(self.pool.lookup(r.block_hashes))
+        return found < len(r.block_hashes) and r.block_hashes[found] in pending
 
     def _decodes(self) -> List[Request]:
         """Every decoding request, each with a block for the token it feeds; preempts the newest

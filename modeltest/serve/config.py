@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from ..device import TORCH_DTYPES
 from ..engine.config import read_checkpoint_config
+from ..engine.scheduler import batched_tokens_problem
 from ..media.options import option_problem
 from ..tasks.textvqa import TextVQATaskConfig
 from ..tasks.videobench import VideoBenchTaskConfig
@@ -55,6 +56,18 @@ class ServeConfig:
     max_output_length: int = opt(2048, "max_tokens at most (and its default)")
     data_type: Optional[str] = opt(None, "default: config.json's torch_dtype", choices=tuple(TORCH_DTYPES))
     block_size: int = opt(128, "KV cache block size, in tokens")
+    max_num_batched_tokens: Optional[int] = opt(
+        None,
+        "new tokens per engine pass: long prompts prefill in chunks of this beside running streams "
+        "(default: 1024 on CPU, 4096 on accelerators)",
+    )
+    prefix_cache: bool = opt(
+        True, "prefill every prompt whole (no reuse of prompt blocks computed before)", flag="--no-prefix-cache"
+    )
+    vision_cache: bool = opt(
+        True, "run the vision tower for every request (no reuse of a medium's embeddings)", flag="--no-vision-cache"
+    )
+    vision_cache_mb: int = opt(1024, "the vision cache's bound")
     device: str = opt("auto", "where the model runs", choices=("auto", "npu", "cuda", "cpu"))
     api_key: Optional[str] = opt(
         None, f"require 'Authorization: Bearer KEY' on every endpoint but /health (or ${API_KEY_ENV})"
@@ -164,4 +177,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         v = getattr(cfg, f.name)
         if f.name.startswith("max_") and isinstance(v, (int, float)) and v <= 0:
             raise UserError(f"--{f.name.replace('_', '-')}: must be positive, got {v}")
+    problem = batched_tokens_problem(cfg.max_num_batched_tokens, cfg.max_batch_size, cfg.block_size)
+    if problem:
+        raise UserError(f"--{problem.replace('_', '-')}")
     return cfg

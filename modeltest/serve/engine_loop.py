@@ -208,4 +208,9 @@ class EngineLoop:
             "waiting": s.waiting,
             "kv_blocks_used": s.num_blocks - s.free_blocks,
             "kv_blocks_free": s.free_blocks,
+            "prefix_cache_queries": s.prompt_tokens,
+            "prefix_cache_hits": s.cached_prompt_tokens,
+            "vision_cache_hits": s.vision_cache_hits,
+            "vision_cache_misses": s.vision_cache_misses,
+            "preemptions": s.preemptions,
         }

@@ -33,10 +33,32 @@ class ServerMetrics:
         )
         self.kv_used = Gauge("modeltest_kv_cache_blocks_used", "KV cache blocks held by requests", registry=r)
         self.kv_free = Gauge("modeltest_kv_cache_blocks_free", "KV cache blocks free", registry=r)
+        # Reuse, as counters (vLLM's names where it has one): hit rate = hits / queries.
+        self.reuse = {
+            "prefix_cache_queries": Counter(
+                "modeltest_prefix_cache_queries", "Prompt tokens to prefill at admissions", registry=r
+            ),
+            "prefix_cache_hits": Counter(
+                "modeltest_prefix_cache_hits", "Of those, tokens found in the prefix cache", registry=r
+            ),
+            "vision_cache_hits": Counter(
+                "modeltest_vision_cache_hits", "Media whose vision embeddings were cached", registry=r
+            ),
+            "vision_cache_misses": Counter(
+                "modeltest_vision_cache_misses", "Media that ran the vision tower", registry=r
+            ),
+            "preemptions": Counter(
+                "modeltest_num_preemptions", "Sequences preempted when KV blocks ran out", registry=r
+            ),
+        }
+        self._seen = {k: 0 for k in self.reuse}
 
     def render(self, snapshot: dict) -> bytes:
         self.running.set(snapshot["running"])
         self.waiting.set(snapshot["waiting"])
         self.kv_used.set(snapshot["kv_blocks_used"])
         self.kv_free.set(snapshot["kv_blocks_free"])
+        for k, counter in self.reuse.items():  # the engine's totals -> counter increments
+            counter.inc(max(0, snapshot.get(k, 0) - self._seen[k]))
+            self._seen[k] = max(self._seen[k], snapshot.get(k, 0))
         return generate_latest(self.registry)

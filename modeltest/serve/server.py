@@ -62,7 +62,16 @@ class DrainingServer(uvicorn.Server):
 
 def engine_builder(cfg: ServeConfig, device: str, tp):
     """The function the engine thread (or a follower rank) calls to load the engine."""
-    model = ModelConfig(model_path=cfg.model_path, backend="engine", data_type=cfg.data_type, block_size=cfg.block_size)
+    model = ModelConfig(
+        model_path=cfg.model_path,
+        backend="engine",
+        data_type=cfg.data_type,
+        block_size=cfg.block_size,
+        prefix_cache=cfg.prefix_cache,
+        vision_cache=cfg.vision_cache,
+        vision_cache_mb=cfg.vision_cache_mb,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+    )
     model.data_type = resolve_data_type(model)
     settings = BackendSettings(
         model=model,
