@@ -224,7 +224,7 @@ def test_sizes():
     assert blocks_needed(10, 4) == 3 and blocks_needed(8, 4) == 2
 
 
-def test_a_request_waits_for_the_prefix_another_is_still_prefilling_instead_of_computing_it_twice():
+def test_a_request_behind_a_prefill_in_progress_reuses_all_it_shares_with_it():
     s = scheduler(num_blocks=32, batch=4, batched=10)  # 8 prompt tokens a pass at most
     clip = list(range(24))
     q1, q2 = request("q1", ids=clip + [100, 101]), request("q2", ids=clip + [200])
@@ -232,7 +232,8 @@ def test_a_request_waits_for_the_prefix_another_is_still_prefilling_instead_of_c
     for r in (q1, q2, other):
         s.add(r)
     sp = run_pass(s)
-    # q2's next block is one q1 is about to compute: q2 waits, the request behind it goes on
+    # q1's prefill takes the pass's budget; q2 is admitted once q1 has computed (or is computing,
+    # in the same pass) every block they share: none is computed twice
     assert [c.request.id for c in sp.chunks] == ["q1"] and q2.status is RequestStatus.WAITING
     while q1.prefilling or q1.status is RequestStatus.WAITING:
         sp = run_pass(s)

@@ -161,42 +161,14 @@ class Scheduler:
         for r in self.running:
             if r.prefilling:
                 budget = self._chunk(r, budget, sp)
-        pending = self._pending(sp)
-        deferred: List[Request] = []
+        # A prefill in progress takes the budget first, so a request admitted behind it finds
+        # every block it shares with it registered (computed, or computed in this very pass).
         while self.waiting and len(self.running) < self.max_batch_size and budget >= self.cfg.block_size:
-            r = self.waiting.popleft()
-            if self._next_block_pending(r, pending):
-                deferred.append(r)  # another request is computing the prefix it shares: wait for it
-                continue
-            if not self._admit(r):
-                self.waiting.appendleft(r)
+            if not self._admit(self.waiting[0]):
                 break
-            self.running.append(r)
-            budget = self._chunk(r, budget, sp)
-            pending |= self._pending_of(r, sp)
-        self.waiting.extendleft(reversed(deferred))
+            self.running.append(self.waiting.popleft())
+            budget = self._chunk(self.running[-1], budget, sp)
         return sp if sp.decodes or sp.chunks else None
-
-    def _pending(self, sp: ScheduledPass) -> set:
-        """Hashes of the full blocks running prefills will compute after this pass."""
-        out = set()
-        for r in self.running:
-            if r.prefilling:
-                out |= self._pending_of(r, sp)
-        return out
-
-    def _pending_of(self, r: Request, sp: ScheduledPass) -> set:
-        done = max([c.end for c in sp.chunks if c.request is r], default=r.num_computed)
-        return set(r.block_hashes[done // self.cfg.block_size :])
-
-    def _next_block_pending(self, r: Request, pending: set) -> bool:
-        """Whether the first block of r's prompt not in the cache is one a running prefill will
-        compute: admitted now, r would compute it (and all after it) a second time."""
-        if not pending:
-            return False
-        r.block_hashes = block_hashes(r.all_ids, r.spans, self.cfg.block_size, r.block_hashes)
-        found = len(self.pool.lookup(r.block_hashes))
-        return found < len(r.block_hashes) and r.block_hashes[found] in pending
 
     def _decodes(self) -> List[Request]:
         """Every decoding request, each with a block for the token it feeds; preempts the newest
