@@ -49,6 +49,12 @@ def server(demo, media):
         "4",
         "--max_input_length",
         "4096",
+        # small blocks and passes: every image or video prompt is prefilled in several chunks
+        # beside the running streams, and prompts share blocks through the prefix cache
+        "--block-size",
+        "16",
+        "--max-num-batched-tokens",
+        "48",
         "--max-body-mb",
         "4",
         "--max-images-per-request",
@@ -172,6 +178,11 @@ def test_models_health_and_metrics(server):
         "modeltest_num_requests_waiting",
         "modeltest_kv_cache_blocks_used",
         "modeltest_kv_cache_blocks_free",
+        "modeltest_prefix_cache_queries_total",
+        "modeltest_prefix_cache_hits_total",
+        "modeltest_vision_cache_hits_total",
+        "modeltest_vision_cache_misses_total",
+        "modeltest_num_preemptions_total",
     ):
         assert name in text, name
 
@@ -191,6 +202,30 @@ def test_sixteen_concurrent_streams_get_what_they_get_alone(client):
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda p: ask(p, True), prompts))
     assert together == alone
+
+
+def test_long_prompts_interleaved_with_streams_get_what_they_get_alone(server, client, media):
+    """Chunked prefills of image and video prompts next to decoding streams, and questions that
+    share a medium (prefix and vision cache): every answer as when it ran alone."""
+    parts = {name: p for name, (p, _) in cases(media).items()}
+    asks = [[*parts["video"][:1], {"type": "text", "text": f"Question {i}?"}] for i in range(3)]
+    asks += [parts["two_images"], parts["image"]] + [f"Say {i} things." for i in range(6)]
+
+    def ask(content):
+        r = client.chat.completions.create(
+            model="Qwen2-VL-tiny-random",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        return r.choices[0].message.content
+
+    alone = [ask(c) for c in asks]
+    hits = metric(server, "modeltest_prefix_cache_hits_total")
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(ask, asks))
+    assert together == alone
+    assert metric(server, "modeltest_prefix_cache_hits_total") > hits
 
 
 def metric(server, name: str) -> float:

@@ -24,6 +24,7 @@ import torch
 
 from ..device import TORCH_DTYPES
 from ..errors import UserError
+from . import reuse
 from .measure import rss_bytes
 from .presets import preset_checkpoint
 from .runners import EngineRunner, HFRunner
@@ -46,7 +47,12 @@ RATIO_KEYS = (
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark the engine against transformers' generate")
     b.add_argument("--preset", default="tiny", help="tiny | mid | 2b | 7b (random weights, real shapes)")
-    b.add_argument("--workload", default="textvqa", help="textvqa | videobench | decode | all")
+    b.add_argument(
+        "--workload",
+        default="textvqa",
+        help="textvqa | videobench | decode | all (engine vs hf); videobench-shared | serving-probe | "
+        "kv-capacity (the engine's reuse and scheduling against itself with them off: bench/reuse.py)",
+    )
     b.add_argument("--requests", type=int, default=16)
     b.add_argument("--batch-sizes", default="1,8", help="comma list; each backend runs each, the best counts")
     b.add_argument("--new-tokens", type=int, default=None, help="default: 8 (textvqa/videobench), 128 (decode)")
@@ -77,6 +83,7 @@ def add_parser(sub) -> None:
         default=2,
         help="requests per workload in the fp32 token check run when --dtype is not fp32 (0: skip)",
     )
+    reuse.add_arguments(b)
     b.set_defaults(func=main)
 
 
@@ -154,6 +161,8 @@ def main(args) -> int:
 
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: must be at least 1")
+    if args.workload in reuse.REUSE_WORKLOADS:
+        return reuse.main(args)
     device = resolve_device(args.device)
     workloads = ["textvqa", "videobench", "decode"] if args.workload == "all" else [args.workload]
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})

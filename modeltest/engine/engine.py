@@ -69,6 +69,9 @@ class EngineConfig:
     # Keep the vision tower's output per medium, up to vision_cache_mb, for the next question.
     vision_cache: bool = True
     vision_cache_mb: int = 1024
+    # Take KV blocks as tokens come (preempting the newest sequence when they run out); False:
+    # reserve prompt + max_new_tokens at admission (no preemption, fewer sequences at once).
+    kv_on_demand: bool = True
     # Replay decode steps as CUDA graphs (CUDA, one process). None: on where supported.
     cuda_graphs: Optional[bool] = None
     # torch.compile the decode step before capturing it (experimental; MODELTEST_COMPILE=1).
@@ -134,6 +137,7 @@ class LLMEngine:
                 num_blocks=self.runner.num_blocks,
                 max_num_batched_tokens=batched_tokens(cfg, tp.device.type),
                 prefix_cache=cfg.prefix_cache,
+                kv_on_demand=cfg.kv_on_demand,
             )
         )
 
@@ -198,6 +202,13 @@ class LLMEngine:
         while self.has_work():
             self.step()
         return requests
+
+    def clear_caches(self) -> None:
+        """Forget every cached prompt block and vision embedding (benchmarks time runs from cold)."""
+        pool = self.scheduler.pool
+        for b in range(pool.num_blocks):
+            pool.unregister(b)
+        self.runner.vision_cache.clear()
 
     def prompt_logits(self, req: Request) -> "torch.Tensor":
         """Full-vocabulary logits [prompt_len, vocab] of one prompt, outside the step loop and its

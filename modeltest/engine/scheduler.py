@@ -37,6 +37,9 @@ class SchedulerConfig:
     num_blocks: int  # KV cache blocks (sized by the model runner)
     max_num_batched_tokens: int = 2048  # new tokens in one pass (decodes + prefill chunks)
     prefix_cache: bool = True
+    # False: admission also takes the blocks of every token a request may generate (max_new_tokens),
+    # so no sequence is ever preempted, at the price of far fewer sequences at once.
+    kv_on_demand: bool = True
 
     def __post_init__(self):
         problem = batched_tokens_problem(self.max_num_batched_tokens, self.max_batch_size, self.block_size)
@@ -203,6 +206,8 @@ class Scheduler:
         if cached and len(cached) * bs >= target:
             cached = cached[:-1]  # the last token must be computed: its row gives the next token
         need = blocks_needed(target, bs) - len(cached)
+        if not self.cfg.kv_on_demand:
+            need = blocks_needed(len(r.input_ids) + r.max_new_tokens, bs) - len(cached)
         # cached blocks no one holds sit in the free list: taking them uses up free blocks too
         if need + sum(1 for b in cached if self.pool.refs[b] == 0) > self.pool.num_free:
             return False

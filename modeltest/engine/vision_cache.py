@@ -40,3 +40,7 @@ class VisionCache:
             self.bytes -= old.numel() * old.element_size()
         self.entries[key] = embeds
         self.bytes += size
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
