@@ -17,7 +17,7 @@ hold. Schema (version 2; one JSON object per line, keys in this order):
     preprocess_time      seconds of image/video loading and the processor
     input_tokens         prompt tokens with vision placeholders expanded
     output_tokens        generated tokens, without the stop token
-    prefill_time         seconds of the prefill pass the request was in (engine; null for hf)
+    prefill_time         seconds from admission to the first token: its prefill, in one pass or in chunks (engine; null for hf)
     choices              (VideoBench) the options shown, letter -> text
     <task extras>        TextVQA: normalized; VideoBench: reference_rule_choice
     transient            (only when true) the error may not be the sample's — a server or network

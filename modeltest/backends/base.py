@@ -81,7 +81,7 @@ class GenerationOutput:
     # start of its batch) to its last token. Excludes queue_time.
     e2e_time: float = 0.0
     queue_time: float = 0.0  # seconds from submit() until its computation started
-    prefill_time: Optional[float] = None  # the prefill pass it was in (engine)
+    prefill_time: Optional[float] = None  # admission to first token (engine); first byte (openai)
     decode_time: Optional[float] = None  # the decode passes it was in, summed (engine)
     error: Optional[str] = None  # this request failed alone (e.g. too long); others ran
     num_tokens: Optional[int] = None  # generated tokens when token_ids are not known (a server's usage)

@@ -221,12 +221,11 @@ class ModelRunner:
             self._timed("vision", self._vision_s)
         for r in sp.decodes:
             r.decode_time += now - start
-        for r in {id(c.request): c.request for c in sp.chunks}.values():
-            r.prefill_time += now - start
         for r, t in zip(sampled, next_ids):
             r.output_ids.append(int(t))
             if r.t_first_token is None:
                 r.t_first_token = now
+                r.prefill_time = now - r.t_admitted
 
     def _decode_rows(self, reqs: List[Request]) -> dict:
         """Inputs of decode rows: each request feeds its last token (index num_tokens - 1)."""

@@ -110,7 +110,7 @@ class Request:
     t_admitted: Optional[float] = None
     t_first_token: Optional[float] = None
     t_finish: Optional[float] = None
-    prefill_time: float = 0.0  # the prefill pass this request was in
+    prefill_time: float = 0.0  # admission to first token: its prefill passes (chunks), vision included
     decode_time: float = 0.0  # sum of the decode passes it was in
 
     @property
