@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -44,20 +45,31 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, MASTER_PORT=str(free_port()), **(self.extra_env or {}))
         cmd = [sys.executable, "-m", "modeltest", "serve", "--model_path", str(self.model), "--port", str(self.port)]
+        # Files, not pipes: a server's log (a line per request) must never fill a pipe nobody reads
+        # until the end, and a test can read what it logged so far.
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             [*cmd, *self.args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=self.out,
+            stderr=self.err,
             text=True,
             env=env,
             start_new_session=True,
         )
 
+    def output(self):
+        """(stdout, stderr) written so far."""
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read())
+        return tuple(texts)
+
     def wait_healthy(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
+                out, err = self.output()
                 if self.attempts > 1 and any(t.lower() in err.lower() for t in PORT_TAKEN):
                     self.attempts -= 1
                     self._start()
@@ -74,7 +86,8 @@ class ServerProcess:
     def stop(self, sig=signal.SIGTERM, timeout: float = 120):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig) if sig == signal.SIGINT else self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=timeout)
+        self.proc.wait(timeout=timeout)
+        out, err = self.output()
         return self.proc.returncode, out, err
 
 

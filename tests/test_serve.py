@@ -524,7 +524,7 @@ def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):
         raise RuntimeError("out of memory while loading")
 
     loop = EngineLoop(slow_then_broken)
-    app = create_app(cfg, loop, Preprocessor(cfg), ServerMetrics(), ServerState())
+    app = create_app(cfg, loop, Preprocessor(cfg), ServerMetrics(), ServerState(), "fp32")
     loop.start()
     with TestClient(app) as http:
         assert http.get("/health").status_code == 503 and http.get("/health").json()["status"] == "loading"
@@ -539,3 +539,73 @@ def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):
         assert h.status_code == 503 and h.json()["status"] == "dead" and "out of memory" in h.json()["error"]
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and "no working engine" in r.json()["error"]["message"]
+
+
+def test_fields_not_implemented_are_refused_by_name_never_ignored(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    url = server.url + "/v1/chat/completions"
+    base = {"model": "Qwen2-VL-tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    base["temperature"] = 0
+    refused = {
+        "logprobs": True,
+        "top_logprobs": 3,
+        "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "presence_penalty": 0.5,
+        "frequency_penalty": 1,
+        "logit_bias": {"11": 5},
+        "min_tokens": 3,
+        "repetition_penalty": 1.1,
+    }
+    for field, value in refused.items():
+        r = httpx.post(url, json={**base, field: value}, headers=h)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == field and f"'{field}' is not implemented" in err["message"]
+    r = httpx.post(url, json={**base, "stream": True, "stream_options": {"chunk_size": 3}}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.chunk_size"
+    tool = {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    r = httpx.post(url, json={**base, "messages": [*base["messages"], tool]}, headers=h)
+    assert r.status_code == 400 and "tool calls are not implemented" in r.json()["error"]["message"]
+    # the values that mean "off" (what benchmark clients send by default) run, as does `user`
+    off = {"presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "user": "u1", "n": 1}
+    plain = httpx.post(url, json=base, headers=h).json()
+    same = httpx.post(url, json={**base, **off}, headers=h).json()
+    assert same["choices"][0]["message"] == plain["choices"][0]["message"]
+    # an extension this server does not know runs without it and is named once in the log
+    for _ in range(2):
+        assert httpx.post(url, json={**base, "frobnicate": 1}, headers=h).status_code == 200
+    assert server.output()[1].count("request field 'frobnicate' is unknown") == 1
+
+
+def test_developer_role_models_by_id_fingerprint_errors_and_the_access_log(server, client):
+    ask = dict(model="Qwen2-VL-tiny-random", max_tokens=4, temperature=0)
+    as_system = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], **ask
+    )
+    as_developer = client.chat.completions.create(
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}], **ask
+    )
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_system.system_fingerprint.startswith("modeltest-") and "fp32" in as_system.system_fingerprint
+    assert client.models.retrieve("Qwen2-VL-tiny-random").id == "Qwen2-VL-tiny-random"
+    h = {"Authorization": f"Bearer {KEY}"}
+    missing = httpx.get(server.url + "/v1/models/other", headers=h)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        r = httpx.request(method, server.url + path, headers=h)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # every usage in the stream with continuous_usage_stats, growing
+    chunks = list(
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            **ask,
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts) and counts[-1] >= 1
+    log = server.output()[1]
+    line = [x for x in log.splitlines() if "modeltest.access" in x and as_developer.id in x]
+    assert len(line) == 1 and "POST /v1/chat/completions 200" in line[0] and "completion_tokens=" in line[0]
+    assert "Be brief" not in log and "GET /v1/nothing 404" in log

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   text, images, a video; greedy or sampled; JSON or SSE stream
     GET  /v1/models             the served model (clients read data[0].id)
+    GET  /v1/models/{id}        that model, or 404
     GET  /health                200 when serving; 503 while loading, draining, or with a dead engine
     GET  /metrics               Prometheus text
 
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..engine.config import checkpoint_stop_ids
 from ..engine.request import RequestStatus, SamplingParams
 from ..errors import first_line
@@ -33,8 +36,8 @@ from .config import ServeConfig
 from .engine_loop import EngineLoop
 from .metrics import ServerMetrics
 from .preprocess import Preprocessor
-from .protocol import ChatRequest, RequestError, SamplingDefaults, models_body, parse_chat_request
-from .responses import RequestRun, ServingContext, error_response
+from .protocol import ChatRequest, RequestError, SamplingDefaults, model_card, models_body, parse_chat_request
+from .responses import RequestRun, ServingContext, access_log, error_response
 
 
 @dataclass
@@ -54,14 +57,33 @@ async def parse_body(http: HTTPRequest) -> ChatRequest:
     return parse_chat_request(body)
 
 
+def fingerprint(cfg: ServeConfig, data_type: str) -> str:
+    """system_fingerprint: what computes the answers — a change of any part may change them."""
+    return f"modeltest-{__version__}-{data_type}-{cfg.model_name}"
+
+
 def create_app(
-    cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: ServerMetrics, state: ServerState
+    cfg: ServeConfig, loop: EngineLoop, pre: Preprocessor, metrics: ServerMetrics, state: ServerState, data_type: str
 ) -> FastAPI:
     app = FastAPI(title="modeltest serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(http: HTTPRequest, exc: StarletteHTTPException):
+        # 404 / 405 and the like in OpenAI's shape, as every other error
+        what = {404: f"no route {http.method} {http.url.path}", 405: f"{http.method} is not allowed on {http.url.path}"}
+        access_log(http.method, http.url.path, exc.status_code, 0.0)
+        return error_response(exc.status_code, what.get(exc.status_code, str(exc.detail)), code=str(exc.status_code))
+
     pool = ThreadPoolExecutor(max_workers=cfg.preprocess_workers, thread_name_prefix="preprocess")
     defaults = SamplingDefaults.from_model(cfg.model_path)
     stop_ids = checkpoint_stop_ids(cfg.model_path)
-    ctx = ServingContext(loop=loop, metrics=metrics, tokenizer=pre.tokenizer, model_name=cfg.model_name)
+    ctx = ServingContext(
+        loop=loop,
+        metrics=metrics,
+        tokenizer=pre.tokenizer,
+        model_name=cfg.model_name,
+        fingerprint=fingerprint(cfg, data_type),
+    )
 
     @app.get("/health")
     async def health():
@@ -76,6 +98,17 @@ def create_app(
     @app.get("/v1/models")
     async def models():
         return models_body(cfg.model_name, cfg.max_input_length + cfg.max_output_length, cfg.model_path)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != cfg.model_name:
+            return error_response(
+                404,
+                f"model '{model_id}' does not exist; this server serves '{cfg.model_name}'",
+                "model",
+                "model_not_found",
+            )
+        return model_card(cfg.model_name, cfg.max_input_length + cfg.max_output_length, cfg.model_path)
 
     @app.get("/metrics")
     async def prometheus():
@@ -108,9 +141,11 @@ def create_app(
             model_input = await asyncio.get_running_loop().run_in_executor(pool, pre, req)
         except RequestError as e:
             metrics.requests.labels(code=str(e.status)).inc()
+            access_log("POST", http.url.path, e.status, time.perf_counter() - arrival)
             return error_response(e.status, e.message, e.param, e.code)
         except Exception as e:  # a bug must cost one request, not the server
             metrics.requests.labels(code="500").inc()
+            access_log("POST", http.url.path, 500, time.perf_counter() - arrival)
             return error_response(500, f"preprocessing failed: {first_line(e)}")
         engine_req = engine_request(f"chatcmpl-{uuid.uuid4().hex}", model_input, params)
         events: asyncio.Queue = asyncio.Queue()
@@ -121,6 +156,7 @@ def create_app(
             return await run.complete()
         first = await run.next_event()
         if first is None:  # the client left before the first token
+            run.log(499, 0)
             return Response(status_code=499)
         if first.done and first.status is RequestStatus.FAILED:
             return run.failed(first)

@@ -83,6 +83,7 @@ class ChatRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
     mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -142,7 +143,81 @@ class SamplingDefaults:
         )
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+
+# Every request field, by what the server does with it (README "Serving" lists them). Anything a
+# client sends is either used, refused by name (400), or — an extension we do not know — run
+# without it and named once in the log: never silently ignored.
+CHAT_FIELDS = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",  # an end-user id for the caller's own records: changes no output
+    "top_k",
+    "ignore_eos",
+    "mm_processor_kwargs",  # vLLM's extensions, implemented
+}
+# OpenAI API fields (and vLLM extensions) that change what is generated and are not implemented
+# yet: refused unless at the value that means "off".
+NOT_IMPLEMENTED = {
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),  # meaningless without tools, refused with them
+    "functions": ([],),
+    "function_call": ("none",),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "min_tokens": (0,),
+    "repetition_penalty": (1,),
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "prompt_logprobs": (0,),
+}
+# Fields about the caller's account or storage at OpenAI: no meaning here, accepted.
+NO_EFFECT = {"metadata", "store", "service_tier"}
+_warned: set = set()
+
+
+def check_fields(body: Dict) -> None:
+    """Refuse (400) a field that would change the output and is not implemented; log once each
+    unknown field name (the request runs without it)."""
+    import logging
+
+    for key, value in body.items():
+        if key in CHAT_FIELDS or key in NO_EFFECT:
+            continue
+        if key in NOT_IMPLEMENTED:
+            if value is None or value in NOT_IMPLEMENTED[key]:
+                continue
+            raise RequestError(
+                400, f"'{key}' is not implemented by this server (README, Serving: what is supported)", key
+            )
+        if key not in _warned:
+            _warned.add(key)
+            logging.getLogger("modeltest.serve").warning("request field '%s' is unknown to this server: not used", key)
+
+
 MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
 # Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
 MM_KWARGS = {
@@ -199,17 +274,21 @@ def parse_chat_request(body: Any) -> ChatRequest:
     """A chat-completions body (already JSON-decoded) -> ChatRequest, or RequestError(400)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    check_fields(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
     parsed = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
+        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
+            raise RequestError(400, f"{where}: tool calls are not implemented by this server", where)
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(400, f"{where}: needs a 'role' of {', '.join(ROLES)}", where)
         if "content" not in m or m["content"] is None:
             raise RequestError(400, f"{where}: 'content' is required", where)
-        parsed.append(ChatMessage(m["role"], _parts(m["content"], where)))
+        role = "system" if m["role"] == "developer" else m["role"]
+        parsed.append(ChatMessage(role, _parts(m["content"], where)))
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", "model")
@@ -227,6 +306,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError(400, "'stream_options' must be an object", "stream_options")
+    unknown = sorted(set(stream_options) - {"include_usage", "continuous_usage_stats"})
+    if unknown:
+        where = f"stream_options.{unknown[0]}"
+        raise RequestError(400, f"'{where}' is not implemented by this server", where)
     mm = body.get("mm_processor_kwargs") or {}
     if not isinstance(mm, dict):
         raise RequestError(400, "'mm_processor_kwargs' must be an object", "mm_processor_kwargs")
@@ -248,6 +331,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         ignore_eos=bool(body.get("ignore_eos", False)),
         stream=bool(body.get("stream", False)),
         include_usage=bool(stream_options.get("include_usage", False)),
+        continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
         mm_processor_kwargs=dict(mm),
     )
 
@@ -284,14 +368,20 @@ def completion_body(
     }
 
 
-def chunk_body(rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None) -> Dict:
-    return {
+def chunk_body(
+    rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None, tokens=None
+) -> Dict:
+    """tokens: (prompt, completion so far) to carry usage in this chunk (continuous_usage_stats)."""
+    body = {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
     }
+    if tokens is not None:
+        body["usage"] = usage(*tokens)
+    return body
 
 
 def usage_chunk_body(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> Dict:
@@ -305,17 +395,16 @@ def usage_chunk_body(rid: str, model: str, created: int, prompt_tokens: int, com
     }
 
 
-def models_body(name: str, max_model_len: int, root: str) -> Dict:
+def model_card(name: str, max_model_len: int, root: str) -> Dict:
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "modeltest",
-                "root": root,
-                "max_model_len": max_model_len,
-            }
-        ],
+        "id": name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "modeltest",
+        "root": root,
+        "max_model_len": max_model_len,
     }
+
+
+def models_body(name: str, max_model_len: int, root: str) -> Dict:
+    return {"object": "list", "data": [model_card(name, max_model_len, root)]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
@@ -31,6 +32,16 @@ class ServingContext:
     metrics: ServerMetrics
     tokenizer: Any
     model_name: str
+    fingerprint: str  # system_fingerprint: what computes the answers (model, dtype, engine version)
+
+
+ACCESS = logging.getLogger("modeltest.access")
+
+
+def access_log(method: str, path: str, status: int, seconds: float, rid: str = "-", prompt=None, completion=None):
+    """One line per request: method, path, status, tokens, latency, request id — no prompt text."""
+    tokens = f" prompt_tokens={prompt} completion_tokens={completion}" if prompt is not None else ""
+    ACCESS.info("%s %s %d%s latency=%.3fs id=%s", method, path, status, tokens, seconds, rid)
 
 
 def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
@@ -89,9 +100,22 @@ class RequestRun:
             self.ctx.loop.abort(self.engine_req.id)
         return delta
 
+    def log(self, status: int, completion: int) -> None:
+        """The request's access-log line (never its text), once it has its answer."""
+        access_log(
+            "POST",
+            self.http.url.path,
+            status,
+            time.perf_counter() - self.arrival,
+            self.engine_req.id,
+            self.prompt_tokens,
+            completion,
+        )
+
     def failed(self, ev: TokenEvent) -> JSONResponse:
         status = 503 if self.ctx.loop.state == "dead" else 400
         self.ctx.metrics.requests.labels(code=str(status)).inc()
+        self.log(status, 0)
         return error_response(status, ev.error or "the request failed")
 
     def finished(self, status: RequestStatus):
@@ -119,18 +143,26 @@ class RequestRun:
                     return self.failed(ev)
                 self.text.finish()
                 reason, completion = self.finished(ev.status)
-                return completion_body(
+                body = completion_body(
                     self.engine_req.id, self.ctx.model_name, self.text.text, reason, self.prompt_tokens, completion
                 )
+                self.log(200, completion)
+                return dict(body, system_fingerprint=self.ctx.fingerprint)
 
     async def stream(self, first: TokenEvent) -> AsyncIterator[str]:
         rid = self.engine_req.id
 
         def sse(obj) -> str:
+            if "choices" in obj:
+                obj["system_fingerprint"] = self.ctx.fingerprint
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        def chunk(delta, reason=None):
+            tokens = (self.prompt_tokens, len(self.text.ids)) if self.req.continuous_usage else None
+            return sse(chunk_body(rid, self.ctx.model_name, self.created, delta, reason, tokens))
+
         try:
-            yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"role": "assistant", "content": ""}))
+            yield chunk({"role": "assistant", "content": ""})
             ev = first
             while True:
                 delta = self.take(ev)
@@ -138,19 +170,21 @@ class RequestRun:
                     if ev.status is RequestStatus.FAILED:
                         yield sse(error_body(500, ev.error or "the request failed"))
                         self.ctx.metrics.requests.labels(code="500").inc()
+                        self.log(500, len(self.text.ids))
                         break
                     delta += self.text.finish()
                     if delta:
-                        yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"content": delta}))
+                        yield chunk({"content": delta})
                     reason, completion = self.finished(ev.status)
-                    yield sse(chunk_body(rid, self.ctx.model_name, self.created, {}, reason))
+                    yield chunk({}, reason)
+                    self.log(200, completion)
                     if self.req.include_usage:
                         yield sse(
                             usage_chunk_body(rid, self.ctx.model_name, self.created, self.prompt_tokens, completion)
                         )
                     break
                 if delta:
-                    yield sse(chunk_body(rid, self.ctx.model_name, self.created, {"content": delta}))
+                    yield chunk({"content": delta})
                 ev = await self.next_event()
                 if ev is None:
                     return

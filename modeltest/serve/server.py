@@ -102,6 +102,17 @@ def quiet_signals() -> None:
     logging.getLogger("uvicorn.error").addFilter(lambda r: "timeout graceful shutdown" not in r.getMessage())
 
 
+def log_to_stderr() -> None:
+    """The server's own lines (one per request, and warnings about request fields) on stderr."""
+    log = logging.getLogger("modeltest")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def run_server(cfg: ServeConfig) -> int:
     device = resolve_device(cfg.device)
     check_weight_files(cfg.model_path)
@@ -131,7 +142,8 @@ def run_server(cfg: ServeConfig) -> int:
             server_box[0].should_exit = True
 
     loop = EngineLoop(build, channel, on_ready=ready, on_dead=dead)
-    app = create_app(cfg, loop, pre, metrics, state)
+    app = create_app(cfg, loop, pre, metrics, state, data_type)
+    log_to_stderr()
     quiet_signals()
     where = f"{device} x {tp.world_size} (tensor parallel)" if tp.world_size > 1 else device
     print(f"loading {cfg.model_path} ({data_type}) on {where} ...", flush=True)
