@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from serve_helpers import ServerProcess, StreamingRequest, data_url, in_process_answer
 
 pytestmark = pytest.mark.subprocess
@@ -547,8 +548,6 @@ def test_fields_not_implemented_are_refused_by_name_never_ignored(server):
     base = {"model": "Qwen2-VL-tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     base["temperature"] = 0
     refused = {
-        "logprobs": True,
-        "top_logprobs": 3,
         "response_format": {"type": "json_object"},
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "presence_penalty": 0.5,
@@ -609,3 +608,49 @@ def test_developer_role_models_by_id_fingerprint_errors_and_the_access_log(serve
     line = [x for x in log.splitlines() if "modeltest.access" in x and as_developer.id in x]
     assert len(line) == 1 and "POST /v1/chat/completions 200" in line[0] and "completion_tokens=" in line[0]
     assert "Be brief" not in log and "GET /v1/nothing 404" in log
+
+
+def test_logprobs_are_the_models_log_softmax_streamed_or_not(client, demo, reference):
+    """Each token's logprob = transformers' log-softmax of the same fp32 weights at that position
+    (1e-4); greedy, it is the top of its top_logprobs; the stream carries the same entries."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from modeltest.backends.hf import dtype_kwarg
+    from modeltest.inputs import model_input
+
+    _, processor = reference
+    ask = dict(
+        model="Qwen2-VL-tiny-random",
+        messages=[{"role": "user", "content": "Hello, who are you?"}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    r = client.chat.completions.create(**ask)
+    content = r.choices[0].logprobs.content
+    assert 1 <= len(content) <= MAX_TOKENS
+    for e in content:
+        top = e.top_logprobs
+        assert len(top) == 5 and [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+        assert e.token == top[0].token and e.logprob == top[0].logprob and e.bytes == list(e.token.encode())
+    streamed = [
+        e
+        for c in client.chat.completions.create(**ask, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # against transformers: the prompt + the answer's tokens in one forward pass
+    inp = model_input(
+        processor, [{"role": "user", "content": [{"type": "text", "text": "Hello, who are you?"}]}]
+    ).inputs
+    ids = [processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.tokenize(e.token))[0] for e in content]
+    assert processor.tokenizer.decode(ids) == r.choices[0].message.content
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(demo.model, **dtype_kwarg(torch.float32)).eval()
+    n = inp["input_ids"].shape[1]
+    full = torch.cat([inp["input_ids"], torch.tensor([ids])], dim=1)
+    with torch.no_grad():
+        logits = hf(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()
+    want = torch.log_softmax(logits[n - 1 : n - 1 + len(ids)], dim=-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([e.logprob for e in content]), want, atol=1e-4)

@@ -81,12 +81,24 @@ class Sampler:
 
     def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
         out = model.greedy(h).tolist()
-        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if sampled:
-            logits = model.full_logits(h[sampled]).float()  # [S, vocab]
-            for row, i in zip(logits, sampled):
-                out[i] = sample_token(row, reqs[i].params, step=len(reqs[i].output_ids))
+        full = [i for i, r in enumerate(reqs) if not r.params.greedy or r.params.logprobs is not None]
+        if full:
+            logits = model.full_logits(h[full]).float()  # [S, vocab]
+            for row, i in zip(logits, full):
+                r = reqs[i]
+                if not r.params.greedy:
+                    out[i] = sample_token(row, r.params, step=len(r.output_ids))
+                if r.params.logprobs is not None:
+                    r.output_logprobs.append(token_logprobs(row, out[i], r.params.logprobs))
         return out
+
+
+def token_logprobs(logits: torch.Tensor, chosen: int, top: int):
+    """(logprob of `chosen`, the `top` most likely (id, logprob)) from fp32 logits [vocab]."""
+    lp = torch.log_softmax(logits, dim=-1)
+    best = torch.topk(lp, top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return float(lp[chosen]), pairs
 
 
 class ModelRunner:
@@ -254,7 +266,8 @@ class ModelRunner:
         start = time.perf_counter()
         dev = self.tp.device
         d = self._decode_rows(reqs)
-        if self.graphs is not None and self.sampler.capturable and all(r.params.greedy for r in reqs):
+        plain = all(r.params.greedy and r.params.logprobs is None for r in reqs)
+        if self.graphs is not None and self.sampler.capturable and plain:
             tables = [r.blocks for r in reqs]
             next_ids = self.graphs.run(d["ids"], d["pos"], d["slots"], tables, d["lengths"])
         else:

@@ -73,6 +73,9 @@ class SamplingParams:
     seed: Optional[int] = None
     # None: the checkpoint's (engine/config.checkpoint_stop_ids), filled in by the engine on arrival.
     stop_token_ids: Optional[Tuple[int, ...]] = None
+    # Log-probabilities of each chosen token and of this many most likely ones (0..20); None: off.
+    # The model's log-softmax before temperature / top-k / top-p (what vLLM returns by default).
+    logprobs: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
@@ -94,6 +97,8 @@ class Request:
     # ---- state, owned by the engine -------------------------------------------------------
     status: RequestStatus = RequestStatus.WAITING
     output_ids: List[int] = field(default_factory=list)
+    # With params.logprobs: per output token, (its logprob, [(token id, logprob)] most likely first).
+    output_logprobs: List[Tuple[float, List[Tuple[int, float]]]] = field(default_factory=list)
     error: Optional[str] = None
     retryable: bool = False  # FAILED by something not its own (a decode pass of its batch): compute again
     positions: Optional[torch.Tensor] = None  # [3, prompt_len] M-RoPE positions

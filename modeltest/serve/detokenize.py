@@ -75,6 +75,14 @@ class Detokenizer:
         delta, self.sent = text[len(self.sent) :], text
         return delta
 
+    def kept_tokens(self) -> int:
+        """How many generated tokens the answer holds: the visible ones, or — a stop string having
+        cut the text — those up to the one that completes it."""
+        ids = self._visible()
+        if not self.stopped_by_string:
+            return len(ids)
+        return next((k for k in range(len(ids) + 1) if len(self._decode(ids[:k])) >= len(self._text)), len(ids))
+
     @property
     def text(self) -> str:
         return self._text

@@ -34,6 +34,7 @@ class TokenEvent:
 
     token_ids: List[int]
     done: bool = False
+    logprobs: Optional[list] = None  # per token (requests asking for logprobs): engine Request.output_logprobs
     status: Optional[RequestStatus] = None
     error: Optional[str] = None
     time: float = field(default_factory=time.perf_counter)
@@ -194,7 +195,11 @@ class EngineLoop:
             if new or done:
                 deliver(
                     TokenEvent(
-                        list(new), done=done, status=req.status if done else None, error=req.error if done else None
+                        list(new),
+                        done=done,
+                        status=req.status if done else None,
+                        error=req.error if done else None,
+                        logprobs=list(req.output_logprobs[sent:]) if req.params.logprobs is not None else None,
                     )
                 )
                 self._tracked[rid] = (req, deliver, len(req.output_ids))

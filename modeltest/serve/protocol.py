@@ -84,6 +84,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
+    logprobs: Optional[int] = None  # logprobs=true: this many top_logprobs per token (0..20)
     mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -109,6 +110,7 @@ class ChatRequest:
         seed = self.seed if self.seed is not None else (secrets.randbits(62) if temperature > 0 else None)
         return dict(
             max_new_tokens=max_tokens,
+            logprobs=self.logprobs,
             ignore_eos=self.ignore_eos,
             temperature=temperature,
             top_p=top_p,
@@ -160,6 +162,8 @@ CHAT_FIELDS = {
     "stream",
     "stream_options",
     "n",
+    "logprobs",
+    "top_logprobs",
     "user",  # an end-user id for the caller's own records: changes no output
     "top_k",
     "ignore_eos",
@@ -168,8 +172,6 @@ CHAT_FIELDS = {
 # OpenAI API fields (and vLLM extensions) that change what is generated and are not implemented
 # yet: refused unless at the value that means "off".
 NOT_IMPLEMENTED = {
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
@@ -316,6 +318,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
     problem = option_problem(mm, "video", MM_KWARGS)
     if problem:
         raise RequestError(400, f"mm_processor_kwargs.{problem}", "mm_processor_kwargs")
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise RequestError(400, f"'logprobs' must be true or false, got {want!r}", "logprobs")
+    top = _number(body, "top_logprobs", int, None, low=0, high=20)
+    if top is not None and not want:
+        raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
@@ -332,6 +340,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=bool(body.get("stream", False)),
         include_usage=bool(stream_options.get("include_usage", False)),
         continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
+        logprobs=(top or 0) if want else None,
         mm_processor_kwargs=dict(mm),
     )
 
@@ -348,8 +357,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
     }
 
 
+def logprobs_content(tokenizer, ids: List[int], logprobs: list) -> List[Dict]:
+    """OpenAI's `logprobs.content`: per token its text, logprob, UTF-8 bytes and top_logprobs."""
+
+    def entry(tid: int, lp: float) -> Dict:
+        text = tokenizer.decode([tid], skip_special_tokens=False)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in top]) for t, (lp, top) in zip(ids, logprobs)]
+
+
 def completion_body(
-    rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    logprobs: Optional[List[Dict]] = None,
 ) -> Dict:
     return {
         "id": rid,
@@ -361,7 +386,7 @@ def completion_body(
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish_reason,
-                "logprobs": None,
+                "logprobs": {"content": logprobs} if logprobs is not None else None,
             }
         ],
         "usage": usage(prompt_tokens, completion_tokens),
@@ -369,15 +394,17 @@ def completion_body(
 
 
 def chunk_body(
-    rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None, tokens=None
+    rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None, tokens=None, logprobs=None
 ) -> Dict:
-    """tokens: (prompt, completion so far) to carry usage in this chunk (continuous_usage_stats)."""
+    """tokens: (prompt, completion so far) to carry usage in this chunk (continuous_usage_stats);
+    logprobs: the `logprobs.content` entries of this chunk's tokens."""
+    lp = {"content": logprobs} if logprobs is not None else None
     body = {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}],
     }
     if tokens is not None:
         body["usage"] = usage(*tokens)

@@ -19,7 +19,7 @@ from ..inputs import ModelInput
 from .detokenize import Detokenizer
 from .engine_loop import EngineLoop, TokenEvent
 from .metrics import ServerMetrics
-from .protocol import ChatRequest, chunk_body, completion_body, error_body, usage_chunk_body
+from .protocol import ChatRequest, chunk_body, completion_body, error_body, logprobs_content, usage_chunk_body
 
 DISCONNECT_POLL_S = 0.25
 
@@ -66,6 +66,8 @@ class RequestRun:
         self.prompt_tokens = mi.prompt_tokens
         self.text = Detokenizer(ctx.tokenizer, req.stop, engine_req.params.stop_token_ids or (), req.ignore_eos)
         self.done = False
+        self.logprobs: list = []  # per generated token, from the engine (requests with logprobs)
+        self.logprobs_sent = 0
         self.first_token_at: Optional[float] = None
         self.created = int(time.time())
 
@@ -91,10 +93,22 @@ class RequestRun:
             self.ctx.loop.abort(self.engine_req.id)
             self.done = True
 
+    def new_logprobs(self) -> Optional[list]:
+        """`logprobs.content` entries of the answer's tokens not sent yet (None: not asked for)."""
+        if self.req.logprobs is None:
+            return None
+        n = self.text.kept_tokens()
+        entries = logprobs_content(
+            self.ctx.tokenizer, self.text.ids[self.logprobs_sent : n], self.logprobs[self.logprobs_sent : n]
+        )
+        self.logprobs_sent = max(self.logprobs_sent, n)
+        return entries
+
     def take(self, ev: TokenEvent) -> str:
         """Text delta of an event; a stop string found ends the request in the engine."""
         if self.text.stopped_by_string:
             return ""
+        self.logprobs += ev.logprobs or []
         delta = self.text.add(ev.token_ids)
         if self.text.stopped_by_string and not ev.done:
             self.ctx.loop.abort(self.engine_req.id)
@@ -144,7 +158,13 @@ class RequestRun:
                 self.text.finish()
                 reason, completion = self.finished(ev.status)
                 body = completion_body(
-                    self.engine_req.id, self.ctx.model_name, self.text.text, reason, self.prompt_tokens, completion
+                    self.engine_req.id,
+                    self.ctx.model_name,
+                    self.text.text,
+                    reason,
+                    self.prompt_tokens,
+                    completion,
+                    self.new_logprobs(),
                 )
                 self.log(200, completion)
                 return dict(body, system_fingerprint=self.ctx.fingerprint)
@@ -157,9 +177,9 @@ class RequestRun:
                 obj["system_fingerprint"] = self.ctx.fingerprint
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        def chunk(delta, reason=None):
+        def chunk(delta, reason=None, logprobs=None):
             tokens = (self.prompt_tokens, len(self.text.ids)) if self.req.continuous_usage else None
-            return sse(chunk_body(rid, self.ctx.model_name, self.created, delta, reason, tokens))
+            return sse(chunk_body(rid, self.ctx.model_name, self.created, delta, reason, tokens, logprobs))
 
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -173,8 +193,9 @@ class RequestRun:
                         self.log(500, len(self.text.ids))
                         break
                     delta += self.text.finish()
-                    if delta:
-                        yield chunk({"content": delta})
+                    lps = self.new_logprobs()
+                    if delta or lps:
+                        yield chunk({"content": delta}, logprobs=lps)
                     reason, completion = self.finished(ev.status)
                     yield chunk({}, reason)
                     self.log(200, completion)
@@ -183,8 +204,9 @@ class RequestRun:
                             usage_chunk_body(rid, self.ctx.model_name, self.created, self.prompt_tokens, completion)
                         )
                     break
-                if delta:
-                    yield chunk({"content": delta})
+                lps = self.new_logprobs()
+                if delta or lps:
+                    yield chunk({"content": delta}, logprobs=lps)
                 ev = await self.next_event()
                 if ev is None:
                     return
