@@ -550,11 +550,8 @@ def test_fields_not_implemented_are_refused_by_name_never_ignored(server):
     refused = {
         "response_format": {"type": "json_object"},
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "presence_penalty": 0.5,
-        "frequency_penalty": 1,
-        "logit_bias": {"11": 5},
-        "min_tokens": 3,
-        "repetition_penalty": 1.1,
+        "best_of": 3,
+        "guided_json": {"type": "object"},
     }
     for field, value in refused.items():
         r = httpx.post(url, json={**base, field: value}, headers=h)
@@ -565,6 +562,11 @@ def test_fields_not_implemented_are_refused_by_name_never_ignored(server):
     tool = {"role": "tool", "content": "42", "tool_call_id": "c1"}
     r = httpx.post(url, json={**base, "messages": [*base["messages"], tool]}, headers=h)
     assert r.status_code == 400 and "tool calls are not implemented" in r.json()["error"]["message"]
+    # penalties and logit_bias reach the engine: +100 on one token makes every token that one
+    forced = httpx.post(url, json={**base, "logit_bias": {"15": 100}, "ignore_eos": True}, headers=h).json()
+    assert forced["usage"]["completion_tokens"] == 2 and forced["choices"][0]["message"]["content"] == "00"
+    bad = httpx.post(url, json={**base, "logit_bias": {"15": 300}}, headers=h)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
     # the values that mean "off" (what benchmark clients send by default) run, as does `user`
     off = {"presence_penalty": 0, "logprobs": False, "response_format": {"type": "text"}, "user": "u1", "n": 1}
     plain = httpx.post(url, json=base, headers=h).json()

@@ -146,6 +146,11 @@ class LLMEngine:
         request that names no stop tokens gets the checkpoint's."""
         if req.params.stop_token_ids is None:
             req.params = dataclasses.replace(req.params, stop_token_ids=self.stop_token_ids)
+        vocab = self.runner.model_cfg.vocab_size
+        bias = req.params.logit_bias or {}
+        if any(not 0 <= t < vocab for t in bias) or any(not -100 <= v <= 100 for v in bias.values()):
+            self.scheduler.refuse(req, f"logit_bias: token ids must be in 0..{vocab - 1} and biases in -100..100")
+            return
         try:
             self._locate_media(req)
         except ValueError as e:

@@ -20,6 +20,7 @@ from ..errors import UserError
 from .config import Qwen2VLConfig
 from .kv_cache import allocate_cache, blocks_needed, bytes_per_token, slots_for
 from .loader import CheckpointReader
+from .logits import adjust_logits
 from .model import AttnMetadata, ChunkMeta, Qwen2VLModel
 from .parallel import TPContext
 from .request import Request, SamplingParams
@@ -81,16 +82,24 @@ class Sampler:
 
     def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
         out = model.greedy(h).tolist()
-        full = [i for i, r in enumerate(reqs) if not r.params.greedy or r.params.logprobs is not None]
+        full = [i for i, r in enumerate(reqs) if not plain_greedy(r.params)]
         if full:
             logits = model.full_logits(h[full]).float()  # [S, vocab]
             for row, i in zip(logits, full):
                 r = reqs[i]
+                chosen_from = adjust_logits(row, r) if r.params.adjusts_logits else row
                 if not r.params.greedy:
-                    out[i] = sample_token(row, r.params, step=len(r.output_ids))
+                    out[i] = sample_token(chosen_from, r.params, step=len(r.output_ids))
+                elif r.params.adjusts_logits:
+                    out[i] = int(torch.argmax(chosen_from))
                 if r.params.logprobs is not None:
                     r.output_logprobs.append(token_logprobs(row, out[i], r.params.logprobs))
         return out
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Whether the argmax of the raw logits is all a token needs (a CUDA graph can run it)."""
+    return p.greedy and p.logprobs is None and not p.adjusts_logits
 
 
 def token_logprobs(logits: torch.Tensor, chosen: int, top: int):
@@ -266,7 +275,7 @@ class ModelRunner:
         start = time.perf_counter()
         dev = self.tp.device
         d = self._decode_rows(reqs)
-        plain = all(r.params.greedy and r.params.logprobs is None for r in reqs)
+        plain = all(plain_greedy(r.params) for r in reqs)
         if self.graphs is not None and self.sampler.capturable and plain:
             tables = [r.blocks for r in reqs]
             next_ids = self.graphs.run(d["ids"], d["pos"], d["slots"], tables, d["lengths"])

@@ -76,10 +76,24 @@ class SamplingParams:
     # Log-probabilities of each chosen token and of this many most likely ones (0..20); None: off.
     # The model's log-softmax before temperature / top-k / top-p (what vLLM returns by default).
     logprobs: Optional[int] = None
+    # Logit adjustments (engine/logits.py says how each is applied); the defaults change nothing.
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Optional[Dict[int, float]] = None
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
+            or self.min_tokens > 0
+        )
 
 
 @dataclass

@@ -147,6 +147,13 @@ class Scheduler:
                 f"sampling parameters out of range (temperature {p.temperature} must be >= 0, top_p "
                 f"{p.top_p} in (0, 1], top_k {p.top_k} >= 0)"
             )
+        if p.repetition_penalty <= 0 or not (-2 <= p.frequency_penalty <= 2 and -2 <= p.presence_penalty <= 2):
+            return (
+                f"penalties out of range (repetition_penalty {p.repetition_penalty} must be > 0; "
+                f"frequency_penalty {p.frequency_penalty} and presence_penalty {p.presence_penalty} in [-2, 2])"
+            )
+        if not 0 <= p.min_tokens <= p.max_new_tokens:
+            return f"min_tokens {p.min_tokens} must be between 0 and max_new_tokens {p.max_new_tokens}"
         if blocks_needed(n + p.max_new_tokens, c.block_size) > c.num_blocks:
             return (
                 f"input {n} + output {p.max_new_tokens} tokens do not fit the KV cache "

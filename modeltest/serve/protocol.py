@@ -85,6 +85,8 @@ class ChatRequest:
     include_usage: bool = False
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
     logprobs: Optional[int] = None  # logprobs=true: this many top_logprobs per token (0..20)
+    # logit adjustments (engine/logits.py), the SamplingParams fields of the same names
+    adjust: Dict[str, Any] = field(default_factory=dict)
     mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,9 +110,12 @@ class ChatRequest:
         if top_p <= 0:
             raise RequestError(400, "'top_p' must be above 0", "top_p")
         seed = self.seed if self.seed is not None else (secrets.randbits(62) if temperature > 0 else None)
+        if self.adjust.get("min_tokens", 0) > max_tokens:
+            raise RequestError(400, f"'min_tokens' is over max_tokens {max_tokens}", "min_tokens")
         return dict(
             max_new_tokens=max_tokens,
             logprobs=self.logprobs,
+            **self.adjust,
             ignore_eos=self.ignore_eos,
             temperature=temperature,
             top_p=top_p,
@@ -164,9 +169,14 @@ CHAT_FIELDS = {
     "n",
     "logprobs",
     "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
     "user",  # an end-user id for the caller's own records: changes no output
     "top_k",
     "ignore_eos",
+    "repetition_penalty",
+    "min_tokens",
     "mm_processor_kwargs",  # vLLM's extensions, implemented
 }
 # OpenAI API fields (and vLLM extensions) that change what is generated and are not implemented
@@ -178,16 +188,11 @@ NOT_IMPLEMENTED = {
     "parallel_tool_calls": (True, False),  # meaningless without tools, refused with them
     "functions": ([],),
     "function_call": ("none",),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
     "reasoning_effort": (),
     "web_search_options": (),
-    "min_tokens": (0,),
-    "repetition_penalty": (1,),
     "best_of": (1,),
     "use_beam_search": (False,),
     "guided_json": (),
@@ -324,6 +329,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     top = _number(body, "top_logprobs", int, None, low=0, high=20)
     if top is not None and not want:
         raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    adjust = _adjustments(body)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
@@ -341,8 +347,36 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage=bool(stream_options.get("include_usage", False)),
         continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
         logprobs=(top or 0) if want else None,
+        adjust=adjust,
         mm_processor_kwargs=dict(mm),
     )
+
+
+def _adjustments(body: Dict) -> Dict[str, Any]:
+    """Penalties, logit_bias and min_tokens of a request, checked; only those it sets."""
+    out: Dict[str, Any] = {}
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) is not None:
+            out[key] = float(_number(body, key, (int, float), 0, low=-2, high=2))
+    rep = _number(body, "repetition_penalty", (int, float), None, low=0)
+    if rep is not None:
+        if rep <= 0:
+            raise RequestError(400, "'repetition_penalty' must be above 0", "repetition_penalty")
+        out["repetition_penalty"] = float(rep)
+    if body.get("min_tokens") is not None:
+        out["min_tokens"] = _number(body, "min_tokens", int, 0, low=0)
+    bias = body.get("logit_bias")
+    if bias:
+        if not isinstance(bias, dict):
+            raise RequestError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias")
+        try:
+            parsed = {int(k): float(v) for k, v in bias.items() if not isinstance(v, bool)}
+        except (TypeError, ValueError):
+            parsed = {}
+        if len(parsed) != len(bias) or any(not -100 <= v <= 100 for v in parsed.values()):
+            raise RequestError(400, "'logit_bias' maps token ids to biases in -100..100", "logit_bias")
+        out["logit_bias"] = parsed
+    return out
 
 
 def _optional_float(x) -> Optional[float]:
