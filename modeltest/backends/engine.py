@@ -83,6 +83,7 @@ class EngineBackend(Backend):
         start = time.perf_counter()
         with self._processors.borrow() as processor:
             mi = model_input(processor, sample_messages(sample), self.settings.media, self.model_cfg.use_chat_template)
+        mi.media_keys()  # hash the pixels here, in a preparing thread, not in the loop that feeds the engine
         return Prepared(
             sample=sample,
             text=mi.text,
