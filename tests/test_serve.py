@@ -297,6 +297,12 @@ def bad_requests(media):
             "corrupt or unreadable video",
         ),
         (
+            "undecodable video sent as data",
+            chat([{"type": "video_url", "video_url": {"url": data_url(media / "broken.mp4", "video/mp4")}}]),
+            400,
+            "corrupt or unreadable video",
+        ),
+        (
             "frame-list video",
             chat([{"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,/9j/AA,/9j/AB"}}]),
             400,
@@ -346,6 +352,9 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, med
         err = r.json()["error"]
         assert message in err["message"], (what, err)
         assert set(err) == {"message", "type", "param", "code"}, what
+        assert "modeltest-serve-" not in err["message"], (what, err)  # never the server's own file
+        if "undecodable" in what:  # a medium's failure names its part
+            assert err["param"] == "messages[0].content[0]", (what, err)
     r = client.chat.completions.create(
         model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0
     )

@@ -27,6 +27,18 @@ from .protocol import ChatRequest, MediaPart, RequestError
 IMAGE_KWARGS = ("min_pixels", "max_pixels")  # mm_processor_kwargs that apply to images
 
 
+def media_error(message: str, local: Dict[str, MediaPart], work: str) -> RequestError:
+    """A decode failure as the client sees it: `param` names the part (messages[i].content[j]),
+    and the message says what the client sent, never the server's file for it."""
+    param = "messages"
+    for path, part in sorted(local.items(), key=lambda kv: -len(kv[0])):
+        if path in message:
+            param = part.param
+            sent = part.url if not part.url.startswith("data:") and "://" in part.url else f"the {part.kind} data"
+            message = message.replace(path, sent)
+    return RequestError(400, f"media: {message.replace(work, '<upload>')}", param)
+
+
 class Preprocessor:
     def __init__(self, cfg: ServeConfig):
         require_qwen_vl_utils()
@@ -66,10 +78,10 @@ class Preprocessor:
         with self._processors.borrow() as proc:
             return self._inputs(req, proc)
 
-    def conversation(self, req: ChatRequest, work: Path) -> List[Dict[str, Any]]:
+    def conversation(self, req: ChatRequest, work: Path, local: Dict[str, MediaPart] = None) -> List[Dict[str, Any]]:
         """The request's messages in qwen-vl-utils' form, each medium a local file under `work`
         (or an allowed local path) with this server's options and the request's
-        mm_processor_kwargs."""
+        mm_processor_kwargs; `local` collects which part each file is."""
         messages: List[Dict[str, Any]] = []
         for m in req.messages:
             content = []
@@ -78,17 +90,20 @@ class Preprocessor:
                     content.append({"type": "text", "text": part})
                 else:
                     path = self.resolver.resolve(part, work)
+                    if local is not None:
+                        local[str(path)] = part
                     content.append({"type": part.kind, part.kind: path, **self.options(part, req)})
             messages.append({"role": m.role, "content": content})
         return messages
 
     def _inputs(self, req: ChatRequest, proc) -> ModelInput:
         with tempfile.TemporaryDirectory(prefix="modeltest-serve-") as work:
-            messages = self.conversation(req, Path(work))
+            local: Dict[str, MediaPart] = {}
+            messages = self.conversation(req, Path(work), local)
             try:
                 mi = model_input(proc, messages, self.media)
             except SampleError as e:
-                raise RequestError(400, f"media: {e}", "messages") from None
+                raise media_error(str(e), local, work) from None
         n = mi.prompt_tokens
         if n > self.cfg.max_input_length:
             raise RequestError(
