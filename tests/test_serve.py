@@ -665,3 +665,27 @@ def test_logprobs_are_the_models_log_softmax_streamed_or_not(client, demo, refer
         logits = hf(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()
     want = torch.log_softmax(logits[n - 1 : n - 1 + len(ids)], dim=-1).gather(1, torch.tensor(ids)[:, None])[:, 0]
     assert torch.allclose(torch.tensor([e.logprob for e in content]), want, atol=1e-4)
+
+
+def test_n_choices_are_reproducible_with_a_seed(server, client):
+    ask = dict(
+        model="Qwen2-VL-tiny-random",
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=6,
+        temperature=1.0,
+        seed=1234,
+        n=3,
+    )
+    a = client.chat.completions.create(**ask)
+    b = client.chat.completions.create(**ask)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1  # each choice draws its own tokens
+    single = client.chat.completions.create(**{**ask, "n": 1})
+    assert single.choices[0].message.content == texts[0]  # choice 0 is the request with n=1
+    # completion tokens counted over all choices, the prompt once
+    assert single.usage.completion_tokens < a.usage.completion_tokens <= 3 * 6
+    assert a.usage.prompt_tokens == single.usage.prompt_tokens
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**ask, "stream": True}, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"

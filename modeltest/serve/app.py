@@ -16,6 +16,7 @@ which frees its KV blocks at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -37,7 +38,7 @@ from .engine_loop import EngineLoop
 from .metrics import ServerMetrics
 from .preprocess import Preprocessor
 from .protocol import ChatRequest, RequestError, SamplingDefaults, model_card, models_body, parse_chat_request
-from .responses import RequestRun, ServingContext, access_log, error_response
+from .responses import RequestRun, ServingContext, access_log, complete_choices, error_response
 
 
 @dataclass
@@ -147,11 +148,19 @@ def create_app(
             metrics.requests.labels(code="500").inc()
             access_log("POST", http.url.path, 500, time.perf_counter() - arrival)
             return error_response(500, f"preprocessing failed: {first_line(e)}")
-        engine_req = engine_request(f"chatcmpl-{uuid.uuid4().hex}", model_input, params)
-        events: asyncio.Queue = asyncio.Queue()
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
         aloop = asyncio.get_running_loop()
-        loop.submit(engine_req, lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev))
-        run = RequestRun(ctx, engine_req, req, model_input, events, http, arrival)
+
+        def start(choice: int) -> RequestRun:
+            p = params if choice == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + choice)
+            engine_req = engine_request(rid if req.n == 1 else f"{rid}-{choice}", model_input, p)
+            events: asyncio.Queue = asyncio.Queue()
+            loop.submit(engine_req, lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev))
+            return RequestRun(ctx, engine_req, req, model_input, events, http, arrival, report=req.n == 1)
+
+        if req.n > 1:
+            return await complete_choices(ctx, [start(i) for i in range(req.n)], rid, http.url.path, arrival)
+        run = start(0)
         if not req.stream:
             return await run.complete()
         first = await run.next_event()

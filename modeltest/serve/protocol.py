@@ -87,6 +87,7 @@ class ChatRequest:
     logprobs: Optional[int] = None  # logprobs=true: this many top_logprobs per token (0..20)
     # logit adjustments (engine/logits.py), the SamplingParams fields of the same names
     adjust: Dict[str, Any] = field(default_factory=dict)
+    n: int = 1  # choices; choice i of a sampled request draws with seed + i
     mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -232,6 +233,9 @@ MM_KWARGS = {
 }
 
 
+MAX_CHOICES = 16  # n at most
+
+
 def _number(body: Dict, key: str, kind, default, low=None, high=None):
     value = body.get(key, default)
     if value is None:
@@ -299,8 +303,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", "model")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "'n' must be 1 (one choice per request)", "n")
+    n = _number(body, "n", int, 1, low=1, high=MAX_CHOICES)
+    if n > 1 and body.get("stream"):
+        raise RequestError(400, "'n' > 1 with 'stream' is not implemented by this server", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -348,6 +353,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
         logprobs=(top or 0) if want else None,
         adjust=adjust,
+        n=n,
         mm_processor_kwargs=dict(mm),
     )
 

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, List, Optional
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
@@ -60,7 +60,11 @@ class RequestRun:
         events: asyncio.Queue,
         http: HTTPRequest,
         arrival: float,
+        report: bool = True,
     ):
+        # report: count this run in the request metrics and the access log (False for the choices
+        # of an n > 1 request, which is reported once, by complete_choices)
+        self.report = report
         self.ctx = ctx
         self.engine_req, self.req, self.events, self.http, self.arrival = engine_req, req, events, http, arrival
         self.prompt_tokens = mi.prompt_tokens
@@ -116,6 +120,8 @@ class RequestRun:
 
     def log(self, status: int, completion: int) -> None:
         """The request's access-log line (never its text), once it has its answer."""
+        if not self.report:
+            return
         access_log(
             "POST",
             self.http.url.path,
@@ -128,16 +134,18 @@ class RequestRun:
 
     def failed(self, ev: TokenEvent) -> JSONResponse:
         status = 503 if self.ctx.loop.state == "dead" else 400
-        self.ctx.metrics.requests.labels(code=str(status)).inc()
+        if self.report:
+            self.ctx.metrics.requests.labels(code=str(status)).inc()
         self.log(status, 0)
         return error_response(status, ev.error or "the request failed")
 
     def finished(self, status: RequestStatus):
         completion = len(self.text.ids)
-        self.ctx.metrics.requests.labels(code="200").inc()
-        self.ctx.metrics.prompt_tokens.inc(self.prompt_tokens)
         self.ctx.metrics.generation_tokens.inc(completion)
-        self.ctx.metrics.latency.observe(time.perf_counter() - self.arrival)
+        if self.report:
+            self.ctx.metrics.requests.labels(code="200").inc()
+            self.ctx.metrics.prompt_tokens.inc(self.prompt_tokens)
+            self.ctx.metrics.latency.observe(time.perf_counter() - self.arrival)
         return self.text.finish_reason(status, self.engine_req.max_new_tokens), completion
 
     async def complete(self):
@@ -213,3 +221,28 @@ class RequestRun:
             yield "data: [DONE]\n\n"
         finally:
             self.abort()  # the client went away mid-stream (or the stream ended: a no-op)
+
+
+async def complete_choices(ctx: ServingContext, runs: List[RequestRun], rid: str, path: str, arrival: float):
+    """An n > 1 request: its choices (one engine request each, sharing the prompt's blocks through
+    the prefix cache) in one body, index by index; usage counts the prompt once. One failing
+    choice fails the request (the others are aborted)."""
+    results = await asyncio.gather(*(run.complete() for run in runs))
+    failed = next((r for r in results if not isinstance(r, dict)), None)
+    if failed is not None:
+        for run in runs:
+            run.abort()
+        status = getattr(failed, "status_code", 500)
+        ctx.metrics.requests.labels(code=str(status)).inc()
+        access_log("POST", path, status, time.perf_counter() - arrival, rid)
+        return failed
+    body = dict(results[0], id=rid)
+    body["choices"] = [dict(r["choices"][0], index=i) for i, r in enumerate(results)]
+    prompt = runs[0].prompt_tokens
+    completion = sum(r["usage"]["completion_tokens"] for r in results)
+    body["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    ctx.metrics.requests.labels(code="200").inc()
+    ctx.metrics.prompt_tokens.inc(prompt)
+    ctx.metrics.latency.observe(time.perf_counter() - arrival)
+    access_log("POST", path, 200, time.perf_counter() - arrival, rid, prompt, completion)
+    return body
