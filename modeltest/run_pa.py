@@ -166,7 +166,7 @@ def backend_settings(args):
     """The backend's settings from the reference runner's arguments, checked before it loads."""
     from .backends import traits
     from .backends.base import BackendSettings
-    from .config.loader import resolve_data_type
+    from .config.loader import resolve_data_type, unused_engine_setting
     from .device import resolve_device
     from .engine.config import read_checkpoint_config
 
@@ -183,6 +183,10 @@ def backend_settings(args):
         vision_cache=not args.no_vision_cache,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
+    unused = unused_engine_setting(mcfg)
+    if unused:
+        flag = {"prefix_cache": "--no_prefix_cache", "vision_cache": "--no_vision_cache"}.get(unused, f"--{unused}")
+        raise UserError(f"{flag} is an engine setting; use it with --backend engine, not {args.backend}")
     mcfg.data_type = resolve_data_type(mcfg)
     if not traits(args.backend).tensor_parallel and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--backend {args.backend} runs in one process; use --backend engine for --world_size > 1")

@@ -351,6 +351,32 @@ def test_low_precision_runs_check_tokens_in_fp32(bench_cache, tmp_path):
     assert "lowp_tokens_match" in report
 
 
+def test_reuse_workloads_report_their_figures_and_refuse_options_they_do_not_read(bench_cache, tmp_path):
+    """The reuse benchmarks' checks, not their timings: reuse on gives the off path's tokens and
+    says what it reused; the probe and the capacity count report their figures."""
+    from modeltest.errors import UserError
+
+    out = tmp_path / "shared.json"
+    argv = ["--preset", "tiny", "--dtype", "fp32", "--json", str(out)]
+    shared = ["--workload", "videobench-shared", "--clips", "1", "--questions-per-clip", "2", "--clip", "4x112x112"]
+    assert run_bench([*argv, *shared, "--new-tokens", "4"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tokens_identical"] is True and report["reuse"]["vision_cache_hits"] == 1
+    assert report["samples_per_s"]["reuse_on"] > 0 and report["samples_per_s"]["reuse_off"] > 0
+    probe_argv = ["--workload", "serving-probe", "--long-prompt", "2048", "--max-num-batched-tokens", "256"]
+    assert run_bench([*argv, *probe_argv]) == 0
+    probe = json.loads(out.read_text())
+    # in one pass the streams wait for the whole prefill; in 8 chunks they go on between them
+    assert probe["one_pass"]["gap_over_ttft"] > 0.95 and 0 < probe["chunked"]["gap_over_ttft"] < 0.75
+    assert run_bench([*argv, "--workload", "kv-capacity"]) == 0
+    capacity = json.loads(out.read_text())
+    assert capacity["on_demand"]["peak_running"] > capacity["reserved"]["peak_running"]
+    with pytest.raises(UserError, match="--requests does not apply to --workload kv-capacity"):
+        run_bench([*argv, "--workload", "kv-capacity", "--requests", "3"])
+    with pytest.raises(UserError, match="--clips does not apply to --workload textvqa"):
+        run_bench([*argv, "--workload", "textvqa", "--clips", "3"])
+
+
 def test_unknown_preset_is_a_clear_error(bench_cache):
     from modeltest.errors import UserError
 

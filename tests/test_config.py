@@ -107,6 +107,15 @@ def test_wrong_type_names_expected(cfg_dir):
         load(cfg_dir, ["model.use_chat_template=maybe"], check_paths=False)
 
 
+def test_engine_settings_with_another_backend_are_refused_by_name(cfg_dir):
+    for key in ("prefix_cache=false", "vision_cache_mb=64", "max_num_batched_tokens=4096"):
+        with pytest.raises(UserError, match=rf"model.{key.split('=')[0]}: an engine setting, and model.backend is hf"):
+            load(cfg_dir, ["model.backend=hf", f"model.{key}"], check_paths=False)
+    load(cfg_dir, ["model.backend=hf", "model.prefix_cache=true"], check_paths=False)  # the default: nothing unused
+    with pytest.raises(UserError, match=r"max_num_batched_tokens 100 must be at least max_batch_size \+ block_size"):
+        load(cfg_dir, ["model.max_num_batched_tokens=100"], check_paths=False)
+
+
 def test_wrong_dtype(cfg_dir, weights, data):
     with pytest.raises(UserError, match=r"model.data_type: 'int4' is not one of bf16, fp16, fp32"):
         load(cfg_dir, [f"model.model_path={weights}", f"task.local_dataset_path={data}", "data_type=int4"])

@@ -104,6 +104,14 @@ def test_bad_arguments_are_one_line_errors(demo, tmp_path):
     assert proc.returncode == 2 and "has no config.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_pa(["--model_path", str(demo.model), "--input_image", str(tmp_path / "missing.png")], check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+    image = demo.root / "textvqa" / "images" / "demo_000.jpg"
+    proc = run_pa(
+        ["--model_path", str(demo.model), "--input_image", str(image), "--backend", "hf", "--no_prefix_cache"],
+        check=False,
+    )
+    assert (
+        proc.returncode == 2 and "--no_prefix_cache is an engine setting; use it with --backend engine" in proc.stderr
+    )
 
 
 def test_one_bad_file_in_a_folder_is_that_requests_error(demo, tmp_path):

@@ -14,6 +14,7 @@ import itertools
 import time
 from typing import Dict, List
 
+from ..config.schema import ENGINE_SETTINGS
 from ..core import Sample
 from ..device import TORCH_DTYPES
 from ..engine.engine import EngineConfig, LLMEngine, Request, RequestStatus, SamplingParams
@@ -35,11 +36,7 @@ def engine_config(settings: BackendSettings) -> EngineConfig:
         max_batch_size=settings.max_batch_size,
         max_input_length=settings.max_input_length,
         max_output_length=settings.max_output_length,
-        block_size=m.block_size,
-        prefix_cache=m.prefix_cache,
-        vision_cache=m.vision_cache,
-        vision_cache_mb=m.vision_cache_mb,
-        max_num_batched_tokens=m.max_num_batched_tokens,
+        **{k: getattr(m, k) for k in ENGINE_SETTINGS},
     )
 
 

@@ -14,6 +14,7 @@ class BackendTraits:
     tensor_parallel: bool  # one model replica over several processes (tp > 1)
     local_weights: bool  # reads model_path here (config.json, weights, data type); False: a served model
     local_media: bool  # decodes images/videos here (media cache, worker processes)
+    engine_settings: bool  # takes the engine's KV and reuse settings (config.schema.ENGINE_SETTINGS)
 
     @property
     def served(self) -> bool:
@@ -21,9 +22,11 @@ class BackendTraits:
 
 
 TRAITS: Dict[str, BackendTraits] = {
-    "engine": BackendTraits("engine", tensor_parallel=True, local_weights=True, local_media=True),
-    "hf": BackendTraits("hf", tensor_parallel=False, local_weights=True, local_media=True),
-    "openai": BackendTraits("openai", tensor_parallel=False, local_weights=False, local_media=False),
+    "engine": BackendTraits("engine", tensor_parallel=True, local_weights=True, local_media=True, engine_settings=True),
+    "hf": BackendTraits("hf", tensor_parallel=False, local_weights=True, local_media=True, engine_settings=False),
+    "openai": BackendTraits(
+        "openai", tensor_parallel=False, local_weights=False, local_media=False, engine_settings=False
+    ),
 }
 BACKENDS = tuple(TRAITS)
 DEFAULT_BACKEND = "engine"  # its output files carry no backend suffix (outputs.run_variant)

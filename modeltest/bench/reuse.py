@@ -15,7 +15,6 @@ timed back to back (ratios: shared machines are noisy).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -40,22 +39,40 @@ def add_arguments(b) -> None:
     b.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's (default: per device)")
 
 
+# The options each workload reads; any other option set away from its default is refused by name.
+COMMON = {"preset", "workload", "dtype", "device", "json", "seed", "help"}
+REUSE_OPTIONS = {"clips", "questions_per_clip", "clip", "long_prompt", "max_num_batched_tokens"}
+READS = {
+    "videobench-shared": COMMON
+    | {"clips", "questions_per_clip", "clip", "new_tokens", "batch_sizes", "repeats", "max_num_batched_tokens"},
+    "serving-probe": COMMON | {"long_prompt", "max_num_batched_tokens"},
+    "kv-capacity": COMMON | {"max_num_batched_tokens"},
+}
+
+
+def refuse_unused_options(args) -> None:
+    """An option the chosen workload does not read is refused, not ignored."""
+    w, parser = args.workload, args.bench_parser
+    # the command's own options (argparse keeps them in _actions; the namespace also holds the
+    # CLI's bookkeeping, which is not an option)
+    options = [a.dest for a in parser._actions if a.option_strings]
+    unused = [
+        k
+        for k in options
+        if (k not in READS[w] if w in READS else k in REUSE_OPTIONS) and getattr(args, k) != parser.get_default(k)
+    ]
+    if unused:
+        raise UserError(f"--{unused[0].replace('_', '-')} does not apply to --workload {w}; leave it out")
+
+
 def make_engine(path, dtype: str, device: str, max_batch: int, max_input: int, max_output: int, **overrides):
-    """An engine by the harness's path (settings -> engine_config), with engine settings overridden."""
-    from ..backends.base import BackendSettings
-    from ..backends.engine import engine_config
-    from ..config.schema import ModelConfig
+    """An engine by the harness's path, with EngineConfig fields overridden."""
     from ..engine.engine import LLMEngine
     from ..engine.parallel import init_distributed
+    from .runners import bench_engine_config
 
-    settings = BackendSettings(
-        model=ModelConfig(model_path=str(path), data_type=dtype),
-        device=device,
-        max_batch_size=max_batch,
-        max_input_length=max_input,
-        max_output_length=max_output,
-    )
-    return LLMEngine(dataclasses.replace(engine_config(settings), **overrides), init_distributed(device))
+    cfg = bench_engine_config(path, dtype, device, max_batch, max_input, max_output, **overrides)
+    return LLMEngine(cfg, init_distributed(device))
 
 
 def clip_questions(processor, clips: int, questions: int, frames: int, size, seed: int) -> List[dict]:

@@ -84,7 +84,7 @@ def add_parser(sub) -> None:
         help="requests per workload in the fp32 token check run when --dtype is not fp32 (0: skip)",
     )
     reuse.add_arguments(b)
-    b.set_defaults(func=main)
+    b.set_defaults(func=main, bench_parser=b)
 
 
 def _size(text: str, flag: str):
@@ -161,6 +161,7 @@ def main(args) -> int:
 
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: must be at least 1")
+    reuse.refuse_unused_options(args)
     if args.workload in reuse.REUSE_WORKLOADS:
         return reuse.main(args)
     device = resolve_device(args.device)

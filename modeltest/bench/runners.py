@@ -53,29 +53,40 @@ class Measurement:
         }
 
 
+def bench_engine_config(
+    model_path, data_type: str, device: str, max_batch_size: int, max_input: int, max_output: int, **overrides
+):
+    """An EngineConfig by the harness's and run_pa's path (settings -> engine_config), with any
+    EngineConfig field overridden (the reuse benchmarks turn reuse and scheduling off)."""
+    import dataclasses
+
+    from ..backends.base import BackendSettings
+    from ..backends.engine import engine_config
+    from ..config.schema import ModelConfig
+
+    settings = BackendSettings(
+        model=ModelConfig(model_path=str(model_path), data_type=data_type),
+        device=device,
+        max_batch_size=max_batch_size,
+        max_input_length=max_input,
+        max_output_length=max_output,
+    )
+    return dataclasses.replace(engine_config(settings), **overrides)
+
+
 class EngineRunner:
     name = "engine"
 
     def __init__(self, model_path, data_type: str, device: str, max_batch_size: int, max_input: int, max_output: int):
-        from ..backends.base import BackendSettings
-        from ..backends.engine import engine_config
-        from ..config.schema import ModelConfig
         from ..engine.engine import LLMEngine
         from ..engine.parallel import init_distributed
 
         self.tp = init_distributed(device)
         self.device = self.tp.device
-        # The same path as the harness and run_pa: settings -> engine_config.
-        settings = BackendSettings(
-            model=ModelConfig(model_path=str(model_path), data_type=data_type),
-            device=device,
-            max_batch_size=max_batch_size,
-            max_input_length=max_input,
-            max_output_length=max_output,
-        )
+        cfg = bench_engine_config(model_path, data_type, device, max_batch_size, max_input, max_output)
         before = device_allocated_mb(self.device)
         with PeakRSS() as mem:
-            self.engine = LLMEngine(engine_config(settings), self.tp)
+            self.engine = LLMEngine(cfg, self.tp)
         self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
         self.load_device_mb = device_allocated_mb(self.device) - before  # weights + KV cache
 

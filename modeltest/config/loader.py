@@ -23,7 +23,16 @@ from ..engine.config import read_checkpoint_config
 from ..engine.scheduler import batched_tokens_problem
 from ..errors import UserError
 from ..media.options import option_problem
-from .schema import DATA_TYPES, OPENAI_MEDIA, ModelConfig, RunConfig, TaskConfig, build_dataclass, field_paths
+from .schema import (
+    DATA_TYPES,
+    ENGINE_SETTINGS,
+    OPENAI_MEDIA,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    build_dataclass,
+    field_paths,
+)
 
 TORCH_DTYPE_TO_DATA_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -176,6 +185,16 @@ def validate_paths(cfg: EvalConfig) -> None:
         raise UserError(f"task.local_dataset_path: '{t.local_dataset_path}' does not exist; fix the path")
 
 
+def unused_engine_setting(m: ModelConfig) -> Optional[str]:
+    """An engine setting (config.schema.ENGINE_SETTINGS) changed from its default for a backend
+    that would not use it (None: none). block_size, which every saved config carries, is left
+    out: it changes nothing off the engine and was accepted before these settings existed."""
+    if traits(m.backend).engine_settings:
+        return None
+    default = ModelConfig()
+    return next((k for k in ENGINE_SETTINGS if k != "block_size" and getattr(m, k) != getattr(default, k)), None)
+
+
 def validate_values(cfg: EvalConfig) -> None:
     if cfg.model.backend not in BACKENDS:
         raise UserError(f"model.backend: '{cfg.model.backend}' is not one of {', '.join(BACKENDS)}")
@@ -198,6 +217,12 @@ def validate_values(cfg: EvalConfig) -> None:
     if cfg.run.prep_timeout_s <= 0:
         raise UserError(f"prep_timeout_s: must be positive, got {cfg.run.prep_timeout_s}")
     m = cfg.model
+    unused = unused_engine_setting(m)
+    if unused:
+        raise UserError(
+            f"model.{unused}: an engine setting, and model.backend is {m.backend}; remove it or use "
+            "model.backend=engine"
+        )
     problem = batched_tokens_problem(m.max_num_batched_tokens, cfg.run.batch_size, m.block_size)
     if problem:
         raise UserError(f"model.{problem}")

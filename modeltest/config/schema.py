@@ -33,6 +33,12 @@ class MMModelConfig:
     infer_params: InferParams = field(default_factory=InferParams)
 
 
+# The ModelConfig fields that are EngineConfig fields of the same name and meaning (the engine's
+# KV and reuse settings): backends/engine.engine_config passes them on, `modeltest serve` fills
+# them from its own options of the same names.
+ENGINE_SETTINGS = ("block_size", "prefix_cache", "vision_cache", "vision_cache_mb", "max_num_batched_tokens")
+
+
 @dataclass
 class ModelConfig:
     model_name: str = "qwen2_vl"

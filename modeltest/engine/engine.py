@@ -39,14 +39,17 @@ from .scheduler import Scheduler, SchedulerConfig, batched_tokens_problem
 
 # Chunk size where none is set: on a CPU a 1024-token chunk already keeps the matrix units busy
 # and holds running streams up for a fraction of a second; accelerators want bigger passes.
-DEFAULT_BATCHED_TOKENS = {"cpu": 1024}
+DEFAULT_BATCHED_TOKENS_CPU = 1024
 DEFAULT_BATCHED_TOKENS_ACCELERATOR = 4096
 
 
 def batched_tokens(cfg: "EngineConfig", device_type: str) -> int:
-    n = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS.get(device_type, DEFAULT_BATCHED_TOKENS_ACCELERATOR)
-    # a chunk must always fit beside a full batch of decodes
-    return max(n, cfg.max_batch_size + cfg.block_size) if cfg.max_num_batched_tokens is None else n
+    """New tokens per pass: the setting, else the device's default raised, if need be, so that a
+    chunk fits beside a full batch of decodes (a set value that cannot is refused instead)."""
+    if cfg.max_num_batched_tokens is not None:
+        return cfg.max_num_batched_tokens
+    default = DEFAULT_BATCHED_TOKENS_CPU if device_type == "cpu" else DEFAULT_BATCHED_TOKENS_ACCELERATOR
+    return max(default, cfg.max_batch_size + cfg.block_size)
 
 
 @dataclass

@@ -109,11 +109,14 @@ class BlockPool:
             if self.refs[b] == 0:
                 self.free[b] = None
 
-    def register(self, block: int, h: bytes) -> None:
-        """Make a computed full block findable by its hash (the first block with a hash keeps it)."""
-        if self.prefix_cache and h not in self.by_hash and self.hash_of[block] is None:
-            self.by_hash[h] = block
-            self.hash_of[block] = h
+    def register(self, block: int, h: bytes) -> bool:
+        """Make a full block findable by its hash; False where it already is, or another block
+        holds that hash (the first keeps it), or the prefix cache is off."""
+        if not self.prefix_cache or h in self.by_hash or self.hash_of[block] is not None:
+            return False
+        self.by_hash[h] = block
+        self.hash_of[block] = h
+        return True
 
     def unregister(self, block: int) -> None:
         """A block whose computation failed: no longer findable."""

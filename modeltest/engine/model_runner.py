@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import List
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 import torch.distributed
@@ -110,6 +111,23 @@ def token_logprobs(logits: torch.Tensor, chosen: int, top: int):
     return float(lp[chosen]), pairs
 
 
+@dataclass
+class DecodeRows:
+    """The decode rows of a pass, one per request: the token it feeds, that token's position and
+    cache slot, the sequence's length; the block table and mask its attention reads."""
+
+    ids: List[int] = field(default_factory=list)
+    pos: List[int] = field(default_factory=list)
+    slots: List[int] = field(default_factory=list)
+    lengths: List[int] = field(default_factory=list)
+    table: Optional[torch.Tensor] = None  # [B, width] cache blocks
+    mask: Optional[torch.Tensor] = None  # [B, width * block_size] True where a slot is real
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.tensor(self.pos, dtype=torch.long).unsqueeze(0).expand(3, -1)  # [3, B]
+
+
 class ModelRunner:
     def __init__(self, cfg, tp: TPContext):
         """cfg: an EngineConfig (engine/engine.py)."""
@@ -202,7 +220,7 @@ class ModelRunner:
         self._vision_s = 0.0
         dev, bs = self.tp.device, self.cfg.block_size
         dec = self._decode_rows(sp.decodes)
-        ids, positions, slots = list(dec["ids"]), [dec["positions"]], list(dec["slots"])
+        ids, positions, slots = list(dec.ids), [dec.positions], list(dec.slots)
         chunks, keep, row = [], list(range(len(sp.decodes))), len(sp.decodes)
         for c in sp.chunks:
             r = c.request
@@ -222,8 +240,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, device=dev),
             block_size=bs,
             num_decodes=len(sp.decodes),
-            block_table=dec["table"],
-            context_mask=dec["mask"],
+            block_table=dec.table,
+            context_mask=dec.mask,
             chunks=chunks,
         )
         h = self.model(
@@ -248,26 +266,24 @@ class ModelRunner:
                 r.t_first_token = now
                 r.prefill_time = now - r.t_admitted
 
-    def _decode_rows(self, reqs: List[Request]) -> dict:
+    def _decode_rows(self, reqs: List[Request]) -> "DecodeRows":
         """Inputs of decode rows: each request feeds its last token (index num_tokens - 1)."""
         dev, bs = self.tp.device, self.cfg.block_size
-        ids, pos, slots, lengths = [], [], [], []
+        d = DecodeRows()
         for r in reqs:
             i = r.num_tokens - 1
-            ids.append(r.output_ids[-1])
-            pos.append(i + r.delta)
-            slots.append(r.blocks[i // bs] * bs + i % bs)
-            lengths.append(r.num_tokens)
-        out = dict(ids=ids, pos=pos, slots=slots, lengths=lengths, table=None, mask=None)
-        out["positions"] = torch.tensor(pos, dtype=torch.long).unsqueeze(0).expand(3, -1)  # [3, B]
+            d.ids.append(r.output_ids[-1])
+            d.pos.append(i + r.delta)
+            d.slots.append(r.blocks[i // bs] * bs + i % bs)
+            d.lengths.append(r.num_tokens)
         if reqs:
-            width = blocks_needed(max(lengths), bs)
-            out["table"] = torch.tensor(
+            width = blocks_needed(max(d.lengths), bs)
+            d.table = torch.tensor(
                 [r.blocks[:width] + [0] * (width - len(r.blocks[:width])) for r in reqs], device=dev
             )  # [B, width]
             offs = torch.arange(width * bs, device=dev)
-            out["mask"] = offs.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1)  # [B, width * bs]
-        return out
+            d.mask = offs.unsqueeze(0) < torch.tensor(d.lengths, device=dev).unsqueeze(1)  # [B, width * bs]
+        return d
 
     @torch.inference_mode()
     def decode(self, reqs: List[Request]) -> None:
@@ -278,17 +294,17 @@ class ModelRunner:
         plain = all(plain_greedy(r.params) for r in reqs)
         if self.graphs is not None and self.sampler.capturable and plain:
             tables = [r.blocks for r in reqs]
-            next_ids = self.graphs.run(d["ids"], d["pos"], d["slots"], tables, d["lengths"])
+            next_ids = self.graphs.run(d.ids, d.pos, d.slots, tables, d.lengths)
         else:
             meta = AttnMetadata(
-                slot_mapping=torch.tensor(d["slots"], device=dev),
+                slot_mapping=torch.tensor(d.slots, device=dev),
                 block_size=self.cfg.block_size,
                 num_decodes=len(reqs),
-                block_table=d["table"],
-                context_mask=d["mask"],
+                block_table=d.table,
+                context_mask=d.mask,
             )
-            input_ids = torch.tensor(d["ids"], device=dev)  # [B]
-            h = self.model(self.model.embed_inputs(input_ids, None, None), d["positions"].to(dev), meta, self.kv_cache)
+            input_ids = torch.tensor(d.ids, device=dev)  # [B]
+            h = self.model(self.model.embed_inputs(input_ids, None, None), d.positions.to(dev), meta, self.kv_cache)
             next_ids = self.sampler(self.model, reqs, h)
             synchronize(dev)
         elapsed = time.perf_counter() - start

@@ -22,7 +22,7 @@ import collections
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, List, Optional
 
 from .kv_cache import BlockPool, block_hashes, blocks_needed
 from .request import Request, RequestStatus
@@ -212,9 +212,9 @@ class Scheduler:
         cached = self.pool.lookup(r.block_hashes)
         if cached and len(cached) * bs >= target:
             cached = cached[:-1]  # the last token must be computed: its row gives the next token
-        need = blocks_needed(target, bs) - len(cached)
-        if not self.cfg.kv_on_demand:
-            need = blocks_needed(len(r.input_ids) + r.max_new_tokens, bs) - len(cached)
+        # on demand: the prefill's blocks now, the rest as tokens come; else all it may ever need
+        reserve = target if self.cfg.kv_on_demand else len(r.input_ids) + r.max_new_tokens
+        need = blocks_needed(reserve, bs) - len(cached)
         # cached blocks no one holds sit in the free list: taking them uses up free blocks too
         if need + sum(1 for b in cached if self.pool.refs[b] == 0) > self.pool.num_free:
             return False
@@ -243,10 +243,8 @@ class Scheduler:
         # Blocks this chunk completes become findable now: a later request in this same pass
         # reads their K/V after this pass writes them (every layer writes before it attends).
         for k in range(start // bs, min(end // bs, len(r.block_hashes))):
-            if self.pool.hash_of[r.blocks[k]] is None:
-                self.pool.register(r.blocks[k], r.block_hashes[k])
-                if self.pool.hash_of[r.blocks[k]] is not None:
-                    sp.registered.append(r.blocks[k])
+            if self.pool.register(r.blocks[k], r.block_hashes[k]):
+                sp.registered.append(r.blocks[k])
         return budget - (end - start)
 
     def _preempt(self, r: Request) -> None:
@@ -323,8 +321,3 @@ class Scheduler:
         if r.blocks:
             self.pool.release(r.blocks)
             r.blocks = []
-
-
-def pass_shape(sp: ScheduledPass) -> Tuple[int, int]:
-    """(decode rows, prefill rows) of a pass."""
-    return len(sp.decodes), sum(c.end - c.start for c in sp.chunks)

@@ -104,6 +104,7 @@ class Preprocessor:
                 mi = model_input(proc, messages, self.media)
             except SampleError as e:
                 raise media_error(str(e), local, work) from None
+        mi.media_keys()  # hash the pixels here, in a worker thread, never on the event loop
         n = mi.prompt_tokens
         if n > self.cfg.max_input_length:
             raise RequestError(

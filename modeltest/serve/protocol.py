@@ -8,6 +8,7 @@ an OpenAI-shaped body `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -210,8 +211,6 @@ _warned: set = set()
 def check_fields(body: Dict) -> None:
     """Refuse (400) a field that would change the output and is not implemented; log once each
     unknown field name (the request runs without it)."""
-    import logging
-
     for key, value in body.items():
         if key in CHAT_FIELDS or key in NO_EFFECT:
             continue

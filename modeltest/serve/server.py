@@ -14,7 +14,7 @@ import uvicorn
 from ..backends.base import BackendSettings
 from ..backends.engine import engine_config
 from ..config.loader import resolve_data_type
-from ..config.schema import ModelConfig
+from ..config.schema import ENGINE_SETTINGS, ModelConfig
 from ..device import resolve_device
 from ..engine.engine import LLMEngine
 from ..engine.loader import check_weight_files
@@ -66,11 +66,7 @@ def engine_builder(cfg: ServeConfig, device: str, tp):
         model_path=cfg.model_path,
         backend="engine",
         data_type=cfg.data_type,
-        block_size=cfg.block_size,
-        prefix_cache=cfg.prefix_cache,
-        vision_cache=cfg.vision_cache,
-        vision_cache_mb=cfg.vision_cache_mb,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        **{k: getattr(cfg, k) for k in ENGINE_SETTINGS},
     )
     model.data_type = resolve_data_type(model)
     settings = BackendSettings(
