@@ -11,7 +11,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed
@@ -30,6 +30,7 @@ from .scheduler import Chunk, ScheduledPass
 from .vision_cache import VisionCache
 
 STEP_TIMES_KEPT = 1 << 16
+PROMPT_LOGIT_ROWS = 256  # prompt rows turned into full-vocabulary logits at once (log-likelihood requests)
 
 
 def tune_cpu_allocator() -> None:
@@ -221,7 +222,11 @@ class ModelRunner:
         dev, bs = self.tp.device, self.cfg.block_size
         dec = self._decode_rows(sp.decodes)
         ids, positions, slots = list(dec.ids), [dec.positions], list(dec.slots)
+        # keep: the rows whose hidden states are needed — each sampled row (sample_at indexes
+        # them in keep) and the prompt rows of log-likelihood requests (scored)
         chunks, keep, row = [], list(range(len(sp.decodes))), len(sp.decodes)
+        sample_at = list(range(len(sp.decodes)))
+        scored: List[Tuple[Request, int, int, int]] = []  # (request, index in keep, first row's position, rows)
         for c in sp.chunks:
             r = c.request
             ids += r.all_ids[c.start : c.end]
@@ -229,8 +234,16 @@ class ModelRunner:
             slots += slots_for(r.blocks, c.start, c.end, bs)
             blocks = torch.tensor(r.blocks[: blocks_needed(c.end, bs)], device=dev)
             chunks.append(ChunkMeta(row=row, start=c.start, end=c.end, blocks=blocks))
+            if r.wants_prompt_logprobs:
+                # the row at position p scores prompt token p + 1: those not scored yet (after a
+                # preemption the prompt is prefilled again), up to the prompt's last token
+                lo, hi = max(c.start, len(r.prompt_logprobs)), min(c.end, len(r.input_ids) - 1)
+                if hi > lo:
+                    scored.append((r, len(keep), lo, hi - lo))
+                    keep += range(row + lo - c.start, row + hi - c.start)
             row += c.end - c.start
             if c.last:
+                sample_at.append(len(keep))
                 keep.append(row - 1)
         input_ids = torch.tensor(ids, device=dev)  # [T]
         x = self.model.embed_inputs(input_ids, None, None)  # [T, hidden]
@@ -252,6 +265,10 @@ class ModelRunner:
             keep=torch.tensor(keep, dtype=torch.long, device=dev),
         )
         sampled = sp.sampled
+        for r, at, first, rows in scored:
+            self._score_prompt(r, h[at : at + rows], first)
+        if scored:
+            h = h[sample_at]
         next_ids = self.sampler(self.model, sampled, h) if sampled else []
         synchronize(dev)
         now = time.perf_counter()
@@ -265,6 +282,24 @@ class ModelRunner:
             if r.t_first_token is None:
                 r.t_first_token = now
                 r.prefill_time = now - r.t_admitted
+
+    def _score_prompt(self, r: Request, h: torch.Tensor, first: int) -> None:
+        """Logprobs of r's prompt tokens first + 1 .. first + len(h) from the hidden states h
+        [rows, hidden] of positions first .. first + len(h) - 1: the model's log-softmax, as
+        token_logprobs gives for generated tokens. In slices, so a long prompt never holds
+        [prompt_len, vocab] fp32 logits at once."""
+        top = r.params.prompt_logprobs
+        for s in range(0, len(h), PROMPT_LOGIT_ROWS):
+            lp = torch.log_softmax(self.model.full_logits(h[s : s + PROMPT_LOGIT_ROWS]).float(), dim=-1)  # [k, vocab]
+            q = first + 1 + s
+            nxt = torch.tensor(r.input_ids[q : q + len(lp)], device=lp.device)
+            chosen = lp.gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()  # [k]
+            if top:
+                best = torch.topk(lp, top, dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            r.prompt_logprobs += list(zip(chosen, tops))
 
     def _decode_rows(self, reqs: List[Request]) -> "DecodeRows":
         """Inputs of decode rows: each request feeds its last token (index num_tokens - 1)."""

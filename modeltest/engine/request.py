@@ -76,6 +76,10 @@ class SamplingParams:
     # Log-probabilities of each chosen token and of this many most likely ones (0..20); None: off.
     # The model's log-softmax before temperature / top-k / top-p (what vLLM returns by default).
     logprobs: Optional[int] = None
+    # Log-probabilities of each prompt token after the first, given the tokens before it, and of
+    # this many most likely tokens there (0..20); None: off. Such a request reads nothing from the
+    # prefix cache (every prompt row must be computed) — a log-likelihood request.
+    prompt_logprobs: Optional[int] = None
     # Logit adjustments (engine/logits.py says how each is applied); the defaults change nothing.
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
@@ -113,6 +117,9 @@ class Request:
     output_ids: List[int] = field(default_factory=list)
     # With params.logprobs: per output token, (its logprob, [(token id, logprob)] most likely first).
     output_logprobs: List[Tuple[float, List[Tuple[int, float]]]] = field(default_factory=list)
+    # With params.prompt_logprobs: for prompt tokens 1..n-1 in order, the same pairs (token 0 has
+    # nothing before it). Filled as the prefill's chunks run.
+    prompt_logprobs: List[Tuple[float, List[Tuple[int, float]]]] = field(default_factory=list)
     error: Optional[str] = None
     retryable: bool = False  # FAILED by something not its own (a decode pass of its batch): compute again
     positions: Optional[torch.Tensor] = None  # [3, prompt_len] M-RoPE positions
@@ -147,6 +154,11 @@ class Request:
     @property
     def all_ids(self) -> List[int]:
         return self.input_ids + self.output_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt rows must still be computed for their logprobs."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.input_ids) - 1
 
     @property
     def prefilling(self) -> bool:

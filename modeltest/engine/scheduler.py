@@ -209,7 +209,8 @@ class Scheduler:
         ids = r.all_ids
         target = len(ids)
         r.block_hashes = block_hashes(ids, r.spans, bs, r.block_hashes) if self.cfg.prefix_cache else []
-        cached = self.pool.lookup(r.block_hashes)
+        # a log-likelihood request computes every prompt row: it reads nothing from the cache
+        cached = [] if r.wants_prompt_logprobs else self.pool.lookup(r.block_hashes)
         if cached and len(cached) * bs >= target:
             cached = cached[:-1]  # the last token must be computed: its row gives the next token
         # on demand: the prefill's blocks now, the rest as tokens come; else all it may ever need
