@@ -257,7 +257,8 @@ def test_media_options_are_checked_once_for_the_harness_and_the_server(cfg_dir, 
     with pytest.raises(UserError) as e:
         load(cfg_dir, [override], check_paths=False, task="videobench")
     assert str(e.value) == expected
-    from modeltest.serve.protocol import RequestError, parse_chat_request
+    from modeltest.serve.chat_protocol import parse_chat_request
+    from modeltest.serve.protocol import RequestError
 
     with pytest.raises(RequestError, match="mm_processor_kwargs.fps: must be positive"):
         parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "mm_processor_kwargs": {"fps": 0}})

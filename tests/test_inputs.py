@@ -137,9 +137,9 @@ def test_engine_request_carries_the_model_input(demo, processors):
 def test_a_served_request_gets_the_harness_model_input(demo, tmp_path):
     """The server's request -> conversation (media resolved to files, the task configs' options)
     then the one path: the same tensors as the harness's sample of the same question."""
+    from modeltest.serve.chat_protocol import parse_chat_request
     from modeltest.serve.config import ServeConfig
     from modeltest.serve.preprocess import Preprocessor
-    from modeltest.serve.protocol import parse_chat_request
 
     pre = Preprocessor(
         ServeConfig(model_path=str(demo.model), allowed_local_media_path=str(demo.root), media_cache="off")

@@ -686,6 +686,12 @@ def test_n_choices_are_reproducible_with_a_seed(server, client):
     # completion tokens counted over all choices, the prompt once
     assert single.usage.completion_tokens < a.usage.completion_tokens <= 3 * 6
     assert a.usage.prompt_tokens == single.usage.prompt_tokens
-    h = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(server.url + "/v1/chat/completions", json={**ask, "stream": True}, headers=h)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    # streamed: the choices interleaved, each index's deltas adding up to its non-streamed text
+    streamed = {}
+    reasons = {}
+    for c in client.chat.completions.create(**ask, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+            reasons[ch.index] = ch.finish_reason or reasons.get(ch.index)
+    assert [streamed[i] for i in range(3)] == texts
+    assert [reasons[i] for i in range(3)] == [c.finish_reason for c in a.choices]

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from modeltest.engine.request import RequestStatus, SamplingParams, visible_ids
+from modeltest.serve.chat_protocol import MediaPart, parse_chat_request
 from modeltest.serve.detokenize import Detokenizer
 from modeltest.serve.media_urls import MediaResolver
-from modeltest.serve.protocol import MediaPart, RequestError, SamplingDefaults, parse_chat_request
+from modeltest.serve.protocol import RequestError, SamplingDefaults
 
 IM_END, EOT = 151645, 151643
 

@@ -150,6 +150,9 @@ class LLMEngine:
         if req.params.stop_token_ids is None:
             req.params = dataclasses.replace(req.params, stop_token_ids=self.stop_token_ids)
         vocab = self.runner.model_cfg.vocab_size
+        if req.input_ids and not 0 <= min(req.input_ids) <= max(req.input_ids) < vocab:
+            self.scheduler.refuse(req, f"prompt token ids must be in 0..{vocab - 1} (this model's vocabulary)")
+            return
         bias = req.params.logit_bias or {}
         if any(not 0 <= t < vocab for t in bias) or any(not -100 <= v <= 100 for v in bias.values()):
             self.scheduler.refuse(req, f"logit_bias: token ids must be in 0..{vocab - 1} and biases in -100..100")

@@ -1,6 +1,8 @@
 """The HTTP side: a FastAPI app (run by uvicorn) in front of the engine loop. Thin routes:
 
     POST /v1/chat/completions   text, images, a video; greedy or sampled; JSON or SSE stream
+    POST /v1/completions        raw text or token ids (no template, no media); echo and prompt
+                                logprobs for log-likelihood scoring; JSON or SSE stream
     GET  /v1/models             the served model (clients read data[0].id)
     GET  /v1/models/{id}        that model, or 404
     GET  /health                200 when serving; 503 while loading, draining, or with a dead engine
@@ -22,23 +24,27 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine.config import checkpoint_stop_ids
-from ..engine.request import RequestStatus, SamplingParams
+from ..engine.request import Request, SamplingParams
 from ..errors import first_line
 from ..inputs import engine_request
+from .chat_protocol import parse_chat_request
 from .config import ServeConfig
 from .engine_loop import EngineLoop
 from .metrics import ServerMetrics
 from .preprocess import Preprocessor
-from .protocol import ChatRequest, RequestError, SamplingDefaults, model_card, models_body, parse_chat_request
-from .responses import RequestRun, ServingContext, access_log, complete_choices, error_response
+from .protocol import GenerationRequest, RequestError, SamplingDefaults, model_card, models_body
+from .responses import RequestRun, ServingContext, access_log, error_response, respond
+from .shapes import ChatShape, TextShape
+from .text_protocol import parse_completion_request
 
 
 @dataclass
@@ -46,7 +52,7 @@ class ServerState:
     draining: bool = False
 
 
-async def parse_body(http: HTTPRequest) -> ChatRequest:
+async def json_body(http: HTTPRequest) -> Any:
     ctype = http.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise RequestError(415, f"Content-Type must be application/json, got '{ctype or 'none'}'")
@@ -55,7 +61,7 @@ async def parse_body(http: HTTPRequest) -> ChatRequest:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the body is not valid JSON ({first_line(e, 120, with_type=False)})") from None
-    return parse_chat_request(body)
+    return body
 
 
 def fingerprint(cfg: ServeConfig, data_type: str) -> str:
@@ -115,7 +121,7 @@ def create_app(
     async def prometheus():
         return Response(metrics.render(loop.snapshot), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def check_serving(req: ChatRequest) -> None:
+    def check_serving(req: GenerationRequest) -> None:
         if req.model is not None and req.model != cfg.model_name:
             raise RequestError(
                 404,
@@ -132,47 +138,70 @@ def create_app(
             )
             raise RequestError(503, f"the server {why}; retry later")
 
+    def refused(e: RequestError, path: str, arrival: float):
+        metrics.requests.labels(code=str(e.status)).inc()
+        access_log("POST", path, e.status, time.perf_counter() - arrival)
+        return error_response(e.status, e.message, e.param, e.code)
+
+    def broken(e: Exception, path: str, arrival: float):  # a bug must cost one request, not the server
+        metrics.requests.labels(code="500").inc()
+        access_log("POST", path, 500, time.perf_counter() - arrival)
+        return error_response(500, f"preprocessing failed: {first_line(e)}")
+
+    def start(
+        req: GenerationRequest, rid: str, choice: int, engine_req: Request, http: HTTPRequest, arrival: float, **kw
+    ) -> RequestRun:
+        """Submit one choice to the engine; choice i of a sampled request draws with seed + i."""
+        if choice and engine_req.params.seed is not None:
+            engine_req.params = dataclasses.replace(engine_req.params, seed=engine_req.params.seed + choice)
+        aloop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        loop.submit(engine_req, lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev))
+        return RequestRun(ctx, engine_req, req, events, http, arrival, **kw)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         arrival = time.perf_counter()
         try:
-            req = await parse_body(http)
+            req = parse_chat_request(await json_body(http))
             check_serving(req)
             params = SamplingParams(**req.sampling(defaults, cfg.max_output_length), stop_token_ids=stop_ids)
             model_input = await asyncio.get_running_loop().run_in_executor(pool, pre, req)
         except RequestError as e:
-            metrics.requests.labels(code=str(e.status)).inc()
-            access_log("POST", http.url.path, e.status, time.perf_counter() - arrival)
-            return error_response(e.status, e.message, e.param, e.code)
-        except Exception as e:  # a bug must cost one request, not the server
-            metrics.requests.labels(code="500").inc()
-            access_log("POST", http.url.path, 500, time.perf_counter() - arrival)
-            return error_response(500, f"preprocessing failed: {first_line(e)}")
+            return refused(e, http.url.path, arrival)
+        except Exception as e:
+            return broken(e, http.url.path, arrival)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        aloop = asyncio.get_running_loop()
+        runs = [
+            start(req, rid, i, engine_request(f"{rid}-{i}", model_input, dataclasses.replace(params)), http, arrival)
+            for i in range(req.n)
+        ]
+        return await respond(
+            ctx, ChatShape(ctx.tokenizer, req.logprobs is not None), runs, req, rid, http.url.path, arrival
+        )
 
-        def start(choice: int) -> RequestRun:
-            p = params if choice == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + choice)
-            engine_req = engine_request(rid if req.n == 1 else f"{rid}-{choice}", model_input, p)
-            events: asyncio.Queue = asyncio.Queue()
-            loop.submit(engine_req, lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev))
-            return RequestRun(ctx, engine_req, req, model_input, events, http, arrival, report=req.n == 1)
-
-        if req.n > 1:
-            return await complete_choices(ctx, [start(i) for i in range(req.n)], rid, http.url.path, arrival)
-        run = start(0)
-        if not req.stream:
-            return await run.complete()
-        first = await run.next_event()
-        if first is None:  # the client left before the first token
-            run.log(499, 0)
-            return Response(status_code=499)
-        if first.done and first.status is RequestStatus.FAILED:
-            return run.failed(first)
-        return StreamingResponse(
-            run.stream(first),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        arrival = time.perf_counter()
+        try:
+            req = parse_completion_request(await json_body(http))
+            check_serving(req)
+            params = SamplingParams(**req.sampling(defaults, cfg.max_output_length), stop_token_ids=stop_ids)
+            prompts = await asyncio.get_running_loop().run_in_executor(pool, pre.text_prompts, req)
+        except RequestError as e:
+            return refused(e, http.url.path, arrival)
+        except Exception as e:
+            return broken(e, http.url.path, arrival)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        runs = []
+        for k, (ids, text) in enumerate(prompts):
+            for i in range(req.n):
+                er = Request(
+                    id=f"{rid}-{k}-{i}", input_ids=list(ids), params=dataclasses.replace(params), media_keys=[]
+                )
+                runs.append(start(req, rid, i, er, http, arrival, prompt=k, prompt_text=text if req.echo else None))
+        return await respond(
+            ctx, TextShape(ctx.tokenizer, req.logprobs is not None), runs, req, rid, http.url.path, arrival
         )
 
     app.state.pool = pool

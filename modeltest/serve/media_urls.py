@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .protocol import MediaPart, RequestError
+from .chat_protocol import MediaPart
+from .protocol import RequestError
 
 EXTENSIONS = {
     "image/jpeg": ".jpg",

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from ..errors import SampleError
 from ..inputs import ModelInput, model_input
 from ..media import open_media_source
 from ..media.decode import require_qwen_vl_utils
 from ..media.processor import ProcessorCopies, load_processor
+from .chat_protocol import ChatRequest, MediaPart
 from .config import ServeConfig
 from .media_urls import MediaResolver
-from .protocol import ChatRequest, MediaPart, RequestError
+from .protocol import RequestError
+from .text_protocol import CompletionRequest
 
 IMAGE_KWARGS = ("min_pixels", "max_pixels")  # mm_processor_kwargs that apply to images
 
@@ -116,6 +118,26 @@ class Preprocessor:
                 code="context_length_exceeded",
             )
         return mi
+
+    def text_prompts(self, req: CompletionRequest) -> List[Tuple[List[int], str]]:
+        """A completions request's prompts as (token ids, text): text tokenized as it is (no chat
+        template; the tokenizer's own special tokens, as vLLM), token ids decoded for echo."""
+        out = []
+        with self._processors.borrow() as proc:
+            tok = proc.tokenizer
+            for i, p in enumerate(req.prompts):
+                ids = tok(p)["input_ids"] if isinstance(p, str) else list(p)
+                text = p if isinstance(p, str) else tok.decode(ids, skip_special_tokens=False)
+                if len(ids) > self.cfg.max_input_length:
+                    raise RequestError(
+                        400,
+                        f"prompt[{i}] is {len(ids)} tokens, over this server's max_input_length "
+                        f"{self.cfg.max_input_length}",
+                        "prompt",
+                        code="context_length_exceeded",
+                    )
+                out.append((ids, text))
+        return out
 
     def close(self) -> None:
         self.media.close()

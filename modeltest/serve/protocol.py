@@ -1,5 +1,7 @@
-"""The OpenAI chat-completions wire format: parse a request body into typed parts, build the
-response, stream chunk and error bodies. Imports nothing of the engine (the OpenAI chat-completions wire format; README "Serving").
+"""What both OpenAI endpoints share (chat_protocol.py: /v1/chat/completions; text_protocol.py:
+/v1/completions): errors, which request fields are used, refused or unknown, the sampling fields
+and their checks, the server's sampling defaults, usage and model cards. Imports nothing of the
+engine.
 
 Every problem with a request raises `RequestError`, which the app answers with its HTTP status and
 an OpenAI-shaped body `{"error": {"message", "type", "param", "code"}}`.
@@ -13,9 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
-
-from ..media.options import VIDEO_OPTIONS, option_problem
+from typing import Any, Dict, List, Optional
 
 
 class RequestError(Exception):
@@ -57,24 +57,86 @@ def error_body(status: int, message: str, param: Optional[str] = None, code: Opt
     }
 
 
-@dataclass
-class MediaPart:
-    kind: str  # "image" | "video"
-    url: str  # data:..., file://..., /abs/path, http(s)://..., or raw base64
-    param: str  # where it was in the body, for error messages
+# ---- which fields a request may carry ----------------------------------------------------------
+# Every request field, by what the server does with it (README "Serving" lists them). Anything a
+# client sends is either used, refused by name (400), or — an extension we do not know — run
+# without it and named once in the log: never silently ignored.
+SAMPLING_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",  # an end-user id for the caller's own records: changes no output
+    "top_k",
+    "ignore_eos",
+    "repetition_penalty",
+    "min_tokens",  # vLLM's extensions, implemented
+}
+# OpenAI API fields (and vLLM extensions) that change what is generated and are not implemented:
+# refused unless at the value that means "off".
+NOT_IMPLEMENTED = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),  # meaningless without tools, refused with them
+    "functions": ([],),
+    "function_call": ("none",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "prompt_logprobs": (0,),
+    "suffix": ("",),
+}
+# Fields about the caller's account or storage at OpenAI: no meaning here, accepted.
+NO_EFFECT = {"metadata", "store", "service_tier"}
+_warned: set = set()
+
+
+def check_fields(body: Dict, used: set) -> None:
+    """Refuse (400) a field that would change the output and is not implemented; log once each
+    unknown field name (the request runs without it). `used`: the endpoint's implemented fields."""
+    for key, value in body.items():
+        if key in used or key in NO_EFFECT:
+            continue
+        if key in NOT_IMPLEMENTED:
+            if value is None or value in NOT_IMPLEMENTED[key]:
+                continue
+            raise RequestError(
+                400, f"'{key}' is not implemented by this server (README, Serving: what is supported)", key
+            )
+        if key not in _warned:
+            _warned.add(key)
+            logging.getLogger("modeltest.serve").warning("request field '%s' is unknown to this server: not used", key)
+
+
+# ---- the sampling fields both endpoints share -------------------------------------------------
+MAX_CHOICES = 16  # n at most
+MAX_LOGPROBS = 20  # top logprobs per token at most (vLLM's default max_logprobs)
 
 
 @dataclass
-class ChatMessage:
-    role: str  # system | user | assistant
-    parts: List[Union[str, MediaPart]]  # text strings and media, in order
+class GenerationRequest:
+    """What decides the tokens of a request and how they are sent, whichever endpoint it came by."""
 
-
-@dataclass
-class ChatRequest:
-    model: Optional[str]
-    messages: List[ChatMessage]
-    max_tokens: Optional[int] = None
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None  # None: the endpoint's default
     # None: the server's default (the model's generation_config.json, else OpenAI's 1.0 / 1.0 / off)
     temperature: Optional[float] = None  # 0 = greedy
     top_p: Optional[float] = None
@@ -85,20 +147,17 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
-    logprobs: Optional[int] = None  # logprobs=true: this many top_logprobs per token (0..20)
+    logprobs: Optional[int] = None  # this many top logprobs per generated token (0..20); None: off
+    prompt_logprobs: Optional[int] = None  # the same for each prompt token (completions' echo)
     # logit adjustments (engine/logits.py), the SamplingParams fields of the same names
     adjust: Dict[str, Any] = field(default_factory=dict)
     n: int = 1  # choices; choice i of a sampled request draws with seed + i
-    mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def media(self) -> List[MediaPart]:
-        return [p for m in self.messages for p in m.parts if isinstance(p, MediaPart)]
 
     def sampling(self, defaults: "SamplingDefaults", max_output_length: int) -> Dict[str, Any]:
         """The request's sampling parameters, with the server's defaults where it names none
         (the engine's SamplingParams fields; a seed drawn here for a sampled request without one),
-        or RequestError(400)."""
+        or RequestError(400). max_tokens 0 (a completions request that only scores its prompt)
+        runs one token, which the answer leaves out."""
         max_tokens = self.max_tokens if self.max_tokens is not None else max_output_length
         if max_tokens > max_output_length:
             raise RequestError(
@@ -115,8 +174,9 @@ class ChatRequest:
         if self.adjust.get("min_tokens", 0) > max_tokens:
             raise RequestError(400, f"'min_tokens' is over max_tokens {max_tokens}", "min_tokens")
         return dict(
-            max_new_tokens=max_tokens,
+            max_new_tokens=max(max_tokens, 1),
             logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             **self.adjust,
             ignore_eos=self.ignore_eos,
             temperature=temperature,
@@ -124,6 +184,87 @@ class ChatRequest:
             top_k=top_k,
             seed=seed,
         )
+
+
+def generation_fields(body: Dict) -> Dict[str, Any]:
+    """The GenerationRequest fields both endpoints read the same way, checked (not max_tokens and
+    logprobs, whose forms differ)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, "'model' must be a string", "model")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(400, "'stop' must be a string or a list of non-empty strings", "stop")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise RequestError(400, "'stream_options' must be an object", "stream_options")
+    unknown = sorted(set(stream_options) - {"include_usage", "continuous_usage_stats"})
+    if unknown:
+        where = f"stream_options.{unknown[0]}"
+        raise RequestError(400, f"'{where}' is not implemented by this server", where)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    return dict(
+        model=model,
+        temperature=_optional_float(number(body, "temperature", (int, float), None, low=0, high=2)),
+        top_p=_optional_float(number(body, "top_p", (int, float), None, low=0, high=1)),
+        top_k=number(body, "top_k", int, None, low=-1),
+        seed=seed,
+        stop=stop,
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        stream=bool(body.get("stream", False)),
+        include_usage=bool(stream_options.get("include_usage", False)),
+        continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
+        adjust=_adjustments(body),
+        n=number(body, "n", int, 1, low=1, high=MAX_CHOICES),
+    )
+
+
+def number(body: Dict, key: str, kind, default, low=None, high=None):
+    """body[key] checked to be a number of `kind` within [low, high], or `default` when absent."""
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise RequestError(400, f"'{key}' must be a {'number' if kind is not int else 'integer'}, got {value!r}", key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise RequestError(400, f"'{key}' must be {bounds}, got {value!r}", key)
+    return value
+
+
+def _adjustments(body: Dict) -> Dict[str, Any]:
+    """Penalties, logit_bias and min_tokens of a request, checked; only those it sets."""
+    out: Dict[str, Any] = {}
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) is not None:
+            out[key] = float(number(body, key, (int, float), 0, low=-2, high=2))
+    rep = number(body, "repetition_penalty", (int, float), None, low=0)
+    if rep is not None:
+        if rep <= 0:
+            raise RequestError(400, "'repetition_penalty' must be above 0", "repetition_penalty")
+        out["repetition_penalty"] = float(rep)
+    if body.get("min_tokens") is not None:
+        out["min_tokens"] = number(body, "min_tokens", int, 0, low=0)
+    bias = body.get("logit_bias")
+    if bias:
+        if not isinstance(bias, dict):
+            raise RequestError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias")
+        try:
+            parsed = {int(k): float(v) for k, v in bias.items() if not isinstance(v, bool)}
+        except (TypeError, ValueError):
+            parsed = {}
+        if len(parsed) != len(bias) or any(not -100 <= v <= 100 for v in parsed.values()):
+            raise RequestError(400, "'logit_bias' maps token ids to biases in -100..100", "logit_bias")
+        out["logit_bias"] = parsed
+    return out
+
+
+def _optional_float(x) -> Optional[float]:
+    return None if x is None else float(x)
 
 
 @dataclass
@@ -152,312 +293,12 @@ class SamplingDefaults:
         )
 
 
-ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
-
-# Every request field, by what the server does with it (README "Serving" lists them). Anything a
-# client sends is either used, refused by name (400), or — an extension we do not know — run
-# without it and named once in the log: never silently ignored.
-CHAT_FIELDS = {
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "stream",
-    "stream_options",
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",  # an end-user id for the caller's own records: changes no output
-    "top_k",
-    "ignore_eos",
-    "repetition_penalty",
-    "min_tokens",
-    "mm_processor_kwargs",  # vLLM's extensions, implemented
-}
-# OpenAI API fields (and vLLM extensions) that change what is generated and are not implemented
-# yet: refused unless at the value that means "off".
-NOT_IMPLEMENTED = {
-    "response_format": ({"type": "text"},),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # meaningless without tools, refused with them
-    "functions": ([],),
-    "function_call": ("none",),
-    "audio": (),
-    "modalities": (["text"],),
-    "prediction": (),
-    "reasoning_effort": (),
-    "web_search_options": (),
-    "best_of": (1,),
-    "use_beam_search": (False,),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
-    "prompt_logprobs": (0,),
-}
-# Fields about the caller's account or storage at OpenAI: no meaning here, accepted.
-NO_EFFECT = {"metadata", "store", "service_tier"}
-_warned: set = set()
-
-
-def check_fields(body: Dict) -> None:
-    """Refuse (400) a field that would change the output and is not implemented; log once each
-    unknown field name (the request runs without it)."""
-    for key, value in body.items():
-        if key in CHAT_FIELDS or key in NO_EFFECT:
-            continue
-        if key in NOT_IMPLEMENTED:
-            if value is None or value in NOT_IMPLEMENTED[key]:
-                continue
-            raise RequestError(
-                400, f"'{key}' is not implemented by this server (README, Serving: what is supported)", key
-            )
-        if key not in _warned:
-            _warned.add(key)
-            logging.getLogger("modeltest.serve").warning("request field '%s' is unknown to this server: not used", key)
-
-
-MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
-# Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
-MM_KWARGS = {
-    k: VIDEO_OPTIONS[k] for k in ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames")
-}
-
-
-MAX_CHOICES = 16  # n at most
-
-
-def _number(body: Dict, key: str, kind, default, low=None, high=None):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise RequestError(400, f"'{key}' must be a {'number' if kind is not int else 'integer'}, got {value!r}", key)
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise RequestError(400, f"'{key}' must be {bounds}, got {value!r}", key)
-    return value
-
-
-def _media_url(part: Dict, key: str, param: str) -> str:
-    value = part.get(key)
-    if isinstance(value, dict):  # {"url": "..."} (OpenAI)
-        value = value.get("url")
-    if not isinstance(value, str) or not value:  # or the bare string MindIE accepts
-        raise RequestError(400, f"{param}: '{key}' needs a 'url' string", param)
-    return value
-
-
-def _parts(content: Any, param: str) -> List[Union[str, MediaPart]]:
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        raise RequestError(400, f"{param}: 'content' must be a string or a list of parts", param)
-    out: List[Union[str, MediaPart]] = []
-    for j, part in enumerate(content):
-        where = f"{param}.content[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise RequestError(400, f"{where}: a content part must be an object with a 'type'", where)
-        kind = part["type"]
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise RequestError(400, f"{where}: a text part needs a 'text' string", where)
-            out.append(part["text"])
-        elif kind in MEDIA_TYPES:
-            out.append(MediaPart(MEDIA_TYPES[kind], _media_url(part, kind, where), where))
-        else:
-            raise RequestError(
-                400, f"{where}: unsupported content type '{kind}' (use text, image_url or video_url)", where
-            )
-    return out
-
-
-def parse_chat_request(body: Any) -> ChatRequest:
-    """A chat-completions body (already JSON-decoded) -> ChatRequest, or RequestError(400)."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    check_fields(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' is required: a non-empty list of {role, content}", "messages")
-    parsed = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
-            raise RequestError(400, f"{where}: tool calls are not implemented by this server", where)
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(400, f"{where}: needs a 'role' of {', '.join(ROLES)}", where)
-        if "content" not in m or m["content"] is None:
-            raise RequestError(400, f"{where}: 'content' is required", where)
-        role = "system" if m["role"] == "developer" else m["role"]
-        parsed.append(ChatMessage(role, _parts(m["content"], where)))
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(400, "'model' must be a string", "model")
-    n = _number(body, "n", int, 1, low=1, high=MAX_CHOICES)
-    if n > 1 and body.get("stream"):
-        raise RequestError(400, "'n' > 1 with 'stream' is not implemented by this server", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _number(body, key, int, None, low=1)
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, "'stop' must be a string or a list of non-empty strings", "stop")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise RequestError(400, "'stream_options' must be an object", "stream_options")
-    unknown = sorted(set(stream_options) - {"include_usage", "continuous_usage_stats"})
-    if unknown:
-        where = f"stream_options.{unknown[0]}"
-        raise RequestError(400, f"'{where}' is not implemented by this server", where)
-    mm = body.get("mm_processor_kwargs") or {}
-    if not isinstance(mm, dict):
-        raise RequestError(400, "'mm_processor_kwargs' must be an object", "mm_processor_kwargs")
-    problem = option_problem(mm, "video", MM_KWARGS)
-    if problem:
-        raise RequestError(400, f"mm_processor_kwargs.{problem}", "mm_processor_kwargs")
-    want = body.get("logprobs")
-    if want is not None and not isinstance(want, bool):
-        raise RequestError(400, f"'logprobs' must be true or false, got {want!r}", "logprobs")
-    top = _number(body, "top_logprobs", int, None, low=0, high=20)
-    if top is not None and not want:
-        raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    adjust = _adjustments(body)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
-    return ChatRequest(
-        model=model,
-        messages=parsed,
-        max_tokens=max_tokens,
-        temperature=_optional_float(_number(body, "temperature", (int, float), None, low=0, high=2)),
-        top_p=_optional_float(_number(body, "top_p", (int, float), None, low=0, high=1)),
-        top_k=_number(body, "top_k", int, None, low=-1),
-        seed=seed,
-        stop=stop,
-        ignore_eos=bool(body.get("ignore_eos", False)),
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(stream_options.get("include_usage", False)),
-        continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
-        logprobs=(top or 0) if want else None,
-        adjust=adjust,
-        n=n,
-        mm_processor_kwargs=dict(mm),
-    )
-
-
-def _adjustments(body: Dict) -> Dict[str, Any]:
-    """Penalties, logit_bias and min_tokens of a request, checked; only those it sets."""
-    out: Dict[str, Any] = {}
-    for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key) is not None:
-            out[key] = float(_number(body, key, (int, float), 0, low=-2, high=2))
-    rep = _number(body, "repetition_penalty", (int, float), None, low=0)
-    if rep is not None:
-        if rep <= 0:
-            raise RequestError(400, "'repetition_penalty' must be above 0", "repetition_penalty")
-        out["repetition_penalty"] = float(rep)
-    if body.get("min_tokens") is not None:
-        out["min_tokens"] = _number(body, "min_tokens", int, 0, low=0)
-    bias = body.get("logit_bias")
-    if bias:
-        if not isinstance(bias, dict):
-            raise RequestError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias")
-        try:
-            parsed = {int(k): float(v) for k, v in bias.items() if not isinstance(v, bool)}
-        except (TypeError, ValueError):
-            parsed = {}
-        if len(parsed) != len(bias) or any(not -100 <= v <= 100 for v in parsed.values()):
-            raise RequestError(400, "'logit_bias' maps token ids to biases in -100..100", "logit_bias")
-        out["logit_bias"] = parsed
-    return out
-
-
-def _optional_float(x) -> Optional[float]:
-    return None if x is None else float(x)
-
-
+# ---- bodies both endpoints answer with ---------------------------------------------------------
 def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def logprobs_content(tokenizer, ids: List[int], logprobs: list) -> List[Dict]:
-    """OpenAI's `logprobs.content`: per token its text, logprob, UTF-8 bytes and top_logprobs."""
-
-    def entry(tid: int, lp: float) -> Dict:
-        text = tokenizer.decode([tid], skip_special_tokens=False)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-    return [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in top]) for t, (lp, top) in zip(ids, logprobs)]
-
-
-def completion_body(
-    rid: str,
-    model: str,
-    text: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    logprobs: Optional[List[Dict]] = None,
-) -> Dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": {"content": logprobs} if logprobs is not None else None,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
-
-
-def chunk_body(
-    rid: str, model: str, created: int, delta: Dict, finish_reason: Optional[str] = None, tokens=None, logprobs=None
-) -> Dict:
-    """tokens: (prompt, completion so far) to carry usage in this chunk (continuous_usage_stats);
-    logprobs: the `logprobs.content` entries of this chunk's tokens."""
-    lp = {"content": logprobs} if logprobs is not None else None
-    body = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}],
-    }
-    if tokens is not None:
-        body["usage"] = usage(*tokens)
-    return body
-
-
-def usage_chunk_body(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> Dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
