@@ -372,6 +372,11 @@ def test_tensor_parallel_matches_single_process(which, worlds, demo, odd_model, 
         assert res["batch"] == {k: v[: len(res["batch"][k])] for k, v in base["alone"].items()}
         for name, logits in base["logits"].items():
             assert (res["logits"][name] - logits).abs().max().item() < 1e-4, (n, name)
+        scored, want = res["prompt_logprobs"], base["prompt_logprobs"]
+        assert len(scored) == len(want) > 0 and [[t for t, _ in top] for _, top in scored] == [
+            [t for t, _ in top] for _, top in want
+        ]
+        assert max(abs(a[0] - b[0]) for a, b in zip(scored, want)) < 1e-4, n
     if which == "odd":
         assert res["layout"] == [[0], [0, 1]]  # rank 0 at world 4: KV head 0 shared with rank 1
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import all_inputs, run_cases  # noqa: E402
+from engine_helpers import all_inputs, make_request, run_cases  # noqa: E402
 
 from modeltest.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from modeltest.engine.parallel import init_distributed  # noqa: E402
@@ -30,7 +30,12 @@ def main(model: str, demo_root: str, out: str) -> None:
         ),
         tp,
     )
-    results = run_cases(engine, all_inputs(AutoProcessor.from_pretrained(model), Path(demo_root)))
+    inputs = all_inputs(AutoProcessor.from_pretrained(model), Path(demo_root))
+    results = run_cases(engine, inputs)
+    # prompt logprobs (completions' echo) through the step loop: full-vocabulary rows gathered
+    scoring = make_request("score", inputs["image"], 1)
+    scoring.params.prompt_logprobs = 3
+    results["prompt_logprobs"] = engine.generate([scoring])[0].prompt_logprobs
     st = engine.stats()
     # every rank must take the same reuse decisions (a vision-cache miss on one rank alone would
     # leave the others waiting in the tower's collectives): each rank reports its own
