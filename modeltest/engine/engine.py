@@ -23,6 +23,7 @@ import torch
 
 from ..errors import UserError, first_line
 from .config import checkpoint_stop_ids
+from .grammar import grammar_problem
 from .kv_cache import blocks_needed
 from .media_spans import content_keys, media_spans
 from .model_runner import ModelRunner
@@ -157,6 +158,15 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in bias) or any(not -100 <= v <= 100 for v in bias.values()):
             self.scheduler.refuse(req, f"logit_bias: token ids must be in 0..{vocab - 1} and biases in -100..100")
             return
+        if req.params.grammar is not None:
+            problem = (
+                "a grammar with ignore_eos (a complete answer ends on a stop token)"
+                if req.params.ignore_eos
+                else grammar_problem(req.params.grammar)
+            )
+            if problem:
+                self.scheduler.refuse(req, f"grammar: {problem}")
+                return
         try:
             self._locate_media(req)
         except ValueError as e:

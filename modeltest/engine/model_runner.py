@@ -18,7 +18,8 @@ import torch.distributed
 
 from ..device import synchronize
 from ..errors import UserError
-from .config import Qwen2VLConfig
+from .config import Qwen2VLConfig, checkpoint_stop_ids
+from .grammar import GrammarMasks
 from .kv_cache import allocate_cache, blocks_needed, bytes_per_token, slots_for
 from .loader import CheckpointReader
 from .logits import adjust_logits
@@ -77,10 +78,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int
 
 class Sampler:
     """Next tokens of a pass. Greedy rows: the argmax, without gathering the vocabulary across
-    ranks. Sampling rows (temperature > 0): drawn from the full logits with the request's seed
-    (`sample_token`), the same on every rank. Tests replace it with one that records logits."""
+    ranks. Other rows (sampling, logit adjustments, a grammar, logprobs): from the full logits —
+    adjusted, then masked to what the request's grammar allows, then drawn with the request's seed
+    (`sample_token`) or taken greedily — the same on every rank. Tests replace it with one that
+    records logits."""
 
     capturable = True  # an all-greedy decode pass may replay a CUDA graph (same argmax inside)
+
+    def __init__(self, grammars: GrammarMasks):
+        self.grammars = grammars
 
     def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
         out = model.greedy(h).tolist()
@@ -90,10 +96,18 @@ class Sampler:
             for row, i in zip(logits, full):
                 r = reqs[i]
                 chosen_from = adjust_logits(row, r) if r.params.adjusts_logits else row
+                if r.params.grammar is not None:
+                    if r.matcher is None:
+                        r.matcher = self.grammars.matcher(r.params.grammar)
+                    chosen_from = chosen_from.masked_fill(
+                        ~self.grammars.allowed(r.matcher).to(row.device), float("-inf")
+                    )
                 if not r.params.greedy:
                     out[i] = sample_token(chosen_from, r.params, step=len(r.output_ids))
-                elif r.params.adjusts_logits:
+                elif chosen_from is not row:
                     out[i] = int(torch.argmax(chosen_from))
+                if r.matcher is not None:
+                    r.matcher.consume_token(out[i])
                 if r.params.logprobs is not None:
                     r.output_logprobs.append(token_logprobs(row, out[i], r.params.logprobs))
         return out
@@ -101,7 +115,7 @@ class Sampler:
 
 def plain_greedy(p: SamplingParams) -> bool:
     """Whether the argmax of the raw logits is all a token needs (a CUDA graph can run it)."""
-    return p.greedy and p.logprobs is None and not p.adjusts_logits
+    return p.greedy and p.logprobs is None and not p.adjusts_logits and p.grammar is None
 
 
 def token_logprobs(logits: torch.Tensor, chosen: int, top: int):
@@ -154,7 +168,9 @@ class ModelRunner:
             cfg.dtype,
             tp.device,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(
+            GrammarMasks(cfg.model_path, self.model_cfg.vocab_size, checkpoint_stop_ids(cfg.model_path))
+        )
         self.graphs = None
         use_graphs = (
             cfg.cuda_graphs if cfg.cuda_graphs is not None else (tp.device.type == "cuda" and tp.world_size == 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -86,6 +86,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: Optional[Dict[int, float]] = None
     min_tokens: int = 0
+    # Structured output: an llguidance grammar (engine/grammar.py) the tokens must follow; None: free.
+    grammar: Optional[str] = None
 
     @property
     def greedy(self) -> bool:
@@ -120,6 +122,7 @@ class Request:
     # With params.prompt_logprobs: for prompt tokens 1..n-1 in order, the same pairs (token 0 has
     # nothing before it). Filled as the prefill's chunks run.
     prompt_logprobs: List[Tuple[float, List[Tuple[int, float]]]] = field(default_factory=list)
+    matcher: Any = None  # with params.grammar: its llguidance matcher, fed each token (engine/grammar.py)
     error: Optional[str] = None
     retryable: bool = False  # FAILED by something not its own (a decode pass of its batch): compute again
     positions: Optional[torch.Tensor] = None  # [3, prompt_len] M-RoPE positions
