@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .structured import FieldProblem, structured_output
+
 
 class RequestError(Exception):
     """A request the server will not run: HTTP status, message, and the offending parameter."""
@@ -79,12 +81,16 @@ SAMPLING_FIELDS = {
     "top_k",
     "ignore_eos",
     "repetition_penalty",
-    "min_tokens",  # vLLM's extensions, implemented
+    "min_tokens",
+    "response_format",  # structured output (structured.py)
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",  # vLLM's extensions, implemented
 }
 # OpenAI API fields (and vLLM extensions) that change what is generated and are not implemented:
 # refused unless at the value that means "off".
 NOT_IMPLEMENTED = {
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),  # meaningless without tools, refused with them
@@ -97,10 +103,6 @@ NOT_IMPLEMENTED = {
     "web_search_options": (),
     "best_of": (1,),
     "use_beam_search": (False,),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
     "prompt_logprobs": (0,),
     "suffix": ("",),
 }
@@ -152,6 +154,7 @@ class GenerationRequest:
     # logit adjustments (engine/logits.py), the SamplingParams fields of the same names
     adjust: Dict[str, Any] = field(default_factory=dict)
     n: int = 1  # choices; choice i of a sampled request draws with seed + i
+    grammar: Optional[str] = None  # structured output: the llguidance grammar the answer follows
 
     def sampling(self, defaults: "SamplingDefaults", max_output_length: int) -> Dict[str, Any]:
         """The request's sampling parameters, with the server's defaults where it names none
@@ -179,6 +182,7 @@ class GenerationRequest:
             prompt_logprobs=self.prompt_logprobs,
             **self.adjust,
             ignore_eos=self.ignore_eos,
+            grammar=self.grammar,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -207,6 +211,10 @@ def generation_fields(body: Dict) -> Dict[str, Any]:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    try:
+        grammar = structured_output(body)
+    except FieldProblem as e:
+        raise RequestError(400, e.message, e.param) from None
     return dict(
         model=model,
         temperature=_optional_float(number(body, "temperature", (int, float), None, low=0, high=2)),
@@ -220,6 +228,7 @@ def generation_fields(body: Dict) -> Dict[str, Any]:
         continuous_usage=bool(stream_options.get("continuous_usage_stats", False)),
         adjust=_adjustments(body),
         n=number(body, "n", int, 1, low=1, high=MAX_CHOICES),
+        grammar=grammar,
     )
 
 

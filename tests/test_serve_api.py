@@ -176,3 +176,85 @@ def test_a_token_id_outside_the_vocabulary_is_a_400_and_the_server_goes_on(serve
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 10**7], "max_tokens": 2}, timeout=60)
     assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+# ---- structured output -------------------------------------------------------------------------
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "colours": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "colours"],
+    "additionalProperties": False,
+}
+ASK = dict(model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=64)
+
+
+def test_json_schema_answers_validate_streamed_or_not(client):
+    """Random weights write JSON that validates against the schema (the `jsonschema` package),
+    greedy and sampled; the stream's text is the body's."""
+    import json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "n": 3}):
+        r = client.chat.completions.create(**ASK, **sampling, response_format=fmt)
+        for c in r.choices:
+            assert c.finish_reason == "stop"
+            jsonschema.validate(json.loads(c.message.content), SCHEMA)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**ASK, temperature=0, response_format=fmt, stream=True)
+        if c.choices
+    )
+    greedy = client.chat.completions.create(**ASK, temperature=0, response_format=fmt)
+    assert streamed == greedy.choices[0].message.content
+    free = client.chat.completions.create(**ASK, temperature=0)
+    with pytest.raises(ValueError):  # what the grammar changes: these weights alone write no JSON
+        json.loads(free.choices[0].message.content)
+
+
+def test_json_object_and_the_guided_extensions(client, tokenizer):
+    """json_object: an object that parses (a logit bias towards quotes, colons and braces makes
+    random weights close it soon; without the mask the same bias writes no JSON); guided_choice
+    picks one of the choices; guided_regex is matched; completions take them too."""
+    import json
+    import re
+
+    bias = {str(tokenizer.convert_tokens_to_ids(t)): 40 for t in ('"', ":", "}", "1")}
+    obj = client.chat.completions.create(**ASK, temperature=0, logit_bias=bias, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    free = client.chat.completions.create(**ASK, temperature=0, logit_bias=bias)
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].message.content)
+    choice = client.chat.completions.create(**ASK, temperature=0, extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert choice.choices[0].message.content in ("yes", "no", "maybe")
+    pattern = "[0-9]{3}-[a-z]{2,4}"
+    rx = client.completions.create(model=MODEL, prompt="Code:", max_tokens=16, extra_body={"guided_regex": pattern})
+    assert re.fullmatch(pattern, rx.choices[0].text)
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_json": {"type": "object"}, "guided_regex": "a+"}, "guided_regex"),
+        ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+    ],
+)
+def test_structured_output_that_cannot_run_is_a_400_naming_the_field(server, change, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **change}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
