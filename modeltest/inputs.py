@@ -46,12 +46,18 @@ def sample_messages(sample: Sample) -> Messages:
     return [{"role": "user", "content": content}]
 
 
-def prompt_text(processor, messages: Messages, use_chat_template: bool = True) -> str:
+def prompt_text(
+    processor, messages: Messages, use_chat_template: bool = True, chat_template: Optional[str] = None, tools=None
+) -> str:
     """The text handed to the processor: the chat template with the generation prompt, or (with
     use_chat_template off) each part in order — a vision placeholder per medium, the text as it
-    is — with no roles or template."""
+    is — with no roles or template. `chat_template` replaces the checkpoint's (a server's tool
+    template or --chat-template); `tools` are rendered by templates that render tools."""
     if use_chat_template:
-        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {} if chat_template is None else {"chat_template": chat_template}
+        if tools:
+            extra["tools"] = tools
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     out = []
     for m in messages:
         content = m.get("content")
@@ -110,12 +116,17 @@ class ModelInput:
 
 
 def model_input(
-    processor, messages: Messages, media: Optional[MediaSource] = None, use_chat_template: bool = True
+    processor,
+    messages: Messages,
+    media: Optional[MediaSource] = None,
+    use_chat_template: bool = True,
+    chat_template: Optional[str] = None,
+    tools=None,
 ) -> ModelInput:
     """qwen-vl-utils (through `media`), the chat template, transformers' processor. With the fast
     image processor installed, exact video frames travel as uint8 (a quarter the bytes)."""
     images, videos = decoded_media(messages, media, uint8=fast_processor.installed(processor))
-    text = prompt_text(processor, messages, use_chat_template)
+    text = prompt_text(processor, messages, use_chat_template, chat_template, tools)
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
     return ModelInput(text=text, inputs=dict(inputs))
 

@@ -556,20 +556,16 @@ def test_fields_not_implemented_are_refused_by_name_never_ignored(server):
     url = server.url + "/v1/chat/completions"
     base = {"model": "Qwen2-VL-tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     base["temperature"] = 0
-    refused = {
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "best_of": 3,
-        "audio": {"voice": "alloy"},
-    }
+    refused = {"best_of": 3, "audio": {"voice": "alloy"}, "prediction": {"type": "content", "content": "x"}}
     for field, value in refused.items():
         r = httpx.post(url, json={**base, field: value}, headers=h)
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == field and f"'{field}' is not implemented" in err["message"]
     r = httpx.post(url, json={**base, "stream": True, "stream_options": {"chunk_size": 3}}, headers=h)
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.chunk_size"
-    tool = {"role": "tool", "content": "42", "tool_call_id": "c1"}
-    r = httpx.post(url, json={**base, "messages": [*base["messages"], tool]}, headers=h)
-    assert r.status_code == 400 and "tool calls are not implemented" in r.json()["error"]["message"]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    r = httpx.post(url, json={**base, "messages": [{"role": "user", "content": "x", "tool_calls": calls}]}, headers=h)
+    assert r.status_code == 400 and "only an assistant turn" in r.json()["error"]["message"]
     # penalties and logit_bias reach the engine: +100 on one token makes every token that one
     forced = httpx.post(url, json={**base, "logit_bias": {"15": 100}, "ignore_eos": True}, headers=h).json()
     assert forced["usage"]["completion_tokens"] == 2 and forced["choices"][0]["message"]["content"] == "00"

@@ -19,7 +19,7 @@ PROMPT = "The capital of France is Paris, and the capital of Italy is"
 @pytest.fixture(scope="module")
 def server(demo):
     # small blocks and passes: a long prompt is scored in several chunks
-    s = ServerProcess(demo.model, "--block-size", "16", "--max-num-batched-tokens", "24", "--max_input_length", "256")
+    s = ServerProcess(demo.model, "--block-size", "16", "--max-num-batched-tokens", "24", "--max_input_length", "1024")
     yield s
     rc, out, err = s.stop()
     assert rc == 0 and "Traceback" not in err, err
@@ -162,7 +162,7 @@ def test_prompts_times_choices_streamed_or_not(client):
         ({"prompt": []}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt"),
-        ({"prompt": "word " * 300}, "prompt"),  # over --max_input_length 256
+        ({"prompt": "word " * 1100}, "prompt"),  # over --max_input_length 1024
         ({"echo": "yes"}, "echo"),
     ],
 )
@@ -258,3 +258,103 @@ def test_structured_output_that_cannot_run_is_a_400_naming_the_field(server, cha
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# ---- tools -------------------------------------------------------------------------------------
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"tz": {"enum": ["UTC", "CET"]}},
+                "required": ["tz"],
+                "additionalProperties": False,  # (else random weights add keys until max_tokens)
+            },
+        },
+    },
+]
+WEATHER_ASK = dict(
+    model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=64, temperature=0
+)
+
+
+def test_a_forced_tool_call_always_parses_and_validates_streamed_or_not(client):
+    import json
+
+    import jsonschema
+
+    for choice, names in (("required", {"get_weather", "get_time"}), (FORCE_TIME, {"get_time"})):
+        r = client.chat.completions.create(**WEATHER_ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        streamed, reasons = [], []
+        for chunk in client.chat.completions.create(
+            **WEATHER_ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, stream=True
+        ):
+            for ch in chunk.choices:
+                streamed += ch.delta.tool_calls or []
+                reasons.append(ch.finish_reason)
+        assert [(t.function.name, t.function.arguments) for t in streamed] == [
+            (call.function.name, call.function.arguments)
+        ]
+        assert [x for x in reasons if x] == ["tool_calls"]
+
+
+FORCE_TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def test_tool_history_is_accepted_and_auto_answers_as_text(client):
+    """An assistant turn of tool calls (content null) and the tool's answer are rendered and run;
+    with tool_choice auto, random weights write no <tool_call>: the answer is content."""
+    history = [
+        *WEATHER_ASK["messages"],
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 C and sunny"},
+    ]
+    r = client.chat.completions.create(**{**WEATHER_ASK, "messages": history}, tools=TOOLS)
+    c = r.choices[0]
+    assert c.message.tool_calls is None and c.message.content and c.finish_reason in ("stop", "length")
+    without = client.chat.completions.create(**WEATHER_ASK)
+    assert r.usage.prompt_tokens > without.usage.prompt_tokens + 100  # the tools and the turns are in the prompt
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0]"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ],
+)
+def test_tool_requests_that_cannot_run_are_a_400_naming_the_field(server, change, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **change}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "tools": TOOLS}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"

@@ -167,3 +167,80 @@ def test_data_urls_become_files_and_local_files_stay_under_the_allowed_folder(tm
     closed = MediaResolver(None, allow_remote=False, remote_timeout_s=1, max_remote_bytes=10)
     with pytest.raises(RequestError, match="local files are not served"):
         closed.resolve(part(f"file://{allowed / 'a.png'}"), work)
+
+
+def test_tool_calls_are_read_from_hermes_blocks():
+    from modeltest.serve.tools import safe_content, tool_calls_in
+
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    text += '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><tool_call>\n{"name": "cut'
+    content, calls = tool_calls_in(text)
+    assert content == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {}),
+    ]  # the unfinished third block is not a call
+    assert tool_calls_in("no calls <tool_call>{bad json}</tool_call>") == (
+        "no calls <tool_call>{bad json}</tool_call>",
+        [],
+    )
+    # streamed: text that may begin a call waits
+    assert safe_content("Sure <tool") == "Sure " and safe_content("a < b") == "a < b"
+    assert safe_content('x <tool_call>\n{"na') == "x "
+
+
+def test_the_tool_template_renders_as_qwen25_and_leaves_other_requests_to_the_checkpoint(demo):
+    """With tools: Qwen2.5's system section, calls and <tool_response> turns, character for
+    character; without: exactly the checkpoint's own template."""
+    from transformers import AutoProcessor
+
+    from modeltest.inputs import prompt_text
+    from modeltest.serve.tools import TEMPLATE
+
+    proc = AutoProcessor.from_pretrained(demo.model)
+    template = TEMPLATE.read_text()
+    user = {"role": "user", "content": [{"type": "image", "image": "x.jpg"}, {"type": "text", "text": "Weather?"}]}
+    for messages in (
+        [user],
+        [{"role": "system", "content": "Be brief."}, user, {"role": "assistant", "content": "Hm."}],
+    ):
+        assert prompt_text(proc, messages, chat_template=template) == prompt_text(proc, messages)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "22 C"},
+        {"role": "tool", "content": "sunny"},
+    ]
+    want = (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+        "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n</tools>\n\n'
+        "For each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Weather?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n22 C\n</tool_response>\n<tool_response>\nsunny\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompt_text(proc, messages, chat_template=template, tools=[tool]) == want
+
+
+def test_a_chat_template_file_is_checked_at_start(demo, tmp_path):
+    import argparse
+
+    from modeltest.errors import UserError
+    from modeltest.serve.config import add_serve_parser, serve_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="cmd"))
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    for path, why in ((tmp_path / "missing.jinja", "is not a file"), (bad, "is not a Jinja template")):
+        args = parser.parse_args(["serve", "--model_path", str(demo.model), "--chat-template", str(path)])
+        with pytest.raises(UserError, match=why):
+            serve_config_from_args(args)

@@ -177,7 +177,7 @@ def create_app(
             for i in range(req.n)
         ]
         return await respond(
-            ctx, ChatShape(ctx.tokenizer, req.logprobs is not None), runs, req, rid, http.url.path, arrival
+            ctx, ChatShape(ctx.tokenizer, req.logprobs is not None, req.tools), runs, req, rid, http.url.path, arrival
         )
 
     @app.post("/v1/completions")

@@ -5,7 +5,7 @@ the per-request preprocessing options (vLLM's mm_processor_kwargs), and chat log
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from ..media.options import VIDEO_OPTIONS, option_problem
 from .protocol import (
@@ -17,6 +17,7 @@ from .protocol import (
     generation_fields,
     number,
 )
+from .tools import ToolProblem, ToolSpec, history_calls, parse_tools
 
 
 @dataclass
@@ -28,22 +29,37 @@ class MediaPart:
 
 @dataclass
 class ChatMessage:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     parts: List[Union[str, MediaPart]]  # text strings and media, in order
+    tool_calls: List[Dict[str, Any]] = field(default_factory=list)  # an assistant's earlier calls (tools.py)
 
 
 @dataclass
 class ChatRequest(GenerationRequest):
     messages: List[ChatMessage] = field(default_factory=list)
     mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)
+    tools: Optional[ToolSpec] = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the prompt needs a template that renders tools (tools, or tool turns)."""
+        return self.tools is not None or any(m.role == "tool" or m.tool_calls for m in self.messages)
 
     @property
     def media(self) -> List[MediaPart]:
         return [p for m in self.messages for p in m.parts if isinstance(p, MediaPart)]
 
 
-ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
-CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "mm_processor_kwargs"}
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
+CHAT_FIELDS = SAMPLING_FIELDS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "mm_processor_kwargs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 
 MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
 # Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
@@ -96,14 +112,20 @@ def parse_chat_request(body: Any) -> ChatRequest:
     parsed = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
-            raise RequestError(400, f"{where}: tool calls are not implemented by this server", where)
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(400, f"{where}: needs a 'role' of {', '.join(ROLES)}", where)
-        if "content" not in m or m["content"] is None:
+        calls = []
+        if m.get("tool_calls") and m["role"] != "assistant":
+            raise RequestError(400, f"{where}: only an assistant turn has 'tool_calls'", where)
+        if m.get("tool_calls"):
+            try:
+                calls = history_calls(m["tool_calls"], where)
+            except ToolProblem as e:
+                raise RequestError(400, e.message, e.param) from None
+        elif m.get("content") is None:  # (an assistant turn of tool calls may have none)
             raise RequestError(400, f"{where}: 'content' is required", where)
         role = "system" if m["role"] == "developer" else m["role"]
-        parsed.append(ChatMessage(role, _parts(m["content"], where)))
+        parsed.append(ChatMessage(role, _parts(m.get("content") or "", where), calls))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = number(body, key, int, None, low=1)
     mm = body.get("mm_processor_kwargs") or {}
@@ -118,8 +140,21 @@ def parse_chat_request(body: Any) -> ChatRequest:
     top = number(body, "top_logprobs", int, None, low=0, high=MAX_LOGPROBS)
     if top is not None and not want:
         raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    fields = generation_fields(body)
+    try:
+        tools = parse_tools(body)
+    except ToolProblem as e:
+        raise RequestError(400, e.message, e.param) from None
+    forced = tools.grammar() if tools is not None else None
+    if forced is not None:
+        if fields["grammar"] is not None:
+            raise RequestError(400, "a forced tool call and a response format at once", "tool_choice")
+        if fields["ignore_eos"] or fields["adjust"].get("min_tokens"):
+            raise RequestError(400, "a forced tool call with ignore_eos or min_tokens", "tool_choice")
+        fields["grammar"] = forced
     return ChatRequest(
-        **generation_fields(body),
+        **fields,
+        tools=tools,
         max_tokens=max_tokens,
         logprobs=(top or 0) if want else None,
         messages=parsed,

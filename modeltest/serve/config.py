@@ -87,6 +87,11 @@ class ServeConfig:
         "run transformers' image processor itself (the default fast one is bit-identical)",
         flag="--reference-processor",
     )
+    chat_template: Optional[str] = opt(
+        None,
+        "a Jinja chat template file for every request (default: the checkpoint's; requests with "
+        "tools get Qwen2.5's tool rendering over Qwen2-VL's template, serve/templates/)",
+    )
     media_cache: str = opt(
         "default",
         "decoded images/videos kept on disk across requests (lossless): default "
@@ -171,6 +176,15 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         problem = option_problem(getattr(cfg, name), kind)
         if problem:
             raise UserError(f"--{name.replace('_', '-')}: {problem}")
+    if cfg.chat_template and not Path(cfg.chat_template).is_file():
+        raise UserError(f"--chat-template: '{cfg.chat_template}' is not a file (a Jinja chat template)")
+    if cfg.chat_template:
+        try:
+            import jinja2
+
+            jinja2.Environment().parse(Path(cfg.chat_template).read_text())
+        except (jinja2.TemplateSyntaxError, UnicodeDecodeError) as e:
+            raise UserError(f"--chat-template: '{cfg.chat_template}' is not a Jinja template ({e})") from None
     if cfg.allowed_local_media_path and not Path(cfg.allowed_local_media_path).is_dir():
         raise UserError(f"--allowed-local-media-path: '{cfg.allowed_local_media_path}' is not a folder")
     for f in fields(cfg):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import SampleError
 from ..inputs import ModelInput, model_input
@@ -25,6 +25,7 @@ from .config import ServeConfig
 from .media_urls import MediaResolver
 from .protocol import RequestError
 from .text_protocol import CompletionRequest
+from .tools import TEMPLATE as TOOL_TEMPLATE
 
 IMAGE_KWARGS = ("min_pixels", "max_pixels")  # mm_processor_kwargs that apply to images
 
@@ -55,6 +56,8 @@ class Preprocessor:
         )
         self.media = open_media_source(cfg.media_cache, cfg.media_cache_gb, setting="--media-cache")
         self._processors = ProcessorCopies(self.processor)
+        self.tool_template = TOOL_TEMPLATE.read_text()
+        self.chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
 
     def check_counts(self, req: ChatRequest) -> None:
         media = req.media
@@ -95,15 +98,26 @@ class Preprocessor:
                     if local is not None:
                         local[str(path)] = part
                     content.append({"type": part.kind, part.kind: path, **self.options(part, req)})
-            messages.append({"role": m.role, "content": content})
+            message = {"role": m.role, "content": content}
+            if m.tool_calls:
+                message["tool_calls"] = m.tool_calls
+            messages.append(message)
         return messages
+
+    def template(self, req: ChatRequest) -> Optional[str]:
+        """The chat template for a request: --chat-template when given; the tool template
+        (tools.TEMPLATE) for a request with tools or tool turns; else the checkpoint's (None)."""
+        if self.chat_template is not None:
+            return self.chat_template
+        return self.tool_template if req.uses_tools else None
 
     def _inputs(self, req: ChatRequest, proc) -> ModelInput:
         with tempfile.TemporaryDirectory(prefix="modeltest-serve-") as work:
             local: Dict[str, MediaPart] = {}
             messages = self.conversation(req, Path(work), local)
             try:
-                mi = model_input(proc, messages, self.media)
+                tools = req.tools.tools if req.tools is not None else None
+                mi = model_input(proc, messages, self.media, chat_template=self.template(req), tools=tools)
             except SampleError as e:
                 raise media_error(str(e), local, work) from None
         mi.media_keys()  # hash the pixels here, in a worker thread, never on the event loop

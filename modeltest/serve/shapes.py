@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .protocol import usage
+from .tools import OPEN, ToolSpec, safe_content, tool_calls_in
 
 # What the engine gives per token with logprobs on: (its logprob, [(token id, logprob)] most
 # likely first); None for a prompt's first token, which nothing comes before.
@@ -94,7 +95,17 @@ class Shape(ABC):
 
 
 class ChatShape(Shape):
+    """The chat shape. With tools to read (tools.ToolSpec.parses), an answer's <tool_call> blocks
+    become `tool_calls` (finish_reason "tool_calls"); streamed, text that may begin a call is held
+    back, and the calls come as one delta when the answer ends."""
+
     object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, tokenizer, logprobs: bool, tools: Optional[ToolSpec] = None):
+        super().__init__(tokenizer, logprobs)
+        self.tools = tools if tools is not None and tools.parses else None
+        self.texts: Dict[int, str] = {}  # streamed with tools: each choice's text so far
+        self.sent: Dict[int, int] = {}  # and how much of it went out as content
 
     def content(self, piece: Piece) -> Optional[List[Dict]]:
         """OpenAI's `logprobs.content`: per token its text, logprob, UTF-8 bytes and top_logprobs."""
@@ -120,27 +131,44 @@ class ChatShape(Shape):
         ]
 
     def chunk_choices(self, index: int, piece: Piece) -> List[Dict]:
+        text, calls, reason = piece.text, [], piece.finish_reason
+        if self.tools is not None:
+            text, calls = self._stream_tools(index, piece)
+            reason = "tool_calls" if calls and reason == "stop" else reason
         out = []
-        if piece.text or piece.ids:
+        if text or piece.ids:
             out.append(
-                {
-                    "index": index,
-                    "delta": {"content": piece.text},
-                    "finish_reason": None,
-                    "logprobs": self._logprobs(piece),
-                }
+                {"index": index, "delta": {"content": text}, "finish_reason": None, "logprobs": self._logprobs(piece)}
             )
-        if piece.finish_reason:  # OpenAI ends a choice with an empty delta carrying the reason
-            out.append({"index": index, "delta": {}, "finish_reason": piece.finish_reason, "logprobs": None})
+        if calls:
+            deltas = [dict(call, index=k) for k, call in enumerate(calls)]
+            out.append({"index": index, "delta": {"tool_calls": deltas}, "finish_reason": None, "logprobs": None})
+        if reason:  # OpenAI ends a choice with an empty delta carrying the reason
+            out.append({"index": index, "delta": {}, "finish_reason": reason, "logprobs": None})
         return out
 
+    def _stream_tools(self, index: int, piece: Piece) -> Tuple[str, List[Dict]]:
+        """(content to send now, the calls once the answer has ended)."""
+        text = self.texts[index] = self.texts.get(index, "") + piece.text
+        calls: List[Dict] = []
+        if piece.finish_reason is None:
+            content = safe_content(text)
+        else:
+            _, calls = tool_calls_in(text)
+            content = text if not calls else text[: text.find(OPEN)]
+        delta = content[self.sent.get(index, 0) :]
+        self.sent[index] = len(content)
+        return delta, calls
+
     def choice(self, index: int, piece: Piece, echo: Optional[Piece]) -> Dict:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": piece.text},
-            "finish_reason": piece.finish_reason,
-            "logprobs": self._logprobs(piece),
-        }
+        message: Dict = {"role": "assistant", "content": piece.text}
+        reason = piece.finish_reason
+        if self.tools is not None:
+            content, calls = tool_calls_in(piece.text)
+            if calls:  # ("length" stays: an answer cut short may have lost a call)
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                reason = "tool_calls" if reason == "stop" else reason
+        return {"index": index, "message": message, "finish_reason": reason, "logprobs": self._logprobs(piece)}
 
 
 class TextShape(Shape):
