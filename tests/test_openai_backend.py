@@ -277,3 +277,28 @@ def test_bench_serve_reports_consistent_figures(demo, server, tmp_path):
     for name in ("ttft", "tpot", "itl", "e2el"):
         assert 0 < r[name]["median_ms"] <= r[name]["p90_ms"] <= r[name]["p99_ms"], name
     assert r["ttft"]["mean_ms"] <= r["e2el"]["mean_ms"] and r["goodput"]["good_requests"] == 12
+
+
+def test_bench_serve_sends_structured_output_and_logprobs(demo, server, tmp_path):
+    """--response-format and --logprobs reach the server on every request (refused, they would
+    count as failed requests)."""
+    out = tmp_path / "bench.json"
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}))
+    for fmt in ("json_object", str(schema)):
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "modeltest", "bench-serve", "textvqa", "qwen2_vl"),
+                f"task.local_dataset_path={demo.textvqa_jsonl}",
+                f"model.api_base={server.url}/v1",
+                *("--num-prompts", "3", "--max-tokens", "8", "--logprobs", "2", "--response-format", fmt),
+                *("--json", str(out)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        r = json.loads(out.read_text())
+        assert r["successful_requests"] == 3 and r["failed_requests"] == 0
+        assert r["response_format"] == fmt and r["logprobs"] == 2

@@ -37,13 +37,50 @@ def add_parser(sub) -> None:
     b.add_argument("--warmups", type=int, default=1, help="requests sent first and not counted")
     b.add_argument("--max-tokens", type=int, default=None, help="default: the task's output length")
     b.add_argument("--ignore-eos", action="store_true", help="generate max-tokens every time (vLLM extension)")
+    b.add_argument(
+        "--response-format",
+        default=None,
+        metavar="json_object|SCHEMA.json",
+        help="structured output on every request: json_object, or a JSON-schema file (json_schema)",
+    )
+    b.add_argument(
+        "--logprobs", type=int, default=None, metavar="N", help="ask each token's logprob and its N likeliest (0-20)"
+    )
     b.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:2000")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, help="write the figures here")
     b.set_defaults(func=main)
 
 
-async def one_request(client, model: str, request: dict, max_tokens: int, ignore_eos: bool) -> RequestResult:
+def response_format(value):
+    """--response-format -> the request's response_format (None: free text)."""
+    if value is None:
+        return None
+    if value == "json_object":
+        return {"type": "json_object"}
+    try:
+        schema = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--response-format {value}: json_object, or a JSON-schema file ({first_line(e)})") from None
+    return {"type": "json_schema", "json_schema": {"name": Path(value).stem, "schema": schema}}
+
+
+def request_options(args) -> dict:
+    """What every request carries beside its messages: --response-format, --logprobs."""
+    out = {}
+    fmt = response_format(args.response_format)
+    if fmt is not None:
+        out["response_format"] = fmt
+    if args.logprobs is not None:
+        if not 0 <= args.logprobs <= 20:
+            raise UserError(f"--logprobs {args.logprobs}: 0..20")
+        out.update(logprobs=True, top_logprobs=args.logprobs)
+    return out
+
+
+async def one_request(
+    client, model: str, request: dict, max_tokens: int, ignore_eos: bool, options: dict = None
+) -> RequestResult:
     extra = dict(request["extra"])
     if ignore_eos:
         extra["ignore_eos"] = True
@@ -60,6 +97,7 @@ async def one_request(client, model: str, request: dict, max_tokens: int, ignore
             stream=True,
             stream_options={"include_usage": True},
             extra_body=extra or None,
+            **(options or {}),
         )
         async for chunk in stream:
             now = time.perf_counter()
@@ -92,7 +130,7 @@ async def drive(args, api_base: str, api_key: str, model: str, requests: List[di
 
     client = AsyncOpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=3600)
     for r in requests[: args.warmups]:
-        await one_request(client, model, r, max_tokens, args.ignore_eos)
+        await one_request(client, model, r, max_tokens, args.ignore_eos, args.options)
     n = args.num_prompts or len(requests)
     todo = [requests[i % len(requests)] for i in range(n)]
     gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
@@ -100,9 +138,9 @@ async def drive(args, api_base: str, api_key: str, model: str, requests: List[di
 
     async def limited(r):
         if gate is None:
-            return await one_request(client, model, r, max_tokens, args.ignore_eos)
+            return await one_request(client, model, r, max_tokens, args.ignore_eos, args.options)
         async with gate:
-            return await one_request(client, model, r, max_tokens, args.ignore_eos)
+            return await one_request(client, model, r, max_tokens, args.ignore_eos, args.options)
 
     start = time.perf_counter()
     tasks = []
@@ -132,6 +170,7 @@ def main(args) -> int:
     if not args.request_rate > 0:
         raise UserError(f"--request-rate {args.request_rate}: must be above 0 (inf: all at once)")
     slo = parse_goodput(args.goodput)
+    args.options = request_options(args)
     cfg = load_config(TASKS, args.task, args.model, [*args.overrides, "backend=openai"])
     task = TASKS[cfg.task.task_name](cfg.task, cfg.model)
     n_new = args.max_tokens or max_new_tokens(cfg)
@@ -164,6 +203,8 @@ def main(args) -> int:
         "burstiness": args.burstiness,
         "max_tokens": n_new,
         "ignore_eos": args.ignore_eos,
+        "response_format": args.response_format,
+        "logprobs": args.logprobs,
         **figures,
     }
     print_report(report)
