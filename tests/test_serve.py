@@ -526,7 +526,7 @@ def test_health_is_503_while_loading_and_when_the_engine_is_dead(demo):
     from modeltest.serve.metrics import ServerMetrics
     from modeltest.serve.preprocess import Preprocessor
 
-    cfg = ServeConfig(model_path=str(demo.model))
+    cfg = ServeConfig(model_path=str(demo.model), decode_workers="0")
     release = threading.Event()
 
     def slow_then_broken():

@@ -89,27 +89,35 @@ class Sampler:
         self.grammars = grammars
 
     def __call__(self, model: Qwen2VLModel, reqs: List[Request], h: torch.Tensor) -> List[int]:
-        out = model.greedy(h).tolist()
         full = [i for i, r in enumerate(reqs) if not plain_greedy(r.params)]
-        if full:
-            logits = model.full_logits(h[full]).float()  # [S, vocab]
-            for row, i in zip(logits, full):
-                r = reqs[i]
-                chosen_from = adjust_logits(row, r) if r.params.adjusts_logits else row
-                if r.params.grammar is not None:
-                    if r.matcher is None:
-                        r.matcher = self.grammars.matcher(r.params.grammar)
-                    chosen_from = chosen_from.masked_fill(
-                        ~self.grammars.allowed(r.matcher).to(row.device), float("-inf")
-                    )
-                if not r.params.greedy:
-                    out[i] = sample_token(chosen_from, r.params, step=len(r.output_ids))
-                elif chosen_from is not row:
-                    out[i] = int(torch.argmax(chosen_from))
-                if r.matcher is not None:
-                    r.matcher.consume_token(out[i])
-                if r.params.logprobs is not None:
-                    r.output_logprobs.append(token_logprobs(row, out[i], r.params.logprobs))
+        if not full:
+            return model.greedy(h).tolist()
+        # Some row needs the whole vocabulary: the LM head runs once, over every row, and plain
+        # greedy rows take their argmax from the same logits (the first maximum, as greedy picks).
+        everything = model.full_logits(h).float()  # [B, vocab]
+        out = everything.argmax(dim=-1).tolist()
+        for i in full:
+            row = everything[i]  # [vocab]
+            r = reqs[i]
+            chosen_from = adjust_logits(row, r) if r.params.adjusts_logits else row
+            if r.params.grammar is not None:
+                if r.matcher is None:
+                    r.matcher = self.grammars.matcher(r.params.grammar)
+                allowed = self.grammars.allowed(r.matcher).to(row.device)  # [vocab]
+                chosen_from = torch.where(allowed, chosen_from, float("-inf"))
+            if not r.params.greedy:
+                out[i] = sample_token(chosen_from, r.params, step=len(r.output_ids))
+            elif chosen_from is not row:
+                out[i] = int(torch.argmax(chosen_from))
+            if r.matcher is not None:
+                r.matcher.consume_token(out[i])
+        scored = [i for i in full if reqs[i].params.logprobs is not None]
+        if scored:  # one log-softmax and one top-k over the rows that want logprobs
+            tops = [reqs[i].params.logprobs for i in scored]
+            chosen = [out[i] for i in scored]
+            rows = everything if len(scored) == len(reqs) else everything[scored]
+            for i, entry in zip(scored, token_logprobs(rows, chosen, tops)):
+                reqs[i].output_logprobs.append(entry)
         return out
 
 
@@ -118,12 +126,18 @@ def plain_greedy(p: SamplingParams) -> bool:
     return p.greedy and p.logprobs is None and not p.adjusts_logits and p.grammar is None
 
 
-def token_logprobs(logits: torch.Tensor, chosen: int, top: int):
-    """(logprob of `chosen`, the `top` most likely (id, logprob)) from fp32 logits [vocab]."""
-    lp = torch.log_softmax(logits, dim=-1)
-    best = torch.topk(lp, top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return float(lp[chosen]), pairs
+def token_logprobs(logits: torch.Tensor, chosen: List[int], tops: List[int]):
+    """Per row of fp32 logits [S, vocab]: (the logprob of its chosen token, its tops[s] most
+    likely (id, logprob), most likely first) — the model's log-softmax, x - logsumexp(x): one
+    reduction and one top-k over the logits, no [S, vocab] log-softmax written out."""
+    lse = torch.logsumexp(logits, dim=-1)  # [S]
+    picked = (logits.gather(1, torch.tensor(chosen, device=logits.device).unsqueeze(1)).squeeze(1) - lse).tolist()
+    k = max(tops)
+    if not k:
+        return [(p, []) for p in picked]
+    best = torch.topk(logits, k, dim=-1)
+    values = (best.values - lse.unsqueeze(1)).tolist()
+    return [(p, list(zip(i[:t], v[:t]))) for p, i, v, t in zip(picked, best.indices.tolist(), values, tops)]
 
 
 @dataclass

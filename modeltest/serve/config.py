@@ -98,6 +98,14 @@ class ServeConfig:
         "(~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off",
     )
     media_cache_gb: float = opt(50.0, "the media cache's size bound")
+    decode_workers: str = opt(
+        "auto",
+        "processes decoding images and videos, as an evaluation run's prep_workers: auto (the cores "
+        "this process may use), a number, or 0 (decode in the preprocessing threads)",
+    )
+    decode_timeout_s: float = opt(
+        300.0, "a decode running longer is stopped and its request answered 400", flag="--decode-timeout"
+    )
     drain_timeout_s: float = opt(
         30.0, "on SIGTERM, seconds in-flight requests may take before they are aborted", flag="--drain-timeout"
     )
@@ -176,6 +184,10 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         problem = option_problem(getattr(cfg, name), kind)
         if problem:
             raise UserError(f"--{name.replace('_', '-')}: {problem}")
+    if not (cfg.decode_workers == "auto" or (cfg.decode_workers.isdigit())):
+        raise UserError(f"--decode-workers {cfg.decode_workers}: auto, or a number of processes >= 0")
+    if cfg.decode_timeout_s <= 0:
+        raise UserError(f"--decode-timeout {cfg.decode_timeout_s}: must be positive")
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise UserError(f"--chat-template: '{cfg.chat_template}' is not a file (a Jinja chat template)")
     if cfg.chat_template:

@@ -54,7 +54,11 @@ class Preprocessor:
             cfg.remote_media_timeout_s,
             int(cfg.max_remote_media_mb * 2**20),
         )
-        self.media = open_media_source(cfg.media_cache, cfg.media_cache_gb, setting="--media-cache")
+        # the harness's media path whole: the cache, and decodes in worker processes (a hung
+        # decode stopped after --decode-timeout), so a served evaluation decodes each clip once
+        self.media = open_media_source(
+            cfg.media_cache, cfg.media_cache_gb, cfg.decode_workers, cfg.decode_timeout_s, setting="--media-cache"
+        )
         self._processors = ProcessorCopies(self.processor)
         self.tool_template = TOOL_TEMPLATE.read_text()
         self.chat_template = Path(cfg.chat_template).read_text() if cfg.chat_template else None

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -17,6 +18,12 @@ from .tools import OPEN, ToolSpec, safe_content, tool_calls_in
 # What the engine gives per token with logprobs on: (its logprob, [(token id, logprob)] most
 # likely first); None for a prompt's first token, which nothing comes before.
 TokenLogprob = Optional[Tuple[float, List[Tuple[int, float]]]]
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def token_text(tokenizer, tid: int) -> str:
+    """One token's text (logprobs name every token and its alternatives: decoded once each)."""
+    return tokenizer.decode([tid], skip_special_tokens=False)
 
 
 @dataclass
@@ -52,7 +59,7 @@ class Shape(ABC):
         self.tokenizer, self.logprobs = tokenizer, logprobs
 
     def token_text(self, tid: int) -> str:
-        return self.tokenizer.decode([tid], skip_special_tokens=False)
+        return token_text(self.tokenizer, tid)
 
     def body(self, rid: str, model: str, fingerprint: str, choices: List[Dict], tokens: Tuple[int, int]) -> Dict:
         return {
