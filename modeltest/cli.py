@@ -15,6 +15,7 @@ def _cmd_run(args) -> int:
     """One process runs the evaluation here; several (dp x tp > 1) are launched under torchrun,
     unless this process is one of them already."""
     from .config import load_config
+    from .core import run_failure
     from .launch import inside_torchrun, launch, plan_layout
     from .runner import Evaluator
     from .tasks import TASKS
@@ -24,7 +25,11 @@ def _cmd_run(args) -> int:
         layout = plan_layout(cfg)
         if layout.procs > 1:
             return launch(cfg, args.task, args.model, args.overrides, layout)
-    Evaluator(cfg).run()
+    result = Evaluator(cfg).run()
+    failure = run_failure(result.records, cfg.run.fail_on_errors)  # (records: rank 0's, all of them)
+    if failure:
+        print(f"modeltest: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

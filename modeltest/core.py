@@ -30,9 +30,10 @@ Version 1 (before queue_time and schema) is read as well: its e2e_time included 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".wmv", ".avi")
@@ -134,6 +135,23 @@ class SampleRecord:
 
 def count_errors(records: List[SampleRecord]) -> int:
     return sum(1 for r in records if r.error)
+
+
+def errors_by_message(records: List[SampleRecord]) -> List[Tuple[str, int]]:
+    """The records' errors grouped by message, the most frequent first."""
+    return collections.Counter(r.error for r in records if r.error).most_common()
+
+
+def run_failure(records: List[SampleRecord], fail_on_errors: bool) -> Optional[str]:
+    """Why a finished run must exit non-zero (one line), or None: every sample failed, or — with
+    fail_on_errors — any did."""
+    errors = count_errors(records)
+    if not records or not errors or (errors < len(records) and not fail_on_errors):
+        return None
+    first = errors_by_message(records)[0][0]
+    if errors == len(records):
+        return f"every sample failed ({errors}); nothing was scored. Most frequent error: {first}"
+    return f"{errors} of {len(records)} samples failed (fail_on_errors=true). Most frequent error: {first}"
 
 
 def count_unparsed(records: List[SampleRecord]) -> int:

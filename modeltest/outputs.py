@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from .backends.traits import DEFAULT_BACKEND
 from .config.loader import EvalConfig, default_config_dir
-from .core import SCHEMA_VERSION, ResultRow, SampleRecord, count_errors, count_unparsed
+from .core import SCHEMA_VERSION, ResultRow, SampleRecord, count_errors, count_unparsed, errors_by_message
 from .errors import UserError
 
 CSV_COLUMNS = ["Tasks", "N-Shot", "Total", "Pass", "Metric", "Value", "Errors", "Unparsed"]
@@ -202,6 +202,7 @@ def write_summary(
             "computed": computed,
             "reused": len(records) - computed,
             "errors": count_errors(records),
+            "errors_by_message": [{"error": m, "samples": n} for m, n in errors_by_message(records)],
             "unparsed": count_unparsed(records),
             "elapsed_s": round(elapsed, 3),
             "load_s": round(load_s, 3) if load_s is not None else None,

@@ -7,7 +7,7 @@ from typing import List, Optional
 from tabulate import tabulate
 from termcolor import colored
 
-from .core import ResultRow, SampleRecord, count_errors
+from .core import ResultRow, SampleRecord, count_errors, errors_by_message
 
 
 def print_summary(
@@ -53,6 +53,15 @@ def print_summary(
     print("\n".join(lines))
     errors = count_errors(records)
     if errors:
-        print(colored(f"{errors} sample(s) recorded with errors (see 'error' in the debug file)", "yellow"))
+        print(
+            colored(
+                f"{errors} of {len(records)} sample(s) recorded with errors (see 'error' in the debug file):", "yellow"
+            )
+        )
+        grouped = errors_by_message(records)
+        for message, n in grouped[:5]:
+            print(colored(f"  {n} x {message}", "yellow"))
+        if len(grouped) > 5:
+            print(colored(f"  ... and {len(grouped) - 5} other message(s) (summary.json: errors_by_message)", "yellow"))
     print(f"result csv : {paths.result_csv}")
     print(f"debug file : {paths.debug_file}")

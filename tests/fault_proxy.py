@@ -1,5 +1,6 @@
 """A proxy in front of a server that misbehaves on purpose, per question: 429, 500, 400, a
-dropped connection, a stall past the client's timeout — a given number of times, then it forwards.
+dropped connection, a stall past the client's timeout, a 200 stream with an error event, a
+malformed chunk, or an early end — a given number of times, then it forwards.
 Counts the attempts it saw per question."""
 
 from __future__ import annotations
@@ -14,6 +15,21 @@ from typing import Dict, Tuple
 import httpx
 
 STALL_S = 20  # far past any client timeout a test sets (they set a few seconds)
+
+
+def _chunk(content: str) -> bytes:
+    body = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    body["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": None}]
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+STREAM_FAULTS = {
+    # vLLM's and transformers serve's way of failing after the 200: an error event
+    "error_event": _chunk("Hel") + b'data: {"error": {"message": "CUDA out of memory", "code": 500}}\n\n',
+    "malformed": _chunk("Hel") + b"data: {not json\n\n",
+    # the answer starts, then the stream ends: no finish_reason, no [DONE]
+    "cut": _chunk("Hel"),
+}
 
 
 class FaultProxy:
@@ -62,6 +78,8 @@ class FaultProxy:
                                 }
                             ).encode(),
                         )
+                    if fault in STREAM_FAULTS:  # a 200 stream that goes wrong
+                        return self._reply(200, STREAM_FAULTS[fault], "text/event-stream")
                     if fault == "drop":
                         self.close_connection = True
                         self.connection.shutdown(2)

@@ -154,6 +154,9 @@ def test_yaml_syntax_error_names_file_and_line(cfg_dir):
 def test_bad_values(cfg_dir):
     with pytest.raises(UserError, match=r"batch_size: must be at least 1"):
         load(cfg_dir, ["batch_size=0"], check_paths=False)
+    for key in ("task.requested_max_output_length", "task.requested_max_input_length", "max_output_length"):
+        with pytest.raises(UserError, match=r"max_(output|input)_length: must be at least 1, got 0"):
+            load(cfg_dir, [f"{key}=0"], check_paths=False)
     with pytest.raises(UserError, match=r"model.backend: 'vllm' is not one of"):
         load(cfg_dir, ["model.backend=vllm"], check_paths=False)
     with pytest.raises(UserError, match=r"not key=value"):

@@ -131,6 +131,9 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
             "what is the name of the shop": ("400", 99),  # not retried: 1 attempt
             "what does the green sign read": ("drop", 1),
             "what is on sale": ("stall", 1),
+            "which bus number is shown": ("error_event", 1),  # fine on the 2nd attempt
+            "what is not allowed here": ("malformed", 99),
+            "what kind of building is this": ("cut", 99),
         },
     )
     try:
@@ -148,8 +151,20 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
         assert proxy.attempts["what does the sign say"] >= 3 and by_question["what does the sign say?"].error is None
         failed = by_question["what word is written on the door?"]
         assert proxy.attempts["what word is written on the door"] == 5  # 1 + max_retries
-        assert failed.output is None and failed.score == 0 and failed.transient
-        assert "HTTP 500" in failed.error and "engine overloaded" in failed.error and "after 4 retries" in failed.error
+        # the same 500 body every time: the server's answer to this sample, kept on resume
+        assert failed.output is None and failed.score == 0 and not failed.transient
+        assert (
+            "HTTP 500" in failed.error
+            and "engine overloaded" in failed.error
+            and "the same answer 5 times" in failed.error
+        )
+        # a failing 200 stream is that sample's error (retried), never the run's crash
+        assert by_question["which bus number is shown?"].error is None
+        assert proxy.attempts["which bus number is shown"] == 2
+        malformed = by_question["what is not allowed here?"]
+        assert "malformed stream chunk" in malformed.error and malformed.output is None
+        cut = by_question["what kind of building is this?"]
+        assert "ended before the answer did" in cut.error and cut.output is None
         bad = by_question["what is the name of the shop?"]
         assert proxy.attempts["what is the name of the shop"] == 1 and "HTTP 400" in bad.error
         assert "bad request: no" in bad.error and not bad.transient
@@ -157,15 +172,15 @@ def test_faults_are_retried_as_specified_and_failures_are_recorded(demo, server,
         assert by_question["what does the green sign read?"].error is None
         assert proxy.attempts["what is on sale"] >= 2 and by_question["what is on sale?"].error is None
         rows, _ = read_csv(tmp_path, "textvqa")
-        assert rows[0]["Errors"] == "2" and rows[0]["Total"] == "8"
-        # Resume: the server error is computed again (now fine), the 400 is kept as it is.
+        assert rows[0]["Errors"] == "4" and rows[0]["Total"] == "8"
+        summary = json.loads(result.paths.summary_json.read_text())
+        assert sorted(e["samples"] for e in summary["errors_by_message"]) == [1, 1, 1, 1]
+        # Resume: permanent answers (the 400, the same 500 each time, the same broken stream each
+        # time) are kept as they are; nothing transient is left to compute
         proxy.faults["what word is written on the door"] = ("500", 0)
         again = evaluate(demo, "textvqa", tmp_path, *extra)
         summary = json.loads(again.paths.summary_json.read_text())
-        assert summary["computed"] == 1 and summary["reused"] == 7
-        assert {r.input["prompt"].split(" Answer")[0]: r for r in again.records}[
-            "what word is written on the door?"
-        ].error is None
+        assert summary["computed"] == 0 and summary["reused"] == 8
     finally:
         proxy.close()
 
@@ -302,3 +317,43 @@ def test_bench_serve_sends_structured_output_and_logprobs(demo, server, tmp_path
         r = json.loads(out.read_text())
         assert r["successful_requests"] == 3 and r["failed_requests"] == 0
         assert r["response_format"] == fmt and r["logprobs"] == 2
+
+
+def test_exit_codes_say_when_samples_failed(demo, server, tmp_path):
+    """Every sample failed: exit 1 and one line naming the most frequent error. Some failed: exit
+    0, the count and the messages in the summary — and exit 1 with fail_on_errors=true."""
+    from fault_proxy import FaultProxy
+
+    def run(proxy, *extra):
+        return subprocess.run(
+            [
+                *(sys.executable, "-m", "modeltest", "run", "textvqa", "qwen2_vl"),
+                f"task.local_dataset_path={demo.textvqa_jsonl}",
+                f"output_dir={tmp_path / 'out'}",
+                "resume=false",
+                *("backend=openai", f"model.api_base={proxy.url}/v1", "max_output_length=2"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    everything = FaultProxy(server.url, {"?": ("400", 99)})  # every question has a '?'
+    try:
+        proc = run(everything)
+        assert proc.returncode == 1, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("modeltest: every sample failed (8)") and "HTTP 400" in last
+        assert "Traceback" not in proc.stderr
+    finally:
+        everything.close()
+    one = FaultProxy(server.url, {"what is on sale": ("400", 99)})
+    try:
+        proc = run(one)
+        assert proc.returncode == 0, proc.stderr
+        assert "1 of 8 sample(s) recorded with errors" in proc.stdout and "1 x HTTP 400" in proc.stdout
+        strict = run(one, "fail_on_errors=true")
+        assert strict.returncode == 1 and "1 of 8 samples failed (fail_on_errors=true)" in strict.stderr
+    finally:
+        one.close()

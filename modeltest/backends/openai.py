@@ -110,7 +110,12 @@ def served_model_identity(m: ModelConfig) -> Dict[str, Any]:
 
 
 class _Retryable(Exception):
-    pass
+    """A failed attempt worth another; `answer`: the server answered it (a 5xx, an error event, a
+    malformed or cut stream), as opposed to a failed connection or a rate limit."""
+
+    def __init__(self, message: str, answer: bool = False):
+        super().__init__(message)
+        self.answer = answer
 
 
 class OpenAIBackend(Backend):
@@ -203,18 +208,25 @@ class OpenAIBackend(Backend):
         return {"mm_processor_kwargs": opts} if opts else {}
 
     def _call(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool, submitted: float) -> GenerationOutput:
+        """Attempts with back-off. When every attempt got the same failing answer from the server
+        (a 5xx with the same body, the same error event, the same broken stream), the server is
+        answering this sample, not having a bad moment: the error is permanent, and a rerun keeps
+        it. Connection failures, 429 and answers that changed stay transient (a rerun retries)."""
         m = self.model_cfg
-        error = "no attempt made"
+        failures: List[_Retryable] = []
         for attempt in range(m.max_retries + 1):
             if attempt:
                 time.sleep(m.retry_backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
             try:
                 return self._stream_once(prepared, max_new_tokens, ignore_eos, submitted)
             except _Retryable as e:
-                error = str(e)
+                failures.append(e)
             except _Final as e:
                 return GenerationOutput(text="", error=str(e))
-        return GenerationOutput(text="", error=f"{error} (after {m.max_retries} retries)", transient=True)
+        last = str(failures[-1])
+        if len(failures) > 1 and all(f.answer and str(f) == last for f in failures):
+            return GenerationOutput(text="", error=f"{last} (the same answer {len(failures)} times)")
+        return GenerationOutput(text="", error=f"{last} (after {m.max_retries} retries)", transient=True)
 
     def _stream_once(
         self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool, submitted: float
@@ -230,6 +242,7 @@ class OpenAIBackend(Backend):
         parts: List[str] = []
         usage = None
         chunks = 0
+        finished = False
         try:
             stream = self.client.chat.completions.create(
                 model=self.served_name,
@@ -244,19 +257,32 @@ class OpenAIBackend(Backend):
                 if getattr(chunk, "usage", None):
                     usage = chunk.usage
                 for choice in chunk.choices or []:
+                    finished = finished or bool(choice.finish_reason)
                     text = getattr(choice.delta, "content", None) if choice.delta else None
                     if text:
                         if first is None:
                             first = time.perf_counter()
                         parts.append(text)
                         chunks += 1
-        except (openai.APIConnectionError, openai.APITimeoutError, httpx.TransportError) as e:
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
             raise _Retryable(f"request failed: {first_line(e)}") from None
+        except httpx.TransportError as e:  # mid-stream: a reset, a connection the server dropped
+            raise _Retryable(f"the connection broke mid-answer: {first_line(e)}") from None
         except openai.APIStatusError as e:
             message = f"HTTP {e.status_code} from the server: {server_error_message(e.body, e.message)}"
-            if e.status_code == 429 or e.status_code >= 500:
+            if e.status_code == 429:
                 raise _Retryable(message) from None
+            if e.status_code >= 500:
+                raise _Retryable(message, answer=True) from None
             raise _Final(message) from None
+        except openai.APIError as e:  # an error event inside a 200 stream
+            raise _Retryable(
+                f"the server sent an error mid-answer: {server_error_message(e.body, e.message)}", answer=True
+            ) from None
+        except ValueError as e:  # a chunk that is not JSON (or not a chunk)
+            raise _Retryable(f"the server sent a malformed stream chunk: {first_line(e, 160)}", answer=True) from None
+        if not finished:
+            raise _Retryable("the stream ended before the answer did (no finish_reason)", answer=True)
         end = time.perf_counter()
         return GenerationOutput(
             text="".join(parts),

@@ -202,8 +202,14 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(f"batch_size: must be at least 1, got {cfg.run.batch_size}")
     if cfg.run.limit is not None and cfg.run.limit < 1:
         raise UserError(f"limit: must be at least 1 (or null for all), got {cfg.run.limit}")
-    if cfg.model.mm_model.infer_params.max_output_length < 1:
-        raise UserError("model.mm_model.infer_params.max_output_length: must be at least 1")
+    # every length and count at least 1 (0 would run nothing, or fail every sample the same way)
+    for key, value in (
+        ("model.mm_model.infer_params.max_output_length", cfg.model.mm_model.infer_params.max_output_length),
+        ("task.requested_max_output_length", cfg.task.requested_max_output_length),
+        ("task.requested_max_input_length", cfg.task.requested_max_input_length),
+    ):
+        if value < 1:
+            raise UserError(f"{key}: must be at least 1, got {value}")
     mc = cfg.run.media_cache
     if not (mc is None or mc is False or isinstance(mc, str)):
         raise UserError(f"media_cache: '{mc}' must be default, off or a folder")

@@ -115,6 +115,8 @@ class RunConfig:
     dp: Optional[int] = None
     # Reuse the finished samples recorded under output_dir by an earlier run of the same command.
     resume: bool = True
+    # Exit non-zero when any sample failed (a run in which every sample failed always does).
+    fail_on_errors: bool = False
     # Preprocessed images/videos kept on disk (media/cache.py): "default"
     # (~/.cache/modeltest/media or $MODELTEST_MEDIA_CACHE), a folder, or off (YAML reads `off`
     # as false, hence Any; config/loader.py checks it).
