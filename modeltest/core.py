@@ -91,6 +91,9 @@ class SampleRecord:
     output_tokens: Optional[int] = None
     prefill_time: Optional[float] = None
     choices: Optional[Dict[str, str]] = None
+    # When the model's input did not follow the task's preprocessing (a served model whose server
+    # could not take the media options): what it followed. Written only when set.
+    preprocessing: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)  # the task's per-sample extras
     # The error was the server's or the network's (unreachable, timeout, 429/5xx after retries),
     # not the sample's: a resumed run computes the sample again. Written only when true.
@@ -108,7 +111,7 @@ class SampleRecord:
         for f in dataclasses.fields(self):
             if f.name in ("extra", "key", "schema", "transient"):
                 continue
-            if f.name == "choices" and self.choices is None:
+            if f.name in ("choices", "preprocessing") and getattr(self, f.name) is None:
                 continue
             d[f.name] = getattr(self, f.name)
         d.update(self.extra)

@@ -203,6 +203,8 @@ def write_summary(
             "reused": len(records) - computed,
             "errors": count_errors(records),
             "errors_by_message": [{"error": m, "samples": n} for m, n in errors_by_message(records)],
+            # what records followed instead of the task's preprocessing (a server's own), if any
+            "preprocessing": sorted({r.preprocessing for r in records if r.preprocessing}) or None,
             "unparsed": count_unparsed(records),
             "elapsed_s": round(elapsed, 3),
             "load_s": round(load_s, 3) if load_s is not None else None,

@@ -140,6 +140,7 @@ def new_record(
         output_tokens=output.output_tokens if output else None,
         prefill_time=sec(output.prefill_time) if output else None,
         choices=sample.choices,
+        preprocessing=output.preprocessing if output else None,
         transient=transient,
         key=key,
     )

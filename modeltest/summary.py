@@ -51,6 +51,10 @@ def print_summary(
     if len(lines) > 2:
         lines[2] = colored(lines[2], "green", attrs=["bold"])  # the overall row
     print("\n".join(lines))
+    notes = sorted({r.preprocessing for r in records if r.preprocessing})
+    for note in notes:
+        n = sum(1 for r in records if r.preprocessing == note)
+        print(colored(f"{n} of {len(records)} sample(s): {note} (the score is not the task's setting)", "yellow"))
     errors = count_errors(records)
     if errors:
         print(

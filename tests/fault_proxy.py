@@ -33,9 +33,14 @@ STREAM_FAULTS = {
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, faults: Dict[str, Tuple[str, int]]):
-        """faults: question substring -> (fault, how many first attempts get it)."""
+    def __init__(self, upstream: str, faults: Dict[str, Tuple[str, int]], dialect: str = "vllm"):
+        """faults: question substring -> (fault, how many first attempts get it). dialect: how the
+        proxy takes media options — vllm (mm_processor_kwargs, as the server behind it),
+        transformers (chat_template_kwargs, as `transformers serve`; mm_processor_kwargs is a
+        422), plain (neither: both are a 422); not vllm, it does not say it is modeltest."""
         self.upstream, self.faults, self.attempts = upstream.rstrip("/"), faults, Counter()
+        self.dialect = dialect
+        self.bodies = []  # every chat request body it was sent
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,11 +53,29 @@ class FaultProxy:
                 r = httpx.get(
                     proxy.upstream + self.path, headers={"Authorization": self.headers.get("Authorization", "")}
                 )
-                self._reply(r.status_code, r.content, r.headers.get("content-type", "application/json"))
+                content = r.content
+                if proxy.dialect != "vllm" and self.path.endswith("/models"):
+                    listing = r.json()
+                    for d in listing["data"]:
+                        d["owned_by"] = "local"
+                    content = json.dumps(listing).encode()
+                self._reply(r.status_code, content, r.headers.get("content-type", "application/json"))
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                question = json.dumps(json.loads(body).get("messages"))
+                parsed = json.loads(body)
+                proxy.bodies.append(json.loads(body))  # as sent (parsed may be rewritten below)
+                refused = {"vllm": (), "transformers": ("mm_processor_kwargs",)}.get(
+                    proxy.dialect, ("mm_processor_kwargs", "chat_template_kwargs")
+                )
+                unexpected = sorted(k for k in refused if k in parsed)
+                if unexpected:  # transformers serve's answer to a field it does not know
+                    detail = {"detail": f"Unexpected fields in the request: {set(unexpected)}"}
+                    return self._reply(422, json.dumps(detail).encode())
+                if proxy.dialect == "transformers" and "chat_template_kwargs" in parsed:
+                    parsed["mm_processor_kwargs"] = parsed.pop("chat_template_kwargs")
+                    body = json.dumps(parsed).encode()
+                question = json.dumps(parsed.get("messages"))
                 name = next((q for q in proxy.faults if q in question), None)
                 n = proxy.attempts[name] = proxy.attempts[name] + 1 if name else 0
                 if name and n <= proxy.faults[name][1]:

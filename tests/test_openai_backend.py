@@ -357,3 +357,47 @@ def test_exit_codes_say_when_samples_failed(demo, server, tmp_path):
         assert strict.returncode == 1 and "1 of 8 samples failed (fail_on_errors=true)" in strict.stderr
     finally:
         one.close()
+
+
+def test_the_servers_dialect_decides_how_media_options_travel(demo, server, tmp_path):
+    """auto finds how each server takes the task's media options: mm_processor_kwargs (modeltest
+    serve), chat_template_kwargs (a transformers-serve-like server, where mm_processor_kwargs is a
+    422); the options arrive either way (max_pixels changes the prompt tokens exactly as in
+    process). A server that takes neither refuses the run in one line; with
+    send_preprocessing=false it runs, and every record and the summary say so."""
+    from fault_proxy import FaultProxy
+
+    from modeltest.errors import UserError
+
+    small = ["task.max_pixels=50176", "backend=openai", "max_output_length=2"]
+    engine = evaluate(demo, "textvqa", tmp_path / "engine", "task.max_pixels=50176", "max_output_length=2")
+    want = {r.id: r.input_tokens for r in engine.records}
+    direct = evaluate(demo, "textvqa", tmp_path / "direct", *small, f"model.api_base={server.url}/v1")
+    assert {r.id: r.input_tokens for r in direct.records} == want
+    assert json.loads(direct.paths.summary_json.read_text())["preprocessing"] is None
+    hf_like = FaultProxy(server.url, {}, dialect="transformers")
+    try:
+        run = evaluate(demo, "textvqa", tmp_path / "tf", *small, f"model.api_base={hf_like.url}/v1")
+        assert {r.id: r.input_tokens for r in run.records} == want and not any(r.error for r in run.records)
+        sent = [b for b in hf_like.bodies if "messages" in b and b.get("max_tokens") == 2]
+        assert sent and all(b["chat_template_kwargs"]["max_pixels"] == 50176 for b in sent)
+    finally:
+        hf_like.close()
+    plain = FaultProxy(server.url, {}, dialect="plain")
+    try:
+        with pytest.raises(UserError, match="takes no per-request media options.*send_preprocessing=false"):
+            evaluate(demo, "textvqa", tmp_path / "plain", *small, f"model.api_base={plain.url}/v1")
+        run = evaluate(
+            demo,
+            "textvqa",
+            tmp_path / "plain",
+            *small,
+            f"model.api_base={plain.url}/v1",
+            "model.send_preprocessing=false",
+        )
+        assert all(r.preprocessing == "server-side preprocessing: options not applied" for r in run.records)
+        assert {r.id: r.input_tokens for r in run.records} != want  # the server's defaults, not 50176
+        summary = json.loads(run.paths.summary_json.read_text())
+        assert summary["preprocessing"] == ["server-side preprocessing: options not applied"]
+    finally:
+        plain.close()

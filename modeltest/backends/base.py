@@ -86,6 +86,7 @@ class GenerationOutput:
     error: Optional[str] = None  # this request failed alone (e.g. too long); others ran
     num_tokens: Optional[int] = None  # generated tokens when token_ids are not known (a server's usage)
     transient: bool = False  # the error is the server's/network's: retry the sample on resume
+    preprocessing: Optional[str] = None  # set when the input did not follow the task's options (openai)
 
     @property
     def output_tokens(self) -> int:

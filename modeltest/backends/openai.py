@@ -30,12 +30,15 @@ from ..errors import SampleError, UserError, first_line
 from ..inputs import sample_messages
 from ..media.decode import media_parts
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
+from .server_kind import options_field, probe_server_kind
 from .traits import TRAITS
 
 if TYPE_CHECKING:  # annotations only: the config layer imports backends' traits, not the reverse
     from ..config.schema import ModelConfig
 
 API_KEY_ENV = "OPENAI_API_KEY"
+# What records and the summary say when the task's media options did not reach the server.
+SERVER_SIDE = "server-side preprocessing: options not applied"
 MIME = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -105,8 +108,16 @@ def served_model_identity(m: ModelConfig) -> Dict[str, Any]:
             f"(it serves: {', '.join(names)})"
         )
     chosen = next(d for d in models if d["id"] == (m.served_model_name or names[0]))
-    # `created` changes with every restart of some servers: not part of the identity.
-    return {"served": {k: chosen.get(k) for k in ("id", "root", "max_model_len", "owned_by") if k in chosen}}
+    kind = m.server_kind
+    if kind == "auto":
+        headers = {"Authorization": f"Bearer {api_key(m)}"}
+        kind = probe_server_kind(m.api_base, headers, chosen["id"], chosen.get("owned_by"), min(m.timeout, 60))
+    # `created` changes with every restart of some servers: not part of the identity. The server's
+    # kind is: it decides whether the task's media options reach the model.
+    return {
+        "served": {k: chosen.get(k) for k in ("id", "root", "max_model_len", "owned_by") if k in chosen},
+        "server_kind": kind,
+    }
 
 
 class _Retryable(Exception):
@@ -129,6 +140,15 @@ class OpenAIBackend(Backend):
         m = self.model_cfg
         self.identity = served_model_identity(m)
         self.served_name = self.identity["served"]["id"]
+        self.server_kind = self.identity["server_kind"]
+        if options_field(self.server_kind) is None and m.send_preprocessing:
+            raise UserError(
+                f"model.api_base: the server at {m.api_base} takes no per-request media options (server "
+                "kind: plain — neither mm_processor_kwargs nor chat_template_kwargs), so the task's pixel "
+                "and fps options would not be applied; start the server with them, or set "
+                "model.send_preprocessing=false to run on the server's own preprocessing (every record "
+                "and the summary then say so)"
+            )
         # Retries are ours (which statuses, back-off with jitter, recorded errors), not the client's.
         self.client = OpenAI(base_url=m.api_base, api_key=api_key(m), max_retries=0, timeout=m.timeout)
         self.pool = ThreadPoolExecutor(max_workers=m.concurrency, thread_name_prefix="request")
@@ -168,6 +188,8 @@ class OpenAIBackend(Backend):
             "backend": self.name,
             "api_base": m.api_base,
             "served_model": self.identity["served"],
+            "server_kind": self.server_kind,
+            "preprocessing": self.preprocessing,
             "media": m.media,
             "concurrency": m.concurrency,
             "max_retries": m.max_retries,
@@ -197,15 +219,23 @@ class OpenAIBackend(Backend):
             return {"type": "text", "text": part["text"]}
         return {"type": f"{kind}_url", f"{kind}_url": {"url": self._media_url(str(part[kind]), kind)}}
 
+    @property
+    def preprocessing(self) -> str:
+        """Whose preprocessing the model's input follows (records and summary say it)."""
+        if self.model_cfg.send_preprocessing:
+            return f"task options via {options_field(self.server_kind)}"
+        return SERVER_SIDE
+
     def _hints(self, conversation: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The media parts' preprocessing options (videos' where there are videos: they carry the
-        pixel bounds too), as vLLM's `mm_processor_kwargs`."""
-        if not self.model_cfg.send_preprocessing:
+        pixel bounds too), in the field the server's kind reads them from."""
+        field = options_field(self.server_kind)
+        if not self.model_cfg.send_preprocessing or field is None:
             return {}
         parts = media_parts(conversation)
         part = next((p for p in parts if p["type"] == "video"), parts[0] if parts else None)
         opts = {k: v for k, v in (part or {}).items() if k not in ("type", "image", "video") and v is not None}
-        return {"mm_processor_kwargs": opts} if opts else {}
+        return {field: opts} if opts else {}
 
     def _call(self, prepared: Prepared, max_new_tokens: int, ignore_eos: bool, submitted: float) -> GenerationOutput:
         """Attempts with back-off. When every attempt got the same failing answer from the server
@@ -292,6 +322,7 @@ class OpenAIBackend(Backend):
             queue_time=start - submitted,
             prefill_time=(first - start) if first is not None else None,
             decode_time=(end - first) if first is not None else None,
+            preprocessing=None if self.model_cfg.send_preprocessing else SERVER_SIDE,
         )
 
 

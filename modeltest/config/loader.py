@@ -27,6 +27,7 @@ from .schema import (
     DATA_TYPES,
     ENGINE_SETTINGS,
     OPENAI_MEDIA,
+    SERVER_KINDS,
     ModelConfig,
     RunConfig,
     TaskConfig,
@@ -237,6 +238,8 @@ def validate_values(cfg: EvalConfig) -> None:
     if traits(m.backend).served:
         if m.media not in OPENAI_MEDIA:
             raise UserError(f"model.media: '{m.media}' is not one of {', '.join(OPENAI_MEDIA)}")
+        if m.server_kind not in SERVER_KINDS:
+            raise UserError(f"model.server_kind: '{m.server_kind}' is not one of {', '.join(SERVER_KINDS)}")
         if m.concurrency < 1 or m.max_retries < 0 or m.timeout <= 0:
             raise UserError(
                 "model.concurrency must be at least 1, model.max_retries at least 0 and model.timeout positive"

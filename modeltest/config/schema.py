@@ -18,6 +18,7 @@ from ..errors import UserError
 
 DATA_TYPES = tuple(TORCH_DTYPES)  # bf16, fp16, fp32
 OPENAI_MEDIA = ("data", "file")
+SERVER_KINDS = ("auto", "vllm", "transformers", "plain")  # backends/server_kind.py
 
 
 @dataclass
@@ -70,7 +71,13 @@ class ModelConfig:
     max_retries: int = 5  # on connection errors, 429 and 5xx (never other 4xx)
     retry_backoff: float = 1.0  # seconds before the first retry; doubles, with jitter
     media: str = "data"  # data: base64 data URLs (any server); file: file:// paths
-    # Send the task's pixel/fps options as mm_processor_kwargs (modeltest serve and vLLM read them).
+    # How the server takes a request's media options (backends/server_kind.py): auto (probed
+    # before the run), vllm (mm_processor_kwargs: vLLM, SGLang, modeltest serve), transformers
+    # (chat_template_kwargs: transformers serve), plain (none).
+    server_kind: str = "auto"
+    # Send the task's pixel/fps options to the server. A server that cannot take them (plain)
+    # refuses to start the run unless this is false: then it runs on the server's own
+    # preprocessing, and every record and the summary say so.
     send_preprocessing: bool = True
 
 

@@ -173,3 +173,6 @@ def name_runs(runs: List[Run], paths: List[str]) -> None:
         seen[r.label] = n + 1
         if n:
             r.label = f"{r.label}#{n + 1}"
+    for r in runs:  # a score on the server's own preprocessing is marked wherever the run is named
+        if r.summary.get("preprocessing"):
+            r.label += " [server-side preprocessing]"
