@@ -176,7 +176,18 @@ def restore_ctrl_c() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may come after a command's --options (`bench-serve T M --max-tokens 8
+    # model.api_base=URL`): argparse leaves those over; anything else left over is an error
+    if (
+        unknown
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in u and not u.startswith("-") for u in unknown)
+    ):
+        args.overrides += unknown
+    elif unknown:
+        parser.parse_args(argv)  # argparse's own one-line error, exit 2
     args.argv = argv[1:]  # the subcommand's own arguments (the launcher passes them on)
     quiet_libraries()
     restore_ctrl_c()

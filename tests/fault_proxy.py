@@ -65,8 +65,8 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 parsed = json.loads(body)
                 proxy.bodies.append(json.loads(body))  # as sent (parsed may be rewritten below)
-                refused = {"vllm": (), "transformers": ("mm_processor_kwargs",)}.get(
-                    proxy.dialect, ("mm_processor_kwargs", "chat_template_kwargs")
+                refused = {"vllm": (), "transformers": ("mm_processor_kwargs", "ignore_eos")}.get(
+                    proxy.dialect, ("mm_processor_kwargs", "chat_template_kwargs", "ignore_eos")
                 )
                 unexpected = sorted(k for k in refused if k in parsed)
                 if unexpected:  # transformers serve's answer to a field it does not know

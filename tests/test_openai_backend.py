@@ -401,3 +401,31 @@ def test_the_servers_dialect_decides_how_media_options_travel(demo, server, tmp_
         assert summary["preprocessing"] == ["server-side preprocessing: options not applied"]
     finally:
         plain.close()
+
+
+def test_bench_serve_drops_an_extension_the_server_refuses(demo, server, tmp_path):
+    """A server that refuses ignore_eos (as transformers serve does): one probe, a warning, the
+    figures say it was not sent, every request succeeds; key=value overrides after the options."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(server.url, {}, dialect="transformers")
+    out = tmp_path / "bench.json"
+    try:
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "modeltest", "bench-serve", "textvqa", "qwen2_vl"),
+                *("--num-prompts", "3", "--max-tokens", "4", "--ignore-eos", "--json", str(out)),
+                f"task.local_dataset_path={demo.textvqa_jsonl}",
+                f"model.api_base={proxy.url}/v1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "the server refuses ignore_eos (HTTP 422" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["successful_requests"] == 3 and r["failed_requests"] == 0
+    assert r["ignore_eos"] is False and "ignore_eos" in r["ignore_eos_refused"]

@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 from tabulate import tabulate
@@ -111,9 +111,7 @@ async def one_request(
                 last = now
                 chunks += 1
     except Exception as e:  # a failed request is counted, and the benchmark goes on
-        from ..backends.openai import server_error_message
-
-        return RequestResult(ok=False, error=server_error_message(getattr(e, "body", None), first_line(e, 120)))
+        return RequestResult(ok=False, error=failure(e))
     end = time.perf_counter()
     return RequestResult(
         ok=True,
@@ -125,10 +123,56 @@ async def one_request(
     )
 
 
+def failure(e: Exception) -> str:
+    """A failed request as the figures name it: the server's message, or what broke the
+    connection (a reset is said to be one, not a plain connection failure)."""
+    import httpx
+
+    from ..backends.openai import server_error_message
+
+    cause = e if isinstance(e, httpx.TransportError) else (e.__cause__ or e.__context__)
+    if isinstance(cause, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return f"connection reset by the server ({type(cause).__name__}: {first_line(cause, 100, with_type=False)})"
+    return server_error_message(getattr(e, "body", None), first_line(e, 120))
+
+
+async def refused_extension(client, model: str, request: dict, field: str) -> Optional[str]:
+    """Why the server refuses an extension field (one one-token request carrying it), or None."""
+    import openai
+
+    try:
+        await client.chat.completions.create(
+            model=model,
+            messages=request["messages"],
+            max_tokens=1,
+            temperature=0,
+            extra_body={**request["extra"], field: True},
+        )
+    except openai.APIStatusError as e:
+        if 400 <= e.status_code < 500:
+            return f"HTTP {e.status_code}: {failure(e)}"
+    except openai.APIError:
+        return None  # not an answer about the field: the run itself will show what is wrong
+    return None
+
+
 async def drive(args, api_base: str, api_key: str, model: str, requests: List[dict], max_tokens: int) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=api_base, api_key=api_key, max_retries=0, timeout=3600)
+    args.ignore_eos_refused = None
+    if args.ignore_eos:
+        args.ignore_eos_refused = await refused_extension(client, model, requests[0], "ignore_eos")
+        if args.ignore_eos_refused:
+            print(
+                colored(
+                    f"bench-serve: the server refuses ignore_eos ({args.ignore_eos_refused}); sending "
+                    "without it: answers end where the model stops, so output lengths vary",
+                    "yellow",
+                ),
+                flush=True,
+            )
+            args.ignore_eos = False
     for r in requests[: args.warmups]:
         await one_request(client, model, r, max_tokens, args.ignore_eos, args.options)
     n = args.num_prompts or len(requests)
@@ -203,6 +247,7 @@ def main(args) -> int:
         "burstiness": args.burstiness,
         "max_tokens": n_new,
         "ignore_eos": args.ignore_eos,
+        "ignore_eos_refused": args.ignore_eos_refused,  # why it was dropped, if the server refused it
         "response_format": args.response_format,
         "logprobs": args.logprobs,
         **figures,
@@ -231,6 +276,8 @@ def print_report(r: dict) -> None:
         ["Output token throughput (tok/s)", f(r["output_token_throughput"])],
         ["Total token throughput (tok/s)", f(r["total_token_throughput"])],
     ]
+    if r.get("ignore_eos_refused"):
+        rows.append(["ignore_eos", f"refused by the server, not sent ({r['ignore_eos_refused']})"])
     if "goodput" in r:
         rows.append(["Request goodput (req/s)", f(r["goodput"]["request_goodput"])])
     for name, title in (
