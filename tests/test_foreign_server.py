@@ -94,4 +94,5 @@ def test_videos_it_cannot_decode_fail_per_sample(demo, foreign, tmp_path):
         "limit=2",
         "model.max_retries=0",
     )
-    assert run.records and all(r.error and "HTTP 500" in r.error for r in run.records)
+    assert run.records and all(r.error and r.output is None for r in run.records)
+    assert any("HTTP 500" in r.error for r in run.records)
