@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -501,6 +502,38 @@ def test_tensor_parallel_server_serves_the_tp1_tokens_and_drains_on_sigterm(demo
     # the request in flight got a whole answer: 200, a finish reason, the stream's end
     assert inflight.status == 200 and inflight.error is None, (inflight.status, inflight.error)
     assert inflight.finish_reason in ("abort", "length") and inflight.done, inflight.finish_reason
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the torchrun worker of the given RANK among a launcher's descendants (torchrun
+    starts each worker in a session of its own)."""
+    todo = [launcher]
+    while todo:
+        pid = todo.pop()
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        if f"RANK={rank}" in environ and any(kv.startswith("LOCAL_RANK=") for kv in environ):
+            return pid
+    raise AssertionError(f"no rank {rank} under process {launcher}")
+
+
+def test_a_killed_rank_ends_a_tensor_parallel_server_in_one_line(demo):
+    """SIGKILL rank 1 of `modeltest serve --tp 2`: the server ends, and the launcher says which
+    rank died and how, in one line (not a traceback of its own)."""
+    tp2 = ServerProcess(demo.model, "--tp", "2", "--drain-timeout", "1")
+    try:
+        os.kill(rank_pid(tp2.proc.pid, 1), signal.SIGKILL)
+        tp2.proc.wait(120)
+    finally:
+        rc, out, err = tp2.stop()
+    assert rc == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("modeltest serve: error: ") and "rank 1 was killed by SIGKILL" in last, last
+    assert "AttributeError" not in err
 
 
 def test_sigterm_drains_a_single_process_server(demo):
