@@ -11,8 +11,11 @@ kv_cache.py      paged KV cache; ref-counted blocks findable by content hash (pr
 media_spans.py   which prompt rows hold which medium; media content keys
 vision_cache.py  the vision tower's output per medium, LRU-bounded
 request.py       a request: inputs, sampling parameters, status, timings
+logits.py        penalties, logit_bias, min_tokens on one request's logits row
+grammar.py       structured output: llguidance grammars and the token mask of each step
 scheduler.py     each pass: decodes + prefill chunks, admission, blocks on demand, preemption
-model_runner.py  loads the model and cache, builds each pass's tensors, runs it (CUDA graphs)
+model_runner.py  loads the model and cache, builds each pass's tensors, runs it, samples (CUDA
+                 graphs); prompt logprobs from the prefill rows
 cuda_graphs.py   decode steps captured and replayed as CUDA graphs
 engine.py        the loop: add_request / step / abort / stats
 """

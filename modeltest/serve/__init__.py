@@ -6,6 +6,8 @@ protocol.py      what both endpoints share: errors, the field policy (used / ref
 chat_protocol.py a /v1/chat/completions body -> ChatRequest (messages, media, logprobs)
 text_protocol.py a /v1/completions body -> CompletionRequest (prompts as text or ids, echo)
 shapes.py        what answers look like: the chat and the legacy text shape, bodies and chunks
+structured.py    response_format / guided_* -> one llguidance grammar, checked
+tools.py         tool calling: the request's tools, the tool template, parsing and forcing calls
 media_urls.py    data: / file:// / path / http(s) URLs -> local files, with the allow-list
 preprocess.py    a request -> its conversation -> model input (inputs.py: the harness's path)
 detokenize.py    token ids -> the text a client reads, incrementally, on the engine's stop rule
