@@ -65,6 +65,27 @@ def test_a_task_is_timed_from_when_its_worker_is_ready_not_from_its_start():
         broken.close()
 
 
+def test_a_process_that_cannot_be_started_fails_the_tasks_in_one_line(monkeypatch):
+    """Starting a worker raises (the forkserver died: the server is being stopped; or no process
+    can be made): waiting tasks fail with one message, and the dispatcher thread ends without a
+    traceback."""
+    import threading
+
+    def no_process(self):
+        raise EOFError("unexpected EOF")
+
+    monkeypatch.setattr(WorkerPool, "_start", no_process)
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args))
+    pool = WorkerPool(worker_helpers.nap, 1, timeout_s=30)
+    try:
+        with pytest.raises(TaskFailed, match=r"cannot start \(EOFError: unexpected EOF\)"):
+            pool.submit(0.1, None, "c.mp4").result(timeout=60)
+    finally:
+        pool.close()
+    assert crashed == []
+
+
 def demo_messages(demo):
     image, video = elements(demo)
     return [{"role": "user", "content": [image, video, {"type": "text", "text": "q"}]}]

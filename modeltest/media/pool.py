@@ -155,6 +155,7 @@ class WorkerPool:
         self.start_timeout_s = max(timeout_s, START_TIMEOUT_S)
         self._start_failures = 0  # workers that died or hung before they were ready
         self._stop_error: SampleError = SampleError("media workers stopped")
+        self._ended = False  # the dispatcher thread has stopped: new tasks fail at once
         self._thread = threading.Thread(target=self._loop, name="media-workers", daemon=True)
         self._thread.start()
 
@@ -172,6 +173,9 @@ class WorkerPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
+            if self._ended:  # the dispatcher stopped (the workers cannot start): say why at once
+                task.future.set_exception(self._stop_error)
+                return task.future
             self._inbox.append(task)
         os.write(self._wake_w, b"x")
         return task.future
@@ -219,6 +223,14 @@ class WorkerPool:
     def _loop(self) -> None:
         try:
             self._dispatch()
+        except (OSError, EOFError) as e:
+            # Starting a process failed: the machine is out of processes, or this process is being
+            # stopped (a signal took the forkserver down mid-start). Every waiting decode fails
+            # with this error, as one line — not a thread's traceback.
+            self._stop_error = TaskFailed(
+                f"the media worker processes cannot start ({type(e).__name__}: {e}); "
+                "run with prep_workers=0 (modeltest serve: --decode-workers 0) to decode in threads"
+            )
         finally:
             error = self._stop_error
             for w in self._workers:
@@ -228,8 +240,10 @@ class WorkerPool:
             for t in self._waiting:
                 t.future.set_exception(error)
             with self._lock:
+                self._ended = True
                 for t in self._inbox:
                     t.future.set_exception(error)
+                self._inbox.clear()
 
     def _dispatch(self) -> None:
         # The first start launches the forkserver (a few seconds of imports), meanwhile the

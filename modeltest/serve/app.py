@@ -159,39 +159,41 @@ def create_app(
         loop.submit(engine_req, lambda ev: aloop.call_soon_threadsafe(events.put_nowait, ev))
         return RequestRun(ctx, engine_req, req, events, http, arrival, **kw)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: HTTPRequest):
+    async def admit(http: HTTPRequest, parse, prepare):
+        """Parse, check and preprocess (in a worker thread) a request: ((request, its sampling
+        parameters, what `prepare` made of it, arrival time), None), or (None, the error answer)."""
         arrival = time.perf_counter()
         try:
-            req = parse_chat_request(await json_body(http))
+            req = parse(await json_body(http))
             check_serving(req)
             params = SamplingParams(**req.sampling(defaults, cfg.max_output_length), stop_token_ids=stop_ids)
-            model_input = await asyncio.get_running_loop().run_in_executor(pool, pre, req)
+            prepared = await asyncio.get_running_loop().run_in_executor(pool, prepare, req)
         except RequestError as e:
-            return refused(e, http.url.path, arrival)
+            return None, refused(e, http.url.path, arrival)
         except Exception as e:
-            return broken(e, http.url.path, arrival)
+            return None, broken(e, http.url.path, arrival)
+        return (req, params, prepared, arrival), None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest):
+        admitted, error = await admit(http, parse_chat_request, pre)
+        if error is not None:
+            return error
+        req, params, model_input, arrival = admitted
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         runs = [
             start(req, rid, i, engine_request(f"{rid}-{i}", model_input, dataclasses.replace(params)), http, arrival)
             for i in range(req.n)
         ]
-        return await respond(
-            ctx, ChatShape(ctx.tokenizer, req.logprobs is not None, req.tools), runs, req, rid, http.url.path, arrival
-        )
+        shape = ChatShape(ctx.tokenizer, req.logprobs is not None, req.tools)
+        return await respond(ctx, shape, runs, req, rid, http.url.path, arrival)
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        arrival = time.perf_counter()
-        try:
-            req = parse_completion_request(await json_body(http))
-            check_serving(req)
-            params = SamplingParams(**req.sampling(defaults, cfg.max_output_length), stop_token_ids=stop_ids)
-            prompts = await asyncio.get_running_loop().run_in_executor(pool, pre.text_prompts, req)
-        except RequestError as e:
-            return refused(e, http.url.path, arrival)
-        except Exception as e:
-            return broken(e, http.url.path, arrival)
+        admitted, error = await admit(http, parse_completion_request, pre.text_prompts)
+        if error is not None:
+            return error
+        req, params, prompts, arrival = admitted
         rid = f"cmpl-{uuid.uuid4().hex}"
         runs = []
         for k, (ids, text) in enumerate(prompts):
@@ -200,9 +202,8 @@ def create_app(
                     id=f"{rid}-{k}-{i}", input_ids=list(ids), params=dataclasses.replace(params), media_keys=[]
                 )
                 runs.append(start(req, rid, i, er, http, arrival, prompt=k, prompt_text=text if req.echo else None))
-        return await respond(
-            ctx, TextShape(ctx.tokenizer, req.logprobs is not None), runs, req, rid, http.url.path, arrival
-        )
+        shape = TextShape(ctx.tokenizer, req.logprobs is not None)
+        return await respond(ctx, shape, runs, req, rid, http.url.path, arrival)
 
     app.state.pool = pool
     return app
