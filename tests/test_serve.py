@@ -254,12 +254,13 @@ def test_a_client_that_disconnects_frees_its_blocks(server, client):
             assert any("content" in line for line in got)
             assert metric(server, "modeltest_kv_cache_blocks_used") > 0
     # Polled, with a generous bound: what proves the abort is that the request never ran to its
-    # end (2000 tokens) — its tokens were never counted — not how fast the blocks came back.
+    # end (2000 tokens: the tokens it did generate are counted, far fewer), not how fast the
+    # blocks came back.
     deadline = time.time() + 60
     while metric(server, "modeltest_kv_cache_blocks_used") > 0 or metric(server, "modeltest_num_requests_running") > 0:
         assert time.time() < deadline, "the abandoned request kept its KV blocks"
         time.sleep(0.1)
-    assert metric(server, "modeltest_generation_tokens_total") == generated_before  # it never ran to the end
+    assert metric(server, "modeltest_generation_tokens_total") - generated_before < 2000  # never ran to the end
     r = client.chat.completions.create(
         model="Qwen2-VL-tiny-random", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
     )

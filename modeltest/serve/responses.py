@@ -276,8 +276,11 @@ async def stream(ctx, shape: Shape, runs, streams, firsts, req: GenerationReques
     except Disconnected:
         report.done(499)
     finally:
+        # the client went away mid-stream (this generator cancelled), or the stream ended: abort
+        # what still runs and report the request once, before anything here can be interrupted
+        report.abort_all()
+        report.done(499)  # (a no-op when it was reported)
         await merged.aclose()
-        report.abort_all()  # the client went away mid-stream (or the stream ended: a no-op)
 
 
 async def interleave(streams: List[AsyncIterator[Piece]], firsts: List[Piece]):
