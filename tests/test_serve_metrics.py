@@ -39,3 +39,24 @@ def test_nothing_succeeded_and_bad_slo_names():
     assert parse_goodput(["ttft:500", "e2el:2000"]) == {"ttft": 500.0, "e2el": 2000.0}
     with pytest.raises(UserError, match="ttft, tpot or e2el"):
         parse_goodput(["latency:5"])
+
+
+def test_a_reset_connection_is_reported_as_one():
+    """bench-serve names what broke a request: a reset as a reset (also when the client wraps
+    it), a server's error body by its message."""
+    import httpx
+    import openai
+
+    from modeltest.bench.serve_bench import failure
+
+    reset = httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+    assert failure(reset).startswith("connection reset by the server (RemoteProtocolError")
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
+    try:
+        raise openai.APIConnectionError(request=request) from reset
+    except openai.APIConnectionError as wrapped:
+        assert failure(wrapped).startswith("connection reset by the server")
+    refused = openai.BadRequestError(
+        "Error code: 400", response=httpx.Response(400, request=request), body={"message": "bad image"}
+    )
+    assert failure(refused) == "bad image"
