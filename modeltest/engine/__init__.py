@@ -6,6 +6,7 @@ loader.py        safetensors -> the slices a layer asks for
 layers.py        column/row/vocab-parallel layers (each loads its own shard), norms
 rope.py          M-RoPE (3-axis positions) and the vision tower's 2-D rotary
 vision.py        the vision tower (tensor parallel)
+vision_windows.py  Qwen2.5-VL's windowed vision attention: patch order and window bounds
 model.py         the Qwen2 language model + the multimodal wrapper
 kv_cache.py      paged KV cache; ref-counted blocks findable by content hash (prefix cache)
 media_spans.py   which prompt rows hold which medium; media content keys
