@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_helpers import all_blocks_free, all_inputs, make_request, prompt_logits, record_steps
@@ -467,3 +468,31 @@ def test_a_kv_cache_without_room_for_one_block_is_one_line(demo):
     """Too little memory for a single KV block: refused as the engine loads, naming what to do."""
     with pytest.raises(UserError, match=r"KV cache: not one 16-token block fits in 0% of free memory; use more"):
         make_engine(demo.model, kv_cache_fraction=1e-15)
+
+
+def test_a_long_video_at_small_frames_is_placed_as_the_original_qwen2_vl_places_it(demo):
+    """A video with more temporal patches than merged rows and columns (8 x 2 x 2): text after it
+    resumes at the video's largest position + 1, as the original Qwen2-VL (transformers 4.x, vLLM)
+    does — the engine's logits equal transformers 4.46's. (transformers 5.24 resumes at
+    max(h, w) / merge instead, and differs here: README, "The inference core".)"""
+    import transformers
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from modeltest.backends.hf import dtype_kwarg
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("transformers 5 places text after such a video differently (see the docstring)")
+    proc = AutoProcessor.from_pretrained(demo.model)
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (16, 3, 56, 56), dtype=np.uint8))
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    inp = dict(proc(text=[text], videos=[frames], return_tensors="pt"))
+    assert inp["video_grid_thw"].tolist() == [[8, 4, 4]]
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(demo.model, **dtype_kwarg(torch.float32)).eval()
+    with torch.no_grad():
+        ref = hf(**inp, **hf_prefill_positions(hf, inp)).logits[0].float()
+    ours = prompt_logits(make_engine(demo.model), make_request("long", inp, 1))
+    assert (ours - ref).abs().max().item() < 1e-4
