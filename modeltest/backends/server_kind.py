@@ -12,7 +12,7 @@ A server that accepts a field it then ignores cannot be told apart this way: nam
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 OPTIONS_FIELD = {"vllm": "mm_processor_kwargs", "transformers": "chat_template_kwargs", "plain": None}
 KNOWN_OWNERS = {"vllm": "vllm", "modeltest": "vllm", "sglang": "vllm"}
@@ -24,12 +24,22 @@ def options_field(kind: str) -> Optional[str]:
     return OPTIONS_FIELD[kind]
 
 
-def probe_server_kind(api_base: str, headers: Dict[str, str], model: str, owned_by: Any, timeout: float) -> str:
-    """The dialect of the server at api_base (see the module's docstring)."""
-    import httpx
+_probed: Dict[Tuple[str, str], str] = {}  # (api_base, model) -> kind, once per process
 
+
+def probe_server_kind(api_base: str, headers: Dict[str, str], model: str, owned_by: Any, timeout: float) -> str:
+    """The dialect of the server at api_base (see the module's docstring). Probed once per
+    process: the run's resume keys and its backend both ask."""
     if isinstance(owned_by, str) and owned_by.lower() in KNOWN_OWNERS:
         return KNOWN_OWNERS[owned_by.lower()]
+    if (api_base, model) not in _probed:
+        _probed[(api_base, model)] = _probe(api_base, headers, model, timeout)
+    return _probed[(api_base, model)]
+
+
+def _probe(api_base: str, headers: Dict[str, str], model: str, timeout: float) -> str:
+    import httpx
+
     from ..errors import UserError
 
     url = api_base.rstrip("/") + "/chat/completions"

@@ -315,21 +315,14 @@ class ModelRunner:
 
     def _score_prompt(self, r: Request, h: torch.Tensor, first: int) -> None:
         """Logprobs of r's prompt tokens first + 1 .. first + len(h) from the hidden states h
-        [rows, hidden] of positions first .. first + len(h) - 1: the model's log-softmax, as
-        token_logprobs gives for generated tokens. In slices, so a long prompt never holds
-        [prompt_len, vocab] fp32 logits at once."""
+        [rows, hidden] of positions first .. first + len(h) - 1, as token_logprobs gives them for
+        generated tokens. In slices, so a long prompt never holds [prompt_len, vocab] fp32 logits
+        at once."""
         top = r.params.prompt_logprobs
         for s in range(0, len(h), PROMPT_LOGIT_ROWS):
-            lp = torch.log_softmax(self.model.full_logits(h[s : s + PROMPT_LOGIT_ROWS]).float(), dim=-1)  # [k, vocab]
+            logits = self.model.full_logits(h[s : s + PROMPT_LOGIT_ROWS]).float()  # [k, vocab]
             q = first + 1 + s
-            nxt = torch.tensor(r.input_ids[q : q + len(lp)], device=lp.device)
-            chosen = lp.gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()  # [k]
-            if top:
-                best = torch.topk(lp, top, dim=-1)
-                tops = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
-            else:
-                tops = [[] for _ in chosen]
-            r.prompt_logprobs += list(zip(chosen, tops))
+            r.prompt_logprobs += token_logprobs(logits, r.input_ids[q : q + len(logits)], [top] * len(logits))
 
     def _decode_rows(self, reqs: List[Request]) -> "DecodeRows":
         """Inputs of decode rows: each request feeds its last token (index num_tokens - 1)."""

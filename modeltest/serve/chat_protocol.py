@@ -17,7 +17,8 @@ from .protocol import (
     generation_fields,
     number,
 )
-from .tools import ToolProblem, ToolSpec, history_calls, parse_tools
+from .structured import FieldProblem
+from .tools import ToolSpec, history_calls, parse_tools
 
 
 @dataclass
@@ -120,7 +121,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if m.get("tool_calls"):
             try:
                 calls = history_calls(m["tool_calls"], where)
-            except ToolProblem as e:
+            except FieldProblem as e:
                 raise RequestError(400, e.message, e.param) from None
         elif m.get("content") is None:  # (an assistant turn of tool calls may have none)
             raise RequestError(400, f"{where}: 'content' is required", where)
@@ -143,7 +144,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     fields = generation_fields(body)
     try:
         tools = parse_tools(body)
-    except ToolProblem as e:
+    except FieldProblem as e:
         raise RequestError(400, e.message, e.param) from None
     forced = tools.grammar() if tools is not None else None
     if forced is not None:

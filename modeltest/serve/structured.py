@@ -14,20 +14,17 @@ GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class FieldProblem(ValueError):
-    """A structured-output field that cannot be used (protocol.py answers it with a 400)."""
+    """A request field that cannot be used (structured output, tools): the protocol answers it
+    with a 400 naming `param`."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.message, self.param = message, param
 
 
-def _error(message: str, param: str) -> FieldProblem:
-    return FieldProblem(message, param)
-
-
 def _response_format(rf: Any) -> Optional[str]:
     if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-        raise _error("'response_format' must be an object with a 'type'", "response_format")
+        raise FieldProblem("'response_format' must be an object with a 'type'", "response_format")
     kind = rf["type"]
     if kind == "text":
         return None
@@ -36,10 +33,10 @@ def _response_format(rf: Any) -> Optional[str]:
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise _error("'response_format.json_schema' needs a 'schema' object", "response_format")
+            raise FieldProblem("'response_format.json_schema' needs a 'schema' object", "response_format")
         # strict or not, the schema is enforced while decoding: what strict mode promises
         return json_schema_grammar(spec["schema"])
-    raise _error(f"'response_format.type' {kind!r}: use text, json_object or json_schema", "response_format")
+    raise FieldProblem(f"'response_format.type' {kind!r}: use text, json_object or json_schema", "response_format")
 
 
 def _guided(key: str, value: Any) -> str:
@@ -48,16 +45,16 @@ def _guided(key: str, value: Any) -> str:
             try:
                 value = json.loads(value)
             except ValueError:
-                raise _error("'guided_json' must be a JSON schema (an object, or a string of one)", key) from None
+                raise FieldProblem("'guided_json' must be a JSON schema (an object, or a string of one)", key) from None
         if not isinstance(value, dict):
-            raise _error("'guided_json' must be a JSON schema (an object, or a string of one)", key)
+            raise FieldProblem("'guided_json' must be a JSON schema (an object, or a string of one)", key)
         return json_schema_grammar(value)
     if key == "guided_choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
-            raise _error("'guided_choice' must be a list of non-empty strings", key)
+            raise FieldProblem("'guided_choice' must be a list of non-empty strings", key)
         return lark_grammar("start: " + " | ".join(json.dumps(c) for c in value))
     if not isinstance(value, str) or not value:
-        raise _error(f"'{key}' must be a non-empty string", key)
+        raise FieldProblem(f"'{key}' must be a non-empty string", key)
     return regex_grammar(value) if key == "guided_regex" else lark_grammar(value)
 
 
@@ -65,7 +62,7 @@ def structured_output(body: Dict) -> Optional[str]:
     """The request's grammar, or None (free text)."""
     given = [k for k in ("response_format", *GUIDED) if body.get(k) is not None]
     if len(given) > 1:
-        raise _error(f"one way to constrain the output per request, got {', '.join(given)}", given[1])
+        raise FieldProblem(f"one way to constrain the output per request, got {', '.join(given)}", given[1])
     if not given:
         return None
     key = given[0]
@@ -74,9 +71,9 @@ def structured_output(body: Dict) -> Optional[str]:
         return None
     problem = grammar_problem(grammar)
     if problem:
-        raise _error(f"'{key}' cannot be compiled: {problem}", key)
+        raise FieldProblem(f"'{key}' cannot be compiled: {problem}", key)
     if body.get("ignore_eos"):
-        raise _error(f"'{key}' with 'ignore_eos': a constrained answer ends when it is complete", "ignore_eos")
+        raise FieldProblem(f"'{key}' with 'ignore_eos': a constrained answer ends when it is complete", "ignore_eos")
     if body.get("min_tokens"):
-        raise _error(f"'{key}' with 'min_tokens': the answer may be complete sooner", "min_tokens")
+        raise FieldProblem(f"'{key}' with 'min_tokens': the answer may be complete sooner", "min_tokens")
     return grammar

@@ -22,16 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..engine.grammar import lark_grammar
+from .structured import FieldProblem
 
 TEMPLATE = Path(__file__).parent / "templates" / "qwen2_vl_tools.jinja"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-
-
-class ToolProblem(ValueError):
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.message, self.param = message, param
 
 
 @dataclass
@@ -81,25 +76,25 @@ def parse_tools(body: Dict) -> Optional[ToolSpec]:
     choice = body.get("tool_choice")
     if not tools:
         if choice not in (None, "none", "auto"):
-            raise ToolProblem("'tool_choice' needs 'tools'", "tool_choice")
+            raise FieldProblem("'tool_choice' needs 'tools'", "tool_choice")
         return None
     if not isinstance(tools, list):
-        raise ToolProblem("'tools' must be a list of {type: function, function: {name, parameters}}", "tools")
+        raise FieldProblem("'tools' must be a list of {type: function, function: {name, parameters}}", "tools")
     for i, t in enumerate(tools):
         f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
-            raise ToolProblem(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}", f"tools[{i}]")
+            raise FieldProblem(f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}", f"tools[{i}]")
         if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
-            raise ToolProblem(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}]")
+            raise FieldProblem(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}]")
     spec = ToolSpec(tools=list(tools), parallel=body.get("parallel_tool_calls", True) is not False)
     if choice is None or choice in ("auto", "none", "required"):
         spec.choice = choice or "auto"
     elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
         spec.choice, spec.name = "named", choice["function"]["name"]
         if spec.name not in spec.names:
-            raise ToolProblem(f"'tool_choice' names '{spec.name}', which is not in 'tools'", "tool_choice")
+            raise FieldProblem(f"'tool_choice' names '{spec.name}', which is not in 'tools'", "tool_choice")
     else:
-        raise ToolProblem(
+        raise FieldProblem(
             "'tool_choice' must be auto, none, required or {type: function, function: {name}}", "tool_choice"
         )
     return spec
@@ -109,17 +104,17 @@ def history_calls(calls: Any, where: str) -> List[Dict[str, Any]]:
     """An assistant message's tool_calls, for the template: arguments as objects (OpenAI sends
     them as JSON strings; the template writes them as JSON once)."""
     if not isinstance(calls, list):
-        raise ToolProblem(f"{where}.tool_calls must be a list", where)
+        raise FieldProblem(f"{where}.tool_calls must be a list", where)
     out = []
     for j, c in enumerate(calls):
         f = c.get("function") if isinstance(c, dict) else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str):
-            raise ToolProblem(f"{where}.tool_calls[{j}] needs function.name", where)
+            raise FieldProblem(f"{where}.tool_calls[{j}] needs function.name", where)
         args = f.get("arguments", "{}")
         try:
             args = json.loads(args) if isinstance(args, str) else args
         except ValueError:
-            raise ToolProblem(f"{where}.tool_calls[{j}].function.arguments is not JSON", where) from None
+            raise FieldProblem(f"{where}.tool_calls[{j}].function.arguments is not JSON", where) from None
         out.append({"type": "function", "function": {"name": f["name"], "arguments": args}})
     return out
 
