@@ -272,3 +272,16 @@ def test_bench_serve_refuses_zero_prompts_before_anything_runs(capsys):
 
     assert main(["bench-serve", "textvqa", "qwen2_vl", "--num-prompts", "0"]) == 2
     assert "--num-prompts 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_a_served_models_setting_with_a_local_backend_is_refused_by_name(cfg_dir):
+    for key, value in (
+        ("model.server_kind", "plain"),
+        ("model.send_preprocessing", "false"),
+        ("model.concurrency", "32"),
+    ):
+        with pytest.raises(UserError, match=rf"{key}: a setting of a served model, and model.backend is engine"):
+            load(cfg_dir, [f"{key}={value}"], check_paths=False)
+    load(
+        cfg_dir, ["model.backend=openai", "model.api_base=http://h:1/v1", "model.server_kind=plain"], check_paths=False
+    )

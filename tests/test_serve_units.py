@@ -244,3 +244,13 @@ def test_a_chat_template_file_is_checked_at_start(demo, tmp_path):
         args = parser.parse_args(["serve", "--model_path", str(demo.model), "--chat-template", str(path)])
         with pytest.raises(UserError, match=why):
             serve_config_from_args(args)
+
+
+def test_an_unknown_message_field_is_named_once_in_the_log(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="modeltest.serve"):
+        for _ in range(2):
+            parse_chat_request({"messages": [{"role": "user", "content": "x", "name": "bob", "mood": "happy"}]})
+    named = [r.getMessage() for r in caplog.records if "messages[].mood" in r.getMessage()]
+    assert len(named) == 1 and not any("name" in r.getMessage() for r in caplog.records)

@@ -28,6 +28,7 @@ from .schema import (
     ENGINE_SETTINGS,
     OPENAI_MEDIA,
     SERVER_KINDS,
+    SERVER_SETTINGS,
     ModelConfig,
     RunConfig,
     TaskConfig,
@@ -186,14 +187,25 @@ def validate_paths(cfg: EvalConfig) -> None:
         raise UserError(f"task.local_dataset_path: '{t.local_dataset_path}' does not exist; fix the path")
 
 
+def _changed(m: ModelConfig, keys) -> Optional[str]:
+    """The first of `keys` set to other than its default (None: none)."""
+    default = ModelConfig()
+    return next((k for k in keys if getattr(m, k) != getattr(default, k)), None)
+
+
 def unused_engine_setting(m: ModelConfig) -> Optional[str]:
     """An engine setting (config.schema.ENGINE_SETTINGS) changed from its default for a backend
     that would not use it (None: none). block_size, which every saved config carries, is left
     out: it changes nothing off the engine and was accepted before these settings existed."""
     if traits(m.backend).engine_settings:
         return None
-    default = ModelConfig()
-    return next((k for k in ENGINE_SETTINGS if k != "block_size" and getattr(m, k) != getattr(default, k)), None)
+    return _changed(m, [k for k in ENGINE_SETTINGS if k != "block_size"])
+
+
+def unused_server_setting(m: ModelConfig) -> Optional[str]:
+    """A setting only a served model reads (config.schema.SERVER_SETTINGS) changed from its
+    default for a backend that runs the model here (None: none)."""
+    return None if traits(m.backend).served else _changed(m, SERVER_SETTINGS)
 
 
 def validate_values(cfg: EvalConfig) -> None:
@@ -229,6 +241,12 @@ def validate_values(cfg: EvalConfig) -> None:
         raise UserError(
             f"model.{unused}: an engine setting, and model.backend is {m.backend}; remove it or use "
             "model.backend=engine"
+        )
+    unused = unused_server_setting(m)
+    if unused:
+        raise UserError(
+            f"model.{unused}: a setting of a served model, and model.backend is {m.backend}; remove it or "
+            "use model.backend=openai"
         )
     problem = batched_tokens_problem(m.max_num_batched_tokens, cfg.run.batch_size, m.block_size)
     if problem:

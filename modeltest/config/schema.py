@@ -38,6 +38,19 @@ class MMModelConfig:
 # KV and reuse settings): backends/engine.engine_config passes them on, `modeltest serve` fills
 # them from its own options of the same names.
 ENGINE_SETTINGS = ("block_size", "prefix_cache", "vision_cache", "vision_cache_mb", "max_num_batched_tokens")
+# The ModelConfig fields only a served model reads (backend openai).
+SERVER_SETTINGS = (
+    "api_base",
+    "api_key",
+    "served_model_name",
+    "concurrency",
+    "timeout",
+    "max_retries",
+    "retry_backoff",
+    "media",
+    "server_kind",
+    "send_preprocessing",
+)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .protocol import (
     check_fields,
     generation_fields,
     number,
+    warn_unknown,
 )
 from .structured import FieldProblem
 from .tools import ToolSpec, history_calls, parse_tools
@@ -61,6 +62,10 @@ CHAT_FIELDS = SAMPLING_FIELDS | {
     "tool_choice",
     "parallel_tool_calls",
 }
+
+# A message's fields. `name` (a participant's name) and `tool_call_id` (which call a tool turn
+# answers) are accepted and not rendered: Qwen's templates have no place for them.
+MESSAGE_FIELDS = {"role", "content", "tool_calls", "tool_call_id", "name"}
 
 MEDIA_TYPES = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
 # Per-request preprocessing a client may set (vLLM's mm_processor_kwargs names).
@@ -125,6 +130,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
                 raise RequestError(400, e.message, e.param) from None
         elif m.get("content") is None:  # (an assistant turn of tool calls may have none)
             raise RequestError(400, f"{where}: 'content' is required", where)
+        for key in sorted(set(m) - MESSAGE_FIELDS):
+            warn_unknown(f"messages[].{key}")
         role = "system" if m["role"] == "developer" else m["role"]
         parsed.append(ChatMessage(role, _parts(m.get("content") or "", where), calls))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"

@@ -123,9 +123,14 @@ def check_fields(body: Dict, used: set) -> None:
             raise RequestError(
                 400, f"'{key}' is not implemented by this server (README, Serving: what is supported)", key
             )
-        if key not in _warned:
-            _warned.add(key)
-            logging.getLogger("modeltest.serve").warning("request field '%s' is unknown to this server: not used", key)
+        warn_unknown(key)
+
+
+def warn_unknown(name: str) -> None:
+    """Name a request field this server does not know in its log, once per field name."""
+    if name not in _warned:
+        _warned.add(name)
+        logging.getLogger("modeltest.serve").warning("request field '%s' is unknown to this server: not used", name)
 
 
 # ---- the sampling fields both endpoints share -------------------------------------------------
