@@ -56,10 +56,9 @@ def _cmd_serve(args) -> int:
     tp = args.tp or max(1, visible_devices())
     if tp > 1 and not inside_torchrun():
         from .engine.config import Qwen2VLConfig
-        from .engine.parallel import head_layout
 
-        mc = Qwen2VLConfig.from_path(cfg.model_path)
-        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)  # refuse a bad size before starting
+        # refuse a bad size before starting
+        Qwen2VLConfig.from_path(cfg.model_path).check_tensor_parallel(tp, cfg.model_path)
         return launch_serve(_strip_tp(args.argv), tp)
     return run_server(cfg)
 
@@ -87,13 +86,15 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo.build import build_demo, run_demo
+    from .demo.build import build_demo, build_demo_qwen2_5_vl, run_demo
 
     paths = build_demo(args.dir, force=args.force)
+    if args.model == "qwen2_5_vl":
+        build_demo_qwen2_5_vl(paths, force=args.force)
     if args.build_only:
         print(f"demo built in {paths.root}")
         return 0
-    return run_demo(paths, extra=args.overrides)
+    return run_demo(paths, extra=args.overrides, model_name=args.model)
 
 
 def version() -> str:
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default="demo_data", help="where to build (default: ./demo_data)")
     d.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
     d.add_argument("--build-only", action="store_true", help="build, do not run")
+    d.add_argument(
+        "--model",
+        choices=("qwen2_vl", "qwen2_5_vl"),
+        default="qwen2_vl",
+        help="the tiny model's family (qwen2_5_vl: a tiny random Qwen2.5-VL, transformers >= 4.49)",
+    )
     d.add_argument("overrides", nargs="*", help="extra key=value passed to both runs")
     d.set_defaults(func=_cmd_demo)
     from .bench.run import add_parser as add_bench

@@ -25,7 +25,7 @@ from .core import Sample
 from .engine.media_spans import content_keys
 from .engine.request import Request, SamplingParams
 from .media import InProcessMedia, MediaSource, fast_processor
-from .media.decode import Vision, check_local_files, media_parts
+from .media.decode import Vision, check_local_files, media_parts, video_sample_fps
 
 Messages = List[Dict[str, Any]]
 
@@ -94,7 +94,8 @@ class ModelInput:
 
     text: str  # the prompt text, vision placeholders not yet expanded
     inputs: Dict[str, Any]  # input_ids [1, T]; pixel_values [N, C*t*p*p], image_grid_thw [n, 3];
-    #                                    pixel_values_videos, video_grid_thw likewise
+    #                                    pixel_values_videos, video_grid_thw likewise;
+    #                                    second_per_grid_ts [n_videos] (Qwen2.5-VL)
     _keys: Optional[List[str]] = field(default=None, repr=False)
 
     @property
@@ -127,8 +128,34 @@ def model_input(
     image processor installed, exact video frames travel as uint8 (a quarter the bytes)."""
     images, videos = decoded_media(messages, media, uint8=fast_processor.installed(processor))
     text = prompt_text(processor, messages, use_chat_template, chat_template, tools)
-    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
-    return ModelInput(text=text, inputs=dict(inputs))
+    inputs = dict(processor(text=[text], images=images, videos=videos, return_tensors="pt"))
+    seconds = video_seconds_per_grid(processor, messages)
+    if seconds is not None:
+        inputs["second_per_grid_ts"] = seconds
+    return ModelInput(text=text, inputs=inputs)
+
+
+def places_video_by_time(processor) -> bool:
+    """Whether the processor's model numbers video frames by time (Qwen2.5-VL's processor lists
+    second_per_grid_ts among its model inputs; Qwen2-VL's does not)."""
+    return "second_per_grid_ts" in (getattr(processor, "model_input_names", None) or ())
+
+
+def video_seconds_per_grid(processor, messages: Messages):
+    """[n_videos] float32 seconds per temporal grid step — temporal patch size / the fps
+    qwen-vl-utils sampled each video at — for a processor that places videos by time, else None.
+
+    What transformers 4.49-4.57's processor computes from qwen-vl-utils' video_kwargs["fps"],
+    computed here for every transformers: transformers 5's processor reads it from video metadata
+    instead and, given frames without metadata, silently assumes 24 fps (0.083 s per step: every
+    frame of a clip at nearly one time position). tests/test_qwen2_5_vl.py pins both."""
+    import torch
+
+    parts = [p for p in media_parts(messages) if p["type"] == "video"]
+    if not parts or not places_video_by_time(processor):
+        return None
+    patch = processor.image_processor.temporal_patch_size
+    return torch.tensor([patch / video_sample_fps(p) for p in parts], dtype=torch.float32)
 
 
 def engine_request(rid: Any, mi: ModelInput, params: SamplingParams) -> Request:
@@ -142,5 +169,6 @@ def engine_request(rid: Any, mi: ModelInput, params: SamplingParams) -> Request:
         image_grid_thw=inp.get("image_grid_thw"),
         pixel_values_videos=inp.get("pixel_values_videos"),
         video_grid_thw=inp.get("video_grid_thw"),
+        second_per_grid_ts=seconds.tolist() if (seconds := inp.get("second_per_grid_ts")) is not None else None,
         media_keys=mi.media_keys(),
     )

@@ -65,7 +65,6 @@ def plan_layout(cfg: EvalConfig) -> Layout:
 def check_layout(cfg: EvalConfig, tp: int, dp: int) -> None:
     """Refuse a layout the backend or the model cannot run, before any process starts."""
     from .engine.config import Qwen2VLConfig
-    from .engine.parallel import head_layout
 
     if tp < 1 or dp < 1:
         raise UserError(f"tp={tp} dp={dp}: both must be at least 1")
@@ -74,10 +73,7 @@ def check_layout(cfg: EvalConfig, tp: int, dp: int) -> None:
             raise UserError(
                 f"tp={tp} needs model.backend=engine ({cfg.model.backend} runs one process per replica; use dp=)"
             )
-        mc = Qwen2VLConfig.from_path(cfg.model.model_path)
-        head_layout(mc.num_attention_heads, mc.num_key_value_heads, tp, 0)
-        if mc.intermediate_size % tp:
-            raise UserError(f"tp={tp} does not divide the MLP width {mc.intermediate_size} of {cfg.model.model_path}")
+        Qwen2VLConfig.from_path(cfg.model.model_path).check_tensor_parallel(tp, cfg.model.model_path)
 
 
 def finished_keys(folder: Path) -> Set[str]:

@@ -29,7 +29,7 @@ if [[ $# -eq 0 && ${MODELTEST_SKIP_T5:-0} != 1 ]]; then
         tests/test_end_to_end.py::test_corrupt_weights_are_one_line_naming_the_file \
         tests/test_engine_harness.py tests/test_run_pa.py \
         tests/test_serve.py::test_greedy_answers_equal_the_in_process_engine \
-        tests/test_inputs.py tests/test_foreign_server.py tests/test_vision_windows.py \
+        tests/test_inputs.py tests/test_foreign_server.py tests/test_vision_windows.py tests/test_qwen2_5_vl.py \
         --deselect tests/test_bench.py::test_bench_prep_reports_the_split_the_cache_and_harness_vs_engine \
         --deselect tests/test_engine_harness.py::test_tensor_parallel_harness_run_matches_single_process \
         --deselect tests/test_batch_invariance.py::test_engine_answers_do_not_depend_on_the_batch_size

@@ -47,8 +47,8 @@ def slow_samples(seconds: float) -> dict:
     return {"PYTHONPATH": path, "MODELTEST_TEST_SLOW_SAMPLE_S": str(seconds)}
 
 
-def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `bash scripts/mm_run.sh TASK qwen2_vl ...` as a user would.
+def run_mm(task: str, overrides, check: bool = True, model: str = "qwen2_vl") -> subprocess.CompletedProcess:
+    """Run `bash scripts/mm_run.sh TASK MODEL ...` (MODEL: qwen2_vl unless given) as a user would.
 
     Unless the test sets prep_workers, these runs decode in the harness's threads
     (prep_workers=0): each new process would otherwise start a forkserver for its media workers
@@ -58,7 +58,7 @@ def run_mm(task: str, overrides, check: bool = True) -> subprocess.CompletedProc
         overrides = [*overrides, "prep_workers=0"]
     env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "mm_run.sh"), task, "qwen2_vl", *overrides],
+        ["bash", str(REPO / "scripts" / "mm_run.sh"), task, model, *overrides],
         capture_output=True,
         text=True,
         env=env,

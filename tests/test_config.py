@@ -140,7 +140,7 @@ def test_missing_paths(cfg_dir, weights, data, tmp_path):
 def test_unknown_task_and_model_list_available(cfg_dir):
     with pytest.raises(UserError, match=r"unknown task 'textvq'; available: textvqa, videobench"):
         load_config(TASKS, "textvq", "qwen2_vl", [], config_dir=cfg_dir)
-    with pytest.raises(UserError, match=r"unknown model 'qwen3'; available: qwen2_vl"):
+    with pytest.raises(UserError, match=r"unknown model 'qwen3'; available: qwen2_5_vl, qwen2_vl"):
         load_config(TASKS, "textvqa", "qwen3", [], config_dir=cfg_dir)
 
 
@@ -180,13 +180,13 @@ def test_subject_mapping_override_and_task_specific_keys(cfg_dir):
 @pytest.mark.parametrize(
     "content,expected",
     [
-        ({"model_type": "llama", "vision_config": {}}, "model_type 'llama'; modeltest runs Qwen2-VL checkpoints"),
-        ({"model_type": "qwen2"}, "model_type 'qwen2'; modeltest runs Qwen2-VL checkpoints"),
-        ({}, "no model_type; modeltest runs Qwen2-VL checkpoints"),
+        ({"model_type": "llama", "vision_config": {}}, "model_type 'llama'; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints"),
+        ({"model_type": "qwen2"}, "model_type 'qwen2'; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints"),
+        ({}, "no model_type; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints"),
         ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' but no vision_config"),
     ],
 )
-def test_a_checkpoint_that_is_not_qwen2_vl_is_refused_in_one_line(cfg_dir, weights, data, content, expected):
+def test_a_checkpoint_of_neither_family_is_refused_in_one_line(cfg_dir, weights, data, content, expected):
     """Before anything loads, for the harness, the server and run_pa alike."""
     from modeltest.cli import build_parser
     from modeltest.serve.config import serve_config_from_args

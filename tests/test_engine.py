@@ -309,13 +309,21 @@ def test_newer_checkpoint_naming_loads(demo, tmp_path):
 
 # Failures of the launcher's rendezvous, not of our code: torchrun picks a free port, releases it
 # and the workers bind it, so another process can take it in between. One retry for those only.
+def reference_model(model_path, dtype=torch.float32):
+    """transformers' model of the checkpoint's family (Qwen2-VL or Qwen2.5-VL), in eval mode."""
+    from modeltest.backends.hf import dtype_kwarg
+    from modeltest.engine.config import read_checkpoint_config
+    from modeltest.engine.families import FAMILIES, reference_model_class
+
+    family = FAMILIES[read_checkpoint_config(model_path)["model_type"]]
+    return reference_model_class(family).from_pretrained(model_path, **dtype_kwarg(dtype)).eval()
+
+
 def transformers_reference(model, demo_root, new_tokens: int) -> dict:
     """transformers' greedy tokens (no stop) and last-4-position prompt logits for the test cases, fp32."""
-    from transformers import AutoProcessor, GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor, GenerationConfig
 
-    from modeltest.backends.hf import dtype_kwarg
-
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(model, **dtype_kwarg(torch.float32)).eval()
+    hf = reference_model(model)
     out = {"tokens": {}, "last_logits": {}}
     for name, inp in all_inputs(AutoProcessor.from_pretrained(model), demo_root).items():
         with torch.no_grad():

@@ -66,6 +66,7 @@ class Prepared:
     text: str  # the prompt after the chat template, placeholders unexpanded
     images: Optional[list] = None  # PIL images from qwen-vl-utils (hf: processed with the batch)
     videos: Optional[list] = None  # float tensors [T, C, H, W] from qwen-vl-utils (hf)
+    second_per_grid_ts: Optional[Any] = None  # [n_videos] float32, where the model places videos by time (hf)
     model_input: Optional[ModelInput] = None  # the processor's tensors for this sample alone (engine)
     request: Optional[Dict[str, Any]] = None  # the chat request's messages and extra fields (openai)
     preprocess_time: float = 0.0

@@ -1,4 +1,6 @@
-"""Backend `hf`: transformers' Qwen2VLForConditionalGeneration, greedy, left-padded batches.
+"""Backend `hf`: transformers' reference model of the checkpoint's family (Qwen2-VL:
+Qwen2VLForConditionalGeneration; Qwen2.5-VL: Qwen2_5_VLForConditionalGeneration), greedy,
+left-padded batches.
 
 It streams like every backend (base.py): submitted samples wait in a queue, and each step()
 runs transformers' generate on the next `max_batch_size` of them (the last batch may be short).
@@ -18,10 +20,11 @@ import torch
 
 from ..core import Sample
 from ..device import synchronize
-from ..engine.config import checkpoint_stop_ids
+from ..engine.config import checkpoint_stop_ids, read_checkpoint_config
+from ..engine.families import FAMILIES, reference_model_class
 from ..engine.loader import check_weight_files
 from ..errors import UserError, first_line
-from ..inputs import decoded_media, prefetch_media, prompt_text, sample_messages
+from ..inputs import decoded_media, prefetch_media, prompt_text, sample_messages, video_seconds_per_grid
 from ..media.decode import require_qwen_vl_utils
 from ..media.processor import load_processor
 from .base import Backend, BackendSettings, Completed, GenerationOutput, Prepared
@@ -50,9 +53,10 @@ class HFBackend(Backend):
 
     def __init__(self, settings: BackendSettings):
         super().__init__(settings)
-        from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+        from transformers import GenerationConfig
 
         path = Path(self.model_cfg.model_path)
+        model_class = reference_model_class(FAMILIES[read_checkpoint_config(path)["model_type"]])
         require_qwen_vl_utils()  # fail before loading weights, not on every sample
         self.processor = load_processor(str(path))
         # Left padding keeps every row's last prompt token at the end, so batching cannot change
@@ -61,7 +65,7 @@ class HFBackend(Backend):
         self.torch_device = device_for(self.device)
         check_weight_files(path)  # a truncated file: one line naming it, not transformers' traceback
         try:
-            self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, **dtype_kwarg(self.dtype))
+            self.model = model_class.from_pretrained(path, **dtype_kwarg(self.dtype))
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(
                 f"model.model_path: transformers cannot load the weights in '{path}' ({first_line(e, 200)})"
@@ -91,6 +95,7 @@ class HFBackend(Backend):
             text=text,
             images=images,
             videos=videos,
+            second_per_grid_ts=video_seconds_per_grid(self.processor, messages),
             preprocess_time=time.perf_counter() - start,
             input_length=self.count_input_tokens(text, images, videos),
         )
@@ -157,7 +162,11 @@ class HFBackend(Backend):
         # transformers 4.46 expands placeholders in the list it is given: pass a fresh list.
         inputs = self.processor(
             text=[p.text for p in batch], images=images, videos=videos, padding=True, return_tensors="pt"
-        ).to(self.torch_device)
+        )
+        seconds = [p.second_per_grid_ts for p in batch if p.second_per_grid_ts is not None]
+        if seconds:  # the engine's value, whatever this transformers' processor assumes (inputs.py)
+            inputs["second_per_grid_ts"] = torch.cat(seconds)
+        inputs = inputs.to(self.torch_device)
         gen_cfg = self.generation_config
         if ignore_eos:  # keep going past a stop token (as the engine does), rather than forbidding it
             gen_cfg = copy.deepcopy(gen_cfg)

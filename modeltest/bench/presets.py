@@ -11,7 +11,19 @@ from typing import Dict, Optional
 
 from ..demo.tiny_model import QWEN2VL_VOCAB, TinyShape, build_tiny_qwen2vl
 
-# name -> (language model + vision shape, vocab). 2b and 7b are the published configs (Qwen2-VL-2B/7B-Instruct's config.json).
+# name -> (language model + vision shape, vocab[, model_type]). 2b and 7b are the published configs
+# (Qwen2-VL-2B/7B-Instruct's config.json); qwen2.5-3b and qwen2.5-7b Qwen2.5-VL-3B/7B-Instruct's;
+# qwen2.5-mid is `mid` with Qwen2.5-VL's tower (windows, full attention every 4th block, a gated
+# MLP 8/3 of its width as published), for CPUs.
+QWEN2_5_VL_TOWER = dict(
+    vision_depth=32,
+    vision_embed_dim=1280,
+    vision_num_heads=16,
+    vision_intermediate_size=3420,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+)
 PRESETS: Dict[str, dict] = {
     "tiny": dict(shape=TinyShape(), vocab=QWEN2VL_VOCAB),
     "mid": dict(
@@ -61,6 +73,57 @@ PRESETS: Dict[str, dict] = {
             torch_dtype="bfloat16",
         ),
         vocab=152064,
+    ),
+    "qwen2.5-mid": dict(
+        shape=TinyShape(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=8,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            mrope_section=[8, 12, 12],
+            vision_depth=8,
+            vision_embed_dim=640,
+            vision_num_heads=10,
+            vision_intermediate_size=1710,
+            window_size=112,
+            fullatt_block_indexes=[3, 7],
+            tokens_per_second=2,
+            tie_word_embeddings=True,
+            torch_dtype="bfloat16",
+        ),
+        vocab=QWEN2VL_VOCAB,
+        model_type="qwen2_5_vl",
+    ),
+    "qwen2.5-3b": dict(
+        shape=TinyShape(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            mrope_section=[16, 24, 24],
+            tie_word_embeddings=True,
+            torch_dtype="bfloat16",
+            **QWEN2_5_VL_TOWER,
+        ),
+        vocab=151936,
+        model_type="qwen2_5_vl",
+    ),
+    "qwen2.5-7b": dict(
+        shape=TinyShape(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            mrope_section=[16, 24, 24],
+            tie_word_embeddings=False,
+            torch_dtype="bfloat16",
+            **QWEN2_5_VL_TOWER,
+        ),
+        vocab=152064,
+        model_type="qwen2_5_vl",
     ),
 }
 
@@ -116,7 +179,9 @@ def preset_checkpoint(name: str, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        build_tiny_qwen2vl(tmp, p["shape"], seed=seed, vocab_size=p["vocab"])
+        build_tiny_qwen2vl(
+            tmp, p["shape"], seed=seed, vocab_size=p["vocab"], model_type=p.get("model_type", "qwen2_vl")
+        )
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"preset": name, "seed": seed, "files": files}, indent=1))
         if out.exists():

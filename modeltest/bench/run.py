@@ -46,7 +46,11 @@ RATIO_KEYS = (
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark the engine against transformers' generate")
-    b.add_argument("--preset", default="tiny", help="tiny | mid | 2b | 7b (random weights, real shapes)")
+    b.add_argument(
+        "--preset",
+        default="tiny",
+        help="tiny | mid | 2b | 7b | qwen2.5-mid | qwen2.5-3b | qwen2.5-7b (random weights, real shapes)",
+    )
     b.add_argument(
         "--workload",
         default="textvqa",

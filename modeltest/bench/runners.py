@@ -143,14 +143,17 @@ class HFRunner:
     name = "hf"
 
     def __init__(self, model_path, dtype, device: str):
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoProcessor
 
         from ..backends.hf import dtype_kwarg
+        from ..engine.config import read_checkpoint_config
+        from ..engine.families import FAMILIES, reference_model_class
 
         self.device = torch.device(device if device == "cpu" else f"{device}:0")
         before = device_allocated_mb(self.device)
         with PeakRSS() as mem:
-            self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(dtype))
+            family = FAMILIES[read_checkpoint_config(model_path)["model_type"]]
+            self.model = reference_model_class(family).from_pretrained(model_path, **dtype_kwarg(dtype))
             self.model.to(self.device).eval()
         self.load_growth_mb = {"rss": round(mem.growth_mb, 1), "anon": round(mem.anon_growth_mb, 1)}
         self.load_device_mb = device_allocated_mb(self.device) - before
@@ -177,7 +180,7 @@ class HFRunner:
                 for i, x in enumerate(batch):
                     t[i, length - x[key].shape[1] :] = x[key][0]
                 out[key] = t
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             parts = [x[key] for x in batch if key in x]
             if parts:
                 out[key] = torch.cat(parts)

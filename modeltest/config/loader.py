@@ -180,7 +180,7 @@ def validate_paths(cfg: EvalConfig) -> None:
         raise UserError(
             f"model.model_path: '{mp}' has no config.json; point it at a Hugging Face Qwen2-VL weights folder"
         )
-    read_checkpoint_config(mp)  # a checkpoint of another family: one line, before anything loads
+    read_checkpoint_config(mp, expect=m.model_name)  # another family than the config: one line, before anything loads
     if not t.local_dataset_path:
         raise UserError(f"{cfg.task_file}: 'local_dataset_path' is not set; pass task.local_dataset_path=/path")
     if not Path(t.local_dataset_path).exists():

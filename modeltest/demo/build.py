@@ -27,6 +27,14 @@ class DemoPaths:
         return self.root / "Qwen2-VL-tiny-random"
 
     @property
+    def qwen2_5_vl_model(self) -> Path:
+        """The tiny random Qwen2.5-VL (`modeltest demo --model qwen2_5_vl`, transformers >= 4.49)."""
+        return self.root / "Qwen2.5-VL-tiny-random"
+
+    def model_for(self, model_name: str) -> Path:
+        return self.qwen2_5_vl_model if model_name == "qwen2_5_vl" else self.model
+
+    @property
     def textvqa_jsonl(self) -> Path:
         return self.root / "textvqa" / "textvqa_val.jsonl"
 
@@ -58,25 +66,39 @@ def build_demo(root: str | Path = "demo_data", force: bool = False, seed: int = 
     return paths
 
 
-def demo_overrides(paths: DemoPaths, task: str) -> List[str]:
-    common = [f"model.model_path={paths.model}"]
+def build_demo_qwen2_5_vl(paths: DemoPaths, force: bool = False, seed: int = 0) -> Path:
+    """The tiny random Qwen2.5-VL beside the demo's Qwen2-VL (same tokenizer and datasets), built
+    once (again with force). Refused in one line by a transformers older than 4.49."""
+    out = paths.qwen2_5_vl_model
+    if force or not (out / COMPLETE).is_file():
+        print(f"building a tiny random Qwen2.5-VL (seed {seed}) in {out} ...", flush=True)
+        build_tiny_qwen2vl(out, seed=seed, model_type="qwen2_5_vl")
+        (out / COMPLETE).write_text(json.dumps({"seed": seed}))
+    return out
+
+
+COMPLETE = ".modeltest-complete"  # written last: a folder without it is an interrupted build
+
+
+def demo_overrides(paths: DemoPaths, task: str, model_name: str = "qwen2_vl") -> List[str]:
+    common = [f"model.model_path={paths.model_for(model_name)}"]
     if task == "textvqa":
         return common + [f"task.local_dataset_path={paths.textvqa_jsonl}"]
     # subject_mapping=null: every subject the demo dataset has.
     return common + [f"task.local_dataset_path={paths.videobench_qa}", "task.subject_mapping=null"]
 
 
-def run_demo(paths: DemoPaths, extra: Optional[List[str]] = None) -> int:
+def run_demo(paths: DemoPaths, extra: Optional[List[str]] = None, model_name: str = "qwen2_vl") -> int:
     script = default_config_dir().parent / "scripts" / "mm_run.sh"
     env = dict(os.environ, MODELTEST_PYTHON=sys.executable)
     for task in ("textvqa", "videobench"):
-        cmd = ["bash", str(script), task, "qwen2_vl", *demo_overrides(paths, task), *(extra or [])]
+        cmd = ["bash", str(script), task, model_name, *demo_overrides(paths, task, model_name), *(extra or [])]
         print("$ " + " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             return rc
     # The review of each run: `modeltest report` (with a second run, it would compare them).
-    out = demo_output_dir(extra)
+    out = demo_output_dir(extra, model_name)
     for task in ("textvqa", "videobench"):
         cmd = [
             sys.executable,
@@ -93,36 +115,40 @@ def run_demo(paths: DemoPaths, extra: Optional[List[str]] = None) -> int:
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             return rc
-    print(next_steps(paths, out), flush=True)
+    print(next_steps(paths, out, model_name), flush=True)
     return 0
 
 
-def next_steps(paths: DemoPaths, out: Path) -> str:
+def next_steps(paths: DemoPaths, out: Path, model_name: str = "qwen2_vl") -> str:
     """What to try after the demo, as commands that work as written: `modeltest` is the console
     script of the environment this demo ran in (.venv/bin/modeltest after scripts/demo.sh)."""
     exe = Path(sys.executable).parent / "modeltest"
     activate = Path(sys.executable).parent / "activate"
     prefix = f"source {activate}   # puts `modeltest` on your PATH\n  " if activate.is_file() else ""
     cli = "modeltest" if activate.is_file() or not exe.is_file() else str(exe)
+    planted = (
+        f"TextVQA scores only on the questions whose annotations hold the model's own answers "
+        f"({len(PLANTED_ALL)} fully, {len(PLANTED_ONE)} once: {EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run; demo/planted.py)"
+        if model_name == "qwen2_vl"
+        else "TextVQA's planted answers are the Qwen2-VL demo model's, so this one scores 0 there too"
+    )
     return (
-        "\nThe weights are random, so the answers are nonsense: TextVQA scores only on the questions "
-        f"whose annotations hold the model's own answers ({len(PLANTED_ALL)} fully, {len(PLANTED_ONE)} once: "
-        f"{EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run; demo/planted.py), VideoBench scores 0 (no answer names "
-        "an option). Next, try:\n"
+        f"\nThe weights are random, so the answers are nonsense: {planted}, VideoBench scores 0 (no "
+        "answer names an option). Next, try:\n"
         f"  {prefix}"
         f"{cli} report {out}                          # the review page of these runs\n"
-        f"  {cli} serve --model_path {paths.model} --port 8000 &\n"
-        f"  {cli} bench-serve textvqa qwen2_vl model.api_base=http://127.0.0.1:8000/v1 "
+        f"  {cli} serve --model_path {paths.model_for(model_name)} --port 8000 &\n"
+        f"  {cli} bench-serve textvqa {model_name} model.api_base=http://127.0.0.1:8000/v1 "
         f"task.local_dataset_path={paths.textvqa_jsonl} --num-prompts 8   # benchmark the server\n"
         f"  {cli} --help                              # every command"
     )
 
 
-def demo_output_dir(extra: Optional[List[str]]) -> Path:
+def demo_output_dir(extra: Optional[List[str]], model_name: str = "qwen2_vl") -> Path:
     """Where the demo's runs write: an output_dir=... among the extra overrides, else the default."""
     from ..outputs import default_output_dir
 
     for item in extra or []:
         if item.startswith(("output_dir=", "run.output_dir=")):
             return Path(item.split("=", 1)[1])
-    return default_output_dir("qwen2_vl")
+    return default_output_dir(model_name)

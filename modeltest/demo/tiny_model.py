@@ -1,4 +1,4 @@
-"""A tiny random-weight Qwen2-VL checkpoint in the Hugging Face layout, from a fixed seed."""
+"""A tiny random-weight Qwen2-VL or Qwen2.5-VL checkpoint in the Hugging Face layout, from a fixed seed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from .tokenizer import QWEN2VL_CHAT_TEMPLATE, write_qwen2vl_tokenizer
+from .tokenizer import LAST_QWEN2_5_VL_TOKEN_ID, QWEN2VL_CHAT_TEMPLATE, write_qwen2vl_tokenizer
 
 QWEN2VL_VOCAB = 151936
 
@@ -26,6 +26,12 @@ class TinyShape:
     vision_num_heads: int = 2
     tie_word_embeddings: bool = True
     torch_dtype: str = "float32"
+    # Qwen2.5-VL's tower only: gated MLP width, attention windows (in pixels: 112 = 4 merged cells,
+    # as the published models), the blocks that attend whole frames, time positions per second.
+    vision_intermediate_size: int = 48
+    window_size: int = 112
+    fullatt_block_indexes: List[int] = field(default_factory=lambda: [1])
+    tokens_per_second: int = 2
 
 
 # A second test shape: 6 query heads over 2 KV heads (at world size 4 each KV head is replicated
@@ -70,21 +76,55 @@ def _initialise(model, seed: int) -> None:
 
 
 def build_tiny_qwen2vl(
-    out_dir: Path, shape: TinyShape = TinyShape(), seed: int = 0, vocab_size: int = QWEN2VL_VOCAB
+    out_dir: Path,
+    shape: TinyShape = TinyShape(),
+    seed: int = 0,
+    vocab_size: int = QWEN2VL_VOCAB,
+    model_type: str = "qwen2_vl",
 ) -> Path:
-    """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`."""
-    from transformers import (
-        AutoTokenizer,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-    )
+    """Write config.json, model.safetensors, tokenizer and processor files into `out_dir`: a
+    Qwen2-VL, or (model_type="qwen2_5_vl", transformers >= 4.49) a Qwen2.5-VL."""
+    import transformers
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
+    from ..engine.families import FAMILIES, reference_model_class
+
+    family = FAMILIES[model_type]
+    model_class = reference_model_class(family)  # refuses a transformers without the family
     out_dir = Path(out_dir)
     head_dim = shape.hidden_size // shape.num_attention_heads
     assert sum(shape.mrope_section) * 2 == head_dim, "mrope_section must sum to head_dim / 2"
-    config = Qwen2VLConfig(
+    common_vision = {
+        "depth": shape.vision_depth,
+        "num_heads": shape.vision_num_heads,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if model_type == "qwen2_5_vl":
+        config_class, processor_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLProcessor
+        vision = {
+            **common_vision,
+            "hidden_size": shape.vision_embed_dim,
+            "out_hidden_size": shape.hidden_size,
+            "intermediate_size": shape.vision_intermediate_size,
+            "hidden_act": "silu",
+            "window_size": shape.window_size,
+            "fullatt_block_indexes": list(shape.fullatt_block_indexes),
+            "tokens_per_second": shape.tokens_per_second,
+        }
+        last_token = LAST_QWEN2_5_VL_TOKEN_ID
+    else:
+        config_class, processor_class = transformers.Qwen2VLConfig, transformers.Qwen2VLProcessor
+        vision = {
+            **common_vision,
+            "embed_dim": shape.vision_embed_dim,
+            "hidden_size": shape.hidden_size,
+            "mlp_ratio": 4,
+        }
+        last_token = None
+    config = config_class(
         vocab_size=vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -96,17 +136,7 @@ def build_tiny_qwen2vl(
         rope_scaling={"type": "mrope", "mrope_section": list(shape.mrope_section)},
         tie_word_embeddings=shape.tie_word_embeddings,
         rms_norm_eps=1e-6,
-        vision_config={
-            "depth": shape.vision_depth,
-            "embed_dim": shape.vision_embed_dim,
-            "hidden_size": shape.hidden_size,
-            "num_heads": shape.vision_num_heads,
-            "mlp_ratio": 4,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        },
+        vision_config=vision,
         bos_token_id=151643,
         eos_token_id=151645,
         vision_start_token_id=151652,
@@ -122,13 +152,13 @@ def build_tiny_qwen2vl(
     from ..backends.hf import dtype_kwarg
 
     with _no_init_weights():
-        model = Qwen2VLForConditionalGeneration._from_config(config, **dtype_kwarg(dtype)).eval()
+        model = model_class._from_config(config, **dtype_kwarg(dtype)).eval()
     model.tie_weights()  # transformers 5 leaves tying to the skipped initialisation
     _initialise(model, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
 
-    write_qwen2vl_tokenizer(out_dir)
+    write_qwen2vl_tokenizer(out_dir, **({} if last_token is None else {"last_token_id": last_token}))
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     image_processor = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
     extra = {}
@@ -138,7 +168,7 @@ def build_tiny_qwen2vl(
         extra["video_processor"] = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)
     except ImportError:
         pass
-    processor = Qwen2VLProcessor(
+    processor = processor_class(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE, **extra
     )
     processor.save_pretrained(out_dir)

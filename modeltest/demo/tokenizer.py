@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import UserError
 
 LAST_QWEN2VL_TOKEN_ID = 151656  # <|video_pad|>
+LAST_QWEN2_5_VL_TOKEN_ID = 151664  # <|file_sep|>: Qwen2.5-VL's tokenizer adds <tool_call> .. <|file_sep|>
 
 # Qwen2-VL-Instruct's chat template (system prompt added when the first turn is not a system turn).
 QWEN2VL_CHAT_TEMPLATE = (
@@ -48,19 +49,19 @@ def package_tokenizer_dir() -> Path:
     return folder
 
 
-def write_qwen2vl_tokenizer(out_dir: Path) -> None:
-    """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json for Qwen2-VL."""
+def write_qwen2vl_tokenizer(out_dir: Path, last_token_id: int = LAST_QWEN2VL_TOKEN_ID) -> None:
+    """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json for Qwen2-VL (or,
+    with last_token_id=LAST_QWEN2_5_VL_TOKEN_ID, Qwen2.5-VL: the same vocabulary, chat template
+    and special tokens, plus its 8 added tokens)."""
     src = package_tokenizer_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
-    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] <= LAST_QWEN2VL_TOKEN_ID]
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] <= last_token_id]
     (out_dir / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     for name in ("vocab.json", "merges.txt"):
         (out_dir / name).write_bytes((src / name).read_bytes())
     cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg["added_tokens_decoder"] = {
-        k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) <= LAST_QWEN2VL_TOKEN_ID
-    }
+    cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) <= last_token_id}
     cfg["additional_special_tokens"] = [
         t for t in cfg["additional_special_tokens"] if t in {v["content"] for v in cfg["added_tokens_decoder"].values()}
     ]

@@ -1,4 +1,4 @@
-"""Qwen2-VL architecture facts read from a checkpoint's config.json."""
+"""Qwen2-VL and Qwen2.5-VL architecture facts read from a checkpoint's config.json."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from ..errors import UserError
+from .families import FAMILIES, ModelFamily, require_transformers_for
 
 
 @dataclass
@@ -21,6 +22,19 @@ class VisionConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
+    # Qwen2.5-VL's tower (model_type qwen2_5_vl): RMSNorm, a gated SiLU MLP of intermediate_size,
+    # attention within windows of window_size pixels except in fullatt_block_indexes; video
+    # frames numbered by time, tokens_per_second positions per second.
+    model_type: str = "qwen2_vl"
+    intermediate_size: int = 0
+    window_size: int = 0
+    fullatt_block_indexes: Tuple[int, ...] = ()
+    tokens_per_second: float = 0.0
+
+    @property
+    def windowed(self) -> bool:
+        """Qwen2.5-VL's tower (windows, RMSNorm, gated MLP) rather than Qwen2-VL's."""
+        return self.model_type == "qwen2_5_vl"
 
     @property
     def head_dim(self) -> int:
@@ -28,7 +42,28 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size if self.windowed else int(self.embed_dim * self.mlp_ratio)
+
+    @classmethod
+    def from_dict(cls, v: dict, model_type: str) -> "VisionConfig":
+        """vision_config of either family. Qwen2-VL calls the tower's width embed_dim and the
+        merger's output hidden_size; Qwen2.5-VL calls them hidden_size and out_hidden_size."""
+        v = dict(v)
+        if model_type == "qwen2_5_vl":
+            v["embed_dim"] = v.get("hidden_size", 1280)
+            v["hidden_size"] = v.get("out_hidden_size", 3584)
+            for key in ("intermediate_size", "window_size", "fullatt_block_indexes", "tokens_per_second"):
+                if key not in v:
+                    raise UserError(f"config.json: vision_config has no '{key}', which a Qwen2.5-VL tower needs")
+        else:
+            for key in ("intermediate_size", "window_size", "fullatt_block_indexes", "tokens_per_second"):
+                v.pop(key, None)  # not Qwen2-VL's (its tower has neither windows nor a gated MLP)
+        if "in_chans" in v:
+            v["in_channels"] = v["in_chans"]
+        fields = {k: v[k] for k in cls.__dataclass_fields__ if k in v and k != "model_type"}
+        if "fullatt_block_indexes" in fields:
+            fields["fullatt_block_indexes"] = tuple(int(i) for i in fields["fullatt_block_indexes"])
+        return cls(**fields, model_type=model_type)
 
 
 @dataclass
@@ -47,11 +82,16 @@ class Qwen2VLConfig:
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
+    model_type: str = "qwen2_vl"
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def family(self) -> ModelFamily:
+        return FAMILIES[self.model_type]
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen2VLConfig":
@@ -59,12 +99,11 @@ class Qwen2VLConfig:
         text = dict(d.get("text_config") or {})
         merged = {**d, **text}
         rope = merged.get("rope_scaling") or merged.get("rope_parameters") or {}
-        v = dict(d.get("vision_config") or {})
-        vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
-        if "in_chans" in v:
-            vision.in_channels = v["in_chans"]
-        kw = {k: merged[k] for k in cls.__dataclass_fields__ if k in merged and k not in ("vision", "mrope_section")}
-        cfg = cls(**kw, vision=vision)
+        model_type = d.get("model_type", "qwen2_vl")
+        vision = VisionConfig.from_dict(d.get("vision_config") or {}, model_type)
+        skip = ("vision", "mrope_section", "model_type")
+        kw = {k: merged[k] for k in cls.__dataclass_fields__ if k in merged and k not in skip}
+        cfg = cls(**kw, model_type=model_type, vision=vision)
         if "mrope_section" in rope:
             cfg.mrope_section = list(rope["mrope_section"])
         if "rope_theta" in rope and "rope_theta" not in merged:
@@ -75,12 +114,23 @@ class Qwen2VLConfig:
             )
         return cfg
 
+    def check_tensor_parallel(self, tp: int, where: str) -> None:
+        """Refuse, in one line, a tensor-parallel size these weights cannot be split into (before
+        any process starts): the language model's heads (query heads are padded where KV heads
+        must be replicated) and its MLP rows. The vision tower never refuses: its MLP splits
+        unevenly where needed, and heads that do not divide leave it replicated."""
+        from .parallel import head_layout
+
+        head_layout(self.num_attention_heads, self.num_key_value_heads, tp, 0)
+        if self.intermediate_size % tp:
+            raise UserError(f"tp={tp} does not divide the MLP width {self.intermediate_size} of {where}")
+
     @classmethod
     def from_path(cls, model_path: str | Path) -> "Qwen2VLConfig":
         return cls.from_dict(read_checkpoint_config(model_path))
 
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # a chat turn's end, the document's end
 
 
@@ -111,9 +161,11 @@ def checkpoint_stop_ids(model_path: str | Path) -> Tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def read_checkpoint_config(model_path: str | Path) -> dict:
-    """A checkpoint's config.json, checked to be a model this project runs: one line naming what
-    was found otherwise (a text-only Qwen2, another family), before any weight is read."""
+def read_checkpoint_config(model_path: str | Path, expect: str | None = None) -> dict:
+    """A checkpoint's config.json, checked to be a model this project runs (with `expect`, of that
+    model_type: the model config the user chose) and that the installed transformers has: one
+    line naming what was found otherwise (a text-only Qwen2, another family), before any weight
+    is read."""
     path = Path(model_path) / "config.json"
     try:
         d = json.loads(path.read_text())
@@ -126,11 +178,20 @@ def read_checkpoint_config(model_path: str | Path) -> dict:
     if model_type not in SUPPORTED_MODEL_TYPES:
         found = f"model_type '{model_type}'" if model_type else "no model_type"
         raise UserError(
-            f"{path}: {found}; modeltest runs Qwen2-VL checkpoints (model_type {supported}), e.g. Qwen2-VL-7B-Instruct"
+            f"{path}: {found}; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints (model_type {supported}), "
+            "e.g. Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct"
+        )
+    family = FAMILIES[model_type]
+    if expect is not None and expect in FAMILIES and expect != model_type:
+        raise UserError(
+            f"{path}: a {family.name} checkpoint (model_type '{model_type}'), but the model config is "
+            f"'{expect}' ({FAMILIES[expect].name}); run it with the model config '{model_type}' "
+            f"(e.g. bash scripts/mm_run.sh TASK {model_type} model.model_path=...)"
         )
     if not isinstance(d.get("vision_config"), dict):
         raise UserError(
             f"{path}: model_type '{model_type}' but no vision_config; this is not a complete "
-            "Qwen2-VL checkpoint (a text-only model cannot read images or videos)"
+            f"{family.name} checkpoint (a text-only model cannot read images or videos)"
         )
+    require_transformers_for(family)
     return d

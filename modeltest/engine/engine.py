@@ -182,10 +182,18 @@ class LLMEngine:
             )
         n_img = 0 if req.image_grid_thw is None else len(req.image_grid_thw)
         mc = self.runner.model_cfg
+        videos = req.media_keys[n_img:]
+        if mc.vision.tokens_per_second and req.second_per_grid_ts:
+            # Frames numbered by time: the same clip at another time step has other positions, so
+            # other K/V (the key also names its vision embeddings, which a different step would
+            # reuse rightly, but the same pixels at two fps do not occur in practice).
+            videos = [f"{k}@{s!r}" for k, s in zip(videos, req.second_per_grid_ts)] + videos[
+                len(req.second_per_grid_ts) :
+            ]
         req.spans = media_spans(
             req.input_ids,
             grids={"image": req.image_grid_thw, "video": req.video_grid_thw},
-            keys={"image": req.media_keys[:n_img], "video": req.media_keys[n_img:]},
+            keys={"image": req.media_keys[:n_img], "video": videos},
             token_ids={"image": mc.image_token_id, "video": mc.video_token_id},
             merge=mc.vision.spatial_merge_size,
         )

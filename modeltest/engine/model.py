@@ -1,5 +1,7 @@
-"""Qwen2-VL: the Qwen2 language model (GQA, M-RoPE, RMSNorm, SwiGLU) over a paged KV cache,
-fed with text embeddings where vision placeholders are replaced by the vision tower's output.
+"""Qwen2-VL and Qwen2.5-VL: the Qwen2 language model (GQA, M-RoPE, RMSNorm, SwiGLU) over a paged KV cache,
+fed with text embeddings where vision placeholders are replaced by the vision tower's output
+(Qwen2-VL's tower, vision.py, or Qwen2.5-VL's windowed one, vision_qwen2_5.py: the one difference
+between the families' weights).
 
 All activations are packed: T tokens of several sequences in one [T, hidden] tensor, with
 `AttnMetadata` saying where each sequence starts (prefill) or which cache slots it reads (decode).
@@ -20,6 +22,7 @@ from .loader import CheckpointReader
 from .parallel import HeadLayout, TPContext, head_layout, split_range
 from .rope import MRoPE, apply_rope
 from .vision import VisionTower
+from .vision_qwen2_5 import WindowedVisionTower
 
 
 @dataclass
@@ -195,7 +198,8 @@ class Qwen2VLModel(nn.Module):
         self.lm_head = LMHead(
             cfg.vocab_size, cfg.hidden_size, tp, dtype, device, tied=self.embed if cfg.tie_word_embeddings else None
         )
-        self.visual = VisionTower(cfg.vision, tp, dtype, device)
+        tower = WindowedVisionTower if cfg.vision.windowed else VisionTower
+        self.visual = tower(cfg.vision, tp, dtype, device)
         self.rope = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section, device)
         # This rank's slice of the checkpoint, from the shapes (packing changes what is held).
         self.shard_bytes = sum(p.numel() * p.element_size() for p in self.parameters())

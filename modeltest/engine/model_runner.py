@@ -398,7 +398,14 @@ class ModelRunner:
             img = r.image_grid_thw.tolist() if r.image_grid_thw is not None else []
             vid = r.video_grid_thw.tolist() if r.video_grid_thw is not None else []
             r.positions, r.delta = rope_index(
-                r.input_ids, img, vid, mc.image_token_id, mc.video_token_id, mc.vision.spatial_merge_size
+                r.input_ids,
+                img,
+                vid,
+                mc.image_token_id,
+                mc.video_token_id,
+                mc.vision.spatial_merge_size,
+                second_per_grid_ts=r.second_per_grid_ts or (),
+                tokens_per_second=mc.vision.tokens_per_second,
             )
         n = len(r.input_ids)
         pos = r.positions[:, start:end]

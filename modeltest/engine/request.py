@@ -111,6 +111,9 @@ class Request:
     image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
     pixel_values_videos: Optional[torch.Tensor] = None  # [N_vid_patches, C*T*P*P]
     video_grid_thw: Optional[torch.Tensor] = None  # [n_videos, 3]
+    # Per video, seconds per temporal grid step (temporal patch size / sampled fps): where the
+    # model numbers frames by time (Qwen2.5-VL), it places them. None: 1.0 each.
+    second_per_grid_ts: Optional[List[float]] = None
     # Content key per medium (images, then videos; media_spans.content_keys); None: the engine
     # hashes the pixels itself on arrival.
     media_keys: Optional[List[str]] = None

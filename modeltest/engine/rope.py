@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,6 +67,20 @@ def apply_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return out.add_(xf.mul_(cos)).to(x.dtype)
 
 
+def temporal_index(t: int, second_per_grid: Optional[float], tokens_per_second: float) -> torch.Tensor:
+    """[t] temporal positions of a medium's t frame groups (before the offset).
+
+    Qwen2-VL (tokens_per_second 0): 0, 1, 2, ... Qwen2.5-VL numbers a video's groups by time:
+    floor(i * second_per_grid * tokens_per_second), second_per_grid = temporal patch size / the
+    sampled fps (2 / 0.5 = 4 s at fps 0.5, so 0, 8, 16, ... at 2 tokens per second); an image's
+    single group is 0. Computed in float32 in this order, as the original implementation
+    (transformers 4.49-4.57) and vLLM compute it, so the truncation agrees with theirs."""
+    if not tokens_per_second or second_per_grid is None:
+        return torch.arange(t)
+    seconds = torch.tensor(second_per_grid, dtype=torch.float32)
+    return (torch.arange(t) * seconds * tokens_per_second).long()
+
+
 def rope_index(
     input_ids: List[int],
     image_grids: List[Tuple[int, int, int]],
@@ -74,23 +88,33 @@ def rope_index(
     image_token: int,
     video_token: int,
     merge: int,
+    second_per_grid_ts: Sequence[float] = (),
+    tokens_per_second: float = 0.0,
 ) -> Tuple[torch.Tensor, int]:
     """3-axis positions [3, T] of one prompt and its decode delta.
 
     Text advances all three axes together; a vision segment of (t, h, w) merged patches gets
-    (t_index, h_index, w_index) offset by the position after the preceding text; text after it
-    resumes at the segment's max + 1. Decoding token i is at position i + delta on every axis.
+    (t_index, h_index, w_index) offset by the position after the preceding text (t_index:
+    `temporal_index`, with the video's second_per_grid_ts entry — 1.0 where none is given, as
+    transformers assumes); text after it resumes at the segment's max + 1. Decoding token i is at
+    position i + delta on every axis.
+
+    (transformers 5 resumes the text at offset + max(h, w) instead, whatever the temporal
+    extent: the same place unless a video's time positions outrun its grid side. The original
+    implementations — transformers 4.x, vLLM — take the max; so does this.)
     """
     parts: List[torch.Tensor] = []
     images, videos = iter(image_grids), iter(video_grids)
+    seconds = iter(second_per_grid_ts)
     next_pos = 0
     i, n = 0, len(input_ids)
     while i < n:
         tok = input_ids[i]
         if tok == image_token or tok == video_token:
             t, h, w = next(images) if tok == image_token else next(videos)
+            second = (next(seconds, 1.0) if tok == video_token else None) if tokens_per_second else None
             h, w = h // merge, w // merge
-            ti = torch.arange(t).view(-1, 1).expand(-1, h * w).flatten()
+            ti = temporal_index(t, second, tokens_per_second).view(-1, 1).expand(-1, h * w).flatten()
             hi = torch.arange(h).view(1, -1, 1).expand(t, -1, w).flatten()
             wi = torch.arange(w).view(1, 1, -1).expand(t, h, -1).flatten()
             parts.append(torch.stack([ti, hi, wi]) + next_pos)

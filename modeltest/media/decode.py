@@ -107,6 +107,48 @@ def quiet_video_libraries() -> None:
 Vision = Tuple[Optional[list], Optional[list]]  # (images, videos) as qwen-vl-utils returns them
 
 
+def video_sample_fps(ele: Dict[str, Any]) -> float:
+    """The fps qwen-vl-utils samples a video element at — what process_vision_info reports as
+    video_kwargs["fps"] (return_video_kwargs=True): frames taken / the frames in range × the
+    file's fps, by its own functions, from the file's index alone (no frame is decoded, so a
+    media-cache hit stays cheap). Qwen2.5-VL places the frames by it. Remembered per file
+    (path, size, modification time) and options. Raises SampleError naming a file decord cannot
+    read."""
+    path = Path(str(ele["video"]))
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise SampleError(f"video not found: {path} ({e.strerror})") from None
+    options = tuple(sorted((k, repr(v)) for k, v in ele.items() if k not in ("video", "type")))
+    return _sample_fps(str(path), st.st_size, st.st_mtime_ns, options, ele)
+
+
+_FPS_MEMO: Dict[tuple, float] = {}  # (path, size, mtime, options) -> sampled fps
+
+
+def _sample_fps(path: str, size: int, mtime_ns: int, options: tuple, ele: Dict[str, Any]) -> float:
+    key = (path, size, mtime_ns, options)
+    if key in _FPS_MEMO:
+        return _FPS_MEMO[key]
+    from qwen_vl_utils.vision_process import calculate_video_frame_range, smart_nframes
+
+    try:
+        import decord
+
+        reader = decord.VideoReader(path, num_threads=1)
+        total, fps = len(reader), reader.get_avg_fps()
+        del reader
+    except Exception as e:  # decord's errors are long C++ traces: keep the first line
+        raise SampleError(f"corrupt or unreadable video: {path} ({first_line(e, 200, with_type=False)})") from None
+    _, _, total = calculate_video_frame_range(ele, total, fps)
+    nframes = smart_nframes(ele, total_frames=total, video_fps=fps)
+    value = nframes / max(total, 1e-6) * fps  # qwen-vl-utils' own expression
+    if len(_FPS_MEMO) > 4096:
+        _FPS_MEMO.clear()
+    _FPS_MEMO[key] = value
+    return value
+
+
 class MediaSource(abc.ABC):
     """Where a backend's images and videos come from: decoded here (`InProcessMedia`, through the
     media cache when there is one) or in worker processes (media/workers.WorkerMedia). Either way
