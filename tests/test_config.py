@@ -180,7 +180,10 @@ def test_subject_mapping_override_and_task_specific_keys(cfg_dir):
 @pytest.mark.parametrize(
     "content,expected",
     [
-        ({"model_type": "llama", "vision_config": {}}, "model_type 'llama'; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints"),
+        (
+            {"model_type": "llama", "vision_config": {}},
+            "model_type 'llama'; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints",
+        ),
         ({"model_type": "qwen2"}, "model_type 'qwen2'; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints"),
         ({}, "no model_type; modeltest runs Qwen2-VL and Qwen2.5-VL checkpoints"),
         ({"model_type": "qwen2_vl"}, "model_type 'qwen2_vl' but no vision_config"),
