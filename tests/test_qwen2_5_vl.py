@@ -160,7 +160,10 @@ def test_second_per_grid_ts_is_qwen_vl_utils_sampled_fps_whatever_the_transforme
         assert ours.dtype == torch.float32
         assert ours.tolist() == torch.tensor([2 / f for f in video_kwargs["fps"]]).tolist(), fps
         text = prompt_text(processor, messages)
-        if transformers_version() >= (5, 0):
+        if transformers_version() < (5, 0):  # 4.49-4.57: the fps qwen-vl-utils reports
+            by_kwargs = processor(text=[text], videos=videos, return_tensors="pt", **video_kwargs)
+            assert torch.as_tensor(by_kwargs["second_per_grid_ts"]).float().tolist() == ours.tolist(), fps
+        else:
             _, with_meta = process_vision_info(messages, return_video_metadata=True)
             frames, metadata = zip(*with_meta)
             by_metadata = processor(
@@ -169,6 +172,46 @@ def test_second_per_grid_ts_is_qwen_vl_utils_sampled_fps_whatever_the_transforme
             assert torch.as_tensor(by_metadata["second_per_grid_ts"]).float().tolist() == ours.tolist(), fps
             bare = processor(text=[text], videos=videos, return_tensors="pt")
             assert torch.as_tensor(bare["second_per_grid_ts"]).tolist() == pytest.approx([2 / 24]), fps
+
+
+@needs_qwen2_5_vl
+def test_the_fast_processor_and_the_media_cache_are_bit_identical_on_qwen2_5_vl(qwen25, demo, tmp_path):
+    """Qwen2.5-VL's processor keeps Qwen2-VL's image processor: the fast one installs on it and
+    hands the model the same tensors (torch.equal), time steps included, through the cache too."""
+    import copy
+
+    from test_fast_processor import IMG, VID, assert_same
+    from transformers import AutoProcessor
+
+    from modeltest.inputs import model_input
+    from modeltest.media import InProcessMedia, fast_processor
+    from modeltest.media.cache import MediaCache
+    from modeltest.media.decode import vision_from_messages
+
+    # The slow image processor, the one ours replaces (transformers 4.57 loads its own fast one by
+    # default; from 5 ours steps aside: transformers' own is then the reference).
+    reference = AutoProcessor.from_pretrained(qwen25, use_fast=False)
+    fast = fast_processor.install(copy.deepcopy(reference))
+    assert fast_processor.installed(fast) == (transformers_version() < (5, 0))
+    clip = demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4"
+    image = demo.root / "textvqa" / "images" / "demo_003.jpg"
+    content = [
+        {"type": "image", "image": str(image)},
+        {"type": "video", "video": str(clip), "fps": 0.5},
+        {"type": "text", "text": "q"},
+    ]
+    messages = [{"role": "user", "content": content}]
+    images, videos = vision_from_messages(messages)
+    if fast_processor.installed(fast):
+        assert_same(reference, fast, IMG + VID + " q", images=images, videos=videos)
+    want = model_input(reference, messages).inputs
+    cache = InProcessMedia(MediaCache(str(tmp_path / "cache"), 1 << 30))
+    runs = [model_input(fast, messages, media).inputs for media in (None, cache, cache)]  # uncached, miss, hit
+    assert cache.summary()["hits"] >= 2
+    for got in runs:
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert torch.equal(torch.as_tensor(got[k]), torch.as_tensor(want[k])), k
 
 
 def test_rope_index_numbers_video_frames_by_time():
