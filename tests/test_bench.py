@@ -60,6 +60,12 @@ def test_report_and_token_check(bench_cache, tmp_path):
     }
     assert all(ROW_KEYS <= set(r) for r in report["results"])
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in report["results"])
+    # Every timed engine run computes its media: the same inputs at each batch size and repeat
+    # must not be answered from the prefix or vision cache of the run before (hf keeps nothing).
+    media_rows = [r for r in report["results"] if r["workload"] != "decode"]
+    assert all(r["vision_ms"] > 0 for r in media_rows), [
+        (r["backend"], r["batch_size"], r["vision_ms"]) for r in media_rows
+    ]
     # textvqa/videobench: best against best; decode: equal batch sizes.
     assert [(r["workload"], r["engine_batch_size"] == r["hf_batch_size"]) for r in report["ratios"]][-2:] == [
         ("decode", True),

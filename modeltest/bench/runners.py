@@ -98,6 +98,10 @@ class EngineRunner:
         eng.limit_batch_size(batch_size)
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         reqs = [engine_request(i, ModelInput(text="", inputs=dict(x)), params) for i, x in enumerate(inputs)]
+        # Every timed run starts cold: the same inputs run at each batch size and repeat, and the
+        # prefix and vision caches would otherwise answer the later runs from the earlier ones
+        # (hf keeps nothing between generate calls; the reuse workloads measure reuse itself).
+        eng.clear_caches()
         before = eng.stats(timings=False)
         with measured_run(self.device) as run:
             eng.generate(reqs)
