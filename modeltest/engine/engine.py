@@ -184,9 +184,9 @@ class LLMEngine:
         mc = self.runner.model_cfg
         videos = req.media_keys[n_img:]
         if mc.vision.tokens_per_second and req.second_per_grid_ts:
-            # Frames numbered by time: the same clip at another time step has other positions, so
-            # other K/V (the key also names its vision embeddings, which a different step would
-            # reuse rightly, but the same pixels at two fps do not occur in practice).
+            # Frames placed by time (Qwen2.5-VL): the same pixels at another time step get other
+            # positions, hence other K/V, so the step is part of the key the prefix cache hashes.
+            # (The vision cache then keys by it too: harmless, one clip's pixels come at one fps.)
             videos = [f"{k}@{s!r}" for k, s in zip(videos, req.second_per_grid_ts)] + videos[
                 len(req.second_per_grid_ts) :
             ]
