@@ -343,7 +343,18 @@ def test_demo_command_builds_and_runs_both_tasks(tmp_path):
     assert {i for i, v in scores.items() if v == 1.0} == set(PLANTED_ALL)
     assert all(scores[i] == pytest.approx(0.3) for i in PLANTED_ONE)
     assert f"{EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run" in proc.stdout
-    assert read_csv(out, "videobench")[0][0]["Total"] == "11"
+    # VideoBench: the planted questions read as their planted letter, every other question misses,
+    # and subjects, groups and the weighted score come out as computed by hand (planted.py).
+    from modeltest.demo.planted import EXPECTED_VIDEOBENCH, PLANTED_VIDEOBENCH
+
+    rows = {r["Tasks"]: r for r in read_csv(out, "videobench")[0]}
+    assert rows["videobench"]["Total"] == "11" and rows["videobench"]["Pass"] == "3"
+    for name, value in EXPECTED_VIDEOBENCH.items():
+        assert float(rows[name]["Value"]) == pytest.approx(value, abs=1e-6), name  # the CSV keeps 6 digits
+    right = [r for r in read_debug(out, "videobench") if r["score"] == 1.0]
+    assert sorted(r["subject"] for r in right) == sorted(PLANTED_VIDEOBENCH)
+    assert all(r["prediction"] == r["gold"] for r in right)
+    assert f"weighted score {EXPECTED_VIDEOBENCH['weighted_score']:.4f}" in proc.stdout
     for task in ("textvqa", "videobench"):  # and says where each run's report is
         assert f"report: {out / 'report' / task / 'report.html'}" in proc.stdout
         assert (out / "report" / task / "report.csv").is_file()

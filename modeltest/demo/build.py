@@ -12,10 +12,18 @@ from typing import List, Optional
 
 from ..config.loader import default_config_dir
 from .datasets import build_textvqa, build_videobench
-from .planted import EXPECTED_TEXTVQA_SCORE, PLANTED_ALL, PLANTED_ONE, plant_textvqa
+from .planted import (
+    EXPECTED_TEXTVQA_SCORE,
+    EXPECTED_VIDEOBENCH,
+    PLANTED_ALL,
+    PLANTED_ONE,
+    PLANTED_VIDEOBENCH,
+    plant_textvqa,
+    plant_videobench,
+)
 from .tiny_model import build_tiny_qwen2vl
 
-DEMO_VERSION = 3  # bump when what is built changes, so an old demo folder is rebuilt
+DEMO_VERSION = 4  # bump when what is built changes, so an old demo folder is rebuilt
 
 
 @dataclass
@@ -62,6 +70,8 @@ def build_demo(root: str | Path = "demo_data", force: bool = False, seed: int = 
     build_videobench(paths.videobench_qa.parent, seed=seed)
     print("planting the tiny model's own answers into a few TextVQA annotations (demo/planted.py) ...", flush=True)
     plant_textvqa(paths.model, paths.textvqa_jsonl)
+    print("planting the tiny model's own answers as options of a few VideoBench questions ...", flush=True)
+    plant_videobench(paths.model, paths.videobench_qa)
     paths.stamp.write_text(json.dumps({"version": DEMO_VERSION, "seed": seed}))
     return paths
 
@@ -128,13 +138,14 @@ def next_steps(paths: DemoPaths, out: Path, model_name: str = "qwen2_vl") -> str
     cli = "modeltest" if activate.is_file() or not exe.is_file() else str(exe)
     planted = (
         f"TextVQA scores only on the questions whose annotations hold the model's own answers "
-        f"({len(PLANTED_ALL)} fully, {len(PLANTED_ONE)} once: {EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run; demo/planted.py)"
+        f"({len(PLANTED_ALL)} fully, {len(PLANTED_ONE)} once: {EXPECTED_TEXTVQA_SCORE:.4f} on a CPU run), "
+        f"VideoBench only on the {len(PLANTED_VIDEOBENCH)} questions whose answer key is the option the model "
+        f"repeats (weighted score {EXPECTED_VIDEOBENCH['weighted_score']:.4f}; demo/planted.py)"
         if model_name == "qwen2_vl"
-        else "TextVQA's planted answers are the Qwen2-VL demo model's, so this one scores 0 there too"
+        else "the planted answers (demo/planted.py) are the Qwen2-VL demo model's, so this one scores 0"
     )
     return (
-        f"\nThe weights are random, so the answers are nonsense: {planted}, VideoBench scores 0 (no "
-        "answer names an option). Next, try:\n"
+        f"\nThe weights are random, so the answers are nonsense: {planted}. Next, try:\n"
         f"  {prefix}"
         f"{cli} report {out}                          # the review page of these runs\n"
         f"  {cli} serve --model_path {paths.model_for(model_name)} --port 8000 &\n"
