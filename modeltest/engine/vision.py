@@ -127,33 +127,61 @@ class VisionTower(nn.Module):
         divides = cfg.num_heads % tp.world_size == 0 and cfg.mlp_dim % tp.world_size == 0
         self.tp = tp if divides else TPContext(rank=0, world_size=1, device=tp.device)  # replicated
         self.cfg = cfg
-        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-        # The Conv3d patch embedding has stride == kernel: it is a matmul over flattened patches.
-        self.patch_embed = ColumnLinear(patch_in, [("proj", Shard.span(0, cfg.embed_dim))], False, dtype, device)
+        self.patch_embed = PatchEmbed(cfg, dtype, device)
         self.blocks = nn.ModuleList(VisionBlock(cfg, self.tp, dtype, device) for _ in range(cfg.depth))
-        merged = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = LayerNorm(cfg.embed_dim, 1e-6, dtype, device)
-        # The merger is small: every rank holds it whole.
-        self.mlp0 = ColumnLinear(merged, [("0", Shard.span(0, merged))], True, dtype, device)
-        self.mlp2 = ColumnLinear(merged, [("2", Shard.span(0, cfg.hidden_size))], True, dtype, device)
+        self.merger = Merger(cfg, LayerNorm, dtype, device)
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         # pixels: [N_patches, C*T*P*P] -> merged embeddings [N_patches / merge^2, hidden]
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(pixels)
         freqs = vision_rotary_freqs(grid_thw, self.cfg.head_dim, self.cfg.spatial_merge_size, x.device)
         cos, sin = vision_rope_cos_sin(freqs)  # once for all blocks
         frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu_seqlens = F.pad(frame_sizes.cumsum(0), (1, 0))
         for blk in self.blocks:
             x = blk(x, cu_seqlens, cos, sin)
-        x = self.ln_q(x).view(-1, self.cfg.embed_dim * self.cfg.spatial_merge_size**2)
-        return self.mlp2(F.gelu(self.mlp0(x)))
+        return self.merger(x)
 
     def load(self, r: CheckpointReader, p: str = "visual"):
-        # The Conv3d kernel [embed, C, T, P, P] flattened to the linear's [embed, C*T*P*P].
-        set_param(self.patch_embed.weight, r.read(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
+        self.patch_embed.load(r, p)
         for i, blk in enumerate(self.blocks):
             blk.load(r, f"{p}.blocks.{i}")
+        self.merger.load(r, p)
+
+
+class PatchEmbed(ColumnLinear):
+    """The Conv3d patch embedding (stride == kernel): a matmul over flattened patches,
+    [N, C*T*P*P] -> [N, embed]; every rank holds it whole. Both families' towers start with it."""
+
+    def __init__(self, cfg: VisionConfig, dtype, device):
+        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        super().__init__(patch_in, [("proj", Shard.span(0, cfg.embed_dim))], False, dtype, device)
+        self.embed_dim = cfg.embed_dim
+
+    def load(self, r: CheckpointReader, p: str) -> None:
+        # The Conv3d kernel [embed, C, T, P, P] flattened to the linear's [embed, C*T*P*P].
+        set_param(self.weight, r.read(f"{p}.patch_embed.proj.weight").reshape(self.embed_dim, -1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return super().forward(pixels.to(self.weight.dtype))
+
+
+class Merger(nn.Module):
+    """norm, then Linear -> GELU -> Linear over each merged cell's merge² patch rows:
+    [N, embed] -> [N / merge², hidden]. Small: every rank holds it whole. The norm is the family's
+    (LayerNorm for Qwen2-VL, RMSNorm for Qwen2.5-VL)."""
+
+    def __init__(self, cfg: VisionConfig, norm, dtype, device):
+        super().__init__()
+        self.width = cfg.embed_dim * cfg.spatial_merge_size**2
+        self.ln_q = norm(cfg.embed_dim, 1e-6, dtype, device)
+        self.mlp0 = ColumnLinear(self.width, [("0", Shard.span(0, self.width))], True, dtype, device)
+        self.mlp2 = ColumnLinear(self.width, [("2", Shard.span(0, cfg.hidden_size))], True, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp2(F.gelu(self.mlp0(self.ln_q(x).view(-1, self.width))))
+
+    def load(self, r: CheckpointReader, p: str) -> None:
         self.ln_q.load(r, f"{p}.merger.ln_q")
         self.mlp0.load(r, f"{p}.merger.mlp")
         self.mlp2.load(r, f"{p}.merger.mlp")

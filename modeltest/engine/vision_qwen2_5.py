@@ -20,10 +20,10 @@ from torch import nn
 
 from .config import VisionConfig
 from .layers import ColumnLinear, RMSNorm, RowLinear, Shard
-from .loader import CheckpointReader, set_param
+from .loader import CheckpointReader
 from .parallel import TPContext
 from .rope import vision_rope_cos_sin, vision_rotary_freqs
-from .vision import rope_qk_, varlen_attention
+from .vision import Merger, PatchEmbed, rope_qk_, varlen_attention
 from .vision_windows import vision_windows
 
 
@@ -71,15 +71,9 @@ class WindowedVisionTower(nn.Module):
         divides = cfg.num_heads % tp.world_size == 0
         self.tp = tp if divides else TPContext(rank=0, world_size=1, device=tp.device)  # replicated
         self.cfg = cfg
-        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-        # The Conv3d patch embedding has stride == kernel: a matmul over flattened patches.
-        self.patch_embed = ColumnLinear(patch_in, [("proj", Shard.span(0, cfg.embed_dim))], False, dtype, device)
+        self.patch_embed = PatchEmbed(cfg, dtype, device)
         self.blocks = nn.ModuleList(WindowedVisionBlock(cfg, self.tp, dtype, device) for _ in range(cfg.depth))
-        merged = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.ln_q = RMSNorm(cfg.embed_dim, 1e-6, dtype, device)
-        # The merger is small: every rank holds it whole.
-        self.mlp0 = ColumnLinear(merged, [("0", Shard.span(0, merged))], True, dtype, device)
-        self.mlp2 = ColumnLinear(merged, [("2", Shard.span(0, cfg.hidden_size))], True, dtype, device)
+        self.merger = Merger(cfg, RMSNorm, dtype, device)
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         # pixels: [N_patches, C*T*P*P] (processor order) -> merged embeddings [N_patches / merge², hidden]
@@ -91,7 +85,7 @@ class WindowedVisionTower(nn.Module):
         def windowed(t: torch.Tensor) -> torch.Tensor:  # [N, ...] rows -> the same rows in window order
             return t.reshape(-1, unit, *t.shape[1:])[order].reshape(t.shape)
 
-        x = windowed(self.patch_embed(pixels.to(self.patch_embed.weight.dtype)))  # [N, embed]
+        x = windowed(self.patch_embed(pixels))  # [N, embed]
         freqs = vision_rotary_freqs(grid_thw, cfg.head_dim, cfg.spatial_merge_size, x.device)
         cos, sin = (windowed(c) for c in vision_rope_cos_sin(freqs))  # [N, 1, hd] each, once for all blocks
         frame_sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
@@ -99,14 +93,10 @@ class WindowedVisionTower(nn.Module):
         full = set(cfg.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
             x = blk(x, cu_frames if i in full else cu_windows, cos, sin)
-        x = self.mlp2(F.gelu(self.mlp0(self.ln_q(x).view(-1, cfg.embed_dim * unit))))  # [cells, hidden]
-        return x[torch.argsort(order)]  # back to the processor's (and the placeholders') order
+        return self.merger(x)[torch.argsort(order)]  # [cells, hidden], back in the placeholders' order
 
     def load(self, r: CheckpointReader, p: str = "visual"):
-        # The Conv3d kernel [embed, C, T, P, P] flattened to the linear's [embed, C*T*P*P].
-        set_param(self.patch_embed.weight, r.read(f"{p}.patch_embed.proj.weight").reshape(self.cfg.embed_dim, -1))
+        self.patch_embed.load(r, p)
         for i, blk in enumerate(self.blocks):
             blk.load(r, f"{p}.blocks.{i}")
-        self.ln_q.load(r, f"{p}.merger.ln_q")
-        self.mlp0.load(r, f"{p}.merger.mlp")
-        self.mlp2.load(r, f"{p}.merger.mlp")
+        self.merger.load(r, p)
