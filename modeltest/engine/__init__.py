@@ -1,11 +1,14 @@
-"""The project's own Qwen2-VL inference core: tensor parallel, paged KV cache, continuous batching.
+"""The project's own Qwen2-VL / Qwen2.5-VL inference core: tensor parallel, paged KV cache,
+continuous batching.
 
+families.py      the model families (model_type -> name, transformers class, version needed)
 config.py        model facts from config.json
 parallel.py      torch.distributed set-up and the head layout across ranks
 loader.py        safetensors -> the slices a layer asks for
 layers.py        column/row/vocab-parallel layers (each loads its own shard), norms
-rope.py          M-RoPE (3-axis positions) and the vision tower's 2-D rotary
-vision.py        the vision tower (tensor parallel)
+rope.py          M-RoPE (3-axis positions; Qwen2.5-VL's video time) and the towers' 2-D rotary
+vision.py        Qwen2-VL's vision tower (tensor parallel); the patch embedding and merger both use
+vision_qwen2_5.py  Qwen2.5-VL's vision tower: windows, RMSNorm, gated MLP
 vision_windows.py  Qwen2.5-VL's windowed vision attention: patch order and window bounds
 model.py         the Qwen2 language model + the multimodal wrapper
 kv_cache.py      paged KV cache; ref-counted blocks findable by content hash (prefix cache)
