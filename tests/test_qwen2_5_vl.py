@@ -16,7 +16,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from engine_helpers import all_inputs, make_request, prompt_logits, record_steps
-from test_engine import _torchrun, make_engine, reference_model, transformers_reference
+from test_engine import (
+    BF16_DIVERGING_PROMPTS,
+    BF16_LOGIT_TOLERANCE,
+    _torchrun,
+    make_engine,
+    reference_model,
+    transformers_reference,
+)
 
 from modeltest.engine.families import transformers_version
 from modeltest.errors import UserError
@@ -106,6 +113,36 @@ def test_engine_matches_transformers_logits_and_greedy_tokens(which, qwen25, qwe
         for ours_step, ref_step in zip(steps[name], gen.scores):
             assert (ours_step - ref_step[0]).abs().max().item() < 1e-4, name
         assert production.generate([make_request(name, inp, n_new)])[0].output_ids == hf_tokens, name
+
+
+@needs_qwen2_5_vl
+@pytest.mark.parametrize("which", ["demo", "odd"])
+def test_bf16_engine_matches_transformers_in_bf16(which, qwen25, qwen25_odd, demo, small_image):
+    """What real checkpoints run, as for Qwen2-VL (test_engine.py): both in bf16 on the same
+    inputs, prefill logits within BF16_LOGIT_TOLERANCE, greedy tokens identical but for at most
+    BF16_DIVERGING_PROMPTS prompts whose near-tied random logits bf16 rounding flips (measured
+    2026-12-01, AVX2 CPU, transformers 5.24 and 4.57.1: at most 0.047; one prompt of five on each
+    model — demo "text", odd "small_image")."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    path = qwen25 if which == "demo" else qwen25_odd
+    hf = reference_model(path, torch.bfloat16)
+    engine = make_engine(path, dtype=torch.bfloat16)
+    diverged, worst = [], 0.0
+    for name, inp in cases(AutoProcessor.from_pretrained(path), demo, small_image).items():
+        with torch.no_grad():
+            ref = hf(**inp).logits[0].float()
+            gen = hf.generate(
+                **inp,
+                generation_config=GenerationConfig(
+                    do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=151643
+                ),
+            )
+        worst = max(worst, (prompt_logits(engine, make_request(name, inp, 8)) - ref).abs().max().item())
+        if engine.generate([make_request(name, inp, 8)])[0].output_ids != gen[0, inp["input_ids"].shape[1] :].tolist():
+            diverged.append(name)
+    assert worst <= BF16_LOGIT_TOLERANCE, worst
+    assert len(diverged) <= BF16_DIVERGING_PROMPTS, diverged
 
 
 @needs_qwen2_5_vl
