@@ -451,3 +451,25 @@ def test_a_checkpoint_of_the_other_family_is_refused_by_the_model_config(demo, t
         message = str(e.value)
         assert f"a {found} checkpoint" in message and f"run it with the model config '{use}'" in message, message
         assert "\n" not in message
+
+
+@needs_qwen2_5_vl
+@pytest.mark.subprocess
+def test_run_pa_engine_answers_equal_transformers(qwen25, demo, tmp_path):
+    """scripts/run_pa.sh on a folder of an image and a video: the engine's tokens = transformers'."""
+    import shutil
+
+    from test_run_pa import run_pa
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    shutil.copy(demo.root / "textvqa" / "images" / "demo_000.jpg", folder / "a.jpg")
+    shutil.copy(demo.root / "videobench" / "Eval_video" / "MSVD" / "msvd_red.mp4", folder / "b.mp4")
+    common = ["--model_path", str(qwen25), "--dataset_path", str(folder), "--input_text", "What is it?"]
+    common += ["--max_batch_size", "2", "--max_output_length", "6"]
+    tokens = {}
+    for backend in ("engine", "hf"):
+        res = tmp_path / f"{backend}.json"
+        run_pa([*common, "--backend", backend, "--results_save_path", str(res)])
+        tokens[backend] = [r["output_token_ids"] for r in json.loads(res.read_text())]
+    assert tokens["engine"] == tokens["hf"] and len(tokens["engine"]) == 2 and all(tokens["engine"])
