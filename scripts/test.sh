@@ -12,8 +12,8 @@ cd "$repo"
 "$repo/.venv/bin/ruff" check modeltest tests docs
 "$repo/.venv/bin/ruff" format --check modeltest tests docs
 # The demo model and datasets once for every pass (tests/conftest.py reads MODELTEST_TEST_DEMO;
-# test_end_to_end's demo test still builds one from scratch in each pass). Rebuilt when stale.
-"$repo/.venv/bin/python" -m modeltest demo --build-only --dir "$repo/.test-demo" >/dev/null
+# test_end_to_end's demo test still builds one from scratch in each pass). Built afresh each time.
+"$repo/.venv/bin/python" -m modeltest demo --build-only --force --dir "$repo/.test-demo" >/dev/null
 export MODELTEST_TEST_DEMO="$repo/.test-demo"
 if [[ ${1:-} == --fast ]]; then
     shift
