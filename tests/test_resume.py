@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import REPO, read_csv, read_debug, run_mm, slow_samples
+from serve_helpers import free_port
 
 pytestmark = pytest.mark.subprocess
 
@@ -172,14 +173,6 @@ def test_fully_resumed_run_keeps_what_computed_the_results(demo, tmp_path):
     run_mm("textvqa", overrides(demo, out))
     assert summary(out)["computed"] == 0
     assert json.loads(config.read_text())["backend"] == first
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_data_parallel_equals_single_and_records_move_between_layouts(demo, tmp_path, reference):

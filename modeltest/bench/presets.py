@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -24,24 +25,34 @@ QWEN2_5_VL_TOWER = dict(
     fullatt_block_indexes=[7, 15, 23, 31],
     tokens_per_second=2,
 )
+QWEN2_VL_TOWER = dict(vision_depth=32, vision_embed_dim=1280, vision_num_heads=16)
+# The 7B language model is the same in both families.
+LM_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    mrope_section=[16, 24, 24],
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+)
+MID = TinyShape(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=8,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    mrope_section=[8, 12, 12],
+    vision_depth=8,
+    vision_embed_dim=640,
+    vision_num_heads=10,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+)
 PRESETS: Dict[str, dict] = {
     "tiny": dict(shape=TinyShape(), vocab=QWEN2VL_VOCAB),
-    "mid": dict(
-        shape=TinyShape(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=8,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            mrope_section=[8, 12, 12],
-            vision_depth=8,
-            vision_embed_dim=640,
-            vision_num_heads=10,
-            tie_word_embeddings=True,
-            torch_dtype="bfloat16",
-        ),
-        vocab=QWEN2VL_VOCAB,
-    ),
+    "mid": dict(shape=MID, vocab=QWEN2VL_VOCAB),
     "2b": dict(
         shape=TinyShape(
             hidden_size=1536,
@@ -50,47 +61,16 @@ PRESETS: Dict[str, dict] = {
             num_attention_heads=12,
             num_key_value_heads=2,
             mrope_section=[16, 24, 24],
-            vision_depth=32,
-            vision_embed_dim=1280,
-            vision_num_heads=16,
             tie_word_embeddings=True,
             torch_dtype="bfloat16",
+            **QWEN2_VL_TOWER,
         ),
         vocab=151936,
     ),
-    "7b": dict(
-        shape=TinyShape(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            mrope_section=[16, 24, 24],
-            vision_depth=32,
-            vision_embed_dim=1280,
-            vision_num_heads=16,
-            tie_word_embeddings=False,
-            torch_dtype="bfloat16",
-        ),
-        vocab=152064,
-    ),
+    "7b": dict(shape=TinyShape(**LM_7B, **QWEN2_VL_TOWER), vocab=152064),
     "qwen2.5-mid": dict(
-        shape=TinyShape(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=8,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            mrope_section=[8, 12, 12],
-            vision_depth=8,
-            vision_embed_dim=640,
-            vision_num_heads=10,
-            vision_intermediate_size=1710,
-            window_size=112,
-            fullatt_block_indexes=[3, 7],
-            tokens_per_second=2,
-            tie_word_embeddings=True,
-            torch_dtype="bfloat16",
+        shape=replace(
+            MID, vision_intermediate_size=1710, window_size=112, fullatt_block_indexes=[3, 7], tokens_per_second=2
         ),
         vocab=QWEN2VL_VOCAB,
         model_type="qwen2_5_vl",
@@ -110,21 +90,7 @@ PRESETS: Dict[str, dict] = {
         vocab=151936,
         model_type="qwen2_5_vl",
     ),
-    "qwen2.5-7b": dict(
-        shape=TinyShape(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            mrope_section=[16, 24, 24],
-            tie_word_embeddings=False,
-            torch_dtype="bfloat16",
-            **QWEN2_5_VL_TOWER,
-        ),
-        vocab=152064,
-        model_type="qwen2_5_vl",
-    ),
+    "qwen2.5-7b": dict(shape=TinyShape(**LM_7B, **QWEN2_5_VL_TOWER), vocab=152064, model_type="qwen2_5_vl"),
 }
 
 
