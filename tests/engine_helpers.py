@@ -86,3 +86,36 @@ def run_cases(engine, inputs: Dict[str, dict], max_new_tokens: int = 6) -> dict:
     for r in engine.generate(reqs):
         out["batch"][r.id] = r.output_ids
     return out
+
+
+def assert_engine_equals_transformers(hf, make_engine, inputs: Dict[str, dict], n_new: int = 8, prefill_kwargs=None):
+    """Per case, fp32: every prompt logit and every decode step's logits (paged-cache attention)
+    within 1e-4 of transformers', the same greedy tokens — by a recording sampler and by the
+    production one (what every run uses; the recording one only greedy-picks).
+    prefill_kwargs(hf, inp) -> extra arguments of transformers' plain forward (positions)."""
+    import torch
+    from transformers import GenerationConfig
+
+    engine, production = make_engine(), make_engine()
+    steps = {}
+    record_steps(engine, lambda reqs, logits: [steps.setdefault(r.id, []).append(lg) for r, lg in zip(reqs, logits)])
+    for name, inp in inputs.items():
+        with torch.no_grad():
+            ref = hf(**inp, **(prefill_kwargs(hf, inp) if prefill_kwargs else {})).logits[0].float()
+            gen = hf.generate(
+                **inp,
+                generation_config=GenerationConfig(
+                    do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=151643
+                ),
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        ours = prompt_logits(engine, make_request(name, inp, n_new))
+        assert ours.shape == ref.shape, name
+        assert (ours - ref).abs().max().item() < 1e-4, name
+        hf_tokens = gen.sequences[0, inp["input_ids"].shape[1] :].tolist()
+        assert engine.generate([make_request(name, inp, n_new)])[0].output_ids == hf_tokens, name
+        assert len(steps[name]) == len(gen.scores) == n_new, name
+        for ours_step, ref_step in zip(steps[name], gen.scores):
+            assert (ours_step - ref_step[0]).abs().max().item() < 1e-4, name
+        assert production.generate([make_request(name, inp, n_new)])[0].output_ids == hf_tokens, name

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import all_blocks_free, all_inputs, make_request, prompt_logits, record_steps
+from engine_helpers import (
+    all_blocks_free,
+    all_inputs,
+    assert_engine_equals_transformers,
+    make_request,
+    prompt_logits,
+    record_steps,
+)
 
 from modeltest.engine.engine import EngineConfig, LLMEngine
 from modeltest.engine.parallel import TPContext, head_layout
@@ -63,39 +70,13 @@ def hf_prefill_positions(hf, inp) -> dict:
 
 
 def test_matches_transformers_logits_and_greedy_tokens(model_path, processor, demo):
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     from modeltest.backends.hf import dtype_kwarg
 
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(torch.float32)).eval()
-    engine = make_engine(model_path)
-    production = make_engine(model_path)
-    steps = {}
-    record_steps(engine, lambda reqs, logits: [steps.setdefault(r.id, []).append(lg) for r, lg in zip(reqs, logits)])
-    n_new = 8
-    for name, inp in all_inputs(processor, demo.root).items():
-        with torch.no_grad():
-            ref = hf(**inp, **hf_prefill_positions(hf, inp)).logits[0].float()
-            gen = hf.generate(
-                **inp,
-                generation_config=GenerationConfig(
-                    do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=151643
-                ),
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        ours = prompt_logits(engine, make_request(name, inp, n_new))
-        assert ours.shape == ref.shape
-        assert (ours - ref).abs().max().item() < 1e-4, name
-        out = engine.generate([make_request(name, inp, n_new)])[0]
-        hf_tokens = gen.sequences[0, inp["input_ids"].shape[1] :].tolist()
-        assert out.output_ids == hf_tokens, name
-        # Every decode step's logits (paged-cache attention) match transformers' too.
-        for ours_step, ref_step in zip(steps[name], gen.scores):
-            assert (ours_step - ref_step[0]).abs().max().item() < 1e-4, name
-        assert len(steps[name]) == n_new
-        # and the production sampler (what every run uses; the recording one above only greedy-picks)
-        assert production.generate([make_request(name, inp, n_new)])[0].output_ids == hf_tokens, name
+    inputs = all_inputs(processor, demo.root)
+    assert_engine_equals_transformers(hf, lambda: make_engine(model_path), inputs, prefill_kwargs=hf_prefill_positions)
 
 
 def test_mixed_batch_equals_each_alone(model_path, processor, demo):

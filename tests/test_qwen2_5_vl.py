@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import all_inputs, make_request, prompt_logits, record_steps
+from engine_helpers import all_inputs, assert_engine_equals_transformers, make_request, prompt_logits
 from test_engine import (
     BF16_DIVERGING_PROMPTS,
     BF16_LOGIT_TOLERANCE,
@@ -82,37 +82,14 @@ def test_engine_matches_transformers_logits_and_greedy_tokens(which, qwen25, qwe
     (odd) positions apart (not further: transformers 5 then places the text after the video
     differently from the original, see rope_index): every prompt logit and every decode step's logits within 1e-4 of
     transformers', the same greedy tokens, by the recording and by the production sampler."""
-    from transformers import AutoProcessor, GenerationConfig
+    from transformers import AutoProcessor
 
     path = qwen25 if which == "demo" else qwen25_odd
     inputs = cases(AutoProcessor.from_pretrained(path), demo, small_image)
     grids = {n: inp["image_grid_thw"].tolist() for n, inp in inputs.items() if "image_grid_thw" in inp}
     assert grids["image"] == [[1, 14, 20]] and grids["small_image"] == [[1, 4, 4]]  # 7 x 10 and 2 x 2 cells
     assert inputs["video"]["second_per_grid_ts"].tolist() == [4.0]  # 2 / 0.5 fps
-    hf = reference_model(path)
-    engine, production = make_engine(path), make_engine(path)
-    steps = {}
-    record_steps(engine, lambda reqs, logits: [steps.setdefault(r.id, []).append(lg) for r, lg in zip(reqs, logits)])
-    n_new = 8
-    for name, inp in inputs.items():
-        with torch.no_grad():
-            ref = hf(**inp).logits[0].float()
-            gen = hf.generate(
-                **inp,
-                generation_config=GenerationConfig(
-                    do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=151643
-                ),
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        ours = prompt_logits(engine, make_request(name, inp, n_new))
-        assert ours.shape == ref.shape
-        assert (ours - ref).abs().max().item() < 1e-4, name
-        hf_tokens = gen.sequences[0, inp["input_ids"].shape[1] :].tolist()
-        assert engine.generate([make_request(name, inp, n_new)])[0].output_ids == hf_tokens, name
-        for ours_step, ref_step in zip(steps[name], gen.scores):
-            assert (ours_step - ref_step[0]).abs().max().item() < 1e-4, name
-        assert production.generate([make_request(name, inp, n_new)])[0].output_ids == hf_tokens, name
+    assert_engine_equals_transformers(reference_model(path), lambda: make_engine(path), inputs)
 
 
 @needs_qwen2_5_vl
