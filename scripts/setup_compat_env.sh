@@ -7,6 +7,8 @@
 #   bash scripts/setup_compat_env.sh          .venv-t5:   transformers 5.24.0
 #   bash scripts/setup_compat_env.sh 4.57     .venv-t457: transformers 4.57.1, the last 4.x (the
 #                                             first with Qwen2.5-VL is 4.49; .venv has 4.46.3)
+#   bash scripts/setup_compat_env.sh 4.49     .venv-t449: transformers 4.49.0, the first with
+#                                             Qwen2.5-VL
 # Needs scripts/setup_env.sh first.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,7 +16,8 @@ base=${MODELTEST_VENV:-$repo/.venv}
 case ${1:-5} in
     5) venv=$repo/.venv-t5 version=5.24.0 ;;
     4.57) venv=$repo/.venv-t457 version=4.57.1 ;;
-    *) echo "[setup-compat] usage: bash scripts/setup_compat_env.sh [5|4.57]" >&2; exit 2 ;;
+    4.49) venv=$repo/.venv-t449 version=4.49.0 ;;
+    *) echo "[setup-compat] usage: bash scripts/setup_compat_env.sh [5|4.57|4.49]" >&2; exit 2 ;;
 esac
 if [[ ! -x $base/bin/python ]]; then
     echo "[setup-compat] error: no Python environment at $base; run bash scripts/setup_env.sh first" >&2

@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh clone: set up .venv, check lint and formatting (ruff), run
 # pytest; then, with no arguments, run the transformers-facing tests again with transformers 5
 # (.venv-t5, see scripts/setup_compat_env.sh), and the Qwen2.5-VL tests with transformers 4.57
-# (.venv-t457). Arguments go to the first pytest run only (and skip the others).
+# and 4.49 (.venv-t457, .venv-t449). Arguments go to the first pytest run only (and skip the others).
 #   bash scripts/test.sh --fast    the unit layer only (no model-loading subprocesses, no servers,
 #                                  no benchmarks): the inner loop, a few minutes on 2 cores
 set -euo pipefail
@@ -40,7 +40,12 @@ if [[ $# -eq 0 && ${MODELTEST_SKIP_T5:-0} != 1 ]]; then
     # (bench-prep measures host preprocessing; the tp=2 harness run and the engine's batch-size
     # invariance repeat the engine path the tests above run: nothing in them depends on
     # transformers' version beyond that; deselected to keep CI near 30 minutes)
-    bash "$repo/scripts/setup_compat_env.sh" 4.57
-    echo "[test] Qwen2.5-VL against the last transformers 4 (4.57: video time from video_kwargs, the slow image processor)"
-    "$repo/.venv-t457/bin/python" -m pytest -q tests/test_qwen2_5_vl.py -k "not tensor_parallel and not harness and not server and not run_pa"
+    # Qwen2.5-VL against the first and the last transformers 4 that have it (4.49, 4.57: video time
+    # from video_kwargs, the slow image processor; 4.49 saves configs without default keys)
+    for version in 4.57 4.49; do
+        bash "$repo/scripts/setup_compat_env.sh" $version
+        echo "[test] Qwen2.5-VL against transformers $version"
+        "$repo/.venv-t${version/./}/bin/python" -m pytest -q tests/test_qwen2_5_vl.py \
+            -k "not tensor_parallel and not harness and not server and not run_pa"
+    done
 fi

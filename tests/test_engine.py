@@ -63,8 +63,14 @@ def hf_prefill_positions(hf, inp) -> dict:
     positions (generate computes them); 5.x computes them in forward itself."""
     if not hasattr(hf, "get_rope_index"):
         return {}
+    # by keyword: Qwen2.5-VL's (transformers 4.49-4.5x) takes second_per_grid_ts before attention_mask
+    times = {"second_per_grid_ts": inp["second_per_grid_ts"]} if "second_per_grid_ts" in inp else {}
     pos, _ = hf.get_rope_index(
-        inp["input_ids"], inp.get("image_grid_thw"), inp.get("video_grid_thw"), inp["attention_mask"]
+        inp["input_ids"],
+        inp.get("image_grid_thw"),
+        inp.get("video_grid_thw"),
+        attention_mask=inp["attention_mask"],
+        **times,
     )
     return {"position_ids": pos}
 

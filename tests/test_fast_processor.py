@@ -32,6 +32,9 @@ def assert_same(reference, fast, text, images=None, videos=None, fast_expected=T
     got = fast(text=[text], images=images, videos=videos, return_tensors="pt")
     assert sorted(ref.keys()) == sorted(got.keys())
     for k in ref:
+        if isinstance(ref[k], list):  # transformers 4.49-4.5x's Qwen2.5-VL second_per_grid_ts
+            assert ref[k] == got[k], k
+            continue
         assert ref[k].dtype == got[k].dtype and torch.equal(ref[k], got[k]), k
     fast_calls, ref_calls = (a - b for a, b in zip(fast_processor.counts(fast), before))
     assert (fast_calls > 0 and ref_calls == 0) if fast_expected else (ref_calls > 0), (fast_calls, ref_calls)

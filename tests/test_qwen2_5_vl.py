@@ -383,13 +383,57 @@ def test_a_qwen2_5_vl_config_reads_as_published(monkeypatch, tmp_path):
         mc.check_tensor_parallel(tp, "7B")  # 28 / 4 heads: padded query heads at 8, as today
     with pytest.raises(UserError, match="tensor parallel size 3"):
         mc.check_tensor_parallel(3, "7B")
-    del QWEN2_5_VL_7B["vision_config"]["window_size"]
-    try:
-        (tmp_path / "config.json").write_text(json.dumps(QWEN2_5_VL_7B))
-        with pytest.raises(UserError, match="vision_config has no 'window_size'"):
-            Qwen2VLConfig.from_path(tmp_path)
-    finally:
-        QWEN2_5_VL_7B["vision_config"]["window_size"] = 112
+
+
+def ours_and_transformers(path: Path):
+    """What our reader and transformers' AutoConfig read from one config.json, side by side."""
+    from transformers import AutoConfig
+
+    from modeltest.engine.config import Qwen2VLConfig
+
+    ours, theirs = Qwen2VLConfig.from_path(path), AutoConfig.from_pretrained(path)
+    text, vision = theirs.get_text_config(), theirs.vision_config
+    rope = getattr(text, "rope_parameters", None) or {}  # transformers 5 keeps rope_theta there
+    lm = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    got = [getattr(ours, k) for k in (*lm, "vocab_size", "rms_norm_eps", "tie_word_embeddings", "rope_theta")]
+    want = [getattr(text, k) for k in (*lm, "vocab_size", "rms_norm_eps")]
+    want += [theirs.tie_word_embeddings, rope.get("rope_theta", getattr(text, "rope_theta", None))]
+    v = ours.vision
+    got += [v.depth, v.num_heads, v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.in_channels]
+    want += [getattr(vision, k) for k in ("depth", "num_heads", "patch_size", "temporal_patch_size")]
+    want += [vision.spatial_merge_size, vision.in_channels]
+    if v.windowed:  # Qwen2.5-VL: the tower's width is hidden_size, the merger's out_hidden_size
+        got += [v.embed_dim, v.hidden_size, v.mlp_dim, v.window_size, list(v.fullatt_block_indexes)]
+        got += [v.tokens_per_second]
+        want += [vision.hidden_size, vision.out_hidden_size, vision.intermediate_size, vision.window_size]
+        want += [list(vision.fullatt_block_indexes), vision.tokens_per_second]
+    else:
+        got += [v.embed_dim, v.hidden_size, v.mlp_dim]
+        want += [vision.embed_dim, vision.hidden_size, int(vision.embed_dim * vision.mlp_ratio)]
+    return got, want
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_config_json_without_keys_reads_as_transformers_reads_it(model_type, tmp_path):
+    """transformers' save_pretrained writes only the values that differ from its defaults (a
+    Qwen2.5-VL saved by transformers 4.49 has no window_size: 112 is the default), and reads a
+    missing key as that default: every key left out reads as transformers reads it — an empty
+    config (all defaults) and the published 7B config saved through transformers."""
+    if model_type == "qwen2_5_vl" and not HAS_QWEN2_5_VL:
+        pytest.skip("Qwen2.5-VL needs transformers >= 4.49")
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": {}}))
+    got, want = ours_and_transformers(tmp_path)
+    assert got == want
+    published = {**QWEN2_5_VL_7B, "model_type": model_type}
+    if model_type == "qwen2_vl":  # Qwen2-VL-7B's tower: embed_dim 1280, the merger out 3584
+        published["vision_config"] = {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16}
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "config.json").write_text(json.dumps(published))
+    AutoConfig.from_pretrained(tmp_path / "published").save_pretrained(tmp_path / "saved")
+    got, want = ours_and_transformers(tmp_path / "saved")
+    assert got == want and got[:5] == [3584, 18944, 28, 28, 4]
 
 
 def test_an_old_transformers_refuses_qwen2_5_vl_in_one_line(monkeypatch, tmp_path):

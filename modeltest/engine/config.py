@@ -11,6 +11,21 @@ from ..errors import UserError
 from .families import FAMILIES, ModelFamily, require_transformers_for
 
 
+# Keys a config.json leaves out take transformers' defaults (its config classes' own: the 72B's
+# language model, the published vision towers). transformers' save_pretrained writes only the
+# values that differ from them, so a fine-tuned or re-saved checkpoint can lack keys the published
+# config.json has, and transformers reads it with these values: so must we
+# (tests/test_qwen2_5_vl.py::test_a_config_json_without_keys_reads_as_transformers_reads_it).
+QWEN2_5_VL_VISION_DEFAULTS = dict(
+    hidden_size=3584,  # the tower's width (transformers' default, not the published 1280)
+    out_hidden_size=3584,
+    intermediate_size=3420,
+    window_size=112,
+    fullatt_block_indexes=(7, 15, 23, 31),
+    tokens_per_second=4,
+)
+
+
 @dataclass
 class VisionConfig:
     depth: int = 32
@@ -50,11 +65,8 @@ class VisionConfig:
         merger's output hidden_size; Qwen2.5-VL calls them hidden_size and out_hidden_size."""
         v = dict(v)
         if model_type == "qwen2_5_vl":
-            v["embed_dim"] = v.get("hidden_size", 1280)
-            v["hidden_size"] = v.get("out_hidden_size", 3584)
-            for key in ("intermediate_size", "window_size", "fullatt_block_indexes", "tokens_per_second"):
-                if key not in v:
-                    raise UserError(f"config.json: vision_config has no '{key}', which a Qwen2.5-VL tower needs")
+            v = {**QWEN2_5_VL_VISION_DEFAULTS, **v}
+            v["embed_dim"], v["hidden_size"] = v["hidden_size"], v["out_hidden_size"]
         else:
             for key in ("intermediate_size", "window_size", "fullatt_block_indexes", "tokens_per_second"):
                 v.pop(key, None)  # not Qwen2-VL's (its tower has neither windows nor a gated MLP)
@@ -68,13 +80,14 @@ class VisionConfig:
 
 @dataclass
 class Qwen2VLConfig:
-    hidden_size: int = 3584
-    intermediate_size: int = 18944
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 28
-    num_key_value_heads: int = 4
+    # defaults: transformers' (see QWEN2_5_VL_VISION_DEFAULTS), the same for both families
+    hidden_size: int = 8192
+    intermediate_size: int = 29568
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
     vocab_size: int = 152064
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-5
     rope_theta: float = 1000000.0
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     tie_word_embeddings: bool = False
