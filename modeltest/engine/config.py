@@ -10,7 +10,6 @@ from typing import List, Tuple
 from ..errors import UserError
 from .families import FAMILIES, ModelFamily, require_transformers_for
 
-
 # Keys a config.json leaves out take transformers' defaults (its config classes' own: the 72B's
 # language model, the published vision towers). transformers' save_pretrained writes only the
 # values that differ from them, so a fine-tuned or re-saved checkpoint can lack keys the published
