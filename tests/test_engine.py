@@ -11,6 +11,7 @@ import torch
 from engine_helpers import (
     all_blocks_free,
     all_inputs,
+    assert_bf16_engine_close_to_transformers,
     assert_engine_equals_transformers,
     make_request,
     prompt_logits,
@@ -439,28 +440,15 @@ def test_bf16_engine_matches_transformers_in_bf16(model_path, processor, demo):
     greedy through the production sampler. Prefill logits within a few bf16 steps; greedy
     tokens identical except where bf16 rounding flips a near-tie of random weights — at most
     BF16_DIVERGING_PROMPTS prompts per model diverge anywhere in their 8 tokens."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     from modeltest.backends.hf import dtype_kwarg
 
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_path, **dtype_kwarg(torch.bfloat16)).eval()
     engine = make_engine(model_path, dtype=torch.bfloat16)
-    diverged = []
-    for name, inp in all_inputs(processor, demo.root).items():
-        with torch.no_grad():
-            ref = hf(**inp, **hf_prefill_positions(hf, inp)).logits[0].float()
-            gen = hf.generate(
-                **inp,
-                generation_config=GenerationConfig(
-                    do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=151643
-                ),
-            )
-        ours = prompt_logits(engine, make_request(name, inp, 8))
-        assert (ours - ref).abs().max().item() <= BF16_LOGIT_TOLERANCE, name
-        tokens = engine.generate([make_request(name, inp, 8)])[0].output_ids
-        if tokens != gen[0, inp["input_ids"].shape[1] :].tolist():
-            diverged.append(name)
-    assert len(diverged) <= BF16_DIVERGING_PROMPTS, diverged
+    inputs = all_inputs(processor, demo.root)
+    tol, diverging = BF16_LOGIT_TOLERANCE, BF16_DIVERGING_PROMPTS
+    assert_bf16_engine_close_to_transformers(hf, engine, inputs, tol, diverging, prefill_kwargs=hf_prefill_positions)
 
 
 def test_a_kv_cache_without_room_for_one_block_is_one_line(demo):

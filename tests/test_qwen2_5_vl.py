@@ -15,7 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import all_inputs, assert_engine_equals_transformers, make_request, prompt_logits
+from engine_helpers import (
+    all_inputs,
+    assert_bf16_engine_close_to_transformers,
+    assert_engine_equals_transformers,
+    make_request,
+    prompt_logits,
+)
 from test_engine import (
     BF16_DIVERGING_PROMPTS,
     BF16_LOGIT_TOLERANCE,
@@ -100,26 +106,13 @@ def test_bf16_engine_matches_transformers_in_bf16(which, qwen25, qwen25_odd, dem
     BF16_DIVERGING_PROMPTS prompts whose near-tied random logits bf16 rounding flips (measured
     2026-12-01, AVX2 CPU, transformers 5.24 and 4.57.1: at most 0.047; one prompt of five on each
     model — demo "text", odd "small_image")."""
-    from transformers import AutoProcessor, GenerationConfig
+    from transformers import AutoProcessor
 
     path = qwen25 if which == "demo" else qwen25_odd
-    hf = reference_model(path, torch.bfloat16)
+    inputs = cases(AutoProcessor.from_pretrained(path), demo, small_image)
     engine = make_engine(path, dtype=torch.bfloat16)
-    diverged, worst = [], 0.0
-    for name, inp in cases(AutoProcessor.from_pretrained(path), demo, small_image).items():
-        with torch.no_grad():
-            ref = hf(**inp).logits[0].float()
-            gen = hf.generate(
-                **inp,
-                generation_config=GenerationConfig(
-                    do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=151643
-                ),
-            )
-        worst = max(worst, (prompt_logits(engine, make_request(name, inp, 8)) - ref).abs().max().item())
-        if engine.generate([make_request(name, inp, 8)])[0].output_ids != gen[0, inp["input_ids"].shape[1] :].tolist():
-            diverged.append(name)
-    assert worst <= BF16_LOGIT_TOLERANCE, worst
-    assert len(diverged) <= BF16_DIVERGING_PROMPTS, diverged
+    hf = reference_model(path, torch.bfloat16)
+    assert_bf16_engine_close_to_transformers(hf, engine, inputs, BF16_LOGIT_TOLERANCE, BF16_DIVERGING_PROMPTS)
 
 
 @needs_qwen2_5_vl

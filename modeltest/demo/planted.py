@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 PLANTED_ALL = ("34606", "34607")
 PLANTED_ONE = ("34605",)
@@ -87,8 +87,6 @@ def plant_videobench(model: Path, qa_dir: Path) -> Dict[str, str]:
     scores are EXPECTED_VIDEOBENCH. The runs use a larger batch: the engine's answers do not
     depend on it (tests/test_batch_invariance.py), so `modeltest demo` gets these same answers.
     Raises RuntimeError when a subject finds no candidate."""
-    import shutil
-
     fast = ["task.subject_mapping=null", "batch_size=16"]
     first = {r.id: r for r in demo_records("videobench", model, qa_dir, fast)}
     hit = [r.id for r in first.values() if r.error is not None or r.prediction is not None]
@@ -100,7 +98,7 @@ def plant_videobench(model: Path, qa_dir: Path) -> Dict[str, str]:
     if not repeated:
         raise RuntimeError("planting VideoBench: no answer of the demo model repeats one unit")
     entries = {s: json.loads((qa_dir / f"{s}_QA_new.json").read_text(encoding="utf-8")) for s in PLANTED_VIDEOBENCH}
-    planted: Dict[str, str] = {}
+    planted: Dict[str, Tuple[str, str]] = {}  # question id -> (subject, its planted letter)
     with tempfile.TemporaryDirectory(prefix="modeltest-demo-plant-vb-") as tmp:
         folder = Path(tmp) / "Eval_QA"
         (folder / "answer").mkdir(parents=True)
@@ -131,7 +129,6 @@ def plant_videobench(model: Path, qa_dir: Path) -> Dict[str, str]:
             if r.error is None and r.prediction is not None and subject not in {s for s, _ in planted.values()}:
                 entries[subject][qid] = candidate
                 planted[qid] = (subject, r.prediction)
-        shutil.rmtree(folder)
     missing = set(PLANTED_VIDEOBENCH) - {s for s, _ in planted.values()}
     if missing:
         raise RuntimeError(f"planting VideoBench: no candidate of {sorted(missing)} repeated its added option")
