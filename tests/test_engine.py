@@ -451,6 +451,24 @@ def test_bf16_engine_matches_transformers_in_bf16(model_path, processor, demo):
     assert_bf16_engine_close_to_transformers(hf, engine, inputs, tol, diverging, prefill_kwargs=hf_prefill_positions)
 
 
+def test_weights_config_json_does_not_describe_are_one_line_naming_the_tensor(demo, tmp_path):
+    """config.json without intermediate_size reads as transformers' default (29568 rows), which
+    the tiny checkpoint's MLP does not have: one line naming the tensor and the fix, no traceback."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo.model, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["intermediate_size"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        make_engine(model)
+    message = str(e.value)
+    assert "mlp" in message and "model.layers.0." in message and "correct config.json" in message, message
+    assert "\n" not in message
+
+
 def test_a_kv_cache_without_room_for_one_block_is_one_line(demo):
     """Too little memory for a single KV block: refused as the engine loads, naming what to do."""
     with pytest.raises(UserError, match=r"KV cache: not one 16-token block fits in 0% of free memory; use more"):

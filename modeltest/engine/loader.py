@@ -27,11 +27,16 @@ def canonical_name(name: str) -> str:
     return name
 
 
+class ShapeMismatch(ValueError):
+    """A checkpoint tensor whose shape is not the one the model built from config.json expects
+    (ModelRunner turns it into a one-line error naming the tensor)."""
+
+
 def set_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Make `value` the parameter's storage (moved to its device and dtype) instead of copying
     into a second buffer: while loading, host memory holds one tensor at a time beyond the model."""
     if tuple(value.shape) != tuple(param.shape):
-        raise ValueError(
+        raise ShapeMismatch(
             f"checkpoint tensor of shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
         )
     param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
@@ -110,6 +115,7 @@ class CheckpointReader:
                     for name in h.keys():
                         files[name] = f
         self.files = {canonical_name(n): (f, n) for n, f in files.items()}
+        self.last_read: Optional[str] = None  # the tensor read last, for errors about its shape
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -120,6 +126,7 @@ class CheckpointReader:
         if name not in self.files:
             raise UserError(f"checkpoint: tensor '{name}' not found; is model_path a Qwen2-VL checkpoint?")
         path, original = self.files[name]
+        self.last_read = original
         try:
             return open_safetensors(path).get_slice(original)
         except UserError:

@@ -21,7 +21,7 @@ from ..errors import UserError
 from .config import Qwen2VLConfig, checkpoint_stop_ids
 from .grammar import GrammarMasks
 from .kv_cache import allocate_cache, blocks_needed, bytes_per_token, slots_for
-from .loader import CheckpointReader
+from .loader import CheckpointReader, ShapeMismatch
 from .logits import adjust_logits
 from .model import AttnMetadata, ChunkMeta, Qwen2VLModel
 from .parallel import TPContext
@@ -166,7 +166,14 @@ class ModelRunner:
         self.model_cfg = Qwen2VLConfig.from_path(cfg.model_path)
         self.model = Qwen2VLModel(self.model_cfg, tp, cfg.dtype)
         pack = cfg.onednn_weights if cfg.onednn_weights is not None else tp.device.type == "cpu"
-        self.model.load(CheckpointReader(cfg.model_path), pack_for_cpu=pack)
+        reader = CheckpointReader(cfg.model_path)
+        try:
+            self.model.load(reader, pack_for_cpu=pack)
+        except ShapeMismatch as e:
+            raise UserError(
+                f"{cfg.model_path}: tensor '{reader.last_read}': {e}: config.json does not describe these "
+                "weights (a key it leaves out reads as transformers' default); correct config.json"
+            ) from None
         self.model.eval()
         self.decode_weight_bytes = self.model.decode_weight_bytes()  # fixed once loaded
         mc = self.model_cfg
