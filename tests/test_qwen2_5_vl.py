@@ -429,6 +429,26 @@ def test_a_config_json_without_keys_reads_as_transformers_reads_it(model_type, t
     assert got == want and got[:5] == [3584, 18944, 28, 28, 4]
 
 
+@pytest.mark.parametrize(
+    "model_type, where, act",
+    [("qwen2_5_vl", "vision_config", "gelu"), ("qwen2_vl", "vision_config", "silu"), ("qwen2_vl", None, "gelu")],
+)
+def test_an_activation_the_engine_does_not_implement_is_refused_by_name(model_type, where, act, tmp_path, monkeypatch):
+    """The engine implements each family's activations only (quick GELU / SiLU in the towers, SiLU
+    in the language model): another in config.json is refused naming the key, never run as ours."""
+    import modeltest.engine.families as families
+    from modeltest.engine.config import Qwen2VLConfig
+
+    monkeypatch.setattr(families, "transformers_version", lambda: (4, 49))
+
+    config = json.loads(json.dumps({**QWEN2_5_VL_7B, "model_type": model_type}))
+    (config[where] if where else config)["hidden_act"] = act
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    key = f"{where}.hidden_act" if where else "hidden_act"
+    with pytest.raises(UserError, match=rf"config.json: {key} is '{act}'; .* use backend=hf"):
+        Qwen2VLConfig.from_path(tmp_path)
+
+
 def test_an_old_transformers_refuses_qwen2_5_vl_in_one_line(monkeypatch, tmp_path):
     import modeltest.engine.families as families
     from modeltest.engine.config import read_checkpoint_config

@@ -25,6 +25,20 @@ QWEN2_5_VL_VISION_DEFAULTS = dict(
 )
 
 
+# The activations the engine implements (vision.py's quick GELU, vision_qwen2_5.py's and model.py's
+# SiLU); a config.json naming another is refused, not run with the wrong one.
+VISION_ACTIVATION = {"qwen2_vl": "quick_gelu", "qwen2_5_vl": "silu"}
+LM_ACTIVATION = "silu"
+
+
+def check_activation(d: dict, key: str, implemented: str) -> None:
+    got = d.get(key.rsplit(".", 1)[-1], implemented)
+    if got != implemented:
+        raise UserError(
+            f"config.json: {key} is '{got}'; the engine implements '{implemented}' here: use backend=hf for this model"
+        )
+
+
 @dataclass
 class VisionConfig:
     depth: int = 32
@@ -63,6 +77,7 @@ class VisionConfig:
         """vision_config of either family. Qwen2-VL calls the tower's width embed_dim and the
         merger's output hidden_size; Qwen2.5-VL calls them hidden_size and out_hidden_size."""
         v = dict(v)
+        check_activation(v, "vision_config.hidden_act", VISION_ACTIVATION[model_type])
         if model_type == "qwen2_5_vl":
             v = {**QWEN2_5_VL_VISION_DEFAULTS, **v}
             v["embed_dim"], v["hidden_size"] = v["hidden_size"], v["out_hidden_size"]
@@ -112,6 +127,7 @@ class Qwen2VLConfig:
         merged = {**d, **text}
         rope = merged.get("rope_scaling") or merged.get("rope_parameters") or {}
         model_type = d.get("model_type", "qwen2_vl")
+        check_activation(merged, "hidden_act", LM_ACTIVATION)
         vision = VisionConfig.from_dict(d.get("vision_config") or {}, model_type)
         skip = ("vision", "mrope_section", "model_type")
         kw = {k: merged[k] for k in cls.__dataclass_fields__ if k in merged and k not in skip}
